@@ -1,0 +1,302 @@
+/* Request dispatch and reply construction.
+ *
+ * dispatch_request() runs a request that passed cbt_nbd_request_validate()
+ * (and whose WRITE payload is in req->buf): it records the range in the
+ * dirty tracker when the request changes data, then hands it to the image
+ * backend.  The completion builds the reply as iovecs over req->hdr_bytes
+ * and req->buf and queues it with conn_reply().
+ *
+ * Contract: every request ends in exactly one conn_reply().  An I/O error
+ * becomes an NBD error reply and the connection stays usable; only a broken
+ * stream (handled in worker.c) drops a connection.
+ *
+ * Ordering that protects backups: the dirty bit is set before the data
+ * write is submitted, so a write the client saw acknowledged is always in
+ * the bitmap (tracking.c decides when the bit reaches the disk).
+ *
+ * READ replies with structured replies negotiated: the buffer is split at
+ * 4 KiB boundaries into data chunks and hole chunks for runs of zeros, so
+ * sparse areas cost 32 bytes on the wire instead of their length.  With
+ * NBD_CMD_FLAG_DF the data goes in one chunk, as the client asked.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define HOLE_GRAIN 4096u
+#define MAX_BS_EXTENTS 1024u
+
+static inline void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
+static inline void put64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
+
+static void
+add_iov(struct request *req, void *base, size_t len)
+{
+  req->iov[req->niov].iov_base = base;
+  req->iov[req->niov].iov_len = len;
+  req->niov++;
+}
+
+static bool
+is_zero(const uint8_t *p, size_t len)
+{
+  /* Most data blocks fail on the first bytes; for the rest compare the
+   * buffer with itself shifted by 16 (all zero iff first 16 are zero). */
+  static const uint8_t zero[16];
+
+  if (len <= 16)
+    return memcmp(p, zero, len) == 0;
+  return memcmp(p, zero, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
+}
+
+static bool
+uses_structured(const struct request *req)
+{
+  return conn_params(req->c)->structured &&
+         (req->hdr.type == NBD_CMD_READ || req->hdr.type == NBD_CMD_BLOCK_STATUS);
+}
+
+void
+reply_error(struct request *req)
+{
+  uint8_t *h = req->hdr_bytes;
+
+  request_release_buf(req);
+  req->niov = req->iov_pos = 0;
+  if (req->error == NBD_SUCCESS)
+    req->error = NBD_EIO;
+  if (uses_structured(req)) {
+    /* Error chunk: error (4) + message length (2), no message. */
+    cbt_nbd_chunk_header_encode(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR,
+                                req->hdr.cookie, 6);
+    put32(h + NBD_CHUNK_HEADER_SIZE, req->error);
+    h[NBD_CHUNK_HEADER_SIZE + 4] = 0;
+    h[NBD_CHUNK_HEADER_SIZE + 5] = 0;
+    add_iov(req, h, NBD_CHUNK_HEADER_SIZE + 6);
+  } else {
+    cbt_nbd_simple_reply_encode(h, req->error, req->hdr.cookie);
+    add_iov(req, h, NBD_SIMPLE_REPLY_SIZE);
+  }
+  conn_reply(req);
+}
+
+static void
+reply_ok_simple(struct request *req)
+{
+  cbt_nbd_simple_reply_encode(req->hdr_bytes, NBD_SUCCESS, req->hdr.cookie);
+  add_iov(req, req->hdr_bytes, NBD_SIMPLE_REPLY_SIZE);
+  conn_reply(req);
+}
+
+/* Append one READ chunk covering [rel, rel+len) of the buffer. */
+static void
+add_read_chunk(struct request *req, unsigned *hpos, uint32_t rel, uint32_t len,
+               bool hole, bool last)
+{
+  uint8_t *h = req->hdr_bytes + *hpos;
+  uint16_t flags = last ? NBD_REPLY_FLAG_DONE : 0;
+
+  if (hole) {
+    cbt_nbd_chunk_header_encode(h, flags, NBD_REPLY_TYPE_OFFSET_HOLE,
+                                req->hdr.cookie, 12);
+    put64(h + NBD_CHUNK_HEADER_SIZE, req->hdr.offset + rel);
+    put32(h + NBD_CHUNK_HEADER_SIZE + 8, len);
+    add_iov(req, h, NBD_CHUNK_HEADER_SIZE + 12);
+    *hpos += NBD_CHUNK_HEADER_SIZE + 12;
+  } else {
+    cbt_nbd_chunk_header_encode(h, flags, NBD_REPLY_TYPE_OFFSET_DATA,
+                                req->hdr.cookie, 8 + len);
+    put64(h + NBD_CHUNK_HEADER_SIZE, req->hdr.offset + rel);
+    add_iov(req, h, NBD_CHUNK_HEADER_SIZE + 8);
+    add_iov(req, (uint8_t *)req->buf + rel, len);
+    *hpos += NBD_CHUNK_HEADER_SIZE + 8;
+  }
+}
+
+static void
+reply_read(struct request *req)
+{
+  const uint8_t *buf = req->buf;
+  uint32_t len = req->hdr.length;
+  unsigned hpos = 0, chunks = 0;
+  uint32_t run_start = 0, pos = 0;
+  bool run_hole;
+
+  if (!conn_params(req->c)->structured) {
+    cbt_nbd_simple_reply_encode(req->hdr_bytes, NBD_SUCCESS, req->hdr.cookie);
+    add_iov(req, req->hdr_bytes, NBD_SIMPLE_REPLY_SIZE);
+    add_iov(req, req->buf, len);
+    conn_reply(req);
+    return;
+  }
+  if ((req->hdr.flags & NBD_CMD_FLAG_DF) || len < HOLE_GRAIN) {
+    add_read_chunk(req, &hpos, 0, len, false, true);
+    conn_reply(req);
+    return;
+  }
+
+  /* Split into runs of data and zeros at 4 KiB boundaries of the export.
+   * The last permitted chunk takes the rest as data. */
+  while (pos < len) {
+    uint32_t step = HOLE_GRAIN - (uint32_t)((req->hdr.offset + pos) % HOLE_GRAIN);
+    bool hole;
+
+    if (step > len - pos)
+      step = len - pos;
+    /* A partial grain at either end is never worth a hole chunk. */
+    hole = step == HOLE_GRAIN && is_zero(buf + pos, step);
+    if (pos == 0) {
+      run_hole = hole;
+    } else if (hole != run_hole) {
+      if (chunks == REQ_MAX_CHUNKS - 1) {
+        run_hole = false;            /* the rest becomes one data chunk */
+        pos = len;
+        break;
+      }
+      add_read_chunk(req, &hpos, run_start, pos - run_start, run_hole, false);
+      chunks++;
+      run_start = pos;
+      run_hole = hole;
+    }
+    pos += step;
+  }
+  add_read_chunk(req, &hpos, run_start, len - run_start, run_hole, true);
+  conn_reply(req);
+}
+
+static void
+io_complete(struct cbt_image_io *io, int res)
+{
+  struct request *req = (struct request *)(void *)((char *)io - offsetof(struct request, io));
+
+  if (res < 0) {
+    req->error = cbt_nbd_errno_to_wire(-res);
+    if (res != -ENOTSUP || !(req->hdr.flags & NBD_CMD_FLAG_FAST_ZERO))
+      log_error("%s: %s offset %" PRIu64 " length %" PRIu32 ": %s",
+                conn_params(req->c)->peer, cbt_nbd_cmd_name(req->hdr.type),
+                req->hdr.offset, req->hdr.length, g_strerror(-res));
+    reply_error(req);
+    return;
+  }
+  if (req->hdr.type == NBD_CMD_READ)
+    reply_read(req);
+  else {
+    request_release_buf(req);
+    reply_ok_simple(req);
+  }
+}
+
+/* BLOCK_STATUS: one chunk per selected meta context, the last one DONE. */
+static void
+do_block_status(struct request *req)
+{
+  const struct conn_params *p = conn_params(req->c);
+  g_autofree struct cbt_extent *ext = g_new(struct cbt_extent, MAX_BS_EXTENTS);
+  bool req_one = req->hdr.flags & NBD_CMD_FLAG_REQ_ONE;
+  size_t total = (size_t)p->n_meta * (NBD_CHUNK_HEADER_SIZE + 4 + 8 * MAX_BS_EXTENTS);
+  size_t pos = 0;
+  uint8_t *out;
+
+  if (!request_alloc_buf(req, total)) {
+    req->error = NBD_ENOMEM;
+    reply_error(req);
+    return;
+  }
+  out = req->buf;
+  for (unsigned i = 0; i < p->n_meta; i++) {
+    int n = meta_extents(p->meta_ids[i], req->hdr.offset, req->hdr.length,
+                         req_one, ext, MAX_BS_EXTENTS);
+    uint8_t *h = out + pos;
+
+    if (n < 0) {
+      req->error = cbt_nbd_errno_to_wire(-n);
+      reply_error(req);
+      return;
+    }
+    cbt_nbd_chunk_header_encode(h, i + 1 == p->n_meta ? NBD_REPLY_FLAG_DONE : 0,
+                                NBD_REPLY_TYPE_BLOCK_STATUS, req->hdr.cookie,
+                                4 + 8 * (uint32_t)n);
+    put32(h + NBD_CHUNK_HEADER_SIZE, p->meta_ids[i]);
+    pos += NBD_CHUNK_HEADER_SIZE + 4;
+    for (int j = 0; j < n; j++) {
+      put32(out + pos, (uint32_t)ext[j].length);
+      put32(out + pos + 4, ext[j].flags);
+      pos += 8;
+    }
+  }
+  add_iov(req, out, pos);
+  conn_reply(req);
+}
+
+void
+dispatch_request(struct request *req)
+{
+  struct cbt_image_io *io = &req->io;
+  const struct cbt_nbd_request *h = &req->hdr;
+
+  io->ring = conn_ring(req->c);
+  io->complete = io_complete;
+  io->offset = h->offset;
+  io->len = h->length;
+  io->buf = NULL;
+  io->flags = (h->flags & NBD_CMD_FLAG_FUA) ? CBT_IO_FUA : 0;
+
+  switch (h->type) {
+  case NBD_CMD_READ:
+    if (h->length == 0) {
+      /* Nothing to read: a structured reply still needs one chunk. */
+      if (conn_params(req->c)->structured) {
+        cbt_nbd_chunk_header_encode(req->hdr_bytes, NBD_REPLY_FLAG_DONE,
+                                    NBD_REPLY_TYPE_NONE, h->cookie, 0);
+        add_iov(req, req->hdr_bytes, NBD_CHUNK_HEADER_SIZE);
+        conn_reply(req);
+      } else {
+        reply_ok_simple(req);
+      }
+      return;
+    }
+    if (!request_alloc_buf(req, h->length)) {
+      req->error = NBD_ENOMEM;
+      reply_error(req);
+      return;
+    }
+    io->type = CBT_IO_READ;
+    io->buf = req->buf;
+    break;
+  case NBD_CMD_WRITE:
+    io->type = CBT_IO_WRITE;
+    io->buf = req->buf;
+    break;
+  case NBD_CMD_FLUSH:
+    io->type = CBT_IO_FLUSH;
+    break;
+  case NBD_CMD_TRIM:
+    io->type = CBT_IO_TRIM;
+    break;
+  case NBD_CMD_WRITE_ZEROES:
+    io->type = CBT_IO_ZERO;
+    if (h->flags & NBD_CMD_FLAG_NO_HOLE)
+      io->flags |= CBT_IO_NO_HOLE;
+    if (h->flags & NBD_CMD_FLAG_FAST_ZERO)
+      io->flags |= CBT_IO_FAST_ZERO;
+    break;
+  case NBD_CMD_CACHE:
+    io->type = CBT_IO_CACHE;
+    break;
+  case NBD_CMD_BLOCK_STATUS:
+    do_block_status(req);
+    return;
+  default:
+    req->error = NBD_EINVAL;         /* validation lets none through */
+    reply_error(req);
+    return;
+  }
+
+  if (srv.tracking && (h->type == NBD_CMD_WRITE || h->type == NBD_CMD_TRIM ||
+                       h->type == NBD_CMD_WRITE_ZEROES))
+    tracking_mark(srv.tracking, h->offset, h->length);
+  cbt_image_submit(srv.image, io);
+}

@@ -1,0 +1,518 @@
+/* Fixed newstyle negotiation, one thread per new connection.
+ *
+ * Negotiation is short, rare and strictly sequential, so it is written as
+ * plain blocking code in its own thread with a receive/send timeout
+ * (--handshake-timeout, default 10 s) instead of a state machine on the
+ * workers' rings.  At most MAX_HANDSHAKES run at once; more are refused,
+ * so a flood of idle connections cannot exhaust threads.  When negotiation
+ * reaches transmission (EXPORT_NAME or GO) the socket and what was
+ * negotiated go to a worker.
+ *
+ * Every length from the client is checked before use and options are read
+ * into a buffer capped at CBT_NBD_MAX_OPTION_LEN; longer options are
+ * skipped (NBD_REP_ERR_TOO_BIG) without allocating, up to 16 MiB, beyond
+ * which the client is dropped.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define MAX_HANDSHAKES   64
+#define MAX_OPTIONS      4096         /* options in one negotiation */
+#define MAX_SKIP_LEN     (16u * 1024 * 1024)
+
+struct hs {
+  int fd;
+  bool no_zeroes;
+  struct conn_params p;
+};
+
+static GMutex hs_lock;
+static GCond hs_cond;
+static unsigned hs_count;
+static GArray *hs_fds;                /* int: sockets being negotiated */
+
+static inline uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
+static inline uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
+static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
+static inline void put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
+static inline void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
+static inline void put64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
+
+static bool
+read_full(struct hs *h, void *buf, size_t len)
+{
+  size_t done = 0;
+
+  while (done < len) {
+    ssize_t r = recv(h->fd, (char *)buf + done, len - done, 0);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0) {
+      if (r == 0)
+        debug("%s: client closed the connection during negotiation", h->p.peer);
+      else if (errno == EAGAIN || errno == EWOULDBLOCK)
+        log_error("%s: negotiation timed out", h->p.peer);
+      else
+        debug("%s: negotiation: %s", h->p.peer, g_strerror(errno));
+      return false;
+    }
+    done += (size_t)r;
+  }
+  return true;
+}
+
+static bool
+write_full(struct hs *h, const void *buf, size_t len)
+{
+  size_t done = 0;
+
+  while (done < len) {
+    ssize_t r = send(h->fd, (const char *)buf + done, len - done, MSG_NOSIGNAL);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0) {
+      debug("%s: negotiation: %s", h->p.peer, g_strerror(errno));
+      return false;
+    }
+    done += (size_t)r;
+  }
+  return true;
+}
+
+static bool
+skip(struct hs *h, size_t len)
+{
+  char junk[4096];
+
+  while (len > 0) {
+    size_t n = len < sizeof junk ? len : sizeof junk;
+    if (!read_full(h, junk, n))
+      return false;
+    len -= n;
+  }
+  return true;
+}
+
+static bool
+reply(struct hs *h, uint32_t option, uint32_t type, const void *data,
+      uint32_t len)
+{
+  uint8_t hdr[NBD_OPT_REPLY_HEADER_SIZE];
+
+  cbt_nbd_opt_reply_encode(hdr, option, type, len);
+  return write_full(h, hdr, sizeof hdr) && (len == 0 || write_full(h, data, len));
+}
+
+/* An error reply with a human-readable message, as the spec allows. */
+static bool
+reply_err(struct hs *h, uint32_t option, uint32_t type, const char *fmt, ...)
+  G_GNUC_PRINTF(4, 5);
+
+static bool
+reply_err(struct hs *h, uint32_t option, uint32_t type, const char *fmt, ...)
+{
+  g_autofree char *msg = NULL;
+  va_list ap;
+
+  va_start(ap, fmt);
+  msg = g_strdup_vprintf(fmt, ap);
+  va_end(ap);
+  debug("%s: option %" PRIu32 ": %s", h->p.peer, option, msg);
+  return reply(h, option, type, msg, (uint32_t)strlen(msg));
+}
+
+uint16_t
+export_flags(bool structured)
+{
+  uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE |
+               NBD_FLAG_CAN_MULTI_CONN;
+
+  if (structured)
+    f |= NBD_FLAG_SEND_DF;
+  if (srv.read_only)
+    f |= NBD_FLAG_READ_ONLY;
+  else
+    f |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES |
+         NBD_FLAG_SEND_FAST_ZERO;
+  return f;
+}
+
+static bool
+name_matches(const uint8_t *name, uint32_t len)
+{
+  return strlen(srv.export_name) == len && memcmp(name, srv.export_name, len) == 0;
+}
+
+static bool
+send_info(struct hs *h, uint32_t option, uint16_t type)
+{
+  uint8_t buf[2 + CBT_NBD_MAX_NAME_LEN];
+  size_t len = 2;
+
+  put16(buf, type);
+  switch (type) {
+  case NBD_INFO_EXPORT:
+    put64(buf + 2, srv.image->size);
+    put16(buf + 10, export_flags(h->p.structured));
+    len = 12;
+    break;
+  case NBD_INFO_NAME:
+    len += strlen(srv.export_name);
+    memcpy(buf + 2, srv.export_name, len - 2);
+    break;
+  case NBD_INFO_DESCRIPTION:
+    if (!srv.description)
+      return true;
+    len += MIN(strlen(srv.description), CBT_NBD_MAX_NAME_LEN);
+    memcpy(buf + 2, srv.description, len - 2);
+    break;
+  case NBD_INFO_BLOCK_SIZE:
+    put32(buf + 2, CBT_NBD_MIN_BLOCK);
+    put32(buf + 6, CBT_NBD_PREF_BLOCK);
+    put32(buf + 10, CBT_NBD_MAX_BLOCK);
+    len = 14;
+    break;
+  default:
+    return true;                     /* unknown requests are ignored */
+  }
+  return reply(h, option, NBD_REP_INFO, buf, (uint32_t)len);
+}
+
+/* NBD_OPT_INFO / NBD_OPT_GO.  Returns false if the connection broke;
+ * *go is set when transmission starts. */
+static bool
+opt_info(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len, bool *go)
+{
+  uint32_t namelen;
+  uint16_t nreq;
+  bool sent_name = false;
+
+  if (len < 6 || (namelen = get32(d)) > len - 6) {
+    return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed INFO/GO request");
+  }
+  nreq = get16(d + 4 + namelen);
+  if ((uint64_t)4 + namelen + 2 + 2 * (uint64_t)nreq != len)
+    return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed INFO/GO request");
+  if (!name_matches(d + 4, namelen))
+    return reply_err(h, option, NBD_REP_ERR_UNKNOWN, "unknown export '%.*s'",
+                     (int)namelen, (const char *)d + 4);
+
+  if (!send_info(h, option, NBD_INFO_EXPORT))
+    return false;
+  for (uint16_t i = 0; i < nreq; i++) {
+    uint16_t type = get16(d + 6 + namelen + 2 * i);
+    if (type == NBD_INFO_EXPORT || type == NBD_INFO_BLOCK_SIZE)
+      continue;                      /* always sent */
+    if (type == NBD_INFO_NAME) {
+      if (sent_name)
+        continue;
+      sent_name = true;
+    }
+    if (!send_info(h, option, type))
+      return false;
+  }
+  if (!send_info(h, option, NBD_INFO_BLOCK_SIZE) ||
+      !reply(h, option, NBD_REP_ACK, NULL, 0))
+    return false;
+  *go = option == NBD_OPT_GO;
+  return true;
+}
+
+static bool
+send_meta(struct hs *h, uint32_t option, const struct meta_context *m)
+{
+  uint8_t buf[4 + sizeof m->name];
+  size_t n = strlen(m->name);
+
+  put32(buf, m->id);
+  memcpy(buf + 4, m->name, n);
+  return reply(h, option, NBD_REP_META_CONTEXT, buf, (uint32_t)(4 + n));
+}
+
+/* NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT. */
+static bool
+opt_meta(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len)
+{
+  bool list = option == NBD_OPT_LIST_META_CONTEXT;
+  struct meta_context avail[MAX_META_SELECTED];
+  size_t n_avail, pos;
+  uint32_t namelen, nq;
+
+  if (!list && !h->p.structured)
+    return reply_err(h, option, NBD_REP_ERR_INVALID,
+                     "SET_META_CONTEXT needs structured replies first");
+  if (len < 8 || (namelen = get32(d)) > len - 8)
+    return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed meta context request");
+  nq = get32(d + 4 + namelen);
+  pos = 8 + (size_t)namelen;
+  /* Check the whole query list before acting on any of it. */
+  for (uint32_t i = 0, p = (uint32_t)pos; i < nq; i++) {
+    uint32_t qlen;
+    if (len - p < 4 || (qlen = get32(d + p)) > len - p - 4 ||
+        qlen > CBT_NBD_MAX_NAME_LEN)
+      return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed meta context query");
+    p += 4 + qlen;
+    if (i + 1 == nq && p != len)
+      return reply_err(h, option, NBD_REP_ERR_INVALID, "trailing bytes after queries");
+  }
+  if (nq == 0 && pos != len)
+    return reply_err(h, option, NBD_REP_ERR_INVALID, "trailing bytes after queries");
+  if (!name_matches(d + 4, namelen))
+    return reply_err(h, option, NBD_REP_ERR_UNKNOWN, "unknown export '%.*s'",
+                     (int)namelen, (const char *)d + 4);
+
+  n_avail = meta_list(avail, G_N_ELEMENTS(avail));
+  if (!list)
+    h->p.n_meta = 0;
+  if (list && nq == 0) {
+    for (size_t j = 0; j < n_avail; j++)
+      if (!send_meta(h, option, &avail[j]))
+        return false;
+  }
+  for (uint32_t i = 0; i < nq; i++) {
+    uint32_t qlen = get32(d + pos);
+    g_autofree char *q = g_strndup((const char *)d + pos + 4, qlen);
+
+    pos += 4 + qlen;
+    for (size_t j = 0; j < n_avail; j++) {
+      bool dup = false;
+      if (!meta_query_matches(q, avail[j].name, list))
+        continue;
+      if (!list) {
+        for (unsigned k = 0; k < h->p.n_meta; k++)
+          dup |= h->p.meta_ids[k] == avail[j].id;
+        if (dup || h->p.n_meta == MAX_META_SELECTED)
+          continue;
+        h->p.meta_ids[h->p.n_meta++] = avail[j].id;
+      }
+      if (!send_meta(h, option, &avail[j]))
+        return false;
+    }
+  }
+  return reply(h, option, NBD_REP_ACK, NULL, 0);
+}
+
+static bool
+opt_list(struct hs *h, uint32_t len)
+{
+  size_t n = strlen(srv.export_name);
+  g_autofree uint8_t *buf = g_malloc(4 + n);
+
+  if (len != 0)
+    return reply_err(h, NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
+  put32(buf, (uint32_t)n);
+  memcpy(buf + 4, srv.export_name, n);
+  return reply(h, NBD_OPT_LIST, NBD_REP_SERVER, buf, (uint32_t)(4 + n)) &&
+         reply(h, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
+}
+
+/* Runs the whole negotiation.  True when the client entered transmission. */
+static bool
+negotiate(struct hs *h)
+{
+  uint8_t greet[18];
+  uint8_t cflags_b[4];
+  uint32_t cflags;
+
+  put64(greet, NBD_MAGIC);
+  put64(greet + 8, NBD_IHAVEOPT);
+  put16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+  if (!write_full(h, greet, sizeof greet) || !read_full(h, cflags_b, 4))
+    return false;
+  cflags = get32(cflags_b);
+  if (cflags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
+    log_error("%s: unknown client flags 0x%" PRIx32 "; dropping", h->p.peer, cflags);
+    return false;
+  }
+  if (!(cflags & NBD_FLAG_C_FIXED_NEWSTYLE)) {
+    log_error("%s: client does not speak fixed newstyle; dropping", h->p.peer);
+    return false;
+  }
+  h->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
+
+  for (unsigned count = 0; count < MAX_OPTIONS; count++) {
+    uint8_t oh[NBD_OPT_HEADER_SIZE];
+    g_autofree uint8_t *data = NULL;
+    uint32_t option, len;
+    bool go = false;
+
+    if (!read_full(h, oh, sizeof oh))
+      return false;
+    if (get64(oh) != NBD_IHAVEOPT) {
+      log_error("%s: bad option magic; dropping", h->p.peer);
+      return false;
+    }
+    option = get32(oh + 8);
+    len = get32(oh + 12);
+    if (len > CBT_NBD_MAX_OPTION_LEN) {
+      if (len > MAX_SKIP_LEN || option == NBD_OPT_EXPORT_NAME) {
+        log_error("%s: option %" PRIu32 " of %" PRIu32 " bytes is too large; dropping",
+                  h->p.peer, option, len);
+        return false;
+      }
+      if (!skip(h, len) ||
+          !reply_err(h, option, NBD_REP_ERR_TOO_BIG, "option too large"))
+        return false;
+      continue;
+    }
+    data = g_malloc(len + 1);
+    if (!read_full(h, data, len))
+      return false;
+    data[len] = 0;
+
+    switch (option) {
+    case NBD_OPT_EXPORT_NAME: {
+      uint8_t out[10 + 124] = { 0 };
+      if (!name_matches(data, len)) {
+        /* This option has no error reply: all we can do is close. */
+        log_error("%s: unknown export '%.*s'; dropping", h->p.peer, (int)len,
+                  (const char *)data);
+        return false;
+      }
+      put64(out, srv.image->size);
+      put16(out + 8, export_flags(h->p.structured));
+      return write_full(h, out, h->no_zeroes ? 10 : sizeof out);
+    }
+    case NBD_OPT_ABORT:
+      reply(h, option, NBD_REP_ACK, NULL, 0);
+      debug("%s: client aborted negotiation", h->p.peer);
+      return false;
+    case NBD_OPT_LIST:
+      if (!opt_list(h, len))
+        return false;
+      break;
+    case NBD_OPT_INFO:
+    case NBD_OPT_GO:
+      if (!opt_info(h, option, data, len, &go))
+        return false;
+      if (go)
+        return true;
+      break;
+    case NBD_OPT_STRUCTURED_REPLY:
+      if (len != 0) {
+        if (!reply_err(h, option, NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data"))
+          return false;
+        break;
+      }
+      h->p.structured = true;
+      if (!reply(h, option, NBD_REP_ACK, NULL, 0))
+        return false;
+      break;
+    case NBD_OPT_LIST_META_CONTEXT:
+    case NBD_OPT_SET_META_CONTEXT:
+      if (!opt_meta(h, option, data, len))
+        return false;
+      break;
+    default:
+      if (!reply_err(h, option, NBD_REP_ERR_UNSUP, "option %" PRIu32 " not supported",
+                     option))
+        return false;
+      break;
+    }
+  }
+  log_error("%s: too many options; dropping", h->p.peer);
+  return false;
+}
+
+static void
+set_timeout(int fd, unsigned seconds)
+{
+  struct timeval tv = { .tv_sec = seconds };
+
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+static void
+hs_forget_fd(int fd)
+{
+  for (guint i = 0; i < hs_fds->len; i++) {
+    if (g_array_index(hs_fds, int, i) == fd) {
+      g_array_remove_index_fast(hs_fds, i);
+      break;
+    }
+  }
+}
+
+static void *
+hs_thread(void *arg)
+{
+  g_autofree struct hs *h = arg;
+  bool ok = negotiate(h);
+
+  g_mutex_lock(&hs_lock);
+  hs_forget_fd(h->fd);
+  if (ok && !atomic_load(&srv.stopping)) {
+    set_timeout(h->fd, 0);
+    h->p.fd = h->fd;
+    debug("%s: negotiated (structured replies %s, %u meta contexts)",
+          h->p.peer, h->p.structured ? "on" : "off", h->p.n_meta);
+    workers_add_conn(&h->p);
+  } else {
+    close(h->fd);
+  }
+  hs_count--;
+  g_cond_broadcast(&hs_cond);
+  g_mutex_unlock(&hs_lock);
+  return NULL;
+}
+
+void
+handshake_start(int fd, const char *peer)
+{
+  struct hs *h;
+  pthread_attr_t attr;
+  pthread_t t;
+  int r;
+
+  g_mutex_lock(&hs_lock);
+  if (!hs_fds)
+    hs_fds = g_array_new(FALSE, FALSE, sizeof(int));
+  if (atomic_load(&srv.stopping) || hs_count >= MAX_HANDSHAKES) {
+    g_mutex_unlock(&hs_lock);
+    if (!atomic_load(&srv.stopping))
+      log_error("%s: too many connections negotiating; refused", peer);
+    close(fd);
+    return;
+  }
+  h = g_new0(struct hs, 1);
+  h->fd = fd;
+  g_strlcpy(h->p.peer, peer, sizeof h->p.peer);
+  set_timeout(fd, srv.handshake_timeout);
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_attr_setstacksize(&attr, 256 * 1024);
+  r = pthread_create(&t, &attr, hs_thread, h);
+  pthread_attr_destroy(&attr);
+  if (r != 0) {
+    g_mutex_unlock(&hs_lock);
+    log_error("%s: cannot start negotiation thread: %s", peer, g_strerror(r));
+    close(fd);
+    g_free(h);
+    return;
+  }
+  hs_count++;
+  g_array_append_val(hs_fds, fd);
+  g_mutex_unlock(&hs_lock);
+}
+
+void
+handshake_stop_all(void)
+{
+  g_mutex_lock(&hs_lock);
+  for (guint i = 0; hs_fds && i < hs_fds->len; i++)
+    shutdown(g_array_index(hs_fds, int, i), SHUT_RDWR);
+  while (hs_count > 0)
+    g_cond_wait(&hs_cond, &hs_lock);
+  if (hs_fds)
+    g_array_free(hs_fds, TRUE);
+  hs_fds = NULL;
+  g_mutex_unlock(&hs_lock);
+}

@@ -1,0 +1,178 @@
+/* cbt-filterd internals: one header, one section per file that defines
+ * the symbols (in the spirit of nbdkit's server/internal.h).
+ *
+ * Threads:
+ *   main thread   main-loop.c: accepts connections, signals, timers, the
+ *                 control socket; never touches the data path.
+ *   handshake     handshake.c: one short-lived thread per new connection
+ *                 runs the option negotiation with plain blocking I/O and a
+ *                 timeout, then hands the socket to a worker.
+ *   workers       worker.c: N threads, each owning one io_uring that carries
+ *                 socket receives and sends and all image I/O of the
+ *                 connections assigned to it.  A connection lives on one
+ *                 worker for its whole life, so its state needs no lock.
+ */
+#ifndef CBT_FILTERD_INTERNAL_H
+#define CBT_FILTERD_INTERNAL_H
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include <glib.h>
+#include <liburing.h>
+
+#include "cbt/image.h"
+#include "cbt/nbd-proto.h"
+
+/* ---- log.c ---- */
+extern bool log_verbose;
+void log_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+void log_info(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+void log_debug(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+#define debug(...) do { if (log_verbose) log_debug(__VA_ARGS__); } while (0)
+
+/* ---- main.c ---- */
+enum cache_mode { CACHE_WRITEBACK, CACHE_NONE };
+
+struct server {
+  /* Configuration, read-only once the workers run. */
+  const char *image_path;
+  const char *format;
+  const char *socket_path;       /* unix listener, or NULL */
+  const char *listen_addr;       /* HOST:PORT, or NULL */
+  const char *export_name;
+  const char *description;
+  const char *pid_file;
+  bool read_only;
+  enum cache_mode cache;
+  unsigned n_workers;
+  unsigned handshake_timeout;    /* seconds */
+
+  struct cbt_image *image;
+  struct tracking *tracking;     /* dirty tracking, or NULL */
+
+  atomic_bool stopping;
+};
+extern struct server srv;
+
+/* ---- listen.c ---- */
+int listen_unix(const char *path, GError **error);
+int listen_tcp(const char *hostport, GError **error);
+
+/* ---- main-loop.c ---- */
+/* Run until SIGTERM/SIGINT; the listening sockets are owned by the loop. */
+bool main_loop_run(const int *listen_fds, size_t n_listen, GError **error);
+
+/* ---- handshake.c ---- */
+#define MAX_META_SELECTED 8
+
+/* What a connection negotiated; handed from the handshake to a worker. */
+struct conn_params {
+  int fd;
+  bool structured;
+  unsigned n_meta;
+  uint32_t meta_ids[MAX_META_SELECTED];
+  char peer[64];
+};
+/* Start negotiating on @fd in a new thread; takes ownership of @fd. */
+void handshake_start(int fd, const char *peer);
+/* Break every negotiation still running and wait for their threads. */
+void handshake_stop_all(void);
+uint16_t export_flags(bool structured);
+
+/* ---- meta.c ---- */
+#define META_ID_BASE_ALLOCATION 1
+#define META_ID_DIRTY_FIRST     2
+
+struct meta_context {
+  uint32_t id;
+  char name[256];
+};
+/* Contexts the server offers now; returns how many were written. */
+size_t meta_list(struct meta_context *out, size_t max);
+/* Does @query (a full name or a "namespace:" prefix for LIST) match? */
+bool meta_query_matches(const char *query, const char *name, bool list);
+/* Extents of context @id over [offset, offset+len): at least one, all
+ * within len; at most one with @req_one.  Returns count or -errno. */
+int meta_extents(uint32_t id, uint64_t offset, uint32_t len, bool req_one,
+                 struct cbt_extent *ext, size_t max);
+
+/* ---- bufpool.c ---- */
+/* Page-aligned buffers recycled per worker; sizes round up to a power of
+ * two.  Not thread-safe: each worker has its own pool. */
+struct bufpool;
+struct bufpool *bufpool_new(void);
+void bufpool_free(struct bufpool *p);
+void *bufpool_get(struct bufpool *p, size_t len);
+void bufpool_put(struct bufpool *p, void *buf, size_t len);
+
+/* ---- worker.c ---- */
+struct worker;
+struct conn;
+
+#define REQ_MAX_CHUNKS 16        /* data/hole chunks in one READ reply */
+
+struct request {
+  struct conn *c;
+  struct cbt_nbd_request hdr;
+  uint32_t error;                /* NBD error for the reply */
+  void *buf;                     /* READ/WRITE data or reply payload */
+  size_t buf_len;                /* as passed to bufpool_get */
+  uint32_t have;                 /* WRITE payload bytes received */
+  struct cbt_image_io io;
+
+  /* Reply, as iovecs over hdr_bytes and buf. */
+  struct iovec iov[2 * REQ_MAX_CHUNKS + 1];
+  unsigned niov;
+  unsigned iov_pos;
+  uint8_t hdr_bytes[REQ_MAX_CHUNKS * 32];
+  struct request *next;          /* send queue / free list */
+};
+
+bool workers_start(unsigned n, GError **error);
+/* Give a negotiated connection to a worker (any thread). */
+void workers_add_conn(const struct conn_params *p);
+/* Ask every worker to finish its requests and close; waits for them. */
+void workers_stop(void);
+/* Run @fn(@arg) on @w's thread (any thread may call). */
+void worker_post(struct worker *w, void (*fn)(void *), void *arg);
+unsigned workers_conn_count(void);
+
+/* Called by dispatch.c. */
+struct bufpool *conn_pool(struct conn *c);
+struct io_uring *conn_ring(struct conn *c);
+const struct conn_params *conn_params(struct conn *c);
+/* Queue a built reply for sending; the request is freed after it is sent. */
+void conn_reply(struct request *req);
+/* Give @req a pooled buffer of @len bytes (counted against the
+ * connection's in-flight limit); false if out of memory. */
+bool request_alloc_buf(struct request *req, size_t len);
+void request_release_buf(struct request *req);
+
+
+/* ---- dispatch.c ---- */
+/* Start a validated request (payload, if any, already received).  The
+ * request always ends in conn_reply(). */
+void dispatch_request(struct request *req);
+/* Build the reply for a request that failed validation or completed with
+ * req->error set. */
+void reply_error(struct request *req);
+
+/* ---- tracking.c ---- */
+struct tracking;
+/* Dirty-bitmap meta contexts offered now (ids >= META_ID_DIRTY_FIRST). */
+size_t tracking_meta_list(struct tracking *t, struct meta_context *out, size_t max);
+/* Extents of bitmap context @id; count or -errno (-ENOENT: no such id). */
+int tracking_extents(struct tracking *t, uint32_t id, uint64_t offset,
+                     uint32_t len, struct cbt_extent *ext, size_t max);
+/* Record that [offset, offset+len) is about to change.  Called on the
+ * worker thread before a WRITE/WRITE_ZEROES/TRIM is submitted. */
+void tracking_mark(struct tracking *t, uint64_t offset, uint64_t len);
+/* Periodic work from the main loop (about once a second). */
+void tracking_tick(struct tracking *t);
+
+#endif

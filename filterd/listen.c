@@ -1,0 +1,128 @@
+/* Listening sockets: a unix socket at a path, or TCP on HOST:PORT.
+ *
+ * A unix socket path that already exists is only replaced when nothing
+ * answers on it (a stale socket left by a crash); a live socket means
+ * another daemon serves it and we refuse to start.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define BACKLOG 128
+
+static bool
+socket_is_live(const char *path)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  bool live;
+
+  if (fd < 0)
+    return false;
+  g_strlcpy(sun.sun_path, path, sizeof sun.sun_path);
+  live = connect(fd, (struct sockaddr *)&sun, sizeof sun) == 0;
+  close(fd);
+  return live;
+}
+
+int
+listen_unix(const char *path, GError **error)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  struct stat st;
+  int fd;
+
+  if (strlen(path) >= sizeof sun.sun_path) {
+    g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_NAMETOOLONG,
+                "%s: socket path too long (max %zu bytes)", path,
+                sizeof sun.sun_path - 1);
+    return -1;
+  }
+  if (lstat(path, &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_EXIST,
+                  "%s: exists and is not a socket", path);
+      return -1;
+    }
+    if (socket_is_live(path)) {
+      g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_EXIST,
+                  "%s: socket is in use by another server", path);
+      return -1;
+    }
+    unlink(path);                /* stale, from a crashed daemon */
+  }
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(errno),
+                "socket: %s", g_strerror(errno));
+    return -1;
+  }
+  memcpy(sun.sun_path, path, strlen(path) + 1);
+  if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0 ||
+      listen(fd, BACKLOG) < 0) {
+    int e = errno;
+    close(fd);
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(e),
+                "%s: cannot listen: %s", path, g_strerror(e));
+    return -1;
+  }
+  return fd;
+}
+
+int
+listen_tcp(const char *hostport, GError **error)
+{
+  g_autofree char *host = NULL;
+  const char *colon = strrchr(hostport, ':');
+  const char *port;
+  struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                            .ai_flags = AI_PASSIVE };
+  struct addrinfo *res = NULL;
+  int fd = -1, r, e = 0;
+
+  if (!colon || colon[1] == '\0') {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--listen %s: expected HOST:PORT", hostport);
+    return -1;
+  }
+  port = colon + 1;
+  host = g_strndup(hostport, (gsize)(colon - hostport));
+  /* [::1]:10809 */
+  if (host[0] == '[' && host[strlen(host) - 1] == ']') {
+    memmove(host, host + 1, strlen(host));
+    host[strlen(host) - 1] = '\0';
+  }
+  r = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+  if (r != 0) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--listen %s: %s", hostport, gai_strerror(r));
+    return -1;
+  }
+  for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+    int one = 1;
+    fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0) {
+      e = errno;
+      continue;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, BACKLOG) == 0)
+      break;
+    e = errno;
+    close(fd);
+    fd = -1;
+  }
+  freeaddrinfo(res);
+  if (fd < 0)
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(e),
+                "--listen %s: cannot listen: %s", hostport, g_strerror(e));
+  return fd;
+}

@@ -1,0 +1,205 @@
+/* cbt-filterd: serve a disk image over NBD and record every write.
+ *
+ * Start-up order matters: the image (and bitmap) are opened and validated,
+ * the listening sockets bound and the workers started before the pid file
+ * is written, so a supervisor that waits for the pid file knows the daemon
+ * is ready.  Shutdown (SIGTERM/SIGINT) stops accepting, ends negotiations,
+ * lets the workers finish every request already read and send its reply,
+ * flushes the image, and only then removes the socket and pid file.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+struct server srv;
+
+static char *opt_cache;
+static int opt_threads;
+static int opt_timeout = 10;
+
+static GOptionEntry entries[] = {
+  { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve", "PATH" },
+  { "format", 'f', 0, G_OPTION_ARG_STRING, &srv.format, "Image format: raw or auto (default auto)", "FMT" },
+  { "socket", 's', 0, G_OPTION_ARG_FILENAME, &srv.socket_path, "Listen on a unix socket", "PATH" },
+  { "listen", 'l', 0, G_OPTION_ARG_STRING, &srv.listen_addr, "Listen on TCP", "HOST:PORT" },
+  { "export-name", 'e', 0, G_OPTION_ARG_STRING, &srv.export_name, "Export name (default \"\")", "NAME" },
+  { "description", 0, 0, G_OPTION_ARG_STRING, &srv.description, "Export description", "TEXT" },
+  { "read-only", 'r', 0, G_OPTION_ARG_NONE, &srv.read_only, "Serve read-only", NULL },
+  { "cache", 0, 0, G_OPTION_ARG_STRING, &opt_cache, "writeback (default) or none (O_DIRECT)", "MODE" },
+  { "threads", 't', 0, G_OPTION_ARG_INT, &opt_threads, "Worker threads (default: online CPUs)", "N" },
+  { "handshake-timeout", 0, 0, G_OPTION_ARG_INT, &opt_timeout, "Seconds a client may take to negotiate (default 10)", "S" },
+  { "pid-file", 'P', 0, G_OPTION_ARG_FILENAME, &srv.pid_file, "Write the pid here once ready", "FILE" },
+  { "verbose", 'v', 0, G_OPTION_ARG_NONE, &log_verbose, "Log every connection and failed request", NULL },
+  { NULL }
+};
+
+static bool
+parse_args(int argc, char **argv, GError **error)
+{
+  g_autoptr(GOptionContext) ctx = g_option_context_new("- serve a disk image over NBD with dirty tracking");
+
+  g_option_context_add_main_entries(ctx, entries, NULL);
+  if (!g_option_context_parse(ctx, &argc, &argv, error))
+    return false;
+  if (argc > 1) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "unexpected argument '%s'", argv[1]);
+    return false;
+  }
+  if (!srv.image_path) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED, "--image is required");
+    return false;
+  }
+  if (!srv.socket_path && !srv.listen_addr) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "one of --socket or --listen is required");
+    return false;
+  }
+  if (!opt_cache || strcmp(opt_cache, "writeback") == 0)
+    srv.cache = CACHE_WRITEBACK;
+  else if (strcmp(opt_cache, "none") == 0)
+    srv.cache = CACHE_NONE;
+  else {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--cache %s: expected writeback or none", opt_cache);
+    return false;
+  }
+  if (opt_threads < 0 || opt_threads > 64) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--threads %d: expected 1 to 64", opt_threads);
+    return false;
+  }
+  srv.n_workers = opt_threads ? (unsigned)opt_threads : (unsigned)MAX(1, g_get_num_processors());
+  if (opt_timeout < 1 || opt_timeout > 3600) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--handshake-timeout %d: expected 1 to 3600", opt_timeout);
+    return false;
+  }
+  srv.handshake_timeout = (unsigned)opt_timeout;
+  if (!srv.export_name)
+    srv.export_name = "";
+  if (strlen(srv.export_name) > CBT_NBD_MAX_NAME_LEN) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--export-name: longer than %u bytes", CBT_NBD_MAX_NAME_LEN);
+    return false;
+  }
+  return true;
+}
+
+static bool
+open_image(GError **error)
+{
+  g_autofree char *why = NULL;
+  int r = cbt_image_open(srv.image_path, srv.format, srv.read_only,
+                         srv.cache == CACHE_NONE, &srv.image, &why);
+
+  if (r < 0) {
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(-r), "%s",
+                why ? why : g_strerror(-r));
+    return false;
+  }
+  return true;
+}
+
+static bool
+write_pid_file(GError **error)
+{
+  g_autofree char *s = NULL;
+
+  if (!srv.pid_file)
+    return true;
+  s = g_strdup_printf("%ld\n", (long)getpid());
+  /* Written to a temporary and renamed: readers never see half a pid. */
+  return g_file_set_contents(srv.pid_file, s, -1, error);
+}
+
+int
+main(int argc, char **argv)
+{
+  g_autoptr(GError) error = NULL;
+  int listen_fds[2];
+  size_t n_listen = 0;
+  sigset_t mask;
+  int status = EXIT_SUCCESS;
+  int r;
+
+  if (!parse_args(argc, argv, &error)) {
+    fprintf(stderr, "cbt-filterd: %s (see --help)\n", error->message);
+    return 2;
+  }
+
+  /* Signals are taken from a signalfd by the main loop: block them before
+   * any thread starts so every thread inherits the mask. */
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGINT);
+  sigaddset(&mask, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &mask, NULL);
+  signal(SIGPIPE, SIG_IGN);
+
+  if (!open_image(&error))
+    goto fail;
+  if (srv.socket_path) {
+    r = listen_unix(srv.socket_path, &error);
+    if (r < 0)
+      goto fail;
+    listen_fds[n_listen++] = r;
+  }
+  if (srv.listen_addr) {
+    r = listen_tcp(srv.listen_addr, &error);
+    if (r < 0)
+      goto fail;
+    listen_fds[n_listen++] = r;
+  }
+  if (!workers_start(srv.n_workers, &error))
+    goto fail;
+  if (!write_pid_file(&error))
+    goto fail;
+
+  log_info("serving %s (%s, %" PRIu64 " bytes%s) on %s%s%s",
+           srv.image_path, srv.image->format, srv.image->size,
+           srv.read_only ? ", read-only" : "",
+           srv.socket_path ? srv.socket_path : "",
+           srv.socket_path && srv.listen_addr ? " and " : "",
+           srv.listen_addr ? srv.listen_addr : "");
+
+  if (!main_loop_run(listen_fds, n_listen, &error)) {
+    log_error("%s", error->message);
+    g_clear_error(&error);
+    status = EXIT_FAILURE;
+  }
+
+  /* Orderly stop: no new connections, no new negotiations, finish what
+   * the workers hold, then make it durable. */
+  atomic_store(&srv.stopping, true);
+  for (size_t i = 0; i < n_listen; i++)
+    close(listen_fds[i]);
+  if (srv.socket_path)
+    unlink(srv.socket_path);
+  handshake_stop_all();
+  workers_stop();
+  if (!srv.read_only) {
+    r = cbt_image_run_sync(srv.image, CBT_IO_FLUSH, 0, 0, 0, NULL);
+    if (r < 0) {
+      log_error("%s: flush at shutdown failed: %s", srv.image_path, g_strerror(-r));
+      status = EXIT_FAILURE;
+    }
+  }
+  cbt_image_close(srv.image);
+  if (srv.pid_file)
+    unlink(srv.pid_file);
+  log_info("stopped");
+  return status;
+
+fail:
+  fprintf(stderr, "cbt-filterd: %s\n", error->message);
+  if (srv.socket_path && n_listen > 0)
+    unlink(srv.socket_path);
+  return EXIT_FAILURE;
+}

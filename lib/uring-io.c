@@ -1,0 +1,159 @@
+/* Synchronous whole-buffer file I/O over a per-thread io_uring.
+ *
+ * The ring is created on first use in each thread and kept for the life of
+ * the thread.  Calls are strictly one at a time per thread, so the ring
+ * never holds more than one operation and the cqe we reap is ours.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <string.h>
+
+#include <liburing.h>
+
+#include "cbt/uring-io.h"
+
+static __thread struct io_uring tls_ring;
+static __thread bool tls_ring_ready;
+
+static struct io_uring *
+get_ring(int *err)
+{
+  if (!tls_ring_ready) {
+    int r = io_uring_queue_init(4, &tls_ring, 0);
+    if (r < 0) {
+      *err = r;
+      return NULL;
+    }
+    tls_ring_ready = true;
+  }
+  return &tls_ring;
+}
+
+void
+cbt_io_thread_cleanup(void)
+{
+  if (tls_ring_ready) {
+    io_uring_queue_exit(&tls_ring);
+    tls_ring_ready = false;
+  }
+}
+
+/* Submit the one prepared sqe and return its result (>= 0 or -errno). */
+static int
+submit_wait(struct io_uring *ring)
+{
+  struct io_uring_cqe *cqe;
+  int r;
+
+  r = io_uring_submit(ring);
+  if (r < 0)
+    return r;
+  do {
+    r = io_uring_wait_cqe(ring, &cqe);
+  } while (r == -EINTR);
+  if (r < 0)
+    return r;
+  r = cqe->res;
+  io_uring_cqe_seen(ring, cqe);
+  return r;
+}
+
+enum rw { RW_READ, RW_WRITE };
+
+static int
+rw_full(enum rw dir, int fd, void *buf, size_t len, uint64_t offset)
+{
+  int err = 0;
+  struct io_uring *ring = get_ring(&err);
+  size_t done = 0;
+
+  if (!ring)
+    return err;
+  while (done < len) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    /* One read or write is capped at 1 GiB so the result fits an int. */
+    size_t n = len - done > (1u << 30) ? (1u << 30) : len - done;
+    int r;
+
+    if (!sqe)
+      return -EBUSY;
+    if (dir == RW_READ)
+      io_uring_prep_read(sqe, fd, (char *)buf + done, n, offset + done);
+    else
+      io_uring_prep_write(sqe, fd, (char *)buf + done, n, offset + done);
+    r = submit_wait(ring);
+    if (r == -EINTR || r == -EAGAIN)
+      continue;
+    if (r < 0)
+      return r;
+    if (r == 0)
+      return dir == RW_READ ? -ENODATA : -EIO;
+    done += (size_t)r;
+  }
+  return 0;
+}
+
+int
+cbt_io_pread(int fd, void *buf, size_t len, uint64_t offset)
+{
+  return rw_full(RW_READ, fd, buf, len, offset);
+}
+
+int
+cbt_io_pwrite(int fd, const void *buf, size_t len, uint64_t offset)
+{
+  return rw_full(RW_WRITE, fd, (void *)buf, len, offset);
+}
+
+static int
+sync_op(int fd, unsigned flags)
+{
+  int err = 0;
+  struct io_uring *ring = get_ring(&err);
+  struct io_uring_sqe *sqe;
+  int r;
+
+  if (!ring)
+    return err;
+  do {
+    sqe = io_uring_get_sqe(ring);
+    if (!sqe)
+      return -EBUSY;
+    io_uring_prep_fsync(sqe, fd, flags);
+    r = submit_wait(ring);
+  } while (r == -EINTR || r == -EAGAIN);
+  return r < 0 ? r : 0;
+}
+
+int
+cbt_io_fdatasync(int fd)
+{
+  return sync_op(fd, IORING_FSYNC_DATASYNC);
+}
+
+int
+cbt_io_fsync(int fd)
+{
+  return sync_op(fd, 0);
+}
+
+int
+cbt_io_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
+{
+  int err = 0;
+  struct io_uring *ring = get_ring(&err);
+  struct io_uring_sqe *sqe;
+  int r;
+
+  if (!ring)
+    return err;
+  do {
+    sqe = io_uring_get_sqe(ring);
+    if (!sqe)
+      return -EBUSY;
+    io_uring_prep_fallocate(sqe, fd, mode, (off_t)offset, (off_t)len);
+    r = submit_wait(ring);
+  } while (r == -EINTR || r == -EAGAIN);
+  return r < 0 ? r : 0;
+}
