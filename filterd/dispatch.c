@@ -11,8 +11,10 @@
  * stream (handled in worker.c) drops a connection.
  *
  * Ordering that protects backups: the dirty bit is set before the data
- * write is submitted, so a write the client saw acknowledged is always in
- * the bitmap (tracking.c decides when the bit reaches the disk).
+ * write is submitted and set again when it completes, before the reply
+ * (tracking.c explains why both), so a write the client saw acknowledged
+ * is always in the active bitmap.  A FLUSH is acknowledged only once the
+ * image data and the bitmap are both durable.
  *
  * READ replies with structured replies negotiated: the buffer is split at
  * 4 KiB boundaries into data chunks and hole chunks for runs of zeros, so
@@ -167,11 +169,33 @@ reply_read(struct request *req)
   conn_reply(req);
 }
 
+static bool
+changes_data(uint16_t type)
+{
+  return type == NBD_CMD_WRITE || type == NBD_CMD_TRIM ||
+         type == NBD_CMD_WRITE_ZEROES;
+}
+
+static void
+flush_bitmap_done(void *arg, int res)
+{
+  struct request *req = arg;
+
+  if (res < 0) {
+    req->error = NBD_EIO;
+    reply_error(req);
+    return;
+  }
+  reply_ok_simple(req);
+}
+
 static void
 io_complete(struct cbt_image_io *io, int res)
 {
   struct request *req = (struct request *)(void *)((char *)io - offsetof(struct request, io));
 
+  if (srv.tracking && changes_data(req->hdr.type))
+    tracking_mark(srv.tracking, req->hdr.offset, req->hdr.length);
   if (res < 0) {
     req->error = cbt_nbd_errno_to_wire(-res);
     if (res != -ENOTSUP || !(req->hdr.flags & NBD_CMD_FLAG_FAST_ZERO))
@@ -183,6 +207,8 @@ io_complete(struct cbt_image_io *io, int res)
   }
   if (req->hdr.type == NBD_CMD_READ)
     reply_read(req);
+  else if (req->hdr.type == NBD_CMD_FLUSH && srv.tracking)
+    tracking_flush(srv.tracking, conn_worker(req->c), flush_bitmap_done, req);
   else {
     request_release_buf(req);
     reply_ok_simple(req);
@@ -295,8 +321,7 @@ dispatch_request(struct request *req)
     return;
   }
 
-  if (srv.tracking && (h->type == NBD_CMD_WRITE || h->type == NBD_CMD_TRIM ||
-                       h->type == NBD_CMD_WRITE_ZEROES))
+  if (srv.tracking && changes_data(h->type))
     tracking_mark(srv.tracking, h->offset, h->length);
   cbt_image_submit(srv.image, io);
 }

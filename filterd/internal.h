@@ -145,6 +145,7 @@ unsigned workers_conn_count(void);
 /* Called by dispatch.c. */
 struct bufpool *conn_pool(struct conn *c);
 struct io_uring *conn_ring(struct conn *c);
+struct worker *conn_worker(struct conn *c);
 const struct conn_params *conn_params(struct conn *c);
 /* Queue a built reply for sending; the request is freed after it is sent. */
 void conn_reply(struct request *req);
@@ -164,6 +165,22 @@ void reply_error(struct request *req);
 
 /* ---- tracking.c ---- */
 struct tracking;
+struct tracking_config {
+  const char *path;
+  const char *name;
+  uint32_t granularity;          /* 0: default, only used when creating */
+  bool read_only;
+};
+/* Open (or create) the bitmap file and make "not clean" durable. */
+struct tracking *tracking_open(const struct tracking_config *cfg, GError **error);
+/* Stop the syncer; with @mark_clean write every bit out and set the clean
+ * flag, else leave the file not clean.  Frees @t. */
+bool tracking_close(struct tracking *t, bool mark_clean, GError **error);
+bool tracking_is_trusted(const struct tracking *t);
+/* Call done(arg, 0 or -errno) on worker @w once every bit set before this
+ * call is durable. */
+void tracking_flush(struct tracking *t, struct worker *w,
+                    void (*done)(void *arg, int res), void *arg);
 /* Dirty-bitmap meta contexts offered now (ids >= META_ID_DIRTY_FIRST). */
 size_t tracking_meta_list(struct tracking *t, struct meta_context *out, size_t max);
 /* Extents of bitmap context @id; count or -errno (-ENOENT: no such id). */

@@ -20,6 +20,9 @@
 struct server srv;
 
 static char *opt_cache;
+static char *opt_bitmap;
+static char *opt_bitmap_name;
+static char *opt_granularity;
 static int opt_threads;
 static int opt_timeout = 10;
 
@@ -34,10 +37,37 @@ static GOptionEntry entries[] = {
   { "cache", 0, 0, G_OPTION_ARG_STRING, &opt_cache, "writeback (default) or none (O_DIRECT)", "MODE" },
   { "threads", 't', 0, G_OPTION_ARG_INT, &opt_threads, "Worker threads (default: online CPUs)", "N" },
   { "handshake-timeout", 0, 0, G_OPTION_ARG_INT, &opt_timeout, "Seconds a client may take to negotiate (default 10)", "S" },
+  { "bitmap", 'b', 0, G_OPTION_ARG_FILENAME, &opt_bitmap, "Dirty bitmap file (created if missing)", "PATH" },
+  { "bitmap-name", 0, 0, G_OPTION_ARG_STRING, &opt_bitmap_name, "Name of the active bitmap (default cbt)", "NAME" },
+  { "granularity", 'g', 0, G_OPTION_ARG_STRING, &opt_granularity, "Bitmap granularity when creating (default 64K)", "SIZE" },
   { "pid-file", 'P', 0, G_OPTION_ARG_FILENAME, &srv.pid_file, "Write the pid here once ready", "FILE" },
   { "verbose", 'v', 0, G_OPTION_ARG_NONE, &log_verbose, "Log every connection and failed request", NULL },
   { NULL }
 };
+
+static uint32_t granularity;
+
+/* "65536", "64K", "1M": a power of two from 512 bytes to 1 GiB. */
+static bool
+parse_granularity(const char *s, uint32_t *out, GError **error)
+{
+  char *end;
+  guint64 v = g_ascii_strtoull(s, &end, 10);
+
+  if (end != s) {
+    if (g_ascii_toupper(*end) == 'K') { v <<= 10; end++; }
+    else if (g_ascii_toupper(*end) == 'M') { v <<= 20; end++; }
+    if (*end == 'i' || *end == 'B') end++;
+    if (*end == 'B') end++;
+  }
+  if (end == s || *end != '\0' || v < 512 || v > (1u << 30) || (v & (v - 1)) != 0) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--granularity %s: expected a power of two from 512 to 1G", s);
+    return false;
+  }
+  *out = (uint32_t)v;
+  return true;
+}
 
 static bool
 parse_args(int argc, char **argv, GError **error)
@@ -82,6 +112,13 @@ parse_args(int argc, char **argv, GError **error)
     return false;
   }
   srv.handshake_timeout = (unsigned)opt_timeout;
+  if ((opt_bitmap_name || opt_granularity) && !opt_bitmap) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "--bitmap-name and --granularity need --bitmap");
+    return false;
+  }
+  if (opt_granularity && !parse_granularity(opt_granularity, &granularity, error))
+    return false;
   if (!srv.export_name)
     srv.export_name = "";
   if (strlen(srv.export_name) > CBT_NBD_MAX_NAME_LEN) {
@@ -145,6 +182,17 @@ main(int argc, char **argv)
 
   if (!open_image(&error))
     goto fail;
+  if (opt_bitmap) {
+    struct tracking_config tc = {
+      .path = opt_bitmap,
+      .name = opt_bitmap_name ? opt_bitmap_name : "cbt",
+      .granularity = granularity,
+      .read_only = srv.read_only,
+    };
+    srv.tracking = tracking_open(&tc, &error);
+    if (!srv.tracking)
+      goto fail;
+  }
   if (srv.socket_path) {
     r = listen_unix(srv.socket_path, &error);
     if (r < 0)
@@ -191,6 +239,16 @@ main(int argc, char **argv)
       status = EXIT_FAILURE;
     }
   }
+  /* The clean flag is set only after the image data is durable: a bitmap
+   * marked clean must describe everything on disk. */
+  if (status != EXIT_SUCCESS && srv.tracking)
+    log_error("%s: left not clean because the image could not be flushed", opt_bitmap);
+  if (!tracking_close(srv.tracking, status == EXIT_SUCCESS, &error)) {
+    log_error("%s", error->message);
+    g_clear_error(&error);
+    status = EXIT_FAILURE;
+  }
+  srv.tracking = NULL;
   cbt_image_close(srv.image);
   if (srv.pid_file)
     unlink(srv.pid_file);
@@ -199,6 +257,10 @@ main(int argc, char **argv)
 
 fail:
   fprintf(stderr, "cbt-filterd: %s\n", error->message);
+  if (srv.tracking) {
+    /* Nothing was served: no write can be missing from the bitmap. */
+    tracking_close(srv.tracking, true, NULL);
+  }
   if (srv.socket_path && n_listen > 0)
     unlink(srv.socket_path);
   return EXIT_FAILURE;

@@ -123,6 +123,7 @@ static void conn_start_close(struct conn *c);
 
 struct bufpool *conn_pool(struct conn *c) { return c->w->pool; }
 struct io_uring *conn_ring(struct conn *c) { return &c->w->ring; }
+struct worker *conn_worker(struct conn *c) { return c->w; }
 const struct conn_params *conn_params(struct conn *c) { return &c->p; }
 
 unsigned

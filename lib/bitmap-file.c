@@ -1,0 +1,1431 @@
+/* The persistent dirty bitmap file: on-disk structs, validation on open,
+ * and crash-safe write-out.  The format is specified in bitmap-format.md;
+ * read that first.
+ *
+ * In memory a cbt_bmfile holds the decoded header of the newest metadata
+ * generation and one bmf_entry per bitmap, each with its bits in a struct
+ * cbt_bitmap and the CRC32C of every data page as last written (page_crc),
+ * from which the two-level data checksum is computed at each metadata
+ * write without rereading the bits.
+ *
+ * Crash safety rests on four things, each kept where it is implemented:
+ *   - metadata goes to the copy not holding the newest durable generation,
+ *     and each metadata write ends with fdatasync (write_meta);
+ *   - data pages of a bitmap that the durable metadata references are only
+ *     written while the durable metadata says "not clean" (sync_locked);
+ *   - data is fdatasynced before the metadata carrying its checksums
+ *     (sync_locked);
+ *   - CLEAN is written only after a pass that found nothing left to write
+ *     (sync_locked with make_clean).
+ *
+ * Locking: f->lock serialises every call that writes the file or changes
+ * the entry list.  Bits change concurrently without it (see bitmap.c for
+ * how a page is claimed before it is copied).
+ *
+ * All file I/O goes through cbt/uring-io.h.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <glib.h>
+
+#include "cbt/bitmap-file.h"
+#include "cbt/crc32c.h"
+#include "cbt/uring-io.h"
+
+#define BMF_MAGIC             "CBT-BMAP"
+#define BMF_VERSION           1u
+#define BMF_HEADER_SIZE       128u
+#define BMF_PAGE              4096u
+#define BMF_ENTRY_SIZE        128u
+#define BMF_DIR_START         (2 * BMF_PAGE)
+#define BMF_MAX_CAPACITY      4096u
+#define BMF_STATE_CLEAN       (1u << 0)
+#define BMF_COMPAT_CRASH_SAFE (UINT64_C(1) << 0)
+#define BMF_INCOMPAT_KNOWN    UINT64_C(0)
+#define BMF_FLAGS_KNOWN       (CBT_BMF_ACTIVE | CBT_BMF_FROZEN | CBT_BMF_INCONSISTENT)
+#define BMF_CRC_OFFSET        16u
+/* Pages gathered into one write when several in a row changed. */
+#define WRITE_RUN_PAGES       64u
+
+/* On-disk structs: little-endian, packed, never accessed in place (they
+ * are memcpy'd from/to byte buffers and converted by the helpers below). */
+struct bmf_header_disk {
+  uint8_t  magic[8];
+  uint32_t version;
+  uint32_t header_size;
+  uint32_t header_crc;
+  uint32_t slot;
+  uint64_t generation;
+  uint64_t incompat;
+  uint64_t compat;
+  uint64_t autoclear;
+  uint32_t state_flags;
+  uint32_t nb_entries;
+  uint64_t image_size;
+  uint64_t image_inode;
+  uint8_t  uuid[16];
+  uint64_t dir_offset;
+  uint32_t dir_capacity;
+  uint32_t dir_entry_size;
+  uint32_t dir_crc;
+  uint32_t reserved0;
+  uint64_t reserved1;
+} __attribute__((packed));
+_Static_assert(sizeof(struct bmf_header_disk) == BMF_HEADER_SIZE, "header size");
+_Static_assert(offsetof(struct bmf_header_disk, header_crc) == BMF_CRC_OFFSET,
+               "header_crc offset is fixed by the format");
+_Static_assert(offsetof(struct bmf_header_disk, generation) == 24,
+               "generation offset is fixed by the format");
+
+struct bmf_entry_disk {
+  char     name[64];
+  uint32_t flags;
+  uint32_t granularity;
+  uint64_t data_offset;
+  uint64_t data_length;
+  uint32_t data_crc;
+  uint32_t reserved0;
+  uint64_t create_time;
+  uint8_t  reserved1[24];
+} __attribute__((packed));
+_Static_assert(sizeof(struct bmf_entry_disk) == BMF_ENTRY_SIZE, "entry size");
+
+/* Decoded, host-order header. */
+struct bmf_header {
+  uint32_t version, header_size, header_crc, slot;
+  uint64_t generation, incompat, compat, autoclear;
+  uint32_t state_flags, nb_entries;
+  uint64_t image_size, image_inode;
+  uint8_t  uuid[16];
+  uint64_t dir_offset;
+  uint32_t dir_capacity, dir_entry_size, dir_crc, reserved0;
+  uint64_t reserved1;
+};
+
+struct bmf_entry {
+  char name[CBT_BMF_NAME_MAX + 1];
+  uint32_t flags;
+  uint32_t granularity;
+  uint64_t data_offset;
+  uint64_t data_length;
+  uint32_t data_crc;           /* as stored (open) or last written */
+  uint64_t create_time;
+  struct cbt_bitmap bm;
+  uint64_t data_pages;         /* == bm.npages */
+  uint32_t *page_crc;          /* CRC32C of each data page as on disk */
+  bool data_ok;                /* data matched data_crc at open */
+  bool on_disk;                /* referenced by the durable metadata */
+};
+
+struct cbt_bmfile {
+  GMutex lock;
+  char *path;
+  int fd;
+  bool writable;
+  struct bmf_header hdr;       /* newest generation, durable or read */
+  uint8_t *hdr_ext;            /* header bytes 128 .. header_size, kept */
+  struct bmf_entry **entries;  /* dir_capacity slots, first nentries used */
+  unsigned nentries;
+  bool found_clean;            /* CLEAN at open */
+  bool disk_clean;             /* CLEAN in the durable metadata */
+  bool owned_dirty;            /* this handle wrote the "not clean" state */
+  bool meta_dirty;             /* metadata changed since last write */
+  char *recovery;
+};
+
+static int G_GNUC_PRINTF(3, 4)
+fail(char **why, int err, const char *fmt, ...)
+{
+  if (why && !*why) {
+    va_list ap;
+
+    va_start(ap, fmt);
+    *why = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+  }
+  return err;
+}
+
+static inline uint64_t
+round_up_page(uint64_t x)
+{
+  return (x + BMF_PAGE - 1) & ~(uint64_t)(BMF_PAGE - 1);
+}
+
+static uint64_t
+dir_area(uint32_t capacity)
+{
+  return round_up_page((uint64_t)capacity * BMF_ENTRY_SIZE);
+}
+
+static uint64_t
+dir_offset_for(uint32_t capacity, unsigned slot)
+{
+  return BMF_DIR_START + slot * dir_area(capacity);
+}
+
+static uint64_t
+meta_end(uint32_t capacity)
+{
+  return BMF_DIR_START + 2 * dir_area(capacity);
+}
+
+static bool
+gran_ok(uint32_t g)
+{
+  return g >= CBT_BITMAP_MIN_GRANULARITY && (g & (g - 1)) == 0;
+}
+
+/* Data length for an image of @size bytes at @gran (gran_ok, size capped). */
+static uint64_t
+data_length_for(uint64_t size, uint32_t gran)
+{
+  uint64_t bits = (size + gran - 1) / gran;
+
+  return (bits + 63) / 64 * 8;
+}
+
+static bool
+all_zero(const void *buf, size_t len)
+{
+  const uint8_t *p = buf;
+
+  for (size_t i = 0; i < len; i++)
+    if (p[i])
+      return false;
+  return true;
+}
+
+/* --- encode / decode --------------------------------------------------- */
+
+static void
+header_decode(const uint8_t *buf, struct bmf_header *h)
+{
+  struct bmf_header_disk d;
+
+  memcpy(&d, buf, sizeof d);
+  h->version = le32toh(d.version);
+  h->header_size = le32toh(d.header_size);
+  h->header_crc = le32toh(d.header_crc);
+  h->slot = le32toh(d.slot);
+  h->generation = le64toh(d.generation);
+  h->incompat = le64toh(d.incompat);
+  h->compat = le64toh(d.compat);
+  h->autoclear = le64toh(d.autoclear);
+  h->state_flags = le32toh(d.state_flags);
+  h->nb_entries = le32toh(d.nb_entries);
+  h->image_size = le64toh(d.image_size);
+  h->image_inode = le64toh(d.image_inode);
+  memcpy(h->uuid, d.uuid, 16);
+  h->dir_offset = le64toh(d.dir_offset);
+  h->dir_capacity = le32toh(d.dir_capacity);
+  h->dir_entry_size = le32toh(d.dir_entry_size);
+  h->dir_crc = le32toh(d.dir_crc);
+  h->reserved0 = le32toh(d.reserved0);
+  h->reserved1 = le64toh(d.reserved1);
+}
+
+static void
+header_encode(const struct bmf_header *h, uint8_t *buf)
+{
+  struct bmf_header_disk d;
+
+  memcpy(d.magic, BMF_MAGIC, 8);
+  d.version = htole32(h->version);
+  d.header_size = htole32(h->header_size);
+  d.header_crc = htole32(h->header_crc);
+  d.slot = htole32(h->slot);
+  d.generation = htole64(h->generation);
+  d.incompat = htole64(h->incompat);
+  d.compat = htole64(h->compat);
+  d.autoclear = htole64(h->autoclear);
+  d.state_flags = htole32(h->state_flags);
+  d.nb_entries = htole32(h->nb_entries);
+  d.image_size = htole64(h->image_size);
+  d.image_inode = htole64(h->image_inode);
+  memcpy(d.uuid, h->uuid, 16);
+  d.dir_offset = htole64(h->dir_offset);
+  d.dir_capacity = htole32(h->dir_capacity);
+  d.dir_entry_size = htole32(h->dir_entry_size);
+  d.dir_crc = htole32(h->dir_crc);
+  d.reserved0 = htole32(h->reserved0);
+  d.reserved1 = htole64(h->reserved1);
+  memcpy(buf, &d, sizeof d);
+}
+
+/* CRC32C of header bytes [0, header_size) with the CRC field as zero. */
+static uint32_t
+header_crc(const uint8_t *buf, uint32_t header_size)
+{
+  static const uint8_t zero[4];
+  uint32_t crc = cbt_crc32c(0, buf, BMF_CRC_OFFSET);
+
+  crc = cbt_crc32c(crc, zero, 4);
+  return cbt_crc32c(crc, buf + BMF_CRC_OFFSET + 4,
+                    header_size - BMF_CRC_OFFSET - 4);
+}
+
+static void
+entry_decode(const uint8_t *buf, struct bmf_entry_disk *d)
+{
+  memcpy(d, buf, sizeof *d);
+  d->flags = le32toh(d->flags);
+  d->granularity = le32toh(d->granularity);
+  d->data_offset = le64toh(d->data_offset);
+  d->data_length = le64toh(d->data_length);
+  d->data_crc = le32toh(d->data_crc);
+  d->reserved0 = le32toh(d->reserved0);
+  d->create_time = le64toh(d->create_time);
+}
+
+/* The two-level data checksum (bitmap-format.md, data_crc32c). */
+static uint32_t
+data_crc(const uint32_t *page_crc, uint64_t npages)
+{
+  uint8_t buf[256 * 4];
+  uint32_t crc = 0;
+
+  for (uint64_t i = 0; i < npages; ) {
+    size_t n = 0;
+
+    for (; n < 256 && i < npages; n++, i++) {
+      uint32_t le = htole32(page_crc[i]);
+
+      memcpy(buf + n * 4, &le, 4);
+    }
+    crc = cbt_crc32c(crc, buf, n * 4);
+  }
+  return crc;
+}
+
+static void
+entry_encode(const struct bmf_entry *e, uint8_t *buf)
+{
+  struct bmf_entry_disk d;
+
+  memset(&d, 0, sizeof d);
+  memcpy(d.name, e->name, sizeof e->name);
+  d.flags = htole32(e->flags);
+  d.granularity = htole32(e->granularity);
+  d.data_offset = htole64(e->data_offset);
+  d.data_length = htole64(e->data_length);
+  d.data_crc = htole32(data_crc(e->page_crc, e->data_pages));
+  d.create_time = htole64(e->create_time);
+  memcpy(buf, &d, sizeof d);
+}
+
+/* --- entries ----------------------------------------------------------- */
+
+static uint32_t
+page_bytes(const struct bmf_entry *e, uint64_t page)
+{
+  uint64_t left = e->data_length - page * BMF_PAGE;
+
+  return left < BMF_PAGE ? (uint32_t)left : BMF_PAGE;
+}
+
+static void
+entry_free(struct bmf_entry *e)
+{
+  if (!e)
+    return;
+  cbt_bitmap_destroy(&e->bm);
+  g_free(e->page_crc);
+  g_free(e);
+}
+
+/* A new in-memory entry with all bits clear and its bitmap set up for
+ * @image_size; its page_crc array is allocated but not filled. */
+static int
+entry_new(const char *name, uint32_t flags, uint32_t gran, uint64_t image_size,
+          struct bmf_entry **out)
+{
+  struct bmf_entry *e = g_new0(struct bmf_entry, 1);
+  int r;
+
+  g_strlcpy(e->name, name, sizeof e->name);
+  e->flags = flags;
+  e->granularity = gran;
+  e->data_length = data_length_for(image_size, gran);
+  r = cbt_bitmap_init(&e->bm, image_size, gran);
+  if (r < 0) {
+    entry_free(e);
+    return r;
+  }
+  e->data_pages = e->bm.npages;
+  e->page_crc = g_try_new0(uint32_t, e->data_pages);
+  if (!e->page_crc) {
+    entry_free(e);
+    return -ENOMEM;
+  }
+  e->data_ok = true;
+  *out = e;
+  return 0;
+}
+
+/* Name rules of bitmap-format.md: 1..63 printable ASCII bytes. */
+static bool
+name_ok(const char *name)
+{
+  size_t len = strlen(name);
+
+  if (len == 0 || len > CBT_BMF_NAME_MAX)
+    return false;
+  for (size_t i = 0; i < len; i++)
+    if (name[i] < 0x20 || name[i] > 0x7e)
+      return false;
+  return true;
+}
+
+static bool
+flags_ok(uint32_t flags)
+{
+  return !(flags & ~BMF_FLAGS_KNOWN) &&
+         (flags & (CBT_BMF_ACTIVE | CBT_BMF_FROZEN)) !=
+           (CBT_BMF_ACTIVE | CBT_BMF_FROZEN);
+}
+
+static bool
+any_page_dirty(const struct bmf_entry *e)
+{
+  for (uint64_t i = 0; i < (e->bm.npages + 63) / 64; i++)
+    if (__atomic_load_n(&e->bm.pages_dirty[i], __ATOMIC_RELAXED))
+      return true;
+  return false;
+}
+
+static void
+mark_all_pages(struct bmf_entry *e)
+{
+  for (uint64_t p = 0; p < e->data_pages; p++)
+    cbt_bitmap_mark_page(&e->bm, p);
+}
+
+/* --- reading ----------------------------------------------------------- */
+
+/* Outcome of reading one metadata copy. */
+enum copy_state {
+  COPY_OK,        /* intact and valid */
+  COPY_TORN,      /* not intact: may be a torn write; *reason says why */
+};
+
+/* Read header copy @slot into @page and check that it is intact (format
+ * "What a reader must reject", first paragraph).  Returns COPY_OK or
+ * COPY_TORN (with *@reason, and *@bad_magic if that was the cause), or
+ * -errno on an I/O error. */
+static int
+read_header_copy(int fd, unsigned slot, uint8_t *page, struct bmf_header *h,
+                 char **reason, bool *bad_magic)
+{
+  uint32_t crc;
+  int r;
+
+  *bad_magic = false;
+  r = cbt_io_pread(fd, page, BMF_PAGE, (uint64_t)slot * BMF_PAGE);
+  if (r == -ENODATA)
+    return fail(reason, COPY_TORN, "header copy %u truncated", slot);
+  if (r < 0)
+    return fail(reason, r, "reading header copy %u: %s", slot, g_strerror(-r));
+  if (memcmp(page, BMF_MAGIC, 8) != 0) {
+    *bad_magic = true;
+    return fail(reason, COPY_TORN, "header copy %u: bad magic", slot);
+  }
+  header_decode(page, h);
+  if (h->header_size < BMF_HEADER_SIZE || h->header_size > BMF_PAGE ||
+      h->header_size % 8)
+    return fail(reason, COPY_TORN, "header copy %u: bad header_size %" PRIu32,
+                slot, h->header_size);
+  crc = header_crc(page, h->header_size);
+  if (crc != h->header_crc)
+    return fail(reason, COPY_TORN,
+                "header copy %u: header checksum mismatch "
+                "(stored 0x%08" PRIx32 ", computed 0x%08" PRIx32 ")",
+                slot, h->header_crc, crc);
+  if (h->slot != slot || h->generation % 2 != slot)
+    return fail(reason, COPY_TORN,
+                "header copy %u: slot %" PRIu32 " / generation %" PRIu64
+                " do not match its position", slot, h->slot, h->generation);
+  return COPY_OK;
+}
+
+/* Validate the rest of an intact header.  0, -ENOTSUP or -EBADMSG. */
+static int
+validate_header(const struct bmf_header *h, const uint8_t *page, char **why)
+{
+  unsigned s = h->slot;
+
+  if (h->version != BMF_VERSION)
+    return fail(why, -ENOTSUP, "unsupported format version %" PRIu32
+                " (this build reads version %u)", h->version, BMF_VERSION);
+  if (h->incompat & ~BMF_INCOMPAT_KNOWN)
+    return fail(why, -ENOTSUP, "unknown incompatible feature bits 0x%" PRIx64,
+                h->incompat & ~BMF_INCOMPAT_KNOWN);
+  if (h->state_flags & ~BMF_STATE_CLEAN)
+    return fail(why, -EBADMSG, "header copy %u: reserved state flag bits "
+                "0x%" PRIx32 " set", s, h->state_flags & ~BMF_STATE_CLEAN);
+  if (h->reserved0 || h->reserved1)
+    return fail(why, -EBADMSG, "header copy %u: reserved field not zero", s);
+  if (!all_zero(page + h->header_size, BMF_PAGE - h->header_size))
+    return fail(why, -EBADMSG, "header copy %u: padding after header not zero", s);
+  if (h->image_size == 0 || h->image_size > CBT_BITMAP_MAX_SIZE)
+    return fail(why, -EBADMSG, "header copy %u: bad image_size %" PRIu64, s,
+                h->image_size);
+  if (all_zero(h->uuid, sizeof h->uuid))
+    return fail(why, -EBADMSG, "header copy %u: file_uuid is all zeros", s);
+  if (h->dir_entry_size != BMF_ENTRY_SIZE)
+    return fail(why, -EBADMSG, "header copy %u: bad dir_entry_size %" PRIu32
+                " (must be %u)", s, h->dir_entry_size, BMF_ENTRY_SIZE);
+  if (h->dir_capacity == 0 || h->dir_capacity > BMF_MAX_CAPACITY)
+    return fail(why, -EBADMSG, "header copy %u: bad dir_capacity %" PRIu32, s,
+                h->dir_capacity);
+  if (h->dir_offset != dir_offset_for(h->dir_capacity, s))
+    return fail(why, -EBADMSG, "header copy %u: bad dir_offset %" PRIu64
+                " (must be %" PRIu64 ")", s, h->dir_offset,
+                dir_offset_for(h->dir_capacity, s));
+  if (h->nb_entries > h->dir_capacity)
+    return fail(why, -EBADMSG, "header copy %u: nb_entries %" PRIu32
+                " exceeds dir_capacity %" PRIu32, s, h->nb_entries,
+                h->dir_capacity);
+  return 0;
+}
+
+static int
+cmp_by_offset(const void *a, const void *b)
+{
+  const struct bmf_entry *x = *(struct bmf_entry *const *)a;
+  const struct bmf_entry *y = *(struct bmf_entry *const *)b;
+
+  return x->data_offset < y->data_offset ? -1 : x->data_offset > y->data_offset;
+}
+
+/* A new array of f's entries sorted by data_offset (caller frees). */
+static struct bmf_entry **
+sorted_entries(const struct cbt_bmfile *f)
+{
+  struct bmf_entry **sorted = g_new(struct bmf_entry *, f->nentries + 1);
+
+  memcpy(sorted, f->entries, sizeof *sorted * f->nentries);
+  qsort(sorted, f->nentries, sizeof *sorted, cmp_by_offset);
+  return sorted;
+}
+
+/* Decode and validate the directory @dir of header @h against a file of
+ * @file_size bytes; on success fill f->entries (bitmaps not loaded yet). */
+static int
+load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
+               const uint8_t *dir, uint64_t file_size, char **why)
+{
+  g_autoptr(GHashTable) names = g_hash_table_new(g_str_hash, g_str_equal);
+  g_autofree struct bmf_entry **sorted = NULL;
+  uint64_t mend = meta_end(h->dir_capacity);
+  int r;
+  f->entries = g_new0(struct bmf_entry *, h->dir_capacity);
+  for (uint32_t i = 0; i < h->dir_capacity; i++) {
+    const uint8_t *raw = dir + (size_t)i * BMF_ENTRY_SIZE;
+    struct bmf_entry_disk d;
+    struct bmf_entry *e;
+    size_t len;
+    uint64_t expect;
+
+    if (i >= h->nb_entries) {
+      if (!all_zero(raw, BMF_ENTRY_SIZE))
+        return fail(why, -EBADMSG, "directory entry %" PRIu32
+                    " is past nb_entries but not zero", i);
+      continue;
+    }
+    entry_decode(raw, &d);
+    len = strnlen(d.name, sizeof d.name);
+    if (len == 0)
+      return fail(why, -EBADMSG, "directory entry %" PRIu32 ": empty name", i);
+    if (len == sizeof d.name)
+      return fail(why, -EBADMSG, "directory entry %" PRIu32
+                  ": name not terminated", i);
+    if (!all_zero(d.name + len, sizeof d.name - len))
+      return fail(why, -EBADMSG, "directory entry %" PRIu32
+                  ": bytes after the name not zero", i);
+    if (!name_ok(d.name))
+      return fail(why, -EBADMSG, "directory entry %" PRIu32
+                  ": name has non-printable bytes", i);
+    if (!flags_ok(d.flags))
+      return fail(why, -EBADMSG, "bitmap '%s': bad flags 0x%" PRIx32,
+                  d.name, d.flags);
+    if (!gran_ok(d.granularity))
+      return fail(why, -EBADMSG, "bitmap '%s': bad granularity %" PRIu32
+                  " (must be a power of two >= 512)", d.name, d.granularity);
+    if (d.reserved0 || !all_zero(d.reserved1, sizeof d.reserved1))
+      return fail(why, -EBADMSG, "bitmap '%s': reserved field not zero", d.name);
+    if (d.data_offset % BMF_PAGE || d.data_offset < mend)
+      return fail(why, -EBADMSG, "bitmap '%s': bad data_offset %" PRIu64
+                  " (must be a multiple of 4096 and >= %" PRIu64 ")",
+                  d.name, d.data_offset, mend);
+    expect = data_length_for(h->image_size, d.granularity);
+    if (d.data_length != expect)
+      return fail(why, -EBADMSG, "bitmap '%s': data_length %" PRIu64
+                  " does not match image size and granularity (%" PRIu64 ")",
+                  d.name, d.data_length, expect);
+    if (d.data_offset > file_size || d.data_length > file_size - d.data_offset)
+      return fail(why, -EBADMSG, "bitmap '%s': data area [%" PRIu64 ", +%" PRIu64
+                  ") extends past the end of the file (%" PRIu64
+                  " bytes): truncated", d.name, d.data_offset, d.data_length,
+                  file_size);
+    if (g_hash_table_contains(names, d.name))
+      return fail(why, -EBADMSG, "duplicate bitmap name '%s'", d.name);
+
+    r = entry_new(d.name, d.flags, d.granularity, h->image_size, &e);
+    if (r < 0)
+      return fail(why, r, "bitmap '%s': %s", d.name, g_strerror(-r));
+    e->data_offset = d.data_offset;
+    e->data_crc = d.data_crc;
+    e->create_time = d.create_time;
+    e->on_disk = true;
+    f->entries[f->nentries++] = e;
+    g_hash_table_add(names, e->name);
+  }
+
+  sorted = sorted_entries(f);
+  for (unsigned i = 1; i < f->nentries; i++) {
+    const struct bmf_entry *a = sorted[i - 1], *b = sorted[i];
+
+    if (a->data_offset + round_up_page(a->data_length) > b->data_offset)
+      return fail(why, -EBADMSG, "data areas of bitmaps '%s' and '%s' overlap",
+                  a->name, b->name);
+  }
+  return 0;
+}
+
+/* Read directory copy of @h.  COPY_OK with *@dir allocated, COPY_TORN
+ * with *@reason, or -errno. */
+static int
+read_directory(int fd, const struct bmf_header *h, uint8_t **dir,
+               char **reason)
+{
+  size_t len = (size_t)h->dir_capacity * BMF_ENTRY_SIZE;
+  g_autofree uint8_t *buf = g_malloc(len);
+  uint32_t crc;
+  int r;
+
+  r = cbt_io_pread(fd, buf, len, h->dir_offset);
+  if (r == -ENODATA)
+    return fail(reason, COPY_TORN, "directory copy %" PRIu32 " truncated",
+                h->slot);
+  if (r < 0)
+    return fail(reason, r, "reading directory copy %" PRIu32 ": %s", h->slot,
+                g_strerror(-r));
+  crc = cbt_crc32c(0, buf, len);
+  if (crc != h->dir_crc)
+    return fail(reason, COPY_TORN, "directory copy %" PRIu32 ": checksum "
+                "mismatch (stored 0x%08" PRIx32 ", computed 0x%08" PRIx32 ")",
+                h->slot, h->dir_crc, crc);
+  *dir = g_steal_pointer(&buf);
+  return COPY_OK;
+}
+
+/* Read every entry's bits, fill page_crc and check the data checksum.
+ * A mismatch is fatal only when the file is clean (after a crash the data
+ * is expected to lag its checksum; it is untrusted then anyway). */
+static int
+load_data(struct cbt_bmfile *f, char **why)
+{
+  for (unsigned i = 0; i < f->nentries; i++) {
+    struct bmf_entry *e = f->entries[i];
+    uint8_t *bytes = (uint8_t *)e->bm.words;
+    uint64_t nwords = cbt_bitmap_nwords(&e->bm);
+    uint64_t last_mask;
+    uint32_t crc;
+    int r;
+
+    r = cbt_io_pread(f->fd, bytes, e->data_length, e->data_offset);
+    if (r == -ENODATA)
+      return fail(why, -EBADMSG, "bitmap '%s': data truncated", e->name);
+    if (r < 0)
+      return fail(why, r, "bitmap '%s': reading data: %s", e->name,
+                  g_strerror(-r));
+    for (uint64_t p = 0; p < e->data_pages; p++)
+      e->page_crc[p] = cbt_crc32c(0, bytes + p * BMF_PAGE, page_bytes(e, p));
+    crc = data_crc(e->page_crc, e->data_pages);
+    if (crc != e->data_crc) {
+      if (f->found_clean)
+        return fail(why, -EBADMSG, "bitmap '%s': data checksum mismatch "
+                    "(stored 0x%08" PRIx32 ", computed 0x%08" PRIx32 ")",
+                    e->name, e->data_crc, crc);
+      e->data_ok = false;
+    }
+    for (uint64_t w = 0; w < nwords; w++)
+      e->bm.words[w] = le64toh(e->bm.words[w]);
+    if (e->bm.nbits % 64) {
+      last_mask = ~UINT64_C(0) >> (64 - e->bm.nbits % 64);
+      if (e->bm.words[nwords - 1] & ~last_mask) {
+        if (f->found_clean)
+          return fail(why, -EBADMSG, "bitmap '%s': bits past the end of the "
+                      "image are set", e->name);
+        /* Drop them, and have a writer rewrite the page without them. */
+        e->bm.words[nwords - 1] &= last_mask;
+        cbt_bitmap_mark_page(&e->bm, e->data_pages - 1);
+      }
+    }
+  }
+  return 0;
+}
+
+/* Validate copy @h (intact) fully and load its directory into @f.
+ * COPY_OK, COPY_TORN (directory torn, *@reason) or -errno (*@why). */
+static int
+try_copy(struct cbt_bmfile *f, const struct bmf_header *h, const uint8_t *page,
+         uint64_t file_size, char **reason, char **why)
+{
+  g_autofree uint8_t *dir = NULL;
+  int r;
+
+  r = validate_header(h, page, why);
+  if (r < 0)
+    return r;
+  r = read_directory(f->fd, h, &dir, reason);
+  if (r != COPY_OK)
+    return r;
+  return load_directory(f, h, dir, file_size, why);
+}
+
+static void
+entries_free(struct cbt_bmfile *f)
+{
+  for (unsigned i = 0; i < f->nentries; i++)
+    entry_free(f->entries[i]);
+  g_clear_pointer(&f->entries, g_free);
+  f->nentries = 0;
+}
+
+void
+cbt_bmfile_free(cbt_bmfile *f)
+{
+  if (!f)
+    return;
+  entries_free(f);
+  if (f->fd >= 0)
+    close(f->fd);
+  g_free(f->path);
+  g_free(f->hdr_ext);
+  g_free(f->recovery);
+  g_mutex_clear(&f->lock);
+  g_free(f);
+}
+
+static cbt_bmfile *
+handle_new(const char *path, int fd, bool writable)
+{
+  cbt_bmfile *f = g_new0(cbt_bmfile, 1);
+
+  g_mutex_init(&f->lock);
+  f->path = g_strdup(path);
+  f->fd = fd;
+  f->writable = writable;
+  return f;
+}
+
+int
+cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
+{
+  g_autoptr(cbt_bmfile) f = NULL;
+  g_autofree uint8_t *pages = g_malloc(2 * BMF_PAGE);
+  g_autofree char *reason0 = NULL;
+  g_autofree char *reason1 = NULL;
+  g_autofree char *dir_reason = NULL;
+  uint8_t *page[2] = { pages, pages + BMF_PAGE };
+  char **reasonp[2] = { &reason0, &reason1 };
+  const char *reason[2];
+  struct bmf_header h[2];
+  bool intact[2], bad_magic[2];
+  unsigned order[2], ncand = 0;
+  struct stat st;
+  int fd, r;
+
+  *out = NULL;
+  fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  if (fd < 0)
+    return fail(why, -errno, "cannot open: %s", g_strerror(errno));
+  f = handle_new(path, fd, writable);
+  if (fstat(fd, &st) < 0)
+    return fail(why, -errno, "fstat: %s", g_strerror(errno));
+  if (!S_ISREG(st.st_mode))
+    return fail(why, -EINVAL, "not a regular file");
+
+  for (unsigned s = 0; s < 2; s++) {
+    r = read_header_copy(fd, s, page[s], &h[s], reasonp[s], &bad_magic[s]);
+    if (r < 0)
+      return fail(why, r, "%s", *reasonp[s]);
+    intact[s] = r == COPY_OK;
+  }
+  if (!intact[0] && !intact[1]) {
+    bool not_ours = bad_magic[0] && bad_magic[1];
+
+    reason[0] = reason0;
+    reason[1] = reason1;
+
+    return fail(why, not_ours ? -EINVAL : -EBADMSG, "%s%s; %s",
+                not_ours ? "not a cbt bitmap file: " : "no intact header: ",
+                reason[0], reason[1]);
+  }
+
+  /* Newest intact copy first. */
+  if (intact[0] && intact[1]) {
+    unsigned newer = h[1].generation > h[0].generation;
+
+    order[ncand++] = newer;
+    order[ncand++] = !newer;
+  } else {
+    order[ncand++] = intact[1];
+  }
+
+  for (unsigned c = 0; c < ncand; c++) {
+    unsigned s = order[c];
+
+    entries_free(f);
+    r = try_copy(f, &h[s], page[s], (uint64_t)st.st_size,
+                 c == 0 ? &dir_reason : reasonp[s], why);
+    if (r < 0)
+      return r;
+    if (r == COPY_TORN)
+      continue;
+
+    f->hdr = h[s];
+    if (h[s].header_size > BMF_HEADER_SIZE) {
+      f->hdr_ext = g_malloc(h[s].header_size - BMF_HEADER_SIZE);
+      memcpy(f->hdr_ext, page[s] + BMF_HEADER_SIZE,
+             h[s].header_size - BMF_HEADER_SIZE);
+    }
+    f->found_clean = h[s].state_flags & BMF_STATE_CLEAN;
+    /* A copy that is not intact may have been the newest generation, torn
+     * by a crash: then whatever the older copy says, the file cannot be
+     * trusted. */
+    if (c > 0 || ncand == 1) {
+      f->recovery = g_strdup(c > 0 ? dir_reason : *reasonp[!s]);
+      f->found_clean = false;
+    }
+    f->disk_clean = f->found_clean;
+    r = load_data(f, why);
+    if (r < 0)
+      return r;
+    if (writable && !f->found_clean) {
+      /* Write rule 1: a crashed bitmap stays untrusted until reset. */
+      for (unsigned i = 0; i < f->nentries; i++)
+        f->entries[i]->flags |= CBT_BMF_INCONSISTENT;
+      f->meta_dirty = true;
+    }
+    *out = g_steal_pointer(&f);
+    return 0;
+  }
+  return fail(why, -EBADMSG, "no usable metadata copy: %s; %s", dir_reason,
+              ncand > 1 ? *reasonp[order[1]] : *reasonp[!order[0]]);
+}
+
+/* --- writing ----------------------------------------------------------- */
+
+/* Write the current metadata as the next generation into the copy that
+ * does not hold the durable one, with CLEAN = @clean, and fdatasync.
+ *
+ * Ordering: directory first, then header, then fdatasync.  Until the sync
+ * completes, a crash may leave this copy torn (a reader then falls back
+ * to the other copy, which is durable because the previous call ended
+ * with fdatasync) or complete.  The generation only advances on success,
+ * so a failed attempt is retried into the same copy, never the durable
+ * one. */
+static int
+write_meta(struct cbt_bmfile *f, bool clean, char **why)
+{
+  uint32_t cap = f->hdr.dir_capacity;
+  size_t dir_len = (size_t)cap * BMF_ENTRY_SIZE;
+  g_autofree uint8_t *dir = g_malloc0(dir_len);
+  g_autofree uint8_t *page = g_malloc0(BMF_PAGE);
+  struct bmf_header h = f->hdr;
+  int r;
+
+  for (unsigned i = 0; i < f->nentries; i++)
+    entry_encode(f->entries[i], dir + (size_t)i * BMF_ENTRY_SIZE);
+
+  h.generation = f->hdr.generation + 1;
+  h.slot = (uint32_t)(h.generation % 2);
+  h.nb_entries = f->nentries;
+  h.state_flags = clean ? BMF_STATE_CLEAN : 0;
+  /* We do not implement crash-safe tracking nor any autoclear feature. */
+  h.compat &= ~BMF_COMPAT_CRASH_SAFE;
+  h.autoclear = 0;
+  h.dir_offset = dir_offset_for(cap, h.slot);
+  h.dir_crc = cbt_crc32c(0, dir, dir_len);
+  h.header_crc = 0;
+  header_encode(&h, page);
+  if (f->hdr_ext)
+    memcpy(page + BMF_HEADER_SIZE, f->hdr_ext, h.header_size - BMF_HEADER_SIZE);
+  h.header_crc = header_crc(page, h.header_size);
+  header_encode(&h, page);
+
+  r = cbt_io_pwrite(f->fd, dir, dir_len, h.dir_offset);
+  if (r < 0)
+    return fail(why, r, "writing directory: %s", g_strerror(-r));
+  r = cbt_io_pwrite(f->fd, page, BMF_PAGE, (uint64_t)h.slot * BMF_PAGE);
+  if (r < 0)
+    return fail(why, r, "writing header: %s", g_strerror(-r));
+  r = cbt_io_fdatasync(f->fd);
+  if (r < 0)
+    return fail(why, r, "fdatasync after metadata write: %s", g_strerror(-r));
+
+  f->hdr = h;
+  f->disk_clean = clean;
+  f->owned_dirty = !clean;
+  f->meta_dirty = false;
+  for (unsigned i = 0; i < f->nentries; i++) {
+    f->entries[i]->on_disk = true;
+    f->entries[i]->data_crc = data_crc(f->entries[i]->page_crc,
+                                       f->entries[i]->data_pages);
+  }
+  return 0;
+}
+
+/* Write the changed pages of every entry that may be written now: not
+ * those the durable metadata references while it says CLEAN (write rule
+ * 2; they stay marked).  Returns the number of pages written or -errno;
+ * on error the claimed but unwritten pages are marked again. */
+static int64_t
+write_data(struct cbt_bmfile *f, char **why)
+{
+  g_autofree uint8_t *buf = g_malloc(WRITE_RUN_PAGES * BMF_PAGE);
+  uint32_t crcs[WRITE_RUN_PAGES];
+  int64_t written = 0;
+
+  for (unsigned i = 0; i < f->nentries; i++) {
+    struct bmf_entry *e = f->entries[i];
+    uint64_t p = 0;
+
+    if (e->on_disk && f->disk_clean)
+      continue;
+    while (p < e->data_pages) {
+      uint64_t start = p;
+      uint64_t len;
+      unsigned n = 0;
+      int r;
+
+      if (!cbt_bitmap_claim_page(&e->bm, p)) {
+        p++;
+        continue;
+      }
+      /* The page is claimed: copy it; a set racing with the copy marks it
+       * again and it goes out next time. */
+      do {
+        uint32_t nb = page_bytes(e, p);
+        uint8_t *dst = buf + (size_t)n * BMF_PAGE;
+
+        cbt_bitmap_copy_page_le(&e->bm, p, dst, nb);
+        crcs[n] = cbt_crc32c(0, dst, nb);
+        n++;
+        p++;
+      } while (n < WRITE_RUN_PAGES && p < e->data_pages &&
+               cbt_bitmap_claim_page(&e->bm, p));
+
+      len = (uint64_t)(n - 1) * BMF_PAGE + page_bytes(e, start + n - 1);
+      r = cbt_io_pwrite(f->fd, buf, len, e->data_offset + start * BMF_PAGE);
+      if (r < 0) {
+        for (uint64_t q = start; q < start + n; q++)
+          cbt_bitmap_mark_page(&e->bm, q);
+        return fail(why, r, "bitmap '%s': writing data: %s", e->name,
+                    g_strerror(-r));
+      }
+      memcpy(&e->page_crc[start], crcs, n * sizeof crcs[0]);
+      written += n;
+    }
+  }
+  return written;
+}
+
+static bool
+any_dirty(const struct cbt_bmfile *f, bool only_on_disk)
+{
+  for (unsigned i = 0; i < f->nentries; i++)
+    if ((!only_on_disk || f->entries[i]->on_disk) &&
+        any_page_dirty(f->entries[i]))
+      return true;
+  return false;
+}
+
+/* The sync engine, f->lock held.  See the write rules in
+ * bitmap-format.md; each step below says which one it keeps. */
+static int
+sync_locked(struct cbt_bmfile *f, bool make_clean, char **why)
+{
+  if (!f->writable)
+    return fail(why, -EROFS, "opened read-only");
+
+  for (int pass = 0; pass < 8; pass++) {
+    int64_t n;
+    int r;
+
+    /* Rule 2: bits of a bitmap the durable metadata references change on
+     * disk only under a durable "not clean". */
+    if (f->disk_clean && any_dirty(f, true)) {
+      r = write_meta(f, false, why);
+      if (r < 0)
+        return r;
+    }
+
+    n = write_data(f, why);
+    if (n < 0)
+      return (int)n;
+    /* Rule 4: data is durable before the metadata that describes it. */
+    if (n > 0) {
+      r = cbt_io_fdatasync(f->fd);
+      if (r < 0) {
+        /* The page cache may have dropped the pages: write all again. */
+        for (unsigned i = 0; i < f->nentries; i++)
+          mark_all_pages(f->entries[i]);
+        return fail(why, r, "fdatasync after data write: %s", g_strerror(-r));
+      }
+    }
+
+    if (!make_clean) {
+      if (n > 0 || f->meta_dirty)
+        return write_meta(f, f->disk_clean, why);
+      return 0;
+    }
+    /* Rule 5: CLEAN only after a pass that left nothing unwritten. */
+    if (any_dirty(f, false))
+      continue;
+    if (n > 0 || f->meta_dirty || !f->disk_clean)
+      return write_meta(f, true, why);
+    return 0;
+  }
+  return fail(why, -EBUSY, "bits kept changing while marking the file clean");
+}
+
+int
+cbt_bmfile_sync(cbt_bmfile *f, char **why)
+{
+  int r;
+
+  g_mutex_lock(&f->lock);
+  r = sync_locked(f, false, why);
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+int
+cbt_bmfile_mark_dirty(cbt_bmfile *f, char **why)
+{
+  int r = 0;
+
+  g_mutex_lock(&f->lock);
+  if (!f->writable)
+    r = fail(why, -EROFS, "opened read-only");
+  else if (f->disk_clean || !f->owned_dirty)
+    r = write_meta(f, false, why);   /* carries INCONSISTENT (rule 1) */
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+int
+cbt_bmfile_close_clean(cbt_bmfile *f, char **why)
+{
+  int r;
+
+  g_mutex_lock(&f->lock);
+  r = sync_locked(f, true, why);
+  g_mutex_unlock(&f->lock);
+  cbt_bmfile_free(f);
+  return r;
+}
+
+/* Grow the file to at least @end bytes, allocating the space so later
+ * bitmap writes cannot fail for lack of it. */
+static int
+extend_file(struct cbt_bmfile *f, uint64_t end, char **why)
+{
+  struct stat st;
+  int r;
+
+  if (fstat(f->fd, &st) < 0)
+    return fail(why, -errno, "fstat: %s", g_strerror(errno));
+  if ((uint64_t)st.st_size >= end)
+    return 0;
+  r = cbt_io_fallocate(f->fd, 0, (uint64_t)st.st_size, end - (uint64_t)st.st_size);
+  if (r == -EOPNOTSUPP || r == -EINVAL) {
+    r = ftruncate(f->fd, (off_t)end) < 0 ? -errno : 0;
+  }
+  if (r < 0)
+    return fail(why, r, "extending file to %" PRIu64 " bytes: %s", end,
+                g_strerror(-r));
+  return 0;
+}
+
+/* First-fit: the lowest page-aligned offset >= meta_end where @need bytes
+ * do not overlap any entry's area. */
+static uint64_t
+find_free_area(const struct cbt_bmfile *f, uint64_t need)
+{
+  g_autofree struct bmf_entry **sorted = sorted_entries(f);
+  uint64_t cursor = meta_end(f->hdr.dir_capacity);
+
+  for (unsigned i = 0; i < f->nentries; i++) {
+    uint64_t end = sorted[i]->data_offset + round_up_page(sorted[i]->data_length);
+
+    if (sorted[i]->data_offset >= cursor && sorted[i]->data_offset - cursor >= need)
+      break;
+    if (end > cursor)
+      cursor = end;
+  }
+  return cursor;
+}
+
+/* Add entry, f->lock held.  Index or -errno.  The new area's pages are all
+ * marked, so the sync writes the area in full (it may hold an old
+ * bitmap's bits) before the metadata that references it (rule 4). */
+static int
+add_locked(struct cbt_bmfile *f, const char *name, uint32_t flags,
+           uint32_t gran, char **why)
+{
+  struct bmf_entry *e;
+  unsigned idx;
+  int r;
+
+  if (!f->writable)
+    return fail(why, -EROFS, "opened read-only");
+  if (!name_ok(name))
+    return fail(why, -EINVAL, "bad bitmap name (1 to %d printable ASCII "
+                "characters)", CBT_BMF_NAME_MAX);
+  if (cbt_bmfile_find(f, name) >= 0)
+    return fail(why, -EEXIST, "bitmap '%s' already exists", name);
+  if (!flags_ok(flags))
+    return fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
+  if (gran == 0)
+    gran = CBT_BITMAP_DEFAULT_GRANULARITY;
+  if (!gran_ok(gran))
+    return fail(why, -EINVAL, "bad granularity %" PRIu32
+                " (must be a power of two >= 512)", gran);
+  if (f->nentries >= f->hdr.dir_capacity)
+    return fail(why, -ENOSPC, "bitmap directory full (%" PRIu32 " entries)",
+                f->hdr.dir_capacity);
+
+  r = entry_new(name, flags, gran, f->hdr.image_size, &e);
+  if (r < 0)
+    return fail(why, r, "bitmap '%s': %s", name, g_strerror(-r));
+  e->create_time = (uint64_t)time(NULL);
+  e->data_offset = find_free_area(f, round_up_page(e->data_length));
+  mark_all_pages(e);
+  r = extend_file(f, e->data_offset + round_up_page(e->data_length), why);
+  if (r < 0) {
+    entry_free(e);
+    return r;
+  }
+  idx = f->nentries;
+  f->entries[f->nentries++] = e;
+  f->meta_dirty = true;
+  r = sync_locked(f, false, why);
+  if (r < 0) {
+    /* Forget it; if a "not clean" generation already listed it, the next
+     * metadata write drops it again. */
+    f->entries[--f->nentries] = NULL;
+    entry_free(e);
+    f->meta_dirty = true;
+    return r;
+  }
+  return (int)idx;
+}
+
+int
+cbt_bmfile_add(cbt_bmfile *f, const char *name, uint32_t flags,
+               uint32_t granularity, char **why)
+{
+  int r;
+
+  g_mutex_lock(&f->lock);
+  r = add_locked(f, name, flags, granularity, why);
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+int
+cbt_bmfile_remove(cbt_bmfile *f, const char *name, char **why)
+{
+  int idx, r;
+
+  g_mutex_lock(&f->lock);
+  idx = cbt_bmfile_find(f, name);
+  if (!f->writable)
+    r = fail(why, -EROFS, "opened read-only");
+  else if (idx < 0)
+    r = fail(why, -ENOENT, "no bitmap '%s'", name);
+  else {
+    entry_free(f->entries[idx]);
+    memmove(&f->entries[idx], &f->entries[idx + 1],
+            (f->nentries - (unsigned)idx - 1) * sizeof f->entries[0]);
+    f->entries[--f->nentries] = NULL;
+    f->meta_dirty = true;
+    r = sync_locked(f, false, why);
+  }
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+int
+cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags, char **why)
+{
+  int r;
+
+  g_mutex_lock(&f->lock);
+  if (!f->writable)
+    r = fail(why, -EROFS, "opened read-only");
+  else if (idx >= f->nentries)
+    r = fail(why, -EINVAL, "no bitmap at index %u", idx);
+  else if (!flags_ok(flags))
+    r = fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
+  else {
+    f->entries[idx]->flags = flags;
+    f->meta_dirty = true;
+    r = sync_locked(f, false, why);
+  }
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+int
+cbt_bmfile_reset_entry(cbt_bmfile *f, unsigned idx, char **why)
+{
+  int r;
+
+  g_mutex_lock(&f->lock);
+  if (!f->writable)
+    r = fail(why, -EROFS, "opened read-only");
+  else if (idx >= f->nentries)
+    r = fail(why, -EINVAL, "no bitmap at index %u", idx);
+  else {
+    cbt_bitmap_clear_all(&f->entries[idx]->bm);
+    f->entries[idx]->flags &= ~CBT_BMF_INCONSISTENT;
+    f->meta_dirty = true;
+    r = sync_locked(f, false, why);
+  }
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+/* --- create ------------------------------------------------------------ */
+
+static int
+random_uuid(uint8_t uuid[16])
+{
+  size_t got = 0;
+
+  while (got < 16) {
+    ssize_t n = getrandom(uuid + got, 16 - got, 0);
+
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0)
+      return -errno;
+    got += (size_t)n;
+  }
+  uuid[6] = (uint8_t)((uuid[6] & 0x0f) | 0x40);   /* version 4 */
+  uuid[8] = (uint8_t)((uuid[8] & 0x3f) | 0x80);   /* RFC 4122 variant */
+  return 0;
+}
+
+/* Make the new directory entry for @path durable. */
+static int
+sync_parent_dir(const char *path, char **why)
+{
+  g_autofree char *dir = g_path_get_dirname(path);
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int r;
+
+  if (fd < 0)
+    return fail(why, -errno, "opening directory %s: %s", dir, g_strerror(errno));
+  r = cbt_io_fsync(fd);
+  close(fd);
+  if (r < 0)
+    return fail(why, r, "fsync of directory %s: %s", dir, g_strerror(-r));
+  return 0;
+}
+
+static int
+create_contents(cbt_bmfile *f, uint32_t gran, const char *first_name,
+                char **why)
+{
+  int r;
+
+  r = random_uuid(f->hdr.uuid);
+  if (r < 0)
+    return fail(why, r, "getrandom: %s", g_strerror(-r));
+  r = extend_file(f, meta_end(f->hdr.dir_capacity), why);
+  if (r < 0)
+    return r;
+  /* add_locked syncs the data and writes generation 1 (copy 1). */
+  r = add_locked(f, first_name, CBT_BMF_ACTIVE, gran, why);
+  if (r < 0)
+    return r;
+  r = sync_locked(f, true, why);
+  if (r < 0)
+    return r;
+  /* Generation 2 fills copy 0, so both copies start intact. */
+  r = write_meta(f, true, why);
+  if (r < 0)
+    return r;
+  r = cbt_io_fsync(f->fd);
+  if (r < 0)
+    return fail(why, r, "fsync: %s", g_strerror(-r));
+  return sync_parent_dir(f->path, why);
+}
+
+int
+cbt_bmfile_create(const char *path, uint64_t image_size, uint64_t image_inode,
+                  uint32_t granularity, const char *first_name,
+                  cbt_bmfile **out, char **why)
+{
+  g_autoptr(cbt_bmfile) f = NULL;
+  int fd, r;
+
+  *out = NULL;
+  if (image_size == 0 || image_size > CBT_BITMAP_MAX_SIZE)
+    return fail(why, -EINVAL, "bad image size %" PRIu64, image_size);
+  if (granularity == 0)
+    granularity = CBT_BITMAP_DEFAULT_GRANULARITY;
+  if (!gran_ok(granularity))
+    return fail(why, -EINVAL, "bad granularity %" PRIu32
+                " (must be a power of two >= 512)", granularity);
+  if (!name_ok(first_name))
+    return fail(why, -EINVAL, "bad bitmap name (1 to %d printable ASCII "
+                "characters)", CBT_BMF_NAME_MAX);
+
+  fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0)
+    return fail(why, -errno, "cannot create: %s", g_strerror(errno));
+  f = handle_new(path, fd, true);
+  f->hdr.version = BMF_VERSION;
+  f->hdr.header_size = BMF_HEADER_SIZE;
+  f->hdr.image_size = image_size;
+  f->hdr.image_inode = image_inode;
+  f->hdr.dir_capacity = CBT_BMF_DIR_CAPACITY;
+  f->hdr.dir_entry_size = BMF_ENTRY_SIZE;
+  f->hdr.generation = 0;
+  /* Nothing durable yet: nothing to protect, nothing to taint. */
+  f->disk_clean = false;
+  f->owned_dirty = true;
+  f->entries = g_new0(struct bmf_entry *, f->hdr.dir_capacity);
+
+  r = create_contents(f, granularity, first_name, why);
+  if (r < 0) {
+    unlink(path);
+    return r;
+  }
+  f->found_clean = true;
+  *out = g_steal_pointer(&f);
+  return 0;
+}
+
+/* --- queries ----------------------------------------------------------- */
+
+int
+cbt_bmfile_check_image(const cbt_bmfile *f, uint64_t image_size,
+                       uint64_t image_inode, char **why)
+{
+  if (image_size != f->hdr.image_size)
+    return fail(why, -ESTALE, "image size changed: bitmap covers %" PRIu64
+                " bytes, image is %" PRIu64 " bytes", f->hdr.image_size,
+                image_size);
+  if (image_inode != f->hdr.image_inode)
+    return fail(why, -ESTALE, "image file replaced: bitmap was made for inode "
+                "%" PRIu64 ", image is inode %" PRIu64, f->hdr.image_inode,
+                image_inode);
+  return 0;
+}
+
+int
+cbt_bmfile_find(const cbt_bmfile *f, const char *name)
+{
+  for (unsigned i = 0; i < f->nentries; i++)
+    if (strcmp(f->entries[i]->name, name) == 0)
+      return (int)i;
+  return -ENOENT;
+}
+
+const char *
+cbt_bmfile_path(const cbt_bmfile *f)
+{
+  return f->path;
+}
+
+void
+cbt_bmfile_uuid(const cbt_bmfile *f, uint8_t uuid[16])
+{
+  memcpy(uuid, f->hdr.uuid, 16);
+}
+
+bool
+cbt_bmfile_found_clean(const cbt_bmfile *f)
+{
+  return f->found_clean;
+}
+
+bool
+cbt_bmfile_clean(const cbt_bmfile *f)
+{
+  return f->disk_clean;
+}
+
+const char *
+cbt_bmfile_recovery_note(const cbt_bmfile *f)
+{
+  return f->recovery;
+}
+
+uint64_t
+cbt_bmfile_image_size(const cbt_bmfile *f)
+{
+  return f->hdr.image_size;
+}
+
+uint64_t
+cbt_bmfile_image_inode(const cbt_bmfile *f)
+{
+  return f->hdr.image_inode;
+}
+
+uint64_t
+cbt_bmfile_generation(const cbt_bmfile *f)
+{
+  return f->hdr.generation;
+}
+
+unsigned
+cbt_bmfile_entry_count(const cbt_bmfile *f)
+{
+  return f->nentries;
+}
+
+const char *
+cbt_bmfile_entry_name(const cbt_bmfile *f, unsigned idx)
+{
+  return idx < f->nentries ? f->entries[idx]->name : NULL;
+}
+
+uint32_t
+cbt_bmfile_entry_flags(const cbt_bmfile *f, unsigned idx)
+{
+  return idx < f->nentries ? f->entries[idx]->flags : 0;
+}
+
+bool
+cbt_bmfile_entry_data_ok(const cbt_bmfile *f, unsigned idx)
+{
+  return idx < f->nentries && f->entries[idx]->data_ok;
+}
+
+struct cbt_bitmap *
+cbt_bmfile_entry_bitmap(cbt_bmfile *f, unsigned idx)
+{
+  return idx < f->nentries ? &f->entries[idx]->bm : NULL;
+}
