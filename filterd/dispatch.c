@@ -26,6 +26,7 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "cbt/util.h"
 #include "internal.h"
 
 #define HOLE_GRAIN 4096u
@@ -192,7 +193,7 @@ flush_bitmap_done(void *arg, int res)
 static void
 io_complete(struct cbt_image_io *io, int res)
 {
-  struct request *req = (struct request *)(void *)((char *)io - offsetof(struct request, io));
+  struct request *req = cbt_container_of(io, struct request, io);
 
   if (srv.tracking && changes_data(req->hdr.type))
     tracking_mark(srv.tracking, req->hdr.offset, req->hdr.length);

@@ -6,6 +6,8 @@
 
 bool log_verbose;
 
+static void vlog(const char *level, const char *fmt, va_list ap) G_GNUC_PRINTF(2, 0);
+
 static void
 vlog(const char *level, const char *fmt, va_list ap)
 {

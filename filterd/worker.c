@@ -37,6 +37,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "cbt/util.h"
 #include "internal.h"
 
 #define RBUF_SIZE          (256 * 1024)
@@ -61,6 +62,7 @@ struct conn {
   bool recv_direct;                  /* pending recv targets wreq->buf */
   struct request *wreq;              /* WRITE waiting for its payload */
   uint64_t discard;                  /* payload bytes of a refused WRITE */
+  struct request *discard_req;       /* its error reply, sent once skipped */
 
   /* Send side. */
   struct request *sendq_head, *sendq_tail;
@@ -118,8 +120,6 @@ static void conn_parse(struct conn *c);
 static void conn_maybe_finish(struct conn *c);
 static void conn_start_close(struct conn *c);
 
-#define container_of(ptr, type, member) \
-  ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
 
 struct bufpool *conn_pool(struct conn *c) { return c->w->pool; }
 struct io_uring *conn_ring(struct conn *c) { return &c->w->ring; }
@@ -252,7 +252,7 @@ conn_send(struct conn *c)
 static void
 send_done(struct cbt_aio_op *op, int res)
 {
-  struct conn *c = container_of(op, struct conn, send_op);
+  struct conn *c = cbt_container_of(op, struct conn, send_op);
   size_t bytes;
 
   c->send_pending = false;
@@ -360,7 +360,7 @@ conn_post_recv(struct conn *c)
 static void
 recv_done(struct cbt_aio_op *op, int res)
 {
-  struct conn *c = container_of(op, struct conn, recv_op);
+  struct conn *c = cbt_container_of(op, struct conn, recv_op);
 
   c->recv_pending = false;
   if (res == -EINTR || res == -EAGAIN) {
@@ -384,6 +384,20 @@ recv_done(struct cbt_aio_op *op, int res)
   conn_parse(c);
 }
 
+/* Reply with req->error, but only once a refused WRITE's payload has been
+ * read and dropped: a client may still be sending it and would not expect
+ * the reply before it has finished (libnbd does not). */
+static void
+conn_refuse(struct conn *c, struct request *req)
+{
+  c->discard = cbt_nbd_request_payload(&req->hdr);
+  if (c->discard == 0) {
+    reply_error(req);
+    return;
+  }
+  c->discard_req = req;
+}
+
 /* A request header was read: validate it and start it. */
 static void
 conn_handle_header(struct conn *c, const struct cbt_nbd_request *hdr)
@@ -396,16 +410,13 @@ conn_handle_header(struct conn *c, const struct cbt_nbd_request *hdr)
     debug("%s: %s offset %" PRIu64 " length %" PRIu32 " flags 0x%x: %s",
           c->p.peer, cbt_nbd_cmd_name(hdr->type), hdr->offset, hdr->length,
           hdr->flags, cbt_nbd_err_name(req->error));
-    /* The payload of a refused WRITE is still on the wire: skip it. */
-    c->discard = cbt_nbd_request_payload(hdr);
-    reply_error(req);
+    conn_refuse(c, req);
     return;
   }
   if (hdr->type == NBD_CMD_WRITE) {
     if (!request_alloc_buf(req, hdr->length)) {
       req->error = NBD_ENOMEM;
-      c->discard = hdr->length;
-      reply_error(req);
+      conn_refuse(c, req);
       return;
     }
     c->wreq = req;                   /* dispatched once the payload is in */
@@ -441,6 +452,7 @@ conn_parse(struct conn *c)
       c->discard -= n;
       if (c->discard)
         break;
+      reply_error(g_steal_pointer(&c->discard_req));
       continue;
     }
     if (avail < NBD_REQUEST_SIZE || conn_throttled(c))
@@ -493,12 +505,12 @@ conn_maybe_finish(struct conn *c)
 
   if (!c->closing || c->recv_pending || c->send_pending)
     return;
-  if (c->wreq && !c->recv_pending) {
+  if (c->wreq) {
     /* Its payload never fully arrived: it was never acknowledged. */
-    struct request *req = c->wreq;
-    c->wreq = NULL;
-    request_free(req);
+    request_free(g_steal_pointer(&c->wreq));
   }
+  if (c->discard_req)
+    request_free(g_steal_pointer(&c->discard_req));
   if (c->inflight > 0)
     return;
   if (c->sendq_head && !c->dead)
@@ -624,7 +636,7 @@ post_efd_read(struct worker *w)
 static void
 efd_done(struct cbt_aio_op *op, int res)
 {
-  struct worker *w = container_of(op, struct worker, efd_op);
+  struct worker *w = cbt_container_of(op, struct worker, efd_op);
 
   (void)res;
   for (;;) {

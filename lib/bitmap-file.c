@@ -509,6 +509,15 @@ cmp_by_offset(const void *a, const void *b)
   return x->data_offset < y->data_offset ? -1 : x->data_offset > y->data_offset;
 }
 
+static int
+cmp_disk_by_offset(const void *a, const void *b)
+{
+  const struct bmf_entry_disk *x = *(struct bmf_entry_disk *const *)a;
+  const struct bmf_entry_disk *y = *(struct bmf_entry_disk *const *)b;
+
+  return x->data_offset < y->data_offset ? -1 : x->data_offset > y->data_offset;
+}
+
 /* A new array of f's entries sorted by data_offset (caller frees). */
 static struct bmf_entry **
 sorted_entries(const struct cbt_bmfile *f)
@@ -527,14 +536,18 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
                const uint8_t *dir, uint64_t file_size, char **why)
 {
   g_autoptr(GHashTable) names = g_hash_table_new(g_str_hash, g_str_equal);
-  g_autofree struct bmf_entry **sorted = NULL;
+  g_autofree struct bmf_entry_disk *ds = g_new0(struct bmf_entry_disk,
+                                                h->nb_entries + 1);
+  g_autofree struct bmf_entry_disk **sorted = g_new0(struct bmf_entry_disk *,
+                                                     h->nb_entries + 1);
   uint64_t mend = meta_end(h->dir_capacity);
   int r;
-  f->entries = g_new0(struct bmf_entry *, h->dir_capacity);
+
+  /* Validate everything before allocating any bitmap: the areas, checked
+   * against the file size and each other, cap what the bitmaps cost. */
   for (uint32_t i = 0; i < h->dir_capacity; i++) {
     const uint8_t *raw = dir + (size_t)i * BMF_ENTRY_SIZE;
     struct bmf_entry_disk d;
-    struct bmf_entry *e;
     size_t len;
     uint64_t expect;
 
@@ -581,25 +594,32 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
                   file_size);
     if (g_hash_table_contains(names, d.name))
       return fail(why, -EBADMSG, "duplicate bitmap name '%s'", d.name);
-
-    r = entry_new(d.name, d.flags, d.granularity, h->image_size, &e);
-    if (r < 0)
-      return fail(why, r, "bitmap '%s': %s", d.name, g_strerror(-r));
-    e->data_offset = d.data_offset;
-    e->data_crc = d.data_crc;
-    e->create_time = d.create_time;
-    e->on_disk = true;
-    f->entries[f->nentries++] = e;
-    g_hash_table_add(names, e->name);
+    ds[i] = d;
+    sorted[i] = &ds[i];
+    g_hash_table_add(names, ds[i].name);
   }
 
-  sorted = sorted_entries(f);
-  for (unsigned i = 1; i < f->nentries; i++) {
-    const struct bmf_entry *a = sorted[i - 1], *b = sorted[i];
+  qsort(sorted, h->nb_entries, sizeof *sorted, cmp_disk_by_offset);
+  for (uint32_t i = 1; i < h->nb_entries; i++) {
+    const struct bmf_entry_disk *a = sorted[i - 1], *b = sorted[i];
 
     if (a->data_offset + round_up_page(a->data_length) > b->data_offset)
       return fail(why, -EBADMSG, "data areas of bitmaps '%s' and '%s' overlap",
                   a->name, b->name);
+  }
+
+  f->entries = g_new0(struct bmf_entry *, h->dir_capacity);
+  for (uint32_t i = 0; i < h->nb_entries; i++) {
+    struct bmf_entry *e;
+
+    r = entry_new(ds[i].name, ds[i].flags, ds[i].granularity, h->image_size, &e);
+    if (r < 0)
+      return fail(why, r, "bitmap '%s': %s", ds[i].name, g_strerror(-r));
+    e->data_offset = ds[i].data_offset;
+    e->data_crc = ds[i].data_crc;
+    e->create_time = ds[i].create_time;
+    e->on_disk = true;
+    f->entries[f->nentries++] = e;
   }
   return 0;
 }

@@ -28,6 +28,7 @@
 
 #include "cbt/image.h"
 #include "cbt/nbd-proto.h"
+#include "cbt/util.h"
 
 struct raw_image {
   struct cbt_image pub;
@@ -191,7 +192,7 @@ raw_zero_fallback(struct raw_image *r, struct cbt_image_io *io)
 static void
 raw_done(struct cbt_aio_op *op, int res)
 {
-  struct cbt_image_io *io = (struct cbt_image_io *)((char *)op - offsetof(struct cbt_image_io, op));
+  struct cbt_image_io *io = cbt_container_of(op, struct cbt_image_io, op);
   struct raw_image *r = to_raw(io->img);
 
   if (res == -EAGAIN || res == -EINTR) {

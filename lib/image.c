@@ -11,9 +11,10 @@
 
 #include "cbt/image.h"
 #include "cbt/uring-io.h"
+#include "cbt/util.h"
 
 struct sync_req {
-  struct cbt_image_io io;        /* first: the completion casts back */
+  struct cbt_image_io io;
   bool done;
   int res;
 };
@@ -21,7 +22,7 @@ struct sync_req {
 static void
 sync_complete(struct cbt_image_io *io, int res)
 {
-  struct sync_req *s = (struct sync_req *)(void *)io;
+  struct sync_req *s = cbt_container_of(io, struct sync_req, io);
 
   s->done = true;
   s->res = res;

@@ -1,0 +1,261 @@
+#!/usr/bin/env bash
+# Compare cbt-filterd with other NBD servers under fio's nbd engine.
+#
+# One 2 GiB raw image, created once and fully written (not sparse), is
+# served in turn by each server on a unix socket in a private temp
+# directory; fio (--ioengine=nbd, one connection) runs each workload
+# against it.  Servers:
+#
+#   cbt            build/filterd/cbt-filterd (--cache writeback, default)
+#   qemu-nbd       qemu-nbd -f raw --aio=io_uring --cache=writeback
+#   nbdkit-file    nbdkit file (default threads)
+#   nbdkit-null    nbdkit null 2G: no storage at all, the protocol ceiling
+#   cbt-none, qemu-nbd-none   the same with --cache none (CACHE_NONE=1)
+#
+# Fairness: each server is started fresh for every run; within a round the
+# servers take turns, the starting server rotating from round to round, so
+# a slow drift of the machine (page cache, thermal, a neighbour) spreads
+# over all of them.  Each combination runs ROUNDS times and the median is
+# reported.
+#
+# With the writeback cache the 2 GiB image sits in the page cache after it
+# is written, so reads measure the server and the protocol, not the disk.
+# fio and the server share the machine's cores.
+#
+# Builds nothing: build cbt-filterd first (ninja -C build).
+#
+# Environment (defaults in brackets):
+#   ROUNDS [3]        runs per server and workload; the median is reported
+#   RUNTIME [10]      seconds per fio run (time based)
+#   RAMP [1]          fio ramp_time seconds, not measured
+#   CACHE_NONE [0]    1: also run cbt-none and qemu-nbd-none
+#   SERVERS           servers to run, e.g. "cbt qemu-nbd" [all of the above]
+#   WORKLOADS         e.g. "randread4k-qd32" [randread4k-qd32
+#                     randwrite4k-qd32 seqread64k-qd32 randread4k-qd1]
+#   CBT_FILTERD       daemon binary [build/filterd/cbt-filterd]
+#   OUT               JSON result file
+#                     [${TMPDIR:-/tmp}/cbt-fio-compare-DATE.json]
+#   TMPDIR            where the private directory with the image goes
+
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+src=$PWD
+
+ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-10}
+RAMP=${RAMP:-1}
+filterd=${CBT_FILTERD:-$src/build/filterd/cbt-filterd}
+stamp=$(date +%Y%m%d-%H%M%S)
+OUT=${OUT:-${TMPDIR:-/tmp}/cbt-fio-compare-$stamp.json}
+size_bytes=$((2 * 1024 * 1024 * 1024))
+
+default_servers="cbt qemu-nbd nbdkit-file nbdkit-null"
+[[ ${CACHE_NONE:-0} == 1 ]] && default_servers="cbt cbt-none qemu-nbd qemu-nbd-none nbdkit-file nbdkit-null"
+read -r -a servers <<<"${SERVERS:-$default_servers}"
+read -r -a workloads <<<"${WORKLOADS:-randread4k-qd32 randwrite4k-qd32 seqread64k-qd32 randread4k-qd1}"
+
+die() { echo "fio-compare: $*" >&2; exit 1; }
+
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS=$ROUNDS: not a positive number"
+[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "RUNTIME=$RUNTIME: not a positive number"
+for tool in fio qemu-nbd nbdkit python3; do
+    command -v "$tool" >/dev/null || die "$tool not found (bash tests/install-deps.sh)"
+done
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
+for s in "${servers[@]}"; do
+    case $s in
+    cbt|cbt-none) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
+    qemu-nbd|qemu-nbd-none|nbdkit-file|nbdkit-null) ;;
+    *) die "unknown server '$s'" ;;
+    esac
+done
+
+# workload NAME: the fio arguments for it.
+workload_args() {
+    case $1 in
+    randread4k-qd32)  echo "--rw=randread  --bs=4k  --iodepth=32" ;;
+    randwrite4k-qd32) echo "--rw=randwrite --bs=4k  --iodepth=32" ;;
+    seqread64k-qd32)  echo "--rw=read      --bs=64k --iodepth=32" ;;
+    randread4k-qd1)   echo "--rw=randread  --bs=4k  --iodepth=1" ;;
+    *) return 1 ;;
+    esac
+}
+for w in "${workloads[@]}"; do
+    workload_args "$w" >/dev/null || die "unknown workload '$w'"
+done
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/cbt-bench.XXXXXX")
+chmod 700 "$tmp"
+img=$tmp/disk.img
+resdir=$tmp/results
+mkdir "$resdir"
+
+server_pid=
+server_pidfile=
+stop_server() {
+    local pids=()
+    [[ -n $server_pid ]] && pids+=("$server_pid")
+    if [[ -n $server_pidfile && -s $server_pidfile ]]; then
+        local p
+        p=$(<"$server_pidfile")
+        [[ $p =~ ^[0-9]+$ && $p != "$server_pid" ]] && pids+=("$p")
+    fi
+    (( ${#pids[@]} )) || return 0
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 100); do
+        kill -0 "${pids[@]}" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    [[ -n $server_pid ]] && { wait "$server_pid" 2>/dev/null || true; }
+    server_pid=
+    server_pidfile=
+}
+cleanup() {
+    stop_server
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start_server NAME SOCK: start it in the background, wait until it listens.
+start_server() {
+    local name=$1 sock=$2 log=$tmp/server.log
+    server_pidfile=$tmp/server.pid
+    rm -f "$sock" "$server_pidfile"
+    case $name in
+    cbt)
+        "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
+            >"$log" 2>&1 & ;;
+    cbt-none)
+        "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
+            --cache none >"$log" 2>&1 & ;;
+    qemu-nbd)
+        qemu-nbd -f raw --aio=io_uring --cache=writeback --persistent --shared=8 \
+            -k "$sock" --pid-file "$server_pidfile" "$img" >"$log" 2>&1 & ;;
+    qemu-nbd-none)
+        qemu-nbd -f raw --aio=io_uring --cache=none --persistent --shared=8 \
+            -k "$sock" --pid-file "$server_pidfile" "$img" >"$log" 2>&1 & ;;
+    nbdkit-file)
+        nbdkit --foreground -U "$sock" -P "$server_pidfile" file "$img" \
+            >"$log" 2>&1 & ;;
+    nbdkit-null)
+        nbdkit --foreground -U "$sock" -P "$server_pidfile" null "$size_bytes" \
+            >"$log" 2>&1 & ;;
+    esac
+    server_pid=$!
+    for _ in $(seq 100); do
+        [[ -S $sock && -s $server_pidfile ]] && return 0
+        if ! kill -0 "$server_pid" 2>/dev/null && [[ ! -s $server_pidfile ]]; then
+            cat "$log" >&2
+            die "$name exited before it listened on $sock"
+        fi
+        sleep 0.1
+    done
+    cat "$log" >&2
+    die "$name did not listen on $sock within 10 s"
+}
+
+echo "fio-compare: servers: ${servers[*]}"
+echo "fio-compare: workloads: ${workloads[*]}"
+echo "fio-compare: $ROUNDS round(s) of ${RUNTIME}s runs (+${RAMP}s ramp), image in $tmp"
+echo "fio-compare: writing the 2 GiB image (not sparse)"
+dd if=/dev/urandom of="$img" bs=1M count=2048 iflag=fullblock conv=fsync status=none
+echo "fio-compare: image allocated: $(du -h "$img" | cut -f1)"
+
+nserv=${#servers[@]}
+total=$((ROUNDS * ${#workloads[@]} * nserv))
+run=0
+for ((r = 0; r < ROUNDS; r++)); do
+    for ((k = 0; k < ${#workloads[@]}; k++)); do
+        w=${workloads[$k]}
+        read -r -a wargs <<<"$(workload_args "$w")"
+        for ((i = 0; i < nserv; i++)); do
+            # Rotate the starting server every round and every workload.
+            s=${servers[$(( (i + r + k) % nserv ))]}
+            run=$((run + 1))
+            sock=$tmp/$s.sock
+            start_server "$s" "$sock"
+            out=$resdir/$w.$s.$r.json
+            printf 'fio-compare: [%3d/%d] round %d %-17s %-14s ' \
+                "$run" "$total" "$((r + 1))" "$w" "$s"
+            if ! fio --name="$w" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+                    "${wargs[@]}" --numjobs=1 --size="$size_bytes" \
+                    --norandommap --randrepeat=0 \
+                    --runtime="$RUNTIME" --ramp_time="$RAMP" --time_based \
+                    --output-format=json --output="$out" >"$tmp/fio.err" 2>&1; then
+                echo
+                cat "$tmp/fio.err" "$out" >&2 2>/dev/null || true
+                die "fio failed for $w on $s"
+            fi
+            python3 - "$out" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+d = j["write"] if j["write"]["io_bytes"] > j["read"]["io_bytes"] else j["read"]
+print("%10.0f IOPS %9.1f MB/s" % (d["iops"], d["bw_bytes"] / 1e6))
+EOF
+            stop_server
+        done
+    done
+done
+
+meta_fio=$(fio --version)
+meta_qemu=$(qemu-nbd --version | head -n1)
+meta_nbdkit=$(nbdkit --version | head -n1)
+meta_rev=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
+
+python3 - "$resdir" "$OUT" "$ROUNDS" "$RUNTIME" "$RAMP" "$meta_fio" "$meta_qemu" \
+    "$meta_nbdkit" "$meta_rev" "${servers[*]}" "${workloads[*]}" <<'EOF'
+import glob, json, os, platform, statistics, sys, time
+
+(resdir, out, rounds, runtime, ramp, v_fio, v_qemu, v_nbdkit, rev,
+ servers, workloads) = sys.argv[1:]
+servers, workloads = servers.split(), workloads.split()
+
+def measure(path):
+    j = json.load(open(path))["jobs"][0]
+    d = j["write"] if j["write"]["io_bytes"] > j["read"]["io_bytes"] else j["read"]
+    return {"iops": d["iops"], "MBps": d["bw_bytes"] / 1e6,
+            "lat_mean_us": d["lat_ns"]["mean"] / 1e3}
+
+results = {}
+for w in workloads:
+    results[w] = {}
+    for s in servers:
+        runs = [measure(p) for p in sorted(glob.glob(f"{resdir}/{w}.{s}.*.json"))]
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        results[w][s] = {"median": med, "runs": runs}
+
+pairs = [(a, b) for a, b in [("cbt", "nbdkit-file"), ("cbt", "qemu-nbd"),
+                             ("cbt", "nbdkit-null"), ("cbt-none", "qemu-nbd-none")]
+         if a in servers and b in servers]
+ratios = {w: {f"{a}/{b}": results[w][a]["median"]["iops"] / results[w][b]["median"]["iops"]
+              for a, b in pairs} for w in workloads}
+
+print()
+print(f"median of {rounds} run(s), {runtime}s each; one fio job, one NBD connection")
+print(f"{'workload':<17} {'server':<14} {'IOPS':>10} {'MB/s':>9} {'lat us':>9}")
+for w in workloads:
+    for s in servers:
+        m = results[w][s]["median"]
+        print(f"{w:<17} {s:<14} {m['iops']:>10.0f} {m['MBps']:>9.1f} {m['lat_mean_us']:>9.1f}")
+if pairs:
+    print()
+    names = [f"{a}/{b}" for a, b in pairs]
+    print(f"{'IOPS ratio':<17} " + " ".join(f"{n:>22}" for n in names))
+    for w in workloads:
+        print(f"{w:<17} " + " ".join(f"{ratios[w][n]:>22.2f}" for n in names))
+
+doc = {
+    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "cbt_rev": rev, "kernel": platform.release(), "cpus": os.cpu_count(),
+    "fio": v_fio, "qemu_nbd": v_qemu, "nbdkit": v_nbdkit,
+    "rounds": int(rounds), "runtime_s": int(runtime), "ramp_s": int(ramp),
+    "image_bytes": 2 << 30, "servers": servers, "workloads": workloads,
+    "results": results, "iops_ratios": ratios,
+}
+with open(out, "w") as f:
+    json.dump(doc, f, indent=2)
+print(f"\nfio-compare: results written to {out}")
+EOF

@@ -1,0 +1,269 @@
+# Shared helpers for the end-to-end tests (tests/test-*.sh).
+#
+# Each test sources this file first.  It turns on `set -euo pipefail`,
+# creates a private temporary directory $tmp, and installs an EXIT trap that
+# runs the registered cleanup commands in reverse order (daemons are killed,
+# $tmp is removed; set CBT_KEEP_TMP=1 to keep it for debugging).
+#
+# The daemon is $CBT_FILTERD (set by meson); when a test is run by hand from
+# the repository root it falls back to $CBT_BUILD_DIR/filterd/cbt-filterd,
+# then build/filterd/cbt-filterd.
+#
+# Exit codes follow the meson/automake convention: 0 pass, 77 skip (a tool
+# is missing), anything else fail.
+
+set -euo pipefail
+
+testsdir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+: "${CBT_SOURCE_DIR:=$(cd "$testsdir/.." && pwd)}"
+: "${CBT_BUILD_DIR:=$CBT_SOURCE_DIR/build}"
+: "${CBT_FILTERD:=$CBT_BUILD_DIR/filterd/cbt-filterd}"
+# The libnbd python bindings are installed for the system interpreter only;
+# the python3 first on PATH may be another one.
+PYTHON=/usr/bin/python3
+progname=$(basename "$0" .sh)
+
+# Report why the test failed and exit non-zero (the EXIT trap cleans up).
+die()
+{
+    echo "$progname: FAIL: $*" >&2
+    exit 1
+}
+fail() { die "$@"; }
+
+skip()
+{
+    echo "$progname: SKIP: $*" >&2
+    exit 77
+}
+
+# requires TOOL...: skip the test unless every TOOL is on $PATH.
+requires()
+{
+    local t
+    for t in "$@"; do
+        command -v "$t" >/dev/null 2>&1 || skip "$t is not installed"
+    done
+}
+
+requires_python_nbd()
+{
+    [ -x "$PYTHON" ] || skip "$PYTHON is not installed"
+    "$PYTHON" -c 'import nbd' 2>/dev/null ||
+        skip "$PYTHON has no libnbd module (python3-libnbd)"
+}
+
+# cleanup_fn CMD [ARGS...]: run CMD on exit, last registered first.
+_cleanup_cmds=()
+declare -A _daemon_log=()       # pid -> log file of each daemon started
+cleanup_fn()
+{
+    local q
+    printf -v q '%q ' "$@"
+    _cleanup_cmds+=("$q")
+}
+
+_run_cleanup()
+{
+    local status=$? i l
+    set +e
+    # On failure show what the daemons said before their logs go away.
+    if [ $status -ne 0 ] && [ $status -ne 77 ]; then
+        for l in "${_daemon_log[@]}"; do
+            [ -s "$l" ] && { echo "--- last lines of $l" >&2; tail -n 20 "$l" >&2; }
+        done
+    fi
+    for (( i = ${#_cleanup_cmds[@]} - 1; i >= 0; i-- )); do
+        eval "${_cleanup_cmds[i]}"
+    done
+    exit $status
+}
+trap _run_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/cbt-$progname.XXXXXX")
+_rm_tmp()
+{
+    if [ -n "${CBT_KEEP_TMP:-}" ]; then
+        echo "$progname: keeping $tmp" >&2
+    else
+        rm -rf "$tmp"
+    fi
+}
+cleanup_fn _rm_tmp
+
+# Kill a daemon we started if the test ends without stopping it.
+_kill_daemon()
+{
+    if kill -0 "$1" 2>/dev/null; then
+        kill -KILL "$1" 2>/dev/null
+        wait "$1" 2>/dev/null
+    fi
+    return 0
+}
+
+# Print a daemon log file on stderr (used when something went wrong).
+_show_log()
+{
+    [ -s "$1" ] || return 0
+    echo "--- $1" >&2
+    cat "$1" >&2
+    echo "---" >&2
+}
+
+_ndaemons=0
+
+# start_filterd ARGS...
+#
+# Start the daemon in the foreground in the background of this shell.
+# Unless ARGS contain --socket or --listen it listens on a private unix
+# socket named by `mktemp -u`.  A --pid-file is added unless given, and
+# we wait (bounded) for it to appear: the daemon writes it only once the
+# socket accepts connections.  If the daemon dies first, its log is
+# printed and the test fails.
+#
+# Sets: $pid, $sock (empty for --listen), $uri (nbd+unix:// or nbd://,
+# with the --export-name if any), $log (its stdout+stderr), $pidfile.
+start_filterd()
+{
+    local args=("$@") a prev= listen= name= has_sock= has_pidf= i status
+
+    [ -x "$CBT_FILTERD" ] ||
+        die "daemon $CBT_FILTERD not found (build it: ninja -C build)"
+
+    sock= pidfile=
+    for a in "${args[@]}"; do
+        case "$prev" in
+            --socket) has_sock=1; sock=$a ;;
+            --listen) listen=$a ;;
+            --export-name) name=$a ;;
+            --pid-file) has_pidf=1; pidfile=$a ;;
+        esac
+        prev=$a
+    done
+    if [ -z "$has_sock" ] && [ -z "$listen" ]; then
+        sock=$(mktemp -u "$tmp/sock.XXXXXX")
+        args+=(--socket "$sock")
+    fi
+    if [ -z "$has_pidf" ]; then
+        pidfile=$(mktemp -u "$tmp/pid.XXXXXX")
+        args+=(--pid-file "$pidfile")
+    fi
+    _ndaemons=$((_ndaemons + 1))
+    log=$tmp/filterd-$_ndaemons.log
+
+    # $FILTERD_PREFIX: an optional command that execs the daemon (env ...).
+    ${FILTERD_PREFIX:-} "$CBT_FILTERD" "${args[@]}" </dev/null >"$log" 2>&1 &
+    pid=$!
+    _daemon_log[$pid]=$log
+    cleanup_fn _kill_daemon "$pid"
+
+    # A startup guard, not a performance check: 60 s is far beyond what
+    # any healthy daemon needs.
+    for (( i = 0; i < 600; i++ )); do
+        [ -s "$pidfile" ] && break
+        if ! kill -0 "$pid" 2>/dev/null; then
+            status=0
+            wait "$pid" || status=$?
+            _show_log "$log"
+            die "cbt-filterd ${args[*]}: exited with status $status before writing $pidfile"
+        fi
+        sleep 0.1
+    done
+    if [ ! -s "$pidfile" ]; then
+        _show_log "$log"
+        die "cbt-filterd ${args[*]}: no pid file after 60 s"
+    fi
+    # Allow for a pid file that is written in two steps.
+    for (( i = 0; i < 10; i++ )); do
+        [ "$(cat "$pidfile")" = "$pid" ] && break
+        sleep 0.1
+    done
+    [ "$(cat "$pidfile")" = "$pid" ] ||
+        die "pid file $pidfile holds '$(cat "$pidfile")', expected $pid"
+    # The pid file promises a listening socket.
+    if [ -n "$sock" ] && [ ! -S "$sock" ]; then
+        die "pid file $pidfile written but $sock is not a socket yet"
+    fi
+
+    if [ -n "$listen" ]; then
+        uri="nbd://$listen/$name"
+    else
+        uri="nbd+unix:///$name?socket=$sock"
+    fi
+    export pid sock uri log pidfile
+}
+
+# stop_filterd [PID]: SIGTERM the daemon (default $pid) and require a
+# clean exit with status 0.
+stop_filterd()
+{
+    local p=${1:-$pid} i status=0
+    local plog=${_daemon_log[$p]:-$log}
+    kill -TERM "$p" || die "kill -TERM $p: daemon already gone"
+    for (( i = 0; i < 600; i++ )); do
+        kill -0 "$p" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$p" 2>/dev/null; then
+        kill -KILL "$p"
+        wait "$p" || true
+        _show_log "$plog"
+        die "daemon $p did not exit within 60 s of SIGTERM"
+    fi
+    wait "$p" || status=$?
+    if [ "$status" -ne 0 ]; then
+        _show_log "$plog"
+        die "daemon $p exited with status $status after SIGTERM, expected 0"
+    fi
+}
+
+# free_tcp_port: print a TCP port on 127.0.0.1 that nothing listens on now.
+free_tcp_port()
+{
+    "$PYTHON" -c '
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()'
+}
+
+# qio ARGS...: run qemu-io; fail if it exits non-zero or reports a failed
+# operation or pattern mismatch (older qemu-io exits 0 on those).
+qio()
+{
+    local out status=0
+    out=$(qemu-io "$@" 2>&1) || status=$?
+    if [ "$status" -ne 0 ] || grep -qiE 'fail|error|mismatch' <<<"$out"; then
+        echo "$out" >&2
+        die "qemu-io $*: status $status"
+    fi
+}
+
+# qio_fails ERRTEXT ARGS...: run qemu-io and require ERRTEXT in its output.
+qio_fails()
+{
+    local want=$1 out
+    shift
+    out=$(qemu-io "$@" 2>&1) || true
+    grep -qF "$want" <<<"$out" || {
+        echo "$out" >&2
+        die "qemu-io $*: expected '$want'"
+    }
+}
+
+# make_pattern_file FILE SIZE BYTE: FILE of SIZE bytes all equal to BYTE
+# (e.g. 0x11), fully allocated.
+make_pattern_file()
+{
+    "$PYTHON" -c '
+import sys
+with open(sys.argv[1], "wb") as f:
+    b = bytes([int(sys.argv[3], 0)]) * 65536
+    n = int(sys.argv[2])
+    while n > 0:
+        f.write(b[:min(n, len(b))])
+        n -= min(n, len(b))' "$1" "$2" "$3"
+}
