@@ -97,7 +97,8 @@ struct bmf_entry_disk {
   uint32_t data_crc;
   uint32_t reserved0;
   uint64_t create_time;
-  uint8_t  reserved1[24];
+  uint64_t checkpoint;
+  uint8_t  reserved1[16];
 } __attribute__((packed));
 _Static_assert(sizeof(struct bmf_entry_disk) == BMF_ENTRY_SIZE, "entry size");
 
@@ -121,6 +122,7 @@ struct bmf_entry {
   uint64_t data_length;
   uint32_t data_crc;           /* as stored (open) or last written */
   uint64_t create_time;
+  uint64_t checkpoint;         /* checkpoint that started this interval */
   struct cbt_bitmap bm;
   uint64_t data_pages;         /* == bm.npages */
   uint32_t *page_crc;          /* CRC32C of each data page as on disk */
@@ -287,6 +289,7 @@ entry_decode(const uint8_t *buf, struct bmf_entry_disk *d)
   d->data_crc = le32toh(d->data_crc);
   d->reserved0 = le32toh(d->reserved0);
   d->create_time = le64toh(d->create_time);
+  d->checkpoint = le64toh(d->checkpoint);
 }
 
 /* The two-level data checksum (bitmap-format.md, data_crc32c). */
@@ -322,6 +325,7 @@ entry_encode(const struct bmf_entry *e, uint8_t *buf)
   d.data_length = htole64(e->data_length);
   d.data_crc = htole32(data_crc(e->page_crc, e->data_pages));
   d.create_time = htole64(e->create_time);
+  d.checkpoint = htole64(e->checkpoint);
   memcpy(buf, &d, sizeof d);
 }
 
@@ -618,6 +622,7 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
     e->data_offset = ds[i].data_offset;
     e->data_crc = ds[i].data_crc;
     e->create_time = ds[i].create_time;
+    e->checkpoint = ds[i].checkpoint;
     e->on_disk = true;
     f->entries[f->nentries++] = e;
   }
@@ -1211,6 +1216,32 @@ cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags, char **why)
   }
   g_mutex_unlock(&f->lock);
   return r;
+}
+
+int
+cbt_bmfile_set_checkpoint(cbt_bmfile *f, unsigned idx, uint64_t checkpoint,
+                          char **why)
+{
+  int r;
+
+  g_mutex_lock(&f->lock);
+  if (!f->writable)
+    r = fail(why, -EROFS, "opened read-only");
+  else if (idx >= f->nentries)
+    r = fail(why, -EINVAL, "no bitmap at index %u", idx);
+  else {
+    f->entries[idx]->checkpoint = checkpoint;
+    f->meta_dirty = true;
+    r = sync_locked(f, false, why);
+  }
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+uint64_t
+cbt_bmfile_entry_checkpoint(const cbt_bmfile *f, unsigned idx)
+{
+  return idx < f->nentries ? f->entries[idx]->checkpoint : 0;
 }
 
 int

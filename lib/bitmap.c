@@ -241,6 +241,39 @@ cbt_bitmap_merge(struct cbt_bitmap *dst, const struct cbt_bitmap *src)
   return 0;
 }
 
+int
+cbt_bitmap_move(struct cbt_bitmap *dst, struct cbt_bitmap *src)
+{
+  uint64_t nwords = cbt_bitmap_nwords(src);
+
+  if (dst->size != src->size || dst->granularity != src->granularity)
+    return -EINVAL;
+  for (uint64_t page = 0; page * CBT_BITMAP_WORDS_PER_PAGE < nwords; page++) {
+    uint64_t end = MIN((page + 1) * CBT_BITMAP_WORDS_PER_PAGE, nwords);
+    bool src_changed = false, dst_changed = false;
+
+    for (uint64_t w = page * CBT_BITMAP_WORDS_PER_PAGE; w < end; w++) {
+      uint64_t bits;
+
+      if (load_word(&src->words[w]) == 0)
+        continue;
+      /* Each bit leaves src exactly once: a racing set lands either
+       * before the exchange (and moves) or after it (and stays). */
+      bits = __atomic_exchange_n(&src->words[w], 0, __ATOMIC_RELAXED);
+      if (bits == 0)
+        continue;
+      src_changed = true;
+      if (bits & ~__atomic_fetch_or(&dst->words[w], bits, __ATOMIC_RELAXED))
+        dst_changed = true;
+    }
+    if (src_changed)
+      cbt_bitmap_mark_page(src, page);
+    if (dst_changed)
+      cbt_bitmap_mark_page(dst, page);
+  }
+  return 0;
+}
+
 uint64_t
 cbt_bitmap_dirty_bytes(const struct cbt_bitmap *bm)
 {

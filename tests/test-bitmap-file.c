@@ -791,6 +791,40 @@ test_header_extension_preserved(void **state)
   cbt_bmfile_free(f);
 }
 
+/* The per-entry checkpoint id survives a clean close and a crash. */
+static void
+test_checkpoint_id(void **state)
+{
+  struct fixture *fx = *state;
+  size_t len;
+  g_autofree uint8_t *base = make_base(fx->path, &len);
+  g_autofree char *why = NULL;
+  cbt_bmfile *f = open_ok(fx->path, true);
+  int idx = cbt_bmfile_add(f, "frozen", CBT_BMF_FROZEN, 0, &why);
+
+  assert_true(idx > 0);
+  assert_int_equal(cbt_bmfile_entry_checkpoint(f, 0), 0);
+  assert_int_equal(cbt_bmfile_set_checkpoint(f, 0, UINT64_C(0x1122334455667788), &why), 0);
+  assert_int_equal(cbt_bmfile_set_checkpoint(f, (unsigned)idx, 42, &why), 0);
+  assert_int_equal(cbt_bmfile_set_checkpoint(f, 99, 1, &why), -EINVAL);
+  g_clear_pointer(&why, g_free);
+  assert_int_equal(cbt_bmfile_close_clean(f, &why), 0);
+
+  f = open_ok(fx->path, false);
+  assert_true(cbt_bmfile_entry_checkpoint(f, 0) == UINT64_C(0x1122334455667788));
+  assert_int_equal(cbt_bmfile_entry_checkpoint(f, (unsigned)cbt_bmfile_find(f, "frozen")), 42);
+  assert_int_equal(cbt_bmfile_set_checkpoint(f, 0, 7, &why), -EROFS);
+  cbt_bmfile_free(f);
+
+  /* Written by metadata updates alone: a crash after it keeps the id. */
+  f = open_ok(fx->path, true);
+  assert_int_equal(cbt_bmfile_set_checkpoint(f, 0, 9, NULL), 0);
+  cbt_bmfile_free(f);
+  f = open_ok(fx->path, false);
+  assert_int_equal(cbt_bmfile_entry_checkpoint(f, 0), 9);
+  cbt_bmfile_free(f);
+}
+
 struct ecase {
   const char *what;
   unsigned entry, off, width;
@@ -822,7 +856,7 @@ test_corrupt_directory(void **state)
     { "data_offset overflow",  1, 72, 8, UINT64_MAX & ~UINT64_C(4095) },
     { "data_length",           0, 80, 8, 4096 },
     { "reserved 92",           0, 92, 4, 1 },
-    { "reserved 104",          1, 104, 8, 1 },
+    { "reserved 112",          1, 112, 8, 1 },
     { "reserved 120",          1, 120, 8, 1 },
     { "unused slot",           2, 0, 1, 'z' },
     { "unused slot tail",     63, 127, 1, 1 },
@@ -1013,6 +1047,7 @@ main(void)
     cmocka_unit_test_setup_teardown(test_corrupt_header_bytes, setup, teardown),
     cmocka_unit_test_setup_teardown(test_corrupt_header_fields, setup, teardown),
     cmocka_unit_test_setup_teardown(test_header_extension_preserved, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_checkpoint_id, setup, teardown),
     cmocka_unit_test_setup_teardown(test_corrupt_directory, setup, teardown),
     cmocka_unit_test_setup_teardown(test_corrupt_data, setup, teardown),
     cmocka_unit_test_setup_teardown(test_truncated, setup, teardown),

@@ -404,6 +404,68 @@ test_concurrent(void **state)
   cbt_bitmap_destroy(&c.bm);
 }
 
+/* cbt_bitmap_move: every bit set by a racing thread ends up in exactly
+ * one of the two bitmaps, and both mark the pages that changed. */
+struct mover_ctx {
+  struct cbt_bitmap *src;
+  uint64_t ngran;
+};
+
+static void *
+setter_thread(void *arg)
+{
+  struct mover_ctx *m = arg;
+
+  for (uint64_t g = 0; g < m->ngran; g++)
+    cbt_bitmap_set_range(m->src, g * 512, 1);
+  return NULL;
+}
+
+static void
+test_move(void **state)
+{
+  (void)state;
+  struct cbt_bitmap a, b, other;
+  struct mover_ctx m;
+  pthread_t t;
+  const uint64_t ngran = 1u << 20;                  /* 256 pages of words */
+
+  assert_int_equal(cbt_bitmap_init(&a, 512 * ngran, 512), 0);
+  assert_int_equal(cbt_bitmap_init(&b, 512 * ngran, 512), 0);
+  assert_int_equal(cbt_bitmap_init(&other, 512 * ngran, 1024), 0);
+  assert_int_equal(cbt_bitmap_move(&other, &a), -EINVAL);
+
+  /* Plain move: src ends empty, dst holds the bits, pages marked. */
+  cbt_bitmap_set_range(&a, 512 * 5, 512 * 3);
+  for (uint64_t p = 0; p < a.npages; p++) {
+    cbt_bitmap_claim_page(&a, p);
+    cbt_bitmap_claim_page(&b, p);
+  }
+  assert_int_equal(cbt_bitmap_move(&b, &a), 0);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&a), 0);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&b), 512 * 3);
+  assert_true(cbt_bitmap_test(&b, 512 * 7) && !cbt_bitmap_test(&b, 512 * 8));
+  assert_true(cbt_bitmap_claim_page(&a, 0));
+  assert_true(cbt_bitmap_claim_page(&b, 0));
+  assert_false(cbt_bitmap_claim_page(&b, 1));
+
+  /* Racing setter: the union of both is every granule, none twice. */
+  cbt_bitmap_clear_all(&b);
+  m.src = &a;
+  m.ngran = ngran;
+  assert_int_equal(pthread_create(&t, NULL, setter_thread, &m), 0);
+  for (int i = 0; i < 50; i++)
+    assert_int_equal(cbt_bitmap_move(&b, &a), 0);
+  pthread_join(t, NULL);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&a) + cbt_bitmap_dirty_bytes(&b), 512 * ngran);
+  for (uint64_t w = 0; w < cbt_bitmap_nwords(&a); w++)
+    assert_int_equal(a.words[w] & b.words[w], 0);
+
+  cbt_bitmap_destroy(&a);
+  cbt_bitmap_destroy(&b);
+  cbt_bitmap_destroy(&other);
+}
+
 int
 main(void)
 {
@@ -417,6 +479,7 @@ main(void)
     cmocka_unit_test(test_resize),
     cmocka_unit_test(test_pages_dirty),
     cmocka_unit_test(test_concurrent),
+    cmocka_unit_test(test_move),
   };
 
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -23,7 +23,10 @@
  * may share one handle.  Marking bits in the entry bitmaps needs no lock
  * and may run concurrently with anything except removing that entry or
  * freeing the handle.  The accessors take no lock; entry indices and
- * bitmap pointers stay valid until the next cbt_bmfile_add/remove.
+ * bitmap pointers stay valid until the next cbt_bmfile_add/remove.  An
+ * entry's struct cbt_bitmap itself never moves while the entry exists (the
+ * daemon marks the active bitmap without a lock while a checkpoint entry
+ * is added or removed); only the indices of later entries shift.
  */
 #ifndef CBT_BITMAP_FILE_H
 #define CBT_BITMAP_FILE_H
@@ -117,6 +120,13 @@ int cbt_bmfile_remove(cbt_bmfile *f, const char *name, char **why);
  * normally use cbt_bmfile_reset_entry. */
 int cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags,
                          char **why);
+
+/* Record, durably, the checkpoint id that started entry @idx's interval
+ * (0 = none).  The backup tool compares it with the checkpoint of the last
+ * backup to know whether the bits cover every change since then. */
+int cbt_bmfile_set_checkpoint(cbt_bmfile *f, unsigned idx, uint64_t checkpoint,
+                              char **why);
+uint64_t cbt_bmfile_entry_checkpoint(const cbt_bmfile *f, unsigned idx);
 
 /* Start entry @idx afresh, as at a full backup's checkpoint: clear every
  * bit and the INCONSISTENT flag, durably. */

@@ -88,6 +88,13 @@ int cbt_bitmap_merge(struct cbt_bitmap *dst, const struct cbt_bitmap *src);
 
 /* Bytes of the image covered by dirty granules; the last granule counts
  * only up to size. */
+/* Move every set bit of @src into @dst (dst |= src; src = 0), word by word
+ * with atomic exchanges, so that other threads may keep setting bits in
+ * @src meanwhile: each such bit ends up in exactly one of the two.  Only
+ * one mover or merger may write @dst at a time.  -EINVAL if the geometry
+ * differs. */
+int cbt_bitmap_move(struct cbt_bitmap *dst, struct cbt_bitmap *src);
+
 uint64_t cbt_bitmap_dirty_bytes(const struct cbt_bitmap *bm);
 
 /* Length of the run of granules in the same state as the one at @offset,
