@@ -47,6 +47,7 @@ struct server {
   const char *export_name;
   const char *description;
   const char *pid_file;
+  const char *control_path;      /* control socket, or NULL */
   bool read_only;
   enum cache_mode cache;
   unsigned n_workers;
@@ -64,8 +65,10 @@ int listen_unix(const char *path, GError **error);
 int listen_tcp(const char *hostport, GError **error);
 
 /* ---- main-loop.c ---- */
-/* Run until SIGTERM/SIGINT; the listening sockets are owned by the loop. */
-bool main_loop_run(const int *listen_fds, size_t n_listen, GError **error);
+/* Run until SIGTERM/SIGINT.  @listen_fds take NBD clients, @control_fd
+ * (or -1) control clients; the caller closes them afterwards. */
+bool main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
+                   GError **error);
 
 /* ---- handshake.c ---- */
 #define MAX_META_SELECTED 8
@@ -83,6 +86,12 @@ void handshake_start(int fd, const char *peer);
 /* Break every negotiation still running and wait for their threads. */
 void handshake_stop_all(void);
 uint16_t export_flags(bool structured);
+
+/* ---- control.c ---- */
+/* Serve a control client on @fd in a new thread (takes ownership). */
+void control_start(int fd);
+/* Close every control connection and wait for their threads. */
+void control_stop_all(void);
 
 /* ---- meta.c ---- */
 #define META_ID_BASE_ALLOCATION 1
@@ -176,7 +185,47 @@ struct tracking *tracking_open(const struct tracking_config *cfg, GError **error
 /* Stop the syncer; with @mark_clean write every bit out and set the clean
  * flag, else leave the file not clean.  Frees @t. */
 bool tracking_close(struct tracking *t, bool mark_clean, GError **error);
-bool tracking_is_trusted(const struct tracking *t);
+bool tracking_is_trusted(struct tracking *t);
+#define TRACKING_NAME_MAX 48           /* leaves room for "-checkpoint" */
+
+/* What the control socket's "status" reports. */
+struct tracking_status {
+  const char *path;
+  const char *name;
+  uint32_t granularity;
+  bool trusted;
+  bool found_clean;
+  uint64_t dirty_bytes;
+  uint64_t checkpoint;                 /* id that began the active interval */
+  uint8_t uuid[16];
+  char context[256];
+  bool cp_in_progress;
+  uint64_t cp_previous;                /* id that began the frozen interval */
+  bool cp_trusted;
+  uint64_t cp_dirty_bytes;
+  char cp_context[256];
+};
+void tracking_get_status(struct tracking *t, struct tracking_status *st);
+
+/* Control errors (class names in control.c). */
+#define CTL_ERROR ctl_error_quark()
+GQuark ctl_error_quark(void);
+enum {
+  CTL_ERR_GENERIC,
+  CTL_ERR_IN_PROGRESS,
+  CTL_ERR_NO_CHECKPOINT,
+  CTL_ERR_MISMATCH,
+  CTL_ERR_NO_BITMAP,
+  CTL_ERR_READ_ONLY,
+  CTL_ERR_BAD_REQUEST,
+};
+/* Freeze the active bits into a checkpoint and start a new interval;
+ * @out (may be NULL) gets the status afterwards. */
+bool tracking_checkpoint_begin(struct tracking *t, struct tracking_status *out,
+                               GError **error);
+bool tracking_checkpoint_commit(struct tracking *t, uint64_t id, GError **error);
+/* @id NULL: abort whichever checkpoint is in progress. */
+bool tracking_checkpoint_abort(struct tracking *t, const uint64_t *id, GError **error);
 /* Call done(arg, 0 or -errno) on worker @w once every bit set before this
  * call is durable. */
 void tracking_flush(struct tracking *t, struct worker *w,

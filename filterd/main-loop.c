@@ -2,7 +2,7 @@
  * periodic work, on a small io_uring of its own.
  *
  * Nothing here touches the data path.  Accepted sockets go to
- * handshake_start(); SIGTERM/SIGINT (read from a signalfd, the signals
+ * handshake_start(), control clients to control_start(); SIGTERM/SIGINT (read from a signalfd, the signals
  * being blocked in every thread) end the loop; a timer fires once a second
  * for periodic jobs (writing the dirty bitmap out).
  */
@@ -22,7 +22,7 @@
 
 #define MAX_LISTEN 4
 
-enum op_kind { OP_ACCEPT, OP_SIGNAL, OP_TIMER };
+enum op_kind { OP_ACCEPT, OP_ACCEPT_CONTROL, OP_SIGNAL, OP_TIMER };
 
 struct loop_op {
   enum op_kind kind;
@@ -44,6 +44,7 @@ post(struct io_uring *ring, struct loop_op *op)
   }
   switch (op->kind) {
   case OP_ACCEPT:
+  case OP_ACCEPT_CONTROL:
     op->addrlen = sizeof op->addr;
     io_uring_prep_accept(sqe, op->fd, (struct sockaddr *)&op->addr,
                          &op->addrlen, SOCK_CLOEXEC);
@@ -103,10 +104,11 @@ on_accept(struct loop_op *op, int res)
 }
 
 bool
-main_loop_run(const int *listen_fds, size_t n_listen, GError **error)
+main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
+               GError **error)
 {
   struct io_uring ring;
-  struct loop_op ops[MAX_LISTEN + 2];
+  struct loop_op ops[MAX_LISTEN + 3];
   size_t n_ops = 0;
   sigset_t mask;
   int sfd, r;
@@ -136,6 +138,11 @@ main_loop_run(const int *listen_fds, size_t n_listen, GError **error)
     ops[n_ops].fd = listen_fds[i];
     post(&ring, &ops[n_ops++]);
   }
+  if (control_fd >= 0) {
+    ops[n_ops].kind = OP_ACCEPT_CONTROL;
+    ops[n_ops].fd = control_fd;
+    post(&ring, &ops[n_ops++]);
+  }
   ops[n_ops].kind = OP_SIGNAL;
   ops[n_ops].fd = sfd;
   post(&ring, &ops[n_ops++]);
@@ -158,6 +165,12 @@ main_loop_run(const int *listen_fds, size_t n_listen, GError **error)
       switch (op->kind) {
       case OP_ACCEPT:
         on_accept(op, res);
+        break;
+      case OP_ACCEPT_CONTROL:
+        if (res >= 0)
+          control_start(res);
+        else if (res != -EINTR && res != -EAGAIN && res != -ECONNABORTED)
+          log_error("control: accept: %s", g_strerror(-res));
         break;
       case OP_SIGNAL:
         if (res == (int)sizeof op->si && op->si.ssi_signo != SIGHUP) {

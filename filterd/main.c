@@ -40,6 +40,7 @@ static GOptionEntry entries[] = {
   { "bitmap", 'b', 0, G_OPTION_ARG_FILENAME, &opt_bitmap, "Dirty bitmap file (created if missing)", "PATH" },
   { "bitmap-name", 0, 0, G_OPTION_ARG_STRING, &opt_bitmap_name, "Name of the active bitmap (default cbt)", "NAME" },
   { "granularity", 'g', 0, G_OPTION_ARG_STRING, &opt_granularity, "Bitmap granularity when creating (default 64K)", "SIZE" },
+  { "control", 'c', 0, G_OPTION_ARG_FILENAME, &srv.control_path, "Control socket (JSON, one request per line)", "PATH" },
   { "pid-file", 'P', 0, G_OPTION_ARG_FILENAME, &srv.pid_file, "Write the pid here once ready", "FILE" },
   { "verbose", 'v', 0, G_OPTION_ARG_NONE, &log_verbose, "Log every connection and failed request", NULL },
   { NULL }
@@ -162,6 +163,7 @@ main(int argc, char **argv)
   g_autoptr(GError) error = NULL;
   int listen_fds[2];
   size_t n_listen = 0;
+  int control_fd = -1;
   sigset_t mask;
   int status = EXIT_SUCCESS;
   int r;
@@ -205,6 +207,11 @@ main(int argc, char **argv)
       goto fail;
     listen_fds[n_listen++] = r;
   }
+  if (srv.control_path) {
+    control_fd = listen_unix(srv.control_path, &error);
+    if (control_fd < 0)
+      goto fail;
+  }
   if (!workers_start(srv.n_workers, &error))
     goto fail;
   if (!write_pid_file(&error))
@@ -217,7 +224,7 @@ main(int argc, char **argv)
            srv.socket_path && srv.listen_addr ? " and " : "",
            srv.listen_addr ? srv.listen_addr : "");
 
-  if (!main_loop_run(listen_fds, n_listen, &error)) {
+  if (!main_loop_run(listen_fds, n_listen, control_fd, &error)) {
     log_error("%s", error->message);
     g_clear_error(&error);
     status = EXIT_FAILURE;
@@ -230,6 +237,13 @@ main(int argc, char **argv)
     close(listen_fds[i]);
   if (srv.socket_path)
     unlink(srv.socket_path);
+  if (control_fd >= 0) {
+    close(control_fd);
+    unlink(srv.control_path);
+  }
+  /* Control clients may be in the middle of a checkpoint operation: they
+   * finish it before their thread sees the closed socket. */
+  control_stop_all();
   handshake_stop_all();
   workers_stop();
   if (!srv.read_only) {
@@ -263,5 +277,7 @@ fail:
   }
   if (srv.socket_path && n_listen > 0)
     unlink(srv.socket_path);
+  if (control_fd >= 0)
+    unlink(srv.control_path);
   return EXIT_FAILURE;
 }

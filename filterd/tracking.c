@@ -29,10 +29,27 @@
  * An untrusted bitmap (found not clean, or INCONSISTENT from an earlier
  * crash) keeps recording, but reports every granule dirty over NBD, so no
  * client can take an incremental from it by mistake.
+ *
+ * Checkpoints (driven by the control socket, one operation at a time under
+ * op_lock).  checkpoint-begin adds a FROZEN entry "NAME-checkpoint" to the
+ * file, moves the active bits into it with atomic exchanges (writers keep
+ * marking the active bitmap meanwhile; each bit lands in exactly one of the
+ * two) and starts a new interval in the active bitmap, identified by a
+ * fresh random checkpoint id stored in its directory entry.  The frozen
+ * bitmap is exported as a second meta context while it exists, under a
+ * context id that is never reused, so a connection that selected an older
+ * checkpoint's context gets an error instead of another checkpoint's bits.
+ * commit drops the frozen entry; abort merges its bits back and restores
+ * the active bitmap's previous checkpoint id, so a failed backup loses
+ * nothing.  Both live in the file, so a clean restart during a backup
+ * keeps the checkpoint.  Workers read the frozen bitmap under cp_lock
+ * (read side); commit/abort unpublish it under the write side before the
+ * entry is freed.
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 
 #include "cbt/bitmap-file.h"
@@ -53,10 +70,21 @@ struct tracking {
   char *path;
   char *name;                              /* active bitmap name */
   char meta_name[256];                     /* qemu:dirty-bitmap:NAME */
-  struct cbt_bitmap *active;
-  unsigned active_idx;
-  bool trusted;
+  struct cbt_bitmap *active;               /* never moves (bitmap-file.h) */
+  atomic_bool trusted;
   bool read_only;
+  bool found_clean;
+
+  /* Checkpoint: op_lock serialises control operations; cp_lock guards
+   * the frozen bitmap's publication against readers on worker threads. */
+  GMutex op_lock;
+  GRWLock cp_lock;
+  char frozen_name[CBT_BMF_NAME_MAX + 1];
+  char frozen_meta[256];
+  struct cbt_bitmap *frozen;               /* NULL: no checkpoint */
+  bool frozen_trusted;
+  uint32_t frozen_ctx_id;
+  uint32_t next_ctx_id;
 
   pthread_t syncer;
   GMutex lock;
@@ -152,30 +180,38 @@ tracking_tick(struct tracking *t)
 size_t
 tracking_meta_list(struct tracking *t, struct meta_context *out, size_t max)
 {
+  size_t n = 0;
+
   if (max < 1)
     return 0;
-  out[0].id = META_ID_DIRTY_FIRST;
-  g_strlcpy(out[0].name, t->meta_name, sizeof out[0].name);
-  return 1;
+  out[n].id = META_ID_DIRTY_FIRST;
+  g_strlcpy(out[n].name, t->meta_name, sizeof out[n].name);
+  n++;
+  g_rw_lock_reader_lock(&t->cp_lock);
+  if (t->frozen && n < max) {
+    out[n].id = t->frozen_ctx_id;
+    g_strlcpy(out[n].name, t->frozen_meta, sizeof out[n].name);
+    n++;
+  }
+  g_rw_lock_reader_unlock(&t->cp_lock);
+  return n;
 }
 
-int
-tracking_extents(struct tracking *t, uint32_t id, uint64_t offset,
-                 uint32_t len, struct cbt_extent *ext, size_t max)
+static int
+bitmap_extents(const struct cbt_bitmap *bm, bool trusted, uint64_t offset,
+               uint32_t len, struct cbt_extent *ext, size_t max)
 {
   uint64_t end = offset + len;
   size_t n = 0;
 
-  if (id != META_ID_DIRTY_FIRST)
-    return -ENOENT;
-  if (!t->trusted) {
+  if (!trusted) {
     ext[0].length = len;
     ext[0].flags = NBD_STATE_DIRTY;
     return 1;
   }
   while (offset < end && n < max) {
     bool dirty;
-    uint64_t run = cbt_bitmap_extent(t->active, offset, end - offset, &dirty);
+    uint64_t run = cbt_bitmap_extent(bm, offset, end - offset, &dirty);
 
     if (run == 0)
       break;
@@ -187,10 +223,262 @@ tracking_extents(struct tracking *t, uint32_t id, uint64_t offset,
   return (int)n;
 }
 
-bool
-tracking_is_trusted(const struct tracking *t)
+int
+tracking_extents(struct tracking *t, uint32_t id, uint64_t offset,
+                 uint32_t len, struct cbt_extent *ext, size_t max)
 {
-  return t->trusted;
+  int n;
+
+  if (id == META_ID_DIRTY_FIRST)
+    return bitmap_extents(t->active, atomic_load(&t->trusted), offset, len, ext, max);
+  g_rw_lock_reader_lock(&t->cp_lock);
+  if (t->frozen && id == t->frozen_ctx_id)
+    n = bitmap_extents(t->frozen, t->frozen_trusted, offset, len, ext, max);
+  else
+    n = -EINVAL;                           /* that checkpoint has ended */
+  g_rw_lock_reader_unlock(&t->cp_lock);
+  return n;
+}
+
+bool
+tracking_is_trusted(struct tracking *t)
+{
+  return atomic_load(&t->trusted);
+}
+
+G_DEFINE_QUARK(cbt-control-error-quark, ctl_error)
+
+static int
+active_index(struct tracking *t)
+{
+  return cbt_bmfile_find(t->file, t->name);
+}
+
+static bool
+file_error(GError **error, int r, const char *what, const char *why)
+{
+  g_set_error(error, CTL_ERROR, CTL_ERR_GENERIC, "%s: %s: %s", "bitmap file",
+              what, why ? why : g_strerror(-r));
+  return false;
+}
+
+/* Publish or unpublish the frozen bitmap for readers on worker threads. */
+static void
+publish_frozen(struct tracking *t, int fidx)
+{
+  g_rw_lock_writer_lock(&t->cp_lock);
+  if (fidx < 0) {
+    t->frozen = NULL;
+  } else {
+    uint32_t flags = cbt_bmfile_entry_flags(t->file, (unsigned)fidx);
+    t->frozen = cbt_bmfile_entry_bitmap(t->file, (unsigned)fidx);
+    t->frozen_trusted = !(flags & CBT_BMF_INCONSISTENT) &&
+                        cbt_bmfile_entry_data_ok(t->file, (unsigned)fidx) &&
+                        (!t->read_only || t->found_clean);
+    t->frozen_ctx_id = t->next_ctx_id++;
+  }
+  g_rw_lock_writer_unlock(&t->cp_lock);
+}
+
+static uint64_t
+new_checkpoint_id(void)
+{
+  uint64_t id = 0;
+
+  while (id == 0) {
+    if (getrandom(&id, sizeof id, 0) != sizeof id)
+      id = g_get_real_time() ^ ((uint64_t)g_random_int() << 32);
+  }
+  return id;
+}
+
+bool
+tracking_checkpoint_begin(struct tracking *t, struct tracking_status *out,
+                          GError **error)
+{
+  g_autofree char *why = NULL;
+  uint64_t old_id, new_id;
+  uint32_t aflags, fflags;
+  int aidx, fidx, r;
+  bool ok = false;
+
+  g_mutex_lock(&t->op_lock);
+  if (t->read_only) {
+    g_set_error(error, CTL_ERROR, CTL_ERR_READ_ONLY,
+                "the daemon serves the image read-only: nothing to checkpoint");
+    goto out;
+  }
+  if (t->frozen) {
+    g_set_error(error, CTL_ERROR, CTL_ERR_IN_PROGRESS,
+                "a checkpoint is already in progress (commit or abort it first)");
+    goto out;
+  }
+  aidx = active_index(t);
+  old_id = cbt_bmfile_entry_checkpoint(t->file, (unsigned)aidx);
+  aflags = cbt_bmfile_entry_flags(t->file, (unsigned)aidx);
+  fflags = CBT_BMF_FROZEN;
+  if (!atomic_load(&t->trusted))
+    fflags |= CBT_BMF_INCONSISTENT;
+  fidx = cbt_bmfile_add(t->file, t->frozen_name, fflags, t->active->granularity, &why);
+  if (fidx < 0) {
+    file_error(error, fidx, "cannot add the checkpoint bitmap", why);
+    goto out;
+  }
+  r = cbt_bmfile_set_checkpoint(t->file, (unsigned)fidx, old_id, &why);
+  if (r < 0) {
+    cbt_bmfile_remove(t->file, t->frozen_name, NULL);
+    file_error(error, r, "cannot record the checkpoint", why);
+    goto out;
+  }
+  /* From here on nothing may fail in a way that loses bits: the move is
+   * in memory, and every later failure leaves the bits in one of the two
+   * bitmaps, both of which are kept. */
+  cbt_bitmap_move(cbt_bmfile_entry_bitmap(t->file, (unsigned)fidx), t->active);
+  publish_frozen(t, fidx);
+
+  new_id = new_checkpoint_id();
+  aidx = active_index(t);
+  r = cbt_bmfile_set_checkpoint(t->file, (unsigned)aidx, new_id, &why);
+  if (r == 0 && (aflags & CBT_BMF_INCONSISTENT))
+    r = cbt_bmfile_set_flags(t->file, (unsigned)aidx, aflags & ~CBT_BMF_INCONSISTENT, &why);
+  if (r == 0)
+    r = cbt_bmfile_sync(t->file, &why);
+  if (r < 0) {
+    log_error("%s: checkpoint begun but not fully recorded: %s", t->path,
+              why ? why : g_strerror(-r));
+    file_error(error, r, "cannot record the new interval", why);
+    goto out;
+  }
+  /* Every write from now on is in the active bitmap. */
+  atomic_store(&t->trusted, true);
+  log_info("%s: checkpoint %016" PRIx64 " begun (%s)", t->path, new_id,
+           t->frozen_trusted ? "incremental possible" : "previous bits untrusted: full backup needed");
+  ok = true;
+out:
+  g_mutex_unlock(&t->op_lock);
+  if (ok && out)
+    tracking_get_status(t, out);
+  return ok;
+}
+
+/* Shared by commit and abort: check that @id names the running
+ * checkpoint (NULL: any). */
+static bool
+check_running(struct tracking *t, const uint64_t *id, GError **error)
+{
+  uint64_t cur;
+
+  if (!t->frozen) {
+    g_set_error(error, CTL_ERROR, CTL_ERR_NO_CHECKPOINT, "no checkpoint in progress");
+    return false;
+  }
+  cur = cbt_bmfile_entry_checkpoint(t->file, (unsigned)active_index(t));
+  if (id && *id != cur) {
+    g_set_error(error, CTL_ERROR, CTL_ERR_MISMATCH,
+                "checkpoint %016" PRIx64 " is not the one in progress (%016" PRIx64 ")",
+                *id, cur);
+    return false;
+  }
+  return true;
+}
+
+bool
+tracking_checkpoint_commit(struct tracking *t, uint64_t id, GError **error)
+{
+  g_autofree char *why = NULL;
+  bool ok = false;
+  int r;
+
+  g_mutex_lock(&t->op_lock);
+  if (!check_running(t, &id, error))
+    goto out;
+  publish_frozen(t, -1);
+  r = cbt_bmfile_remove(t->file, t->frozen_name, &why);
+  if (r < 0) {
+    file_error(error, r, "cannot drop the checkpoint bitmap", why);
+    goto out;
+  }
+  log_info("%s: checkpoint %016" PRIx64 " committed", t->path, id);
+  ok = true;
+out:
+  g_mutex_unlock(&t->op_lock);
+  return ok;
+}
+
+bool
+tracking_checkpoint_abort(struct tracking *t, const uint64_t *id, GError **error)
+{
+  g_autofree char *why = NULL;
+  struct cbt_bitmap *frozen;
+  uint64_t prev;
+  uint32_t fflags, aflags;
+  int fidx, aidx, r;
+  bool ok = false;
+
+  g_mutex_lock(&t->op_lock);
+  if (!check_running(t, id, error))
+    goto out;
+  fidx = cbt_bmfile_find(t->file, t->frozen_name);
+  frozen = cbt_bmfile_entry_bitmap(t->file, (unsigned)fidx);
+  fflags = cbt_bmfile_entry_flags(t->file, (unsigned)fidx);
+  prev = cbt_bmfile_entry_checkpoint(t->file, (unsigned)fidx);
+  /* Bits first: the active bitmap again covers everything since the
+   * previous checkpoint, whose id it takes back. */
+  cbt_bitmap_merge(t->active, frozen);
+  aidx = active_index(t);
+  aflags = cbt_bmfile_entry_flags(t->file, (unsigned)aidx);
+  r = cbt_bmfile_set_checkpoint(t->file, (unsigned)aidx, prev, &why);
+  if (r == 0 && (fflags & CBT_BMF_INCONSISTENT)) {
+    atomic_store(&t->trusted, false);
+    r = cbt_bmfile_set_flags(t->file, (unsigned)aidx, aflags | CBT_BMF_INCONSISTENT, &why);
+  }
+  if (r < 0) {
+    file_error(error, r, "cannot restore the previous interval", why);
+    goto out;
+  }
+  publish_frozen(t, -1);
+  r = cbt_bmfile_remove(t->file, t->frozen_name, &why);
+  if (r == 0)
+    r = cbt_bmfile_sync(t->file, &why);
+  if (r < 0) {
+    file_error(error, r, "cannot drop the checkpoint bitmap", why);
+    goto out;
+  }
+  log_info("%s: checkpoint aborted; its changes are back in '%s'", t->path, t->name);
+  ok = true;
+out:
+  g_mutex_unlock(&t->op_lock);
+  return ok;
+}
+
+void
+tracking_get_status(struct tracking *t, struct tracking_status *st)
+{
+  int aidx;
+
+  memset(st, 0, sizeof *st);
+  g_mutex_lock(&t->op_lock);
+  aidx = active_index(t);
+  st->path = t->path;
+  st->name = t->name;
+  st->granularity = t->active->granularity;
+  st->trusted = atomic_load(&t->trusted);
+  st->found_clean = t->found_clean;
+  st->dirty_bytes = cbt_bitmap_dirty_bytes(t->active);
+  st->checkpoint = cbt_bmfile_entry_checkpoint(t->file, (unsigned)aidx);
+  cbt_bmfile_uuid(t->file, st->uuid);
+  g_strlcpy(st->context, t->meta_name, sizeof st->context);
+  g_rw_lock_reader_lock(&t->cp_lock);
+  if (t->frozen) {
+    int fidx = cbt_bmfile_find(t->file, t->frozen_name);
+    st->cp_in_progress = true;
+    st->cp_previous = cbt_bmfile_entry_checkpoint(t->file, (unsigned)fidx);
+    st->cp_trusted = t->frozen_trusted;
+    st->cp_dirty_bytes = cbt_bitmap_dirty_bytes(t->frozen);
+    g_strlcpy(st->cp_context, t->frozen_meta, sizeof st->cp_context);
+  }
+  g_rw_lock_reader_unlock(&t->cp_lock);
+  g_mutex_unlock(&t->op_lock);
 }
 
 static bool
@@ -248,8 +536,19 @@ tracking_open(const struct tracking_config *cfg, GError **error)
   t->read_only = cfg->read_only;
   g_mutex_init(&t->lock);
   g_cond_init(&t->cond);
+  g_mutex_init(&t->op_lock);
+  g_rw_lock_init(&t->cp_lock);
+  t->next_ctx_id = META_ID_DIRTY_FIRST + 1;
   t->waiters = g_ptr_array_new();
   g_snprintf(t->meta_name, sizeof t->meta_name, "%s%s", NBD_META_DIRTY_PREFIX, t->name);
+  g_snprintf(t->frozen_name, sizeof t->frozen_name, "%s-checkpoint", t->name);
+  g_snprintf(t->frozen_meta, sizeof t->frozen_meta, "%s%s", NBD_META_DIRTY_PREFIX,
+             t->frozen_name);
+  if (strlen(cfg->name) > TRACKING_NAME_MAX) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--bitmap-name '%s': longer than %d bytes", cfg->name, TRACKING_NAME_MAX);
+    goto fail;
+  }
 
   if (!open_or_create(t, cfg, error))
     goto fail;
@@ -273,8 +572,7 @@ tracking_open(const struct tracking_config *cfg, GError **error)
     }
     log_info("%s: added bitmap '%s'; the next backup will be full", cfg->path, cfg->name);
   }
-  t->active_idx = (unsigned)idx;
-  t->active = cbt_bmfile_entry_bitmap(t->file, t->active_idx);
+  t->active = cbt_bmfile_entry_bitmap(t->file, (unsigned)idx);
   if (cfg->granularity && t->active->granularity != cfg->granularity) {
     g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_INVAL,
                 "%s: bitmap '%s' has granularity %" PRIu32 ", not %" PRIu32
@@ -283,7 +581,8 @@ tracking_open(const struct tracking_config *cfg, GError **error)
     goto fail;
   }
 
-  if (!cbt_bmfile_found_clean(t->file))
+  t->found_clean = cbt_bmfile_found_clean(t->file);
+  if (!t->found_clean)
     log_error("%s: bitmap was not shut down cleanly (daemon crash or power loss): "
               "its contents cannot be trusted; the next backup will be full",
               cfg->path);
@@ -297,11 +596,18 @@ tracking_open(const struct tracking_config *cfg, GError **error)
       goto fail;
     }
   }
-  flags = cbt_bmfile_entry_flags(t->file, t->active_idx);
-  t->trusted = !(flags & CBT_BMF_INCONSISTENT) &&
-               cbt_bmfile_entry_data_ok(t->file, t->active_idx) &&
-               (cfg->read_only ? cbt_bmfile_found_clean(t->file) : true);
-  if (!t->trusted)
+  idx = active_index(t);
+  flags = cbt_bmfile_entry_flags(t->file, (unsigned)idx);
+  atomic_store(&t->trusted, !(flags & CBT_BMF_INCONSISTENT) &&
+                            cbt_bmfile_entry_data_ok(t->file, (unsigned)idx) &&
+                            (cfg->read_only ? t->found_clean : true));
+  idx = cbt_bmfile_find(t->file, t->frozen_name);
+  if (idx >= 0) {
+    publish_frozen(t, idx);
+    log_info("%s: checkpoint from a previous run is still in progress "
+             "(the backup tool commits or aborts it)", cfg->path);
+  }
+  if (!atomic_load(&t->trusted))
     log_error("%s: bitmap '%s' is untrusted: it reports every block dirty "
               "until a full backup starts a fresh one", cfg->path, cfg->name);
   if (!cfg->read_only) {
@@ -356,6 +662,8 @@ tracking_close(struct tracking *t, bool mark_clean, GError **error)
   g_free(t->name);
   g_mutex_clear(&t->lock);
   g_cond_clear(&t->cond);
+  g_mutex_clear(&t->op_lock);
+  g_rw_lock_clear(&t->cp_lock);
   g_free(t);
   return ok;
 }

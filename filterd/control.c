@@ -1,0 +1,363 @@
+/* The control socket (--control PATH): JSON requests and replies, one per
+ * line, in the spirit of QMP.
+ *
+ *   -> {"execute": "status"}
+ *   <- {"return": {...}}
+ *   -> {"execute": "checkpoint-commit", "arguments": {"checkpoint": "9f..."}}
+ *   <- {"error": {"class": "NoCheckpoint", "desc": "no checkpoint in progress"}}
+ *
+ * A request may carry an "id", echoed in its reply.  Commands: status,
+ * checkpoint-begin, checkpoint-commit {checkpoint}, checkpoint-abort
+ * {checkpoint?}.  Checkpoint ids are 16 hex digits (strings, so no JSON
+ * number precision is lost).
+ *
+ * Each control connection gets a thread with blocking I/O, like the NBD
+ * negotiation: requests are rare and the operations (bitmap file writes
+ * and fdatasync) are blocking anyway.  Lines are capped at 64 KiB and at
+ * most MAX_CONTROL clients are served at once; a malformed request gets an
+ * error reply and the connection stays open, an over-long line closes it.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <json.h>
+
+#include "internal.h"
+
+#define MAX_CONTROL   16
+#define MAX_LINE      (64 * 1024)
+
+static GMutex ctl_lock;
+static GCond ctl_cond;
+static unsigned ctl_count;
+static GArray *ctl_fds;
+
+static const char *
+class_name(const GError *e)
+{
+  if (e->domain != CTL_ERROR)
+    return "GenericError";
+  switch (e->code) {
+  case CTL_ERR_IN_PROGRESS: return "CheckpointInProgress";
+  case CTL_ERR_NO_CHECKPOINT: return "NoCheckpoint";
+  case CTL_ERR_MISMATCH: return "CheckpointMismatch";
+  case CTL_ERR_NO_BITMAP: return "NoBitmap";
+  case CTL_ERR_READ_ONLY: return "ReadOnly";
+  case CTL_ERR_BAD_REQUEST: return "BadRequest";
+  default: return "GenericError";
+  }
+}
+
+static char *
+hex_id(uint64_t id)
+{
+  return g_strdup_printf("%016" PRIx64, id);
+}
+
+static bool
+parse_id(const char *s, uint64_t *out)
+{
+  char *end;
+
+  if (!s || strlen(s) != 16)
+    return false;
+  errno = 0;
+  *out = g_ascii_strtoull(s, &end, 16);
+  return errno == 0 && *end == '\0';
+}
+
+static void
+add_str(json_object *o, const char *k, const char *v)
+{
+  json_object_object_add(o, k, v ? json_object_new_string(v) : NULL);
+}
+
+static void
+add_u64(json_object *o, const char *k, uint64_t v)
+{
+  json_object_object_add(o, k, json_object_new_int64((int64_t)v));
+}
+
+static void
+add_bool(json_object *o, const char *k, bool v)
+{
+  json_object_object_add(o, k, json_object_new_boolean(v));
+}
+
+static json_object *
+status_json(void)
+{
+  json_object *r = json_object_new_object();
+  struct tracking_status st;
+
+  add_str(r, "version", PACKAGE_VERSION);
+  add_str(r, "image", srv.image_path);
+  add_str(r, "format", srv.image->format);
+  add_u64(r, "size", srv.image->size);
+  add_bool(r, "read-only", srv.read_only);
+  add_str(r, "export-name", srv.export_name);
+  add_u64(r, "clients", workers_conn_count());
+  if (!srv.tracking) {
+    json_object_object_add(r, "bitmap", NULL);
+    json_object_object_add(r, "checkpoint", NULL);
+    return r;
+  }
+  tracking_get_status(srv.tracking, &st);
+  {
+    json_object *b = json_object_new_object();
+    g_autofree char *cp = hex_id(st.checkpoint);
+    char uuid[37];
+
+    snprintf(uuid, sizeof uuid,
+             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+             st.uuid[0], st.uuid[1], st.uuid[2], st.uuid[3], st.uuid[4], st.uuid[5],
+             st.uuid[6], st.uuid[7], st.uuid[8], st.uuid[9], st.uuid[10], st.uuid[11],
+             st.uuid[12], st.uuid[13], st.uuid[14], st.uuid[15]);
+    add_str(b, "path", st.path);
+    add_str(b, "name", st.name);
+    add_str(b, "uuid", uuid);
+    add_u64(b, "granularity", st.granularity);
+    add_bool(b, "trusted", st.trusted);
+    add_bool(b, "clean-at-start", st.found_clean);
+    add_u64(b, "dirty-bytes", st.dirty_bytes);
+    add_str(b, "checkpoint", st.checkpoint ? cp : NULL);
+    add_str(b, "context", st.context);
+    json_object_object_add(r, "bitmap", b);
+  }
+  if (st.cp_in_progress) {
+    json_object *c = json_object_new_object();
+    g_autofree char *id = hex_id(st.checkpoint);
+    g_autofree char *prev = hex_id(st.cp_previous);
+
+    add_str(c, "checkpoint", id);
+    add_str(c, "previous", st.cp_previous ? prev : NULL);
+    add_bool(c, "trusted", st.cp_trusted);
+    add_u64(c, "dirty-bytes", st.cp_dirty_bytes);
+    add_str(c, "context", st.cp_context);
+    json_object_object_add(r, "checkpoint", c);
+  } else {
+    json_object_object_add(r, "checkpoint", NULL);
+  }
+  return r;
+}
+
+static bool
+need_tracking(GError **error)
+{
+  if (srv.tracking)
+    return true;
+  g_set_error(error, CTL_ERROR, CTL_ERR_NO_BITMAP,
+              "the daemon runs without --bitmap: no dirty tracking");
+  return false;
+}
+
+static bool
+get_id_arg(json_object *args, bool required, uint64_t *id, bool *given,
+           GError **error)
+{
+  json_object *v = NULL;
+
+  *given = args && json_object_object_get_ex(args, "checkpoint", &v) && v;
+  if (!*given) {
+    if (required)
+      g_set_error(error, CTL_ERROR, CTL_ERR_BAD_REQUEST,
+                  "missing argument 'checkpoint'");
+    return !required;
+  }
+  if (!json_object_is_type(v, json_type_string) ||
+      !parse_id(json_object_get_string(v), id)) {
+    g_set_error(error, CTL_ERROR, CTL_ERR_BAD_REQUEST,
+                "'checkpoint' must be a string of 16 hex digits");
+    return false;
+  }
+  return true;
+}
+
+/* Run one request; returns the "return" value or NULL with @error set. */
+static json_object *
+execute(const char *cmd, json_object *args, GError **error)
+{
+  uint64_t id;
+  bool given;
+
+  if (strcmp(cmd, "status") == 0)
+    return status_json();
+  if (strcmp(cmd, "checkpoint-begin") == 0) {
+    if (!need_tracking(error) ||
+        !tracking_checkpoint_begin(srv.tracking, NULL, error))
+      return NULL;
+    return status_json();
+  }
+  if (strcmp(cmd, "checkpoint-commit") == 0) {
+    if (!need_tracking(error) || !get_id_arg(args, true, &id, &given, error) ||
+        !tracking_checkpoint_commit(srv.tracking, id, error))
+      return NULL;
+    return status_json();
+  }
+  if (strcmp(cmd, "checkpoint-abort") == 0) {
+    if (!need_tracking(error) || !get_id_arg(args, false, &id, &given, error) ||
+        !tracking_checkpoint_abort(srv.tracking, given ? &id : NULL, error))
+      return NULL;
+    return status_json();
+  }
+  g_set_error(error, CTL_ERROR, CTL_ERR_BAD_REQUEST, "unknown command '%s'", cmd);
+  return NULL;
+}
+
+/* Build the reply line for one request line. */
+static char *
+handle_line(const char *line)
+{
+  g_autoptr(GError) error = NULL;
+  enum json_tokener_error jerr;
+  json_object *req = json_tokener_parse_verbose(line, &jerr);
+  json_object *reply = json_object_new_object();
+  json_object *cmd = NULL, *args = NULL, *id = NULL, *ret = NULL;
+  char *out;
+
+  if (!req) {
+    g_set_error(&error, CTL_ERROR, CTL_ERR_BAD_REQUEST, "malformed JSON: %s",
+                json_tokener_error_desc(jerr));
+  } else if (!json_object_is_type(req, json_type_object) ||
+             !json_object_object_get_ex(req, "execute", &cmd) ||
+             !json_object_is_type(cmd, json_type_string)) {
+    g_set_error(&error, CTL_ERROR, CTL_ERR_BAD_REQUEST,
+                "expected an object with a string member \"execute\"");
+  } else if (json_object_object_get_ex(req, "arguments", &args) && args &&
+             !json_object_is_type(args, json_type_object)) {
+    g_set_error(&error, CTL_ERROR, CTL_ERR_BAD_REQUEST, "\"arguments\" must be an object");
+  } else {
+    ret = execute(json_object_get_string(cmd), args, &error);
+  }
+  if (req && json_object_is_type(req, json_type_object) &&
+      json_object_object_get_ex(req, "id", &id))
+    json_object_object_add(reply, "id", json_object_get(id));
+  if (ret) {
+    json_object_object_add(reply, "return", ret);
+  } else {
+    json_object *e = json_object_new_object();
+    add_str(e, "class", class_name(error));
+    add_str(e, "desc", error->message);
+    json_object_object_add(reply, "error", e);
+    debug("control: %s", error->message);
+  }
+  out = g_strdup_printf("%s\n", json_object_to_json_string_ext(reply, JSON_C_TO_STRING_PLAIN));
+  json_object_put(reply);
+  json_object_put(req);
+  return out;
+}
+
+static bool
+send_all(int fd, const char *s)
+{
+  size_t len = strlen(s), done = 0;
+
+  while (done < len) {
+    ssize_t r = send(fd, s + done, len - done, MSG_NOSIGNAL);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      return false;
+    done += (size_t)r;
+  }
+  return true;
+}
+
+static void *
+ctl_thread(void *arg)
+{
+  int fd = GPOINTER_TO_INT(arg);
+  g_autofree char *buf = g_malloc(MAX_LINE + 1);
+  size_t have = 0;
+
+  for (;;) {
+    char *nl;
+    ssize_t r = recv(fd, buf + have, MAX_LINE - have, 0);
+
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      break;
+    have += (size_t)r;
+    while ((nl = memchr(buf, '\n', have))) {
+      g_autofree char *reply = NULL;
+      size_t n = (size_t)(nl - buf);
+
+      *nl = '\0';
+      if (n > 0 && buf[n - 1] == '\r')
+        buf[n - 1] = '\0';
+      reply = buf[0] ? handle_line(buf) : NULL;
+      memmove(buf, nl + 1, have - n - 1);
+      have -= n + 1;
+      if (reply && !send_all(fd, reply))
+        goto out;
+    }
+    if (have == MAX_LINE) {
+      send_all(fd, "{\"error\": {\"class\": \"BadRequest\", \"desc\": \"request longer than 64 KiB\"}}\n");
+      break;
+    }
+  }
+out:
+  g_mutex_lock(&ctl_lock);
+  for (guint i = 0; i < ctl_fds->len; i++) {
+    if (g_array_index(ctl_fds, int, i) == fd) {
+      g_array_remove_index_fast(ctl_fds, i);
+      break;
+    }
+  }
+  close(fd);
+  ctl_count--;
+  g_cond_broadcast(&ctl_cond);
+  g_mutex_unlock(&ctl_lock);
+  return NULL;
+}
+
+void
+control_start(int fd)
+{
+  pthread_attr_t attr;
+  pthread_t t;
+  int r;
+
+  g_mutex_lock(&ctl_lock);
+  if (!ctl_fds)
+    ctl_fds = g_array_new(FALSE, FALSE, sizeof(int));
+  if (atomic_load(&srv.stopping) || ctl_count >= MAX_CONTROL) {
+    g_mutex_unlock(&ctl_lock);
+    if (!atomic_load(&srv.stopping))
+      log_error("control: too many clients; refused");
+    close(fd);
+    return;
+  }
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  r = pthread_create(&t, &attr, ctl_thread, GINT_TO_POINTER(fd));
+  pthread_attr_destroy(&attr);
+  if (r != 0) {
+    g_mutex_unlock(&ctl_lock);
+    log_error("control: cannot start a thread: %s", g_strerror(r));
+    close(fd);
+    return;
+  }
+  ctl_count++;
+  g_array_append_val(ctl_fds, fd);
+  g_mutex_unlock(&ctl_lock);
+}
+
+void
+control_stop_all(void)
+{
+  g_mutex_lock(&ctl_lock);
+  for (guint i = 0; ctl_fds && i < ctl_fds->len; i++)
+    shutdown(g_array_index(ctl_fds, int, i), SHUT_RDWR);
+  while (ctl_count > 0)
+    g_cond_wait(&ctl_cond, &ctl_lock);
+  if (ctl_fds)
+    g_array_free(ctl_fds, TRUE);
+  ctl_fds = NULL;
+  g_mutex_unlock(&ctl_lock);
+}
