@@ -11,6 +11,8 @@
 #   nbdkit-file    nbdkit file (default threads)
 #   nbdkit-null    nbdkit null 2G: no storage at all, the protocol ceiling
 #   cbt-none, qemu-nbd-none   the same with --cache none (CACHE_NONE=1)
+#   cbt-bitmap     cbt with dirty tracking on (--bitmap, a fresh file per
+#                  run): the cost of tracking (bench/bitmap-overhead.sh)
 #
 # Fairness: each server is started fresh for every run; within a round the
 # servers take turns, the starting server rotating from round to round, so
@@ -65,7 +67,7 @@ done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
 for s in "${servers[@]}"; do
     case $s in
-    cbt|cbt-none) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
+    cbt|cbt-none|cbt-bitmap) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
     qemu-nbd|qemu-nbd-none|nbdkit-file|nbdkit-null) ;;
     *) die "unknown server '$s'" ;;
     esac
@@ -78,6 +80,7 @@ workload_args() {
     randwrite4k-qd32) echo "--rw=randwrite --bs=4k  --iodepth=32" ;;
     seqread64k-qd32)  echo "--rw=read      --bs=64k --iodepth=32" ;;
     randread4k-qd1)   echo "--rw=randread  --bs=4k  --iodepth=1" ;;
+    randwrite4k-qd1)  echo "--rw=randwrite --bs=4k  --iodepth=1" ;;
     *) return 1 ;;
     esac
 }
@@ -131,6 +134,10 @@ start_server() {
     cbt-none)
         "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
             --cache none >"$log" 2>&1 & ;;
+    cbt-bitmap)
+        rm -f "$tmp/bench.bitmap"
+        "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
+            --bitmap "$tmp/bench.bitmap" >"$log" 2>&1 & ;;
     qemu-nbd)
         qemu-nbd -f raw --aio=io_uring --cache=writeback --persistent --shared=8 \
             -k "$sock" --pid-file "$server_pidfile" "$img" >"$log" 2>&1 & ;;
@@ -228,7 +235,9 @@ for w in workloads:
         results[w][s] = {"median": med, "runs": runs}
 
 pairs = [(a, b) for a, b in [("cbt", "nbdkit-file"), ("cbt", "qemu-nbd"),
-                             ("cbt", "nbdkit-null"), ("cbt-none", "qemu-nbd-none")]
+                             ("cbt", "nbdkit-null"), ("cbt-none", "qemu-nbd-none"),
+                             ("cbt-bitmap", "cbt"), ("cbt-bitmap", "nbdkit-file"),
+                             ("cbt-bitmap", "qemu-nbd")]
          if a in servers and b in servers]
 ratios = {w: {f"{a}/{b}": results[w][a]["median"]["iops"] / results[w][b]["median"]["iops"]
               for a, b in pairs} for w in workloads}

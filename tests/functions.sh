@@ -267,3 +267,21 @@ with open(sys.argv[1], "wb") as f:
         f.write(b[:min(n, len(b))])
         n -= min(n, len(b))' "$1" "$2" "$3"
 }
+
+# ctl SOCKET JSON...: send each JSON request line to the daemon's control
+# socket on one connection and print each reply line.
+ctl()
+{
+    local csock=$1; shift
+    "$PYTHON" - "$csock" "$@" <<'PYEOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+for line in sys.argv[2:]:
+    f.write(line + "\n")
+    f.flush()
+    print(f.readline().rstrip("\n"))
+PYEOF
+}

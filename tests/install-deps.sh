@@ -19,7 +19,7 @@ packages=(
     # end-to-end tests, demo and benchmarks: real NBD clients and servers
     qemu-utils libnbd-bin python3 python3-libnbd nbdkit fio
     # tools the test scripts call
-    coreutils util-linux procps
+    coreutils util-linux procps jq
 )
 
 # dpkg-query prints one status line per known package; anything that is

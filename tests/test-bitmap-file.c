@@ -797,10 +797,13 @@ test_checkpoint_id(void **state)
 {
   struct fixture *fx = *state;
   size_t len;
-  g_autofree uint8_t *base = make_base(fx->path, &len);
   g_autofree char *why = NULL;
-  cbt_bmfile *f = open_ok(fx->path, true);
-  int idx = cbt_bmfile_add(f, "frozen", CBT_BMF_FROZEN, 0, &why);
+  cbt_bmfile *f;
+  int idx;
+
+  g_free(make_base(fx->path, &len));
+  f = open_ok(fx->path, true);
+  idx = cbt_bmfile_add(f, "frozen", CBT_BMF_FROZEN, 0, &why);
 
   assert_true(idx > 0);
   assert_int_equal(cbt_bmfile_entry_checkpoint(f, 0), 0);
