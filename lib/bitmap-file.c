@@ -1238,6 +1238,30 @@ cbt_bmfile_set_checkpoint(cbt_bmfile *f, unsigned idx, uint64_t checkpoint,
   return r;
 }
 
+uint32_t
+cbt_bmfile_entry_data_crc(const cbt_bmfile *f, unsigned idx)
+{
+  return idx < f->nentries ? f->entries[idx]->data_crc : 0;
+}
+
+uint32_t
+cbt_bmfile_header_crc(const cbt_bmfile *f)
+{
+  return f->hdr.header_crc;
+}
+
+uint32_t
+cbt_bmfile_dir_crc(const cbt_bmfile *f)
+{
+  return f->hdr.dir_crc;
+}
+
+uint32_t
+cbt_bmfile_version(const cbt_bmfile *f)
+{
+  return f->hdr.version;
+}
+
 uint64_t
 cbt_bmfile_entry_checkpoint(const cbt_bmfile *f, unsigned idx)
 {

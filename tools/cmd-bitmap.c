@@ -24,10 +24,6 @@
 #include "cbt/image.h"
 #include "cli.h"
 
-/* The library reads exactly one format version and has no accessor for
- * it: any file it opens is version 1. */
-#define BITMAP_FORMAT_VERSION 1
-
 #define NOT_CLEAN_MEANING \
   "the daemon did not shut down cleanly (or is running); " \
   "backups from this bitmap will be full"
@@ -252,7 +248,14 @@ entry_json(cbt_bmfile *f, unsigned idx)
   cli_json_add_u64(e, "dirty_bytes", dirty);
   cli_json_add_percent(e, "dirty_percent", cli_percent(dirty, bm->size));
   cli_json_add_bool(e, "data_checksum_ok", cbt_bmfile_entry_data_ok(f, idx));
+  cli_json_add_u64(e, "data_crc32c", cbt_bmfile_entry_data_crc(f, idx));
   cli_json_add_bool(e, "trusted", entry_trusted(f, idx));
+  if (cbt_bmfile_entry_checkpoint(f, idx)) {
+    g_autofree char *cp = g_strdup_printf("%016" PRIx64, cbt_bmfile_entry_checkpoint(f, idx));
+    cli_json_add_str(e, "checkpoint", cp);
+  } else {
+    cli_json_add_str(e, "checkpoint", NULL);
+  }
   return e;
 }
 
@@ -264,13 +267,15 @@ info_json(cbt_bmfile *f, GError **error)
   json_object *arr = json_object_new_array();
 
   cli_json_add_str(o, "path", cbt_bmfile_path(f));
-  cli_json_add_u64(o, "format_version", BITMAP_FORMAT_VERSION);
+  cli_json_add_u64(o, "format_version", cbt_bmfile_version(f));
   cli_json_add_str(o, "uuid", uuid);
   cli_json_add_u64(o, "image_size", cbt_bmfile_image_size(f));
   cli_json_add_u64(o, "image_inode", cbt_bmfile_image_inode(f));
   cli_json_add_bool(o, "clean", cbt_bmfile_found_clean(f));
   cli_json_add_u64(o, "generation", cbt_bmfile_generation(f));
   cli_json_add_str(o, "recovery_note", cbt_bmfile_recovery_note(f));
+  cli_json_add_u64(o, "header_crc32c", cbt_bmfile_header_crc(f));
+  cli_json_add_u64(o, "directory_crc32c", cbt_bmfile_dir_crc(f));
   for (unsigned i = 0; i < cbt_bmfile_entry_count(f); i++)
     json_object_array_add(arr, entry_json(f, i));
   json_object_object_add(o, "bitmaps", arr);
@@ -285,7 +290,7 @@ info_human(cbt_bmfile *f, GError **error)
   const char *note = cbt_bmfile_recovery_note(f);
 
   printf("%s\n", cbt_bmfile_path(f));
-  printf("  format version:  %d\n", BITMAP_FORMAT_VERSION);
+  printf("  format version:  %" PRIu32 "\n", cbt_bmfile_version(f));
   printf("  uuid:            %s\n", uuid);
   printf("  image size:      %s (%" PRIu64 " bytes)\n", hsize, cbt_bmfile_image_size(f));
   printf("  image inode:     %" PRIu64 "\n", cbt_bmfile_image_inode(f));
@@ -294,6 +299,8 @@ info_human(cbt_bmfile *f, GError **error)
   else
     printf("  state:           not clean: " NOT_CLEAN_MEANING "\n");
   printf("  generation:      %" PRIu64 "\n", cbt_bmfile_generation(f));
+  printf("  checksums:       header crc32c 0x%08" PRIx32 ", directory crc32c 0x%08" PRIx32 "\n",
+         cbt_bmfile_header_crc(f), cbt_bmfile_dir_crc(f));
   if (note)
     printf("  recovery:        newest metadata copy unusable (%s); "
            "read the previous generation\n", note);
@@ -314,8 +321,14 @@ info_human(cbt_bmfile *f, GError **error)
     printf("  granularity:     %s\n", hgran);
     printf("  dirty:           %s (%" PRIu64 " bytes), %.2f%% of the image\n",
            hdirty, dirty, cli_percent(dirty, bm->size));
-    printf("  data checksum:   %s\n", cbt_bmfile_entry_data_ok(f, i) ? "ok" :
+    printf("  data checksum:   crc32c 0x%08" PRIx32 ", %s\n", cbt_bmfile_entry_data_crc(f, i),
+           cbt_bmfile_entry_data_ok(f, i) ? "ok" :
            "mismatch (expected after an unclean shutdown)");
+    if (cbt_bmfile_entry_checkpoint(f, i))
+      printf("  checkpoint:      %016" PRIx64 " (changes since that checkpoint)\n",
+             cbt_bmfile_entry_checkpoint(f, i));
+    else
+      printf("  checkpoint:      none (no backup taken from it yet)\n");
     if (!entry_trusted(f, i))
       printf("  trusted:         no: the next backup from it will be full\n");
     else
@@ -331,7 +344,8 @@ bitmap_info(int argc, char **argv)
       "Show what the bitmap file PATH holds.  The file is opened read-only;\n"
       "it may be in use by a running cbt-filterd (it then shows as not clean).",
       "JSON keys (--json), stable:\n"
-      "  path, format_version, uuid, image_size, image_inode,\n"
+      "  path, format_version, uuid, image_size, image_inode, header_crc32c,\n"
+      "  directory_crc32c,\n"
       "  clean            false: the daemon did not shut down cleanly or is running;\n"
       "                   no bit in the file may be trusted\n"
       "  generation, recovery_note (string or null),\n"
@@ -339,7 +353,7 @@ bitmap_info(int argc, char **argv)
       "    name, flags (array of \"active\", \"frozen\", \"inconsistent\"),\n"
       "    active, frozen, inconsistent (booleans), granularity (bytes),\n"
       "    dirty_bytes, dirty_percent (of image_size, 2 decimals),\n"
-      "    data_checksum_ok,\n"
+      "    data_checksum_ok, data_crc32c, checkpoint (16 hex digits or null),\n"
       "    trusted          clean and not inconsistent and data_checksum_ok:\n"
       "                     usable for an incremental backup\n"
       "Sizes and offsets are in bytes.",

@@ -127,6 +127,11 @@ int cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags,
 int cbt_bmfile_set_checkpoint(cbt_bmfile *f, unsigned idx, uint64_t checkpoint,
                               char **why);
 uint64_t cbt_bmfile_entry_checkpoint(const cbt_bmfile *f, unsigned idx);
+/* Checksums as last read from or written to the file (for display). */
+uint32_t cbt_bmfile_entry_data_crc(const cbt_bmfile *f, unsigned idx);
+uint32_t cbt_bmfile_header_crc(const cbt_bmfile *f);
+uint32_t cbt_bmfile_dir_crc(const cbt_bmfile *f);
+uint32_t cbt_bmfile_version(const cbt_bmfile *f);
 
 /* Start entry @idx afresh, as at a full backup's checkpoint: clear every
  * bit and the INCONSISTENT flag, durably. */
