@@ -6,7 +6,8 @@
 # its block number.  Once TRIGGER writes are acknowledged it sends SIGTERM
 # to PID and keeps writing until the connection goes away.
 #
-# usage: nbd-shutdown-writer.py URI PID LOG TRIGGER BS
+# usage: nbd-shutdown-writer.py URI PID LOG TRIGGER BS [SIGNAL]
+# SIGNAL is TERM (default), INT or KILL.
 # Prints "acked=N done=BOOL" at the end; exits 0 unless something other
 # than the daemon going away went wrong.
 
@@ -17,6 +18,7 @@ import nbd
 
 uri, pid, logpath = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 trigger, bs = int(sys.argv[4]), int(sys.argv[5])
+signum = getattr(signal, "SIG" + (sys.argv[6] if len(sys.argv) > 6 else "TERM"))
 
 
 def pattern(i):
@@ -42,7 +44,7 @@ try:
                 log.flush()
                 acked += 1
         if acked >= trigger and not signalled:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)
             signalled = True
 except nbd.Error as e:
     print(f"writer stopped: {e}", file=sys.stderr)
