@@ -27,7 +27,10 @@
  *
  * Shutdown: a stop message makes each connection cancel its pending
  * receive, finish the requests it already read, send their replies and
- * close.  The worker exits when its last connection is gone.
+ * close.  The worker exits when its last connection is gone.  A client
+ * that stops reading its replies must not hold the daemon hostage: after
+ * STOP_GRACE seconds the remaining sockets are shut down, which fails
+ * their pending sends (the image I/O itself always completes first).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -47,6 +50,7 @@
 #define SEND_BATCH_IOV     128
 #define MAX_FREE_REQS      1024
 #define RING_ENTRIES       512
+#define STOP_GRACE         10                 /* seconds */
 
 struct conn {
   struct worker *w;
@@ -101,6 +105,8 @@ struct worker {
   struct conn *conns;
   unsigned nconns;
   bool stopping;
+  struct cbt_aio_op grace_op;
+  struct __kernel_timespec grace_ts;
   struct conn *flush_list;
 
   /* Start-up result, under start_lock. */
@@ -653,11 +659,33 @@ efd_done(struct cbt_aio_op *op, int res)
 }
 
 static void
+grace_done(struct cbt_aio_op *op, int res)
+{
+  struct worker *w = cbt_container_of(op, struct worker, grace_op);
+
+  (void)res;
+  for (struct conn *c = w->conns; c; c = c->next) {
+    log_error("%s: client did not take its replies within %d s of shutdown; "
+              "closing", c->p.peer, STOP_GRACE);
+    shutdown(c->p.fd, SHUT_RDWR);
+  }
+}
+
+static void
 worker_stop_fn(void *arg)
 {
   struct worker *w = arg;
+  struct io_uring_sqe *sqe;
 
   w->stopping = true;
+  sqe = cbt_ring_get_sqe(&w->ring);
+  if (sqe) {
+    w->grace_ts.tv_sec = STOP_GRACE;
+    w->grace_ts.tv_nsec = 0;
+    io_uring_prep_timeout(sqe, &w->grace_ts, 0, 0);
+    w->grace_op.done = grace_done;
+    io_uring_sqe_set_data(sqe, &w->grace_op);
+  }
   for (struct conn *c = w->conns, *next; c; c = next) {
     next = c->next;
     conn_start_close(c);
