@@ -1,0 +1,906 @@
+/* A streaming qcow2 (version 3) writer for backup files.
+ *
+ * Layout of a finished file, in cluster units (cs = cluster size):
+ *
+ *   cluster 0            header, backing-format extension, end-of-extensions
+ *                        marker, backing file name (written last of all)
+ *   1 .. D               guest data clusters, in the order they were first
+ *                        written (never freed: see "Zeroing" below)
+ *   D+1 .. D+T           L2 tables, in L1 index order
+ *   then                 the L1 table (ceil(l1_size * 8 / cs) clusters)
+ *   then                 the refcount table, then the refcount blocks
+ *
+ * Since nothing is ever freed, every host cluster from 0 to the end of the
+ * file is referenced exactly once, so every refcount is 1 and every L1/L2
+ * entry carries the COPIED flag (qemu-img check verifies both).
+ *
+ * In memory each touched L2 range has a table of host-order entries that
+ * are encoded (big-endian) only at finish.  data_end (next_host) is the
+ * append point for new data clusters.
+ *
+ * Zeroing: a cluster that is zeroed (explicitly or by writing all-zero
+ * data) becomes a v3 zero cluster.  If it already had a host cluster, the
+ * entry keeps that offset with the zero flag set ("preallocated zero
+ * cluster"): the host cluster stays referenced once, the refcounts stay
+ * exact without a free list, and a later data write reuses it in place.
+ * The cost is that such a cluster occupies space it does not need; backups
+ * rarely zero what they wrote.  On an image without a backing file an
+ * unallocated cluster already reads as zeros, so zeroing it changes
+ * nothing and allocates no L2 table.
+ *
+ * Locking: w->lock protects the L2 tables, next_host, the byte counters'
+ * updates and the sticky error.  write() decides under the lock which host
+ * cluster each guest cluster goes to and then writes the data without it,
+ * so threads copy data in parallel.  finish() runs alone.
+ *
+ * Ordering: the header is written only after the data and all other
+ * metadata are durable (fdatasync in finish), so a valid header never
+ * points at metadata that a crash could lose.  Until then cluster 0 is a
+ * hole and the file is not a qcow2 image at all.
+ *
+ * All file I/O goes through cbt/uring-io.h.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <glib.h>
+
+#include "cbt/qcow2-writer.h"
+#include "cbt/uring-io.h"
+
+#define QCOW2_MAGIC            UINT32_C(0x514649fb)   /* "QFI\xfb" */
+#define QCOW2_VERSION          3u
+#define QCOW2_HEADER_LENGTH    104u
+#define QCOW2_REFCOUNT_ORDER   4u                     /* 16-bit refcounts */
+#define QCOW2_EXT_END          UINT32_C(0x00000000)
+#define QCOW2_EXT_BACKING_FMT  UINT32_C(0xe2792aca)
+
+/* L1, L2 and refcount table entries: host offset in bits 9..55. */
+#define QCOW2_OFFSET_MASK      UINT64_C(0x00fffffffffffe00)
+#define QCOW2_OFLAG_COPIED     (UINT64_C(1) << 63)
+#define QCOW2_OFLAG_ZERO       UINT64_C(1)
+/* Host offsets must stay below 2^56 (bits 9..55). */
+#define QCOW2_MAX_HOST_OFFSET  (UINT64_C(1) << 56)
+
+/* qemu implementation limits (qcow2.txt): it refuses larger tables. */
+#define QEMU_MAX_L1_BYTES      (UINT64_C(32) << 20)
+#define QEMU_MAX_REFTABLE_BYTES (UINT64_C(8) << 20)
+#define QEMU_MAX_VIRTUAL_SIZE  ((uint64_t)INT64_MAX & ~UINT64_C(511))
+
+#define SECTOR                 512u
+/* Metadata written at finish is gathered into writes of up to this size. */
+#define STAGE_BYTES            (4u << 20)
+
+/* Header, version 3 fields only (no compression_type): big-endian,
+ * packed, only ever encoded into a byte buffer. */
+struct qcow2_header_disk {
+  uint32_t magic;
+  uint32_t version;
+  uint64_t backing_file_offset;
+  uint32_t backing_file_size;
+  uint32_t cluster_bits;
+  uint64_t size;
+  uint32_t crypt_method;
+  uint32_t l1_size;
+  uint64_t l1_table_offset;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+  uint64_t incompatible_features;
+  uint64_t compatible_features;
+  uint64_t autoclear_features;
+  uint32_t refcount_order;
+  uint32_t header_length;
+} __attribute__((packed));
+_Static_assert(sizeof(struct qcow2_header_disk) == QCOW2_HEADER_LENGTH,
+               "qcow2 v3 header is 104 bytes");
+_Static_assert(offsetof(struct qcow2_header_disk, incompatible_features) == 72,
+               "v3 fields start where the v2 header ends");
+
+/* Header extension: type and data length, then data padded to 8. */
+struct qcow2_ext_disk {
+  uint32_t type;
+  uint32_t len;
+} __attribute__((packed));
+_Static_assert(sizeof(struct qcow2_ext_disk) == 8, "extension header size");
+
+/* Host-order form of the header fields we set. */
+struct qcow2_header {
+  uint64_t backing_file_offset;
+  uint32_t backing_file_size;
+  uint32_t cluster_bits;
+  uint64_t size;
+  uint32_t l1_size;
+  uint64_t l1_table_offset;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
+};
+
+struct cbt_qcow2_writer {
+  GMutex lock;
+  int fd;
+  char *path;
+  uint64_t size;              /* as given by the caller */
+  uint64_t disk_size;         /* size rounded up to a sector, in the header */
+  uint32_t cluster_size;
+  uint32_t cluster_bits;
+  uint32_t l2_entries;        /* cluster_size / 8 */
+  uint32_t l1_size;
+  char *backing_file;         /* NULL if none */
+  char *backing_format;
+
+  /* Under lock: */
+  uint64_t **l2;              /* l1_size slots; NULL until touched */
+  uint64_t n_l2;              /* tables allocated */
+  uint64_t next_host;         /* where the next new data cluster goes */
+  int error;                  /* first failed data write, sticky */
+
+  /* Written under lock with atomics, read with atomics from anywhere. */
+  uint64_t data_bytes;
+  uint64_t zero_bytes;
+
+  bool finished;
+};
+
+static int G_GNUC_PRINTF(3, 4)
+fail(char **why, int err, const char *fmt, ...)
+{
+  if (why && !*why) {
+    va_list ap;
+
+    va_start(ap, fmt);
+    *why = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+  }
+  return err;
+}
+
+static inline uint64_t
+div_round_up(uint64_t a, uint64_t b)
+{
+  return a / b + (a % b != 0);
+}
+
+static inline uint64_t
+round_up8(uint64_t x)
+{
+  return (x + 7) & ~UINT64_C(7);
+}
+
+static void
+header_encode(const struct qcow2_header *h, uint8_t *buf)
+{
+  struct qcow2_header_disk d = {
+    .magic = htobe32(QCOW2_MAGIC),
+    .version = htobe32(QCOW2_VERSION),
+    .backing_file_offset = htobe64(h->backing_file_offset),
+    .backing_file_size = htobe32(h->backing_file_size),
+    .cluster_bits = htobe32(h->cluster_bits),
+    .size = htobe64(h->size),
+    .crypt_method = 0,
+    .l1_size = htobe32(h->l1_size),
+    .l1_table_offset = htobe64(h->l1_table_offset),
+    .refcount_table_offset = htobe64(h->refcount_table_offset),
+    .refcount_table_clusters = htobe32(h->refcount_table_clusters),
+    .nb_snapshots = 0,
+    .snapshots_offset = 0,
+    .incompatible_features = 0,
+    .compatible_features = 0,
+    .autoclear_features = 0,
+    .refcount_order = htobe32(QCOW2_REFCOUNT_ORDER),
+    .header_length = htobe32(QCOW2_HEADER_LENGTH),
+  };
+
+  memcpy(buf, &d, sizeof d);
+}
+
+/* Append extension @type with @len bytes of @data at @buf + *@pos,
+ * zero-padded to 8; the caller made sure it fits. */
+static void
+ext_encode(uint8_t *buf, size_t *pos, uint32_t type, const void *data,
+           uint32_t len)
+{
+  struct qcow2_ext_disk e = { .type = htobe32(type), .len = htobe32(len) };
+
+  memcpy(buf + *pos, &e, sizeof e);
+  *pos += sizeof e;
+  if (len)
+    memcpy(buf + *pos, data, len);
+  *pos += round_up8(len);
+}
+
+/* Bytes of cluster 0 used by header, extensions and backing file name. */
+static uint64_t
+header_area_bytes(const char *backing_file, const char *backing_format)
+{
+  uint64_t n = QCOW2_HEADER_LENGTH + sizeof(struct qcow2_ext_disk);
+
+  if (backing_file)
+    n += sizeof(struct qcow2_ext_disk) + round_up8(strlen(backing_format)) +
+         strlen(backing_file);
+  return n;
+}
+
+static bool
+buffer_is_zero(const uint8_t *p, size_t n)
+{
+  return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
+}
+
+/* --- entries (all under w->lock) -------------------------------------- */
+
+enum entry_kind { KIND_NONE, KIND_DATA, KIND_ZERO };
+
+static enum entry_kind
+entry_kind(uint64_t e)
+{
+  if (e & QCOW2_OFLAG_ZERO)
+    return KIND_ZERO;
+  return (e & QCOW2_OFFSET_MASK) ? KIND_DATA : KIND_NONE;
+}
+
+/* Guest bytes of cluster @ci below the caller's virtual size. */
+static uint64_t
+guest_bytes(const cbt_qcow2_writer *w, uint64_t ci)
+{
+  uint64_t off = ci << w->cluster_bits;
+
+  return MIN((uint64_t)w->cluster_size, w->size - off);
+}
+
+static void
+count_kind(cbt_qcow2_writer *w, enum entry_kind k, uint64_t bytes, bool add)
+{
+  uint64_t *ctr = k == KIND_DATA ? &w->data_bytes :
+                  k == KIND_ZERO ? &w->zero_bytes : NULL;
+
+  if (!ctr)
+    return;
+  if (add)
+    __atomic_add_fetch(ctr, bytes, __ATOMIC_RELAXED);
+  else
+    __atomic_sub_fetch(ctr, bytes, __ATOMIC_RELAXED);
+}
+
+/* Store @e for guest cluster @ci (its L2 table exists) and keep the byte
+ * counters in step. */
+static void
+set_entry(cbt_qcow2_writer *w, uint64_t ci, uint64_t e)
+{
+  uint64_t *slot = &w->l2[ci / w->l2_entries][ci % w->l2_entries];
+  enum entry_kind old = entry_kind(*slot), new = entry_kind(e);
+
+  if (old != new) {
+    uint64_t bytes = guest_bytes(w, ci);
+
+    count_kind(w, old, bytes, false);
+    count_kind(w, new, bytes, true);
+  }
+  *slot = e;
+}
+
+/* The entry that makes a cluster now mapped by @e read as zeros; see
+ * "Zeroing" at the top.  Returns @e itself when nothing needs to change. */
+static uint64_t
+zeroed_entry(const cbt_qcow2_writer *w, uint64_t e)
+{
+  uint64_t host = e & QCOW2_OFFSET_MASK;
+
+  if (host)
+    return host | QCOW2_OFLAG_COPIED | QCOW2_OFLAG_ZERO;
+  if (!w->backing_file && entry_kind(e) == KIND_NONE)
+    return e;
+  return QCOW2_OFLAG_ZERO;
+}
+
+/* Make sure the L2 tables for guest clusters [@first, @last] exist.
+ * 0 or -ENOMEM (tables allocated so far stay; they are harmless). */
+static int
+ensure_l2(cbt_qcow2_writer *w, uint64_t first, uint64_t last)
+{
+  for (uint64_t i = first / w->l2_entries; i <= last / w->l2_entries; i++) {
+    if (!w->l2[i]) {
+      w->l2[i] = g_try_new0(uint64_t, w->l2_entries);
+      if (!w->l2[i])
+        return -ENOMEM;
+      w->n_l2++;
+    }
+  }
+  return 0;
+}
+
+/* --- create ------------------------------------------------------------ */
+
+static int
+check_opts(const struct cbt_qcow2_writer_opts *o, uint32_t *cs_out,
+           uint64_t *disk_size_out, uint32_t *l1_size_out, char **why)
+{
+  uint32_t cs = o->cluster_size ? o->cluster_size : CBT_QCOW2_WRITER_DEFAULT_CLUSTER_SIZE;
+  uint64_t disk_size, l1_size;
+
+  if (cs < CBT_QCOW2_WRITER_MIN_CLUSTER_SIZE || cs > CBT_QCOW2_WRITER_MAX_CLUSTER_SIZE ||
+      (cs & (cs - 1)) != 0)
+    return fail(why, -EINVAL, "cluster size %" PRIu32 " is not a power of two "
+                "between %u and %u", cs, CBT_QCOW2_WRITER_MIN_CLUSTER_SIZE,
+                CBT_QCOW2_WRITER_MAX_CLUSTER_SIZE);
+  if (o->size == 0)
+    return fail(why, -EINVAL, "virtual size is 0");
+  /* qemu counts the virtual size in whole sectors (it truncates a header
+   * size that is not a multiple of 512), so round up as qemu-img does. */
+  if (o->size > QEMU_MAX_VIRTUAL_SIZE)
+    return fail(why, -EFBIG, "virtual size %" PRIu64 " is too large", o->size);
+  disk_size = (o->size + SECTOR - 1) & ~(uint64_t)(SECTOR - 1);
+  l1_size = div_round_up(div_round_up(disk_size, cs), cs / 8);
+  if (l1_size * 8 > QEMU_MAX_L1_BYTES)
+    return fail(why, -EFBIG, "virtual size %" PRIu64 " needs an L1 table larger "
+                "than qemu's limit of %" PRIu64 " bytes with %" PRIu32
+                "-byte clusters: use larger clusters", o->size,
+                QEMU_MAX_L1_BYTES, cs);
+
+  if (!o->backing_file) {
+    if (o->backing_format)
+      return fail(why, -EINVAL, "backing format given without backing file");
+  } else {
+    size_t n = strlen(o->backing_file);
+
+    if (n == 0)
+      return fail(why, -EINVAL, "backing file name is empty");
+    if (n > CBT_QCOW2_WRITER_BACKING_NAME_MAX)
+      return fail(why, -EINVAL, "backing file name is %zu bytes, longer than "
+                  "%u", n, CBT_QCOW2_WRITER_BACKING_NAME_MAX);
+    if (!o->backing_format)
+      return fail(why, -EINVAL, "backing file %s: no backing format given",
+                  o->backing_file);
+    if (strcmp(o->backing_format, "qcow2") != 0 &&
+        strcmp(o->backing_format, "raw") != 0)
+      return fail(why, -EINVAL, "backing format \"%s\" is not qcow2 or raw",
+                  o->backing_format);
+  }
+  if (header_area_bytes(o->backing_file, o->backing_format) > cs)
+    return fail(why, -EINVAL, "header and backing file name do not fit in "
+                "one %" PRIu32 "-byte cluster", cs);
+
+  *cs_out = cs;
+  *disk_size_out = disk_size;
+  *l1_size_out = (uint32_t)l1_size;
+  return 0;
+}
+
+int
+cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
+                        cbt_qcow2_writer **out, char **why)
+{
+  g_autoptr(cbt_qcow2_writer) w = NULL;
+  uint32_t cs = 0, l1_size = 0;
+  uint64_t disk_size = 0;
+  int r;
+
+  if (!path || !o || !out)
+    return fail(why, -EINVAL, "missing argument");
+  r = check_opts(o, &cs, &disk_size, &l1_size, why);
+  if (r < 0)
+    return r;
+
+  w = g_new0(cbt_qcow2_writer, 1);
+  g_mutex_init(&w->lock);
+  w->fd = -1;
+  w->path = g_strdup(path);
+  w->size = o->size;
+  w->disk_size = disk_size;
+  w->cluster_size = cs;
+  w->cluster_bits = (uint32_t)__builtin_ctz(cs);
+  w->l2_entries = cs / 8;
+  w->l1_size = l1_size;
+  w->backing_file = g_strdup(o->backing_file);
+  w->backing_format = g_strdup(o->backing_format);
+  w->next_host = cs;          /* cluster 0 is the header */
+  /* Up to 4 Mi pointers (32 MiB) for the largest L1 qemu accepts. */
+  w->l2 = g_try_new0(uint64_t *, l1_size);
+  if (!w->l2)
+    return fail(why, -ENOMEM, "out of memory for %" PRIu32 " L1 entries",
+                l1_size);
+
+  w->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (w->fd < 0)
+    return fail(why, -errno, "cannot create: %s", g_strerror(errno));
+
+  *out = g_steal_pointer(&w);
+  return 0;
+}
+
+void
+cbt_qcow2_writer_free(cbt_qcow2_writer *w)
+{
+  if (!w)
+    return;
+  if (w->fd >= 0)
+    close(w->fd);
+  if (w->l2) {
+    for (uint32_t i = 0; i < w->l1_size; i++)
+      g_free(w->l2[i]);
+    g_free(w->l2);
+  }
+  g_free(w->backing_file);
+  g_free(w->backing_format);
+  g_free(w->path);
+  g_mutex_clear(&w->lock);
+  g_free(w);
+}
+
+/* --- write and zero ---------------------------------------------------- */
+
+/* The alignment and range rule shared by write and zero. */
+static int
+check_range(const cbt_qcow2_writer *w, uint64_t offset, uint64_t len)
+{
+  uint64_t end;
+
+  if (!w || w->finished)
+    return -EINVAL;
+  if (offset & (w->cluster_size - 1))
+    return -EINVAL;
+  if (__builtin_add_overflow(offset, len, &end) || end > w->size)
+    return -EINVAL;
+  if ((len & (w->cluster_size - 1)) != 0 && end != w->size)
+    return -EINVAL;
+  return 0;
+}
+
+/* Per guest cluster of one write request. */
+struct wclust {
+  uint64_t host;              /* 0: stored as zero, no data to write */
+  bool zero;
+};
+
+/* Write @n bytes of the last, partial guest cluster padded with zeros to a
+ * whole cluster, so the host cluster never holds stale bytes past the
+ * virtual size. */
+static int
+write_partial(cbt_qcow2_writer *w, uint64_t host, const uint8_t *p, size_t n)
+{
+  g_autofree uint8_t *bounce = g_try_malloc0(w->cluster_size);
+
+  if (!bounce)
+    return -ENOMEM;
+  memcpy(bounce, p, n);
+  return cbt_io_pwrite(w->fd, bounce, w->cluster_size, host);
+}
+
+int
+cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
+                       size_t len)
+{
+  g_autofree struct wclust *c = NULL;
+  const uint8_t *p = buf;
+  const uint64_t cs = w ? w->cluster_size : 0;
+  uint64_t first, n, new_data = 0;
+  int r;
+
+  r = check_range(w, offset, len);
+  if (r < 0)
+    return r;
+  if (len == 0)
+    return 0;
+  if (!buf)
+    return -EINVAL;
+  first = offset >> w->cluster_bits;
+  n = div_round_up(len, cs);
+  c = g_try_new0(struct wclust, n);
+  if (!c)
+    return -ENOMEM;
+
+  /* Outside the lock: which clusters are all zero. */
+  for (uint64_t i = 0; i < n; i++) {
+    c[i].zero = buffer_is_zero(p + i * cs, MIN(cs, len - i * cs));
+    new_data += !c[i].zero;
+  }
+
+  g_mutex_lock(&w->lock);
+  /* Allocate every L2 table needed before changing any entry, so running
+   * out of memory leaves the mapping as it was.  Without a backing file a
+   * zero cluster in an untouched range needs no table. */
+  for (uint64_t i = 0; i < n && r == 0; i++)
+    if (!c[i].zero || w->backing_file)
+      r = ensure_l2(w, first + i, first + i);
+  if (r == 0 && w->next_host + new_data * cs > QCOW2_MAX_HOST_OFFSET)
+    r = -EFBIG;
+  if (r < 0) {
+    g_mutex_unlock(&w->lock);
+    return r;
+  }
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t ci = first + i;
+    uint64_t *l2 = w->l2[ci / w->l2_entries];
+    uint64_t e;
+
+    if (!l2)
+      continue;               /* a zero cluster, see above */
+    e = l2[ci % w->l2_entries];
+    if (c[i].zero) {
+      set_entry(w, ci, zeroed_entry(w, e));
+      continue;
+    }
+    c[i].host = e & QCOW2_OFFSET_MASK;
+    if (!c[i].host) {
+      c[i].host = w->next_host;
+      w->next_host += cs;
+    }
+    set_entry(w, ci, c[i].host | QCOW2_OFLAG_COPIED);
+  }
+  g_mutex_unlock(&w->lock);
+
+  /* Outside the lock: the data, one write per run of clusters that are
+   * contiguous both in @buf and in the file. */
+  for (uint64_t i = 0; i < n && r == 0;) {
+    uint64_t j = i + 1, bytes;
+
+    if (c[i].zero) {
+      i++;
+      continue;
+    }
+    while (j < n && !c[j].zero && c[j].host == c[j - 1].host + cs)
+      j++;
+    bytes = MIN(j * cs, len) - i * cs;
+    if (bytes % cs) {
+      /* The run ends with the partial last cluster. */
+      uint64_t whole = bytes - bytes % cs;
+
+      if (whole)
+        r = cbt_io_pwrite(w->fd, p + i * cs, whole, c[i].host);
+      if (r == 0)
+        r = write_partial(w, c[j - 1].host, p + (j - 1) * cs, bytes % cs);
+    } else {
+      r = cbt_io_pwrite(w->fd, p + i * cs, bytes, c[i].host);
+    }
+    i = j;
+  }
+
+  if (r < 0) {
+    /* The metadata already maps these clusters; finish must not produce a
+     * file that silently reads zeros or stale data there. */
+    g_mutex_lock(&w->lock);
+    if (w->error == 0)
+      w->error = r;
+    g_mutex_unlock(&w->lock);
+  }
+  return r;
+}
+
+int
+cbt_qcow2_writer_zero(cbt_qcow2_writer *w, uint64_t offset, uint64_t len)
+{
+  uint64_t first, end_c;
+  int r;
+
+  r = check_range(w, offset, len);
+  if (r < 0)
+    return r;
+  if (len == 0)
+    return 0;
+  first = offset >> w->cluster_bits;
+  end_c = div_round_up(offset + len, w->cluster_size);
+
+  /* One L2 range per lock hold, so a huge zero range does not stall
+   * concurrent writers. */
+  for (uint64_t ci = first; ci < end_c;) {
+    uint64_t t = ci / w->l2_entries;
+    uint64_t stop = MIN(end_c, (t + 1) * w->l2_entries);
+
+    g_mutex_lock(&w->lock);
+    if (!w->l2[t] && !w->backing_file) {
+      /* Nothing mapped here and no backing data to hide. */
+      g_mutex_unlock(&w->lock);
+      ci = stop;
+      continue;
+    }
+    r = ensure_l2(w, ci, ci);
+    if (r < 0) {
+      g_mutex_unlock(&w->lock);
+      return r;
+    }
+    for (; ci < stop; ci++)
+      set_entry(w, ci, zeroed_entry(w, w->l2[t][ci % w->l2_entries]));
+    g_mutex_unlock(&w->lock);
+  }
+  return 0;
+}
+
+uint64_t
+cbt_qcow2_writer_data_bytes(const cbt_qcow2_writer *w)
+{
+  return __atomic_load_n(&w->data_bytes, __ATOMIC_RELAXED);
+}
+
+uint64_t
+cbt_qcow2_writer_zero_bytes(const cbt_qcow2_writer *w)
+{
+  return __atomic_load_n(&w->zero_bytes, __ATOMIC_RELAXED);
+}
+
+uint32_t
+cbt_qcow2_writer_cluster_size(const cbt_qcow2_writer *w)
+{
+  return w->cluster_size;
+}
+
+/* --- finish ------------------------------------------------------------ */
+
+/* Sequential writer for the metadata area: whole clusters are filled in a
+ * staging buffer and written in large pieces. */
+struct seqw {
+  int fd;
+  uint32_t cs;
+  uint8_t *buf;
+  size_t cap, used;
+  uint64_t off;               /* file offset of buf[0] */
+};
+
+static int
+seqw_flush(struct seqw *s)
+{
+  int r = 0;
+
+  if (s->used) {
+    r = cbt_io_pwrite(s->fd, s->buf, s->used, s->off);
+    s->off += s->used;
+    s->used = 0;
+  }
+  return r;
+}
+
+/* A zeroed cluster-sized slot to fill; it is written at the next offset.
+ * NULL with *@err set if flushing the full buffer failed. */
+static uint8_t *
+seqw_next(struct seqw *s, int *err)
+{
+  uint8_t *slot;
+
+  if (s->used == s->cap) {
+    *err = seqw_flush(s);
+    if (*err < 0)
+      return NULL;
+  }
+  slot = s->buf + s->used;
+  memset(slot, 0, s->cs);
+  s->used += s->cs;
+  return slot;
+}
+
+static inline void
+put_be64(uint8_t *p, uint64_t v)
+{
+  v = htobe64(v);
+  memcpy(p, &v, sizeof v);
+}
+
+static inline void
+put_be16(uint8_t *p, uint16_t v)
+{
+  v = htobe16(v);
+  memcpy(p, &v, sizeof v);
+}
+
+/* Refcount structure sizes for an image whose other clusters number
+ * @n_other: each refcount block counts cs/2 clusters including the
+ * refcount table and the blocks themselves, so grow both until they cover
+ * everything (the sequence only increases and settles in a step or two). */
+static void
+refcount_layout(uint64_t n_other, uint32_t cs, uint64_t *n_rt, uint64_t *n_rb)
+{
+  const uint64_t per_block = (uint64_t)cs * 8 / (1u << QCOW2_REFCOUNT_ORDER);
+  uint64_t rt = 0, rb = 0;
+
+  for (;;) {
+    uint64_t nrb = div_round_up(n_other + rt + rb, per_block);
+    uint64_t nrt = div_round_up(nrb * 8, cs);
+
+    if (nrb == rb && nrt == rt)
+      break;
+    rb = nrb;
+    rt = nrt;
+  }
+  *n_rt = rt;
+  *n_rb = rb;
+}
+
+/* Write L2 tables, L1, refcount table and blocks from @s->off on and fill
+ * in the table offsets of @h.  Every cluster from 0 to the end gets
+ * refcount 1 (see the top of the file). */
+static int
+write_metadata(cbt_qcow2_writer *w, struct seqw *s, struct qcow2_header *h,
+               char **why)
+{
+  const uint32_t cs = w->cluster_size;
+  const uint64_t l2_start = s->off;
+  const uint64_t l1_clusters = div_round_up((uint64_t)w->l1_size * 8, cs);
+  const uint64_t per_block = (uint64_t)cs * 8 / (1u << QCOW2_REFCOUNT_ORDER);
+  uint64_t l1_off, rt_off, rb_off, n_rt, n_rb, total, l2_off;
+  uint64_t next_l2;
+  int r = 0;
+
+  l1_off = l2_start + w->n_l2 * cs;
+  rt_off = l1_off + l1_clusters * cs;
+  refcount_layout(rt_off / cs, cs, &n_rt, &n_rb);
+  rb_off = rt_off + n_rt * cs;
+  total = rb_off / cs + n_rb;
+  if (n_rt * cs > QEMU_MAX_REFTABLE_BYTES)
+    return fail(why, -EFBIG, "refcount table of %" PRIu64 " bytes exceeds "
+                "qemu's limit", n_rt * cs);
+  if (total > QCOW2_MAX_HOST_OFFSET / cs)
+    return fail(why, -EFBIG, "image file would exceed 2^56 bytes");
+
+  /* L2 tables, in L1 order. */
+  for (uint32_t i = 0; i < w->l1_size; i++) {
+    uint8_t *slot;
+
+    if (!w->l2[i])
+      continue;
+    if (!(slot = seqw_next(s, &r)))
+      goto io_error;
+    for (uint32_t k = 0; k < w->l2_entries; k++)
+      put_be64(slot + 8 * k, w->l2[i][k]);
+  }
+
+  /* L1 table: entry i points at the i-th allocated L2 table. */
+  next_l2 = l2_start;
+  for (uint64_t c = 0; c < l1_clusters; c++) {
+    uint8_t *slot = seqw_next(s, &r);
+
+    if (!slot)
+      goto io_error;
+    for (uint64_t k = 0; k < cs / 8; k++) {
+      uint64_t i = c * (cs / 8) + k;
+
+      if (i >= w->l1_size)
+        break;
+      if (!w->l2[i])
+        continue;
+      l2_off = next_l2;
+      next_l2 += cs;
+      put_be64(slot + 8 * k, l2_off | QCOW2_OFLAG_COPIED);
+    }
+  }
+
+  /* Refcount table, then the blocks it points at. */
+  for (uint64_t c = 0; c < n_rt; c++) {
+    uint8_t *slot = seqw_next(s, &r);
+
+    if (!slot)
+      goto io_error;
+    for (uint64_t k = 0; k < cs / 8; k++) {
+      uint64_t b = c * (cs / 8) + k;
+
+      if (b >= n_rb)
+        break;
+      put_be64(slot + 8 * k, rb_off + b * cs);
+    }
+  }
+  for (uint64_t b = 0; b < n_rb; b++) {
+    uint8_t *slot = seqw_next(s, &r);
+    uint64_t in_use;
+
+    if (!slot)
+      goto io_error;
+    in_use = MIN(per_block, total - b * per_block);
+    for (uint64_t k = 0; k < in_use; k++)
+      put_be16(slot + 2 * k, 1);
+  }
+  r = seqw_flush(s);
+  if (r < 0)
+    goto io_error;
+  g_assert(s->off == total * cs);
+
+  h->l1_size = w->l1_size;
+  h->l1_table_offset = l1_off;
+  h->refcount_table_offset = rt_off;
+  h->refcount_table_clusters = (uint32_t)n_rt;
+  return 0;
+
+io_error:
+  return fail(why, r, "writing metadata: %s", g_strerror(-r));
+}
+
+/* Cluster 0: header, extensions, backing file name. */
+static int
+write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
+{
+  g_autofree uint8_t *buf = g_try_malloc0(w->cluster_size);
+  size_t pos = QCOW2_HEADER_LENGTH;
+  int r;
+
+  if (!buf)
+    return fail(why, -ENOMEM, "out of memory");
+  if (w->backing_file)
+    ext_encode(buf, &pos, QCOW2_EXT_BACKING_FMT, w->backing_format,
+               (uint32_t)strlen(w->backing_format));
+  ext_encode(buf, &pos, QCOW2_EXT_END, NULL, 0);
+  if (w->backing_file) {
+    size_t n = strlen(w->backing_file);
+
+    h->backing_file_offset = pos;
+    h->backing_file_size = (uint32_t)n;
+    memcpy(buf + pos, w->backing_file, n);
+    pos += n;
+  }
+  g_assert(pos <= w->cluster_size);   /* checked at create */
+  h->cluster_bits = w->cluster_bits;
+  h->size = w->disk_size;
+  header_encode(h, buf);
+
+  r = cbt_io_pwrite(w->fd, buf, w->cluster_size, 0);
+  if (r < 0)
+    return fail(why, r, "writing header: %s", g_strerror(-r));
+  return 0;
+}
+
+/* Make the new directory entry durable too. */
+static int
+sync_parent_dir(const char *path, char **why)
+{
+  g_autofree char *dir = g_path_get_dirname(path);
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int r;
+
+  if (fd < 0)
+    return fail(why, -errno, "%s: %s", dir, g_strerror(errno));
+  r = cbt_io_fsync(fd);
+  close(fd);
+  if (r < 0)
+    return fail(why, r, "%s: fsync: %s", dir, g_strerror(-r));
+  return 0;
+}
+
+int
+cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
+{
+  struct qcow2_header h = { 0 };
+  struct seqw s = { 0 };
+  g_autofree uint8_t *stage = NULL;
+  int r, fd;
+
+  if (!w)
+    return fail(why, -EINVAL, "missing argument");
+  if (w->finished)
+    return fail(why, -EINVAL, "finish called twice");
+  w->finished = true;
+  if (w->error)
+    return fail(why, -EIO, "an earlier data write failed: %s",
+                g_strerror(-w->error));
+
+  s.fd = w->fd;
+  s.cs = w->cluster_size;
+  s.cap = MAX(STAGE_BYTES, w->cluster_size);
+  s.off = w->next_host;
+  stage = g_try_malloc(s.cap);
+  if (!stage)
+    return fail(why, -ENOMEM, "out of memory");
+  s.buf = stage;
+
+  r = write_metadata(w, &s, &h, why);
+  if (r < 0)
+    return r;
+  /* Everything the header points at is durable before the header. */
+  r = cbt_io_fdatasync(w->fd);
+  if (r < 0)
+    return fail(why, r, "fdatasync: %s", g_strerror(-r));
+  r = write_header(w, &h, why);
+  if (r < 0)
+    return r;
+  r = cbt_io_fdatasync(w->fd);
+  if (r < 0)
+    return fail(why, r, "fdatasync: %s", g_strerror(-r));
+
+  fd = w->fd;
+  w->fd = -1;
+  if (close(fd) < 0)
+    return fail(why, -errno, "close: %s", g_strerror(errno));
+  return sync_parent_dir(w->path, why);
+}
