@@ -31,10 +31,10 @@
 #define MAX_CONTROL   16
 #define MAX_LINE      (64 * 1024)
 
-static GMutex ctl_lock;
-static GCond ctl_cond;
-static unsigned ctl_count;
-static GArray *ctl_fds;
+static struct client_threads controls = {
+  .what = "control clients",
+  .max = MAX_CONTROL,
+};
 
 static const char *
 class_name(const GError *e)
@@ -302,62 +302,19 @@ ctl_thread(void *arg)
     }
   }
 out:
-  g_mutex_lock(&ctl_lock);
-  for (guint i = 0; i < ctl_fds->len; i++) {
-    if (g_array_index(ctl_fds, int, i) == fd) {
-      g_array_remove_index_fast(ctl_fds, i);
-      break;
-    }
-  }
-  close(fd);
-  ctl_count--;
-  g_cond_broadcast(&ctl_cond);
-  g_mutex_unlock(&ctl_lock);
+  client_threads_done(&controls, fd, NULL, NULL);
   return NULL;
 }
 
 void
 control_start(int fd)
 {
-  pthread_attr_t attr;
-  pthread_t t;
-  int r;
-
-  g_mutex_lock(&ctl_lock);
-  if (!ctl_fds)
-    ctl_fds = g_array_new(FALSE, FALSE, sizeof(int));
-  if (atomic_load(&srv.stopping) || ctl_count >= MAX_CONTROL) {
-    g_mutex_unlock(&ctl_lock);
-    if (!atomic_load(&srv.stopping))
-      log_error("control: too many clients; refused");
+  if (!client_threads_start(&controls, fd, "control", ctl_thread, GINT_TO_POINTER(fd)))
     close(fd);
-    return;
-  }
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  r = pthread_create(&t, &attr, ctl_thread, GINT_TO_POINTER(fd));
-  pthread_attr_destroy(&attr);
-  if (r != 0) {
-    g_mutex_unlock(&ctl_lock);
-    log_error("control: cannot start a thread: %s", g_strerror(r));
-    close(fd);
-    return;
-  }
-  ctl_count++;
-  g_array_append_val(ctl_fds, fd);
-  g_mutex_unlock(&ctl_lock);
 }
 
 void
 control_stop_all(void)
 {
-  g_mutex_lock(&ctl_lock);
-  for (guint i = 0; ctl_fds && i < ctl_fds->len; i++)
-    shutdown(g_array_index(ctl_fds, int, i), SHUT_RDWR);
-  while (ctl_count > 0)
-    g_cond_wait(&ctl_cond, &ctl_lock);
-  if (ctl_fds)
-    g_array_free(ctl_fds, TRUE);
-  ctl_fds = NULL;
-  g_mutex_unlock(&ctl_lock);
+  client_threads_stop_all(&controls);
 }

@@ -32,8 +32,6 @@
 #define HOLE_GRAIN 4096u
 #define MAX_BS_EXTENTS 1024u
 
-static inline void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
-static inline void put64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
 static void
 add_iov(struct request *req, void *base, size_t len)
@@ -75,7 +73,7 @@ reply_error(struct request *req)
     /* Error chunk: error (4) + message length (2), no message. */
     cbt_nbd_chunk_header_encode(h, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR,
                                 req->hdr.cookie, 6);
-    put32(h + NBD_CHUNK_HEADER_SIZE, req->error);
+    cbt_put_be32(h + NBD_CHUNK_HEADER_SIZE, req->error);
     h[NBD_CHUNK_HEADER_SIZE + 4] = 0;
     h[NBD_CHUNK_HEADER_SIZE + 5] = 0;
     add_iov(req, h, NBD_CHUNK_HEADER_SIZE + 6);
@@ -105,14 +103,14 @@ add_read_chunk(struct request *req, unsigned *hpos, uint32_t rel, uint32_t len,
   if (hole) {
     cbt_nbd_chunk_header_encode(h, flags, NBD_REPLY_TYPE_OFFSET_HOLE,
                                 req->hdr.cookie, 12);
-    put64(h + NBD_CHUNK_HEADER_SIZE, req->hdr.offset + rel);
-    put32(h + NBD_CHUNK_HEADER_SIZE + 8, len);
+    cbt_put_be64(h + NBD_CHUNK_HEADER_SIZE, req->hdr.offset + rel);
+    cbt_put_be32(h + NBD_CHUNK_HEADER_SIZE + 8, len);
     add_iov(req, h, NBD_CHUNK_HEADER_SIZE + 12);
     *hpos += NBD_CHUNK_HEADER_SIZE + 12;
   } else {
     cbt_nbd_chunk_header_encode(h, flags, NBD_REPLY_TYPE_OFFSET_DATA,
                                 req->hdr.cookie, 8 + len);
-    put64(h + NBD_CHUNK_HEADER_SIZE, req->hdr.offset + rel);
+    cbt_put_be64(h + NBD_CHUNK_HEADER_SIZE, req->hdr.offset + rel);
     add_iov(req, h, NBD_CHUNK_HEADER_SIZE + 8);
     add_iov(req, (uint8_t *)req->buf + rel, len);
     *hpos += NBD_CHUNK_HEADER_SIZE + 8;
@@ -246,11 +244,11 @@ do_block_status(struct request *req)
     cbt_nbd_chunk_header_encode(h, i + 1 == p->n_meta ? NBD_REPLY_FLAG_DONE : 0,
                                 NBD_REPLY_TYPE_BLOCK_STATUS, req->hdr.cookie,
                                 4 + 8 * (uint32_t)n);
-    put32(h + NBD_CHUNK_HEADER_SIZE, p->meta_ids[i]);
+    cbt_put_be32(h + NBD_CHUNK_HEADER_SIZE, p->meta_ids[i]);
     pos += NBD_CHUNK_HEADER_SIZE + 4;
     for (int j = 0; j < n; j++) {
-      put32(out + pos, (uint32_t)ext[j].length);
-      put32(out + pos + 4, ext[j].flags);
+      cbt_put_be32(out + pos, (uint32_t)ext[j].length);
+      cbt_put_be32(out + pos + 4, ext[j].flags);
       pos += 8;
     }
   }

@@ -21,6 +21,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "cbt/util.h"
 #include "internal.h"
 
 #define MAX_HANDSHAKES   64
@@ -33,17 +34,11 @@ struct hs {
   struct conn_params p;
 };
 
-static GMutex hs_lock;
-static GCond hs_cond;
-static unsigned hs_count;
-static GArray *hs_fds;                /* int: sockets being negotiated */
+static struct client_threads negotiations = {
+  .what = "connections negotiating",
+  .max = MAX_HANDSHAKES,
+};
 
-static inline uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
-static inline uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
-static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
-static inline void put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
-static inline void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
-static inline void put64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
 static bool
 read_full(struct hs *h, void *buf, size_t len)
@@ -156,11 +151,11 @@ send_info(struct hs *h, uint32_t option, uint16_t type)
   uint8_t buf[2 + CBT_NBD_MAX_NAME_LEN];
   size_t len = 2;
 
-  put16(buf, type);
+  cbt_put_be16(buf, type);
   switch (type) {
   case NBD_INFO_EXPORT:
-    put64(buf + 2, srv.image->size);
-    put16(buf + 10, export_flags(h->p.structured));
+    cbt_put_be64(buf + 2, srv.image->size);
+    cbt_put_be16(buf + 10, export_flags(h->p.structured));
     len = 12;
     break;
   case NBD_INFO_NAME:
@@ -174,9 +169,9 @@ send_info(struct hs *h, uint32_t option, uint16_t type)
     memcpy(buf + 2, srv.description, len - 2);
     break;
   case NBD_INFO_BLOCK_SIZE:
-    put32(buf + 2, CBT_NBD_MIN_BLOCK);
-    put32(buf + 6, CBT_NBD_PREF_BLOCK);
-    put32(buf + 10, CBT_NBD_MAX_BLOCK);
+    cbt_put_be32(buf + 2, CBT_NBD_MIN_BLOCK);
+    cbt_put_be32(buf + 6, CBT_NBD_PREF_BLOCK);
+    cbt_put_be32(buf + 10, CBT_NBD_MAX_BLOCK);
     len = 14;
     break;
   default:
@@ -194,10 +189,10 @@ opt_info(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len, bool *go
   uint16_t nreq;
   bool sent_name = false;
 
-  if (len < 6 || (namelen = get32(d)) > len - 6) {
+  if (len < 6 || (namelen = cbt_get_be32(d)) > len - 6) {
     return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed INFO/GO request");
   }
-  nreq = get16(d + 4 + namelen);
+  nreq = cbt_get_be16(d + 4 + namelen);
   if ((uint64_t)4 + namelen + 2 + 2 * (uint64_t)nreq != len)
     return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed INFO/GO request");
   if (!name_matches(d + 4, namelen))
@@ -207,7 +202,7 @@ opt_info(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len, bool *go
   if (!send_info(h, option, NBD_INFO_EXPORT))
     return false;
   for (uint16_t i = 0; i < nreq; i++) {
-    uint16_t type = get16(d + 6 + namelen + 2 * i);
+    uint16_t type = cbt_get_be16(d + 6 + namelen + 2 * i);
     if (type == NBD_INFO_EXPORT || type == NBD_INFO_BLOCK_SIZE)
       continue;                      /* always sent */
     if (type == NBD_INFO_NAME) {
@@ -231,7 +226,7 @@ send_meta(struct hs *h, uint32_t option, const struct meta_context *m)
   uint8_t buf[4 + sizeof m->name];
   size_t n = strlen(m->name);
 
-  put32(buf, m->id);
+  cbt_put_be32(buf, m->id);
   memcpy(buf + 4, m->name, n);
   return reply(h, option, NBD_REP_META_CONTEXT, buf, (uint32_t)(4 + n));
 }
@@ -248,14 +243,14 @@ opt_meta(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len)
   if (!list && !h->p.structured)
     return reply_err(h, option, NBD_REP_ERR_INVALID,
                      "SET_META_CONTEXT needs structured replies first");
-  if (len < 8 || (namelen = get32(d)) > len - 8)
+  if (len < 8 || (namelen = cbt_get_be32(d)) > len - 8)
     return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed meta context request");
-  nq = get32(d + 4 + namelen);
+  nq = cbt_get_be32(d + 4 + namelen);
   pos = 8 + (size_t)namelen;
   /* Check the whole query list before acting on any of it. */
   for (uint32_t i = 0, p = (uint32_t)pos; i < nq; i++) {
     uint32_t qlen;
-    if (len - p < 4 || (qlen = get32(d + p)) > len - p - 4 ||
+    if (len - p < 4 || (qlen = cbt_get_be32(d + p)) > len - p - 4 ||
         qlen > CBT_NBD_MAX_NAME_LEN)
       return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed meta context query");
     p += 4 + qlen;
@@ -277,7 +272,7 @@ opt_meta(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len)
         return false;
   }
   for (uint32_t i = 0; i < nq; i++) {
-    uint32_t qlen = get32(d + pos);
+    uint32_t qlen = cbt_get_be32(d + pos);
     g_autofree char *q = g_strndup((const char *)d + pos + 4, qlen);
 
     pos += 4 + qlen;
@@ -307,7 +302,7 @@ opt_list(struct hs *h, uint32_t len)
 
   if (len != 0)
     return reply_err(h, NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
-  put32(buf, (uint32_t)n);
+  cbt_put_be32(buf, (uint32_t)n);
   memcpy(buf + 4, srv.export_name, n);
   return reply(h, NBD_OPT_LIST, NBD_REP_SERVER, buf, (uint32_t)(4 + n)) &&
          reply(h, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
@@ -321,12 +316,12 @@ negotiate(struct hs *h)
   uint8_t cflags_b[4];
   uint32_t cflags;
 
-  put64(greet, NBD_MAGIC);
-  put64(greet + 8, NBD_IHAVEOPT);
-  put16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+  cbt_put_be64(greet, NBD_MAGIC);
+  cbt_put_be64(greet + 8, NBD_IHAVEOPT);
+  cbt_put_be16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
   if (!write_full(h, greet, sizeof greet) || !read_full(h, cflags_b, 4))
     return false;
-  cflags = get32(cflags_b);
+  cflags = cbt_get_be32(cflags_b);
   if (cflags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
     log_error("%s: unknown client flags 0x%" PRIx32 "; dropping", h->p.peer, cflags);
     return false;
@@ -345,12 +340,12 @@ negotiate(struct hs *h)
 
     if (!read_full(h, oh, sizeof oh))
       return false;
-    if (get64(oh) != NBD_IHAVEOPT) {
+    if (cbt_get_be64(oh) != NBD_IHAVEOPT) {
       log_error("%s: bad option magic; dropping", h->p.peer);
       return false;
     }
-    option = get32(oh + 8);
-    len = get32(oh + 12);
+    option = cbt_get_be32(oh + 8);
+    len = cbt_get_be32(oh + 12);
     if (len > CBT_NBD_MAX_OPTION_LEN) {
       if (len > MAX_SKIP_LEN || option == NBD_OPT_EXPORT_NAME) {
         log_error("%s: option %" PRIu32 " of %" PRIu32 " bytes is too large; dropping",
@@ -376,8 +371,8 @@ negotiate(struct hs *h)
                   (const char *)data);
         return false;
       }
-      put64(out, srv.image->size);
-      put16(out + 8, export_flags(h->p.structured));
+      cbt_put_be64(out, srv.image->size);
+      cbt_put_be16(out + 8, export_flags(h->p.structured));
       return write_full(h, out, h->no_zeroes ? 10 : sizeof out);
     }
     case NBD_OPT_ABORT:
@@ -430,15 +425,18 @@ set_timeout(int fd, unsigned seconds)
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
-static void
-hs_forget_fd(int fd)
+/* Under the thread set's lock: give the negotiated socket to a worker. */
+static bool
+hand_to_worker(int fd, void *arg)
 {
-  for (guint i = 0; i < hs_fds->len; i++) {
-    if (g_array_index(hs_fds, int, i) == fd) {
-      g_array_remove_index_fast(hs_fds, i);
-      break;
-    }
-  }
+  struct hs *h = arg;
+
+  set_timeout(fd, 0);
+  h->p.fd = fd;
+  debug("%s: negotiated (structured replies %s, %u meta contexts)",
+        h->p.peer, h->p.structured ? "on" : "off", h->p.n_meta);
+  workers_add_conn(&h->p);
+  return true;
 }
 
 static void *
@@ -447,72 +445,26 @@ hs_thread(void *arg)
   g_autofree struct hs *h = arg;
   bool ok = negotiate(h);
 
-  g_mutex_lock(&hs_lock);
-  hs_forget_fd(h->fd);
-  if (ok && !atomic_load(&srv.stopping)) {
-    set_timeout(h->fd, 0);
-    h->p.fd = h->fd;
-    debug("%s: negotiated (structured replies %s, %u meta contexts)",
-          h->p.peer, h->p.structured ? "on" : "off", h->p.n_meta);
-    workers_add_conn(&h->p);
-  } else {
-    close(h->fd);
-  }
-  hs_count--;
-  g_cond_broadcast(&hs_cond);
-  g_mutex_unlock(&hs_lock);
+  client_threads_done(&negotiations, h->fd, ok ? hand_to_worker : NULL, h);
   return NULL;
 }
 
 void
 handshake_start(int fd, const char *peer)
 {
-  struct hs *h;
-  pthread_attr_t attr;
-  pthread_t t;
-  int r;
+  struct hs *h = g_new0(struct hs, 1);
 
-  g_mutex_lock(&hs_lock);
-  if (!hs_fds)
-    hs_fds = g_array_new(FALSE, FALSE, sizeof(int));
-  if (atomic_load(&srv.stopping) || hs_count >= MAX_HANDSHAKES) {
-    g_mutex_unlock(&hs_lock);
-    if (!atomic_load(&srv.stopping))
-      log_error("%s: too many connections negotiating; refused", peer);
-    close(fd);
-    return;
-  }
-  h = g_new0(struct hs, 1);
   h->fd = fd;
   g_strlcpy(h->p.peer, peer, sizeof h->p.peer);
   set_timeout(fd, srv.handshake_timeout);
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  pthread_attr_setstacksize(&attr, 256 * 1024);
-  r = pthread_create(&t, &attr, hs_thread, h);
-  pthread_attr_destroy(&attr);
-  if (r != 0) {
-    g_mutex_unlock(&hs_lock);
-    log_error("%s: cannot start negotiation thread: %s", peer, g_strerror(r));
+  if (!client_threads_start(&negotiations, fd, peer, hs_thread, h)) {
     close(fd);
     g_free(h);
-    return;
   }
-  hs_count++;
-  g_array_append_val(hs_fds, fd);
-  g_mutex_unlock(&hs_lock);
 }
 
 void
 handshake_stop_all(void)
 {
-  g_mutex_lock(&hs_lock);
-  for (guint i = 0; hs_fds && i < hs_fds->len; i++)
-    shutdown(g_array_index(hs_fds, int, i), SHUT_RDWR);
-  while (hs_count > 0)
-    g_cond_wait(&hs_cond, &hs_lock);
-  if (hs_fds)
-    g_array_free(hs_fds, TRUE);
-  hs_fds = NULL;
-  g_mutex_unlock(&hs_lock);
+  client_threads_stop_all(&negotiations);
 }

@@ -87,6 +87,28 @@ void handshake_start(int fd, const char *peer);
 void handshake_stop_all(void);
 uint16_t export_flags(bool structured);
 
+/* ---- client-threads.c ---- */
+/* A set of threads each serving one socket; static zero-initialised
+ * storage is ready to use (GMutex/GCond need no init when static). */
+struct client_threads {
+  const char *what;              /* for messages: "negotiations" */
+  unsigned max;
+  GMutex lock;
+  GCond cond;
+  unsigned count;
+  GArray *fds;
+};
+/* Run @fn(@arg) in a detached thread serving @fd.  False if refused (too
+ * many, stopping, no thread): the caller still owns @fd and @arg. */
+bool client_threads_start(struct client_threads *ct, int fd, const char *peer,
+                          void *(*fn)(void *), void *arg);
+/* The thread's last call: @handoff(@fd, @arg) may take the socket (return
+ * true) unless the daemon is stopping; otherwise @fd is closed. */
+void client_threads_done(struct client_threads *ct, int fd,
+                         bool (*handoff)(int fd, void *arg), void *arg);
+/* Shut every socket of the set down and wait for all its threads. */
+void client_threads_stop_all(struct client_threads *ct);
+
 /* ---- control.c ---- */
 /* Serve a control client on @fd in a new thread (takes ownership). */
 void control_start(int fd);

@@ -1197,8 +1197,11 @@ cbt_bmfile_remove(cbt_bmfile *f, const char *name, char **why)
   return r;
 }
 
-int
-cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags, char **why)
+/* Change an entry's flags and/or checkpoint id (NULL: keep) and make the
+ * metadata durable. */
+static int
+update_entry(cbt_bmfile *f, unsigned idx, const uint32_t *flags,
+             const uint64_t *checkpoint, char **why)
 {
   int r;
 
@@ -1207,10 +1210,11 @@ cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags, char **why)
     r = fail(why, -EROFS, "opened read-only");
   else if (idx >= f->nentries)
     r = fail(why, -EINVAL, "no bitmap at index %u", idx);
-  else if (!flags_ok(flags))
-    r = fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
   else {
-    f->entries[idx]->flags = flags;
+    if (flags)
+      f->entries[idx]->flags = *flags;
+    if (checkpoint)
+      f->entries[idx]->checkpoint = *checkpoint;
     f->meta_dirty = true;
     r = sync_locked(f, false, why);
   }
@@ -1219,23 +1223,18 @@ cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags, char **why)
 }
 
 int
+cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags, char **why)
+{
+  if (!flags_ok(flags))
+    return fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
+  return update_entry(f, idx, &flags, NULL, why);
+}
+
+int
 cbt_bmfile_set_checkpoint(cbt_bmfile *f, unsigned idx, uint64_t checkpoint,
                           char **why)
 {
-  int r;
-
-  g_mutex_lock(&f->lock);
-  if (!f->writable)
-    r = fail(why, -EROFS, "opened read-only");
-  else if (idx >= f->nentries)
-    r = fail(why, -EINVAL, "no bitmap at index %u", idx);
-  else {
-    f->entries[idx]->checkpoint = checkpoint;
-    f->meta_dirty = true;
-    r = sync_locked(f, false, why);
-  }
-  g_mutex_unlock(&f->lock);
-  return r;
+  return update_entry(f, idx, NULL, &checkpoint, why);
 }
 
 uint32_t

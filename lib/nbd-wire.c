@@ -10,45 +10,40 @@
 #include <string.h>
 
 #include "cbt/nbd-proto.h"
+#include "cbt/util.h"
 
-static inline uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
-static inline uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
-static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
-static inline void put16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
-static inline void put32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
-static inline void put64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
 void
 cbt_nbd_request_decode(const uint8_t buf[NBD_REQUEST_SIZE],
                        struct cbt_nbd_request *req)
 {
-  req->magic = get32(buf);
-  req->flags = get16(buf + 4);
-  req->type = get16(buf + 6);
-  req->cookie = get64(buf + 8);
-  req->offset = get64(buf + 16);
-  req->length = get32(buf + 24);
+  req->magic = cbt_get_be32(buf);
+  req->flags = cbt_get_be16(buf + 4);
+  req->type = cbt_get_be16(buf + 6);
+  req->cookie = cbt_get_be64(buf + 8);
+  req->offset = cbt_get_be64(buf + 16);
+  req->length = cbt_get_be32(buf + 24);
 }
 
 void
 cbt_nbd_request_encode(const struct cbt_nbd_request *req,
                        uint8_t buf[NBD_REQUEST_SIZE])
 {
-  put32(buf, req->magic);
-  put16(buf + 4, req->flags);
-  put16(buf + 6, req->type);
-  put64(buf + 8, req->cookie);
-  put64(buf + 16, req->offset);
-  put32(buf + 24, req->length);
+  cbt_put_be32(buf, req->magic);
+  cbt_put_be16(buf + 4, req->flags);
+  cbt_put_be16(buf + 6, req->type);
+  cbt_put_be64(buf + 8, req->cookie);
+  cbt_put_be64(buf + 16, req->offset);
+  cbt_put_be32(buf + 24, req->length);
 }
 
 void
 cbt_nbd_simple_reply_encode(uint8_t buf[NBD_SIMPLE_REPLY_SIZE],
                             uint32_t error, uint64_t cookie)
 {
-  put32(buf, NBD_SIMPLE_REPLY_MAGIC);
-  put32(buf + 4, error);
-  put64(buf + 8, cookie);
+  cbt_put_be32(buf, NBD_SIMPLE_REPLY_MAGIC);
+  cbt_put_be32(buf + 4, error);
+  cbt_put_be64(buf + 8, cookie);
 }
 
 void
@@ -56,21 +51,21 @@ cbt_nbd_chunk_header_encode(uint8_t buf[NBD_CHUNK_HEADER_SIZE],
                             uint16_t flags, uint16_t type,
                             uint64_t cookie, uint32_t length)
 {
-  put32(buf, NBD_STRUCTURED_REPLY_MAGIC);
-  put16(buf + 4, flags);
-  put16(buf + 6, type);
-  put64(buf + 8, cookie);
-  put32(buf + 16, length);
+  cbt_put_be32(buf, NBD_STRUCTURED_REPLY_MAGIC);
+  cbt_put_be16(buf + 4, flags);
+  cbt_put_be16(buf + 6, type);
+  cbt_put_be64(buf + 8, cookie);
+  cbt_put_be32(buf + 16, length);
 }
 
 void
 cbt_nbd_opt_reply_encode(uint8_t buf[NBD_OPT_REPLY_HEADER_SIZE],
                          uint32_t option, uint32_t reply, uint32_t length)
 {
-  put64(buf, NBD_REP_MAGIC);
-  put32(buf + 8, option);
-  put32(buf + 12, reply);
-  put32(buf + 16, length);
+  cbt_put_be64(buf, NBD_REP_MAGIC);
+  cbt_put_be32(buf + 8, option);
+  cbt_put_be32(buf + 12, reply);
+  cbt_put_be32(buf + 16, length);
 }
 
 /* Flags each command may carry; anything else is EINVAL. */

@@ -106,8 +106,18 @@ cbt_io_pwrite(int fd, const void *buf, size_t len, uint64_t offset)
   return rw_full(RW_WRITE, fd, (void *)buf, len, offset);
 }
 
+/* An operation that is not a transfer: submitted whole, retried on
+ * -EINTR/-EAGAIN. */
+struct one_op {
+  enum { ONE_FSYNC, ONE_FALLOCATE } kind;
+  int fd;
+  unsigned fsync_flags;
+  int mode;
+  uint64_t offset, len;
+};
+
 static int
-sync_op(int fd, unsigned flags)
+run_one(const struct one_op *o)
 {
   int err = 0;
   struct io_uring *ring = get_ring(&err);
@@ -120,7 +130,10 @@ sync_op(int fd, unsigned flags)
     sqe = io_uring_get_sqe(ring);
     if (!sqe)
       return -EBUSY;
-    io_uring_prep_fsync(sqe, fd, flags);
+    if (o->kind == ONE_FSYNC)
+      io_uring_prep_fsync(sqe, o->fd, o->fsync_flags);
+    else
+      io_uring_prep_fallocate(sqe, o->fd, o->mode, (off_t)o->offset, (off_t)o->len);
     r = submit_wait(ring);
   } while (r == -EINTR || r == -EAGAIN);
   return r < 0 ? r : 0;
@@ -129,31 +142,21 @@ sync_op(int fd, unsigned flags)
 int
 cbt_io_fdatasync(int fd)
 {
-  return sync_op(fd, IORING_FSYNC_DATASYNC);
+  struct one_op o = { .kind = ONE_FSYNC, .fd = fd, .fsync_flags = IORING_FSYNC_DATASYNC };
+  return run_one(&o);
 }
 
 int
 cbt_io_fsync(int fd)
 {
-  return sync_op(fd, 0);
+  struct one_op o = { .kind = ONE_FSYNC, .fd = fd };
+  return run_one(&o);
 }
 
 int
 cbt_io_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
 {
-  int err = 0;
-  struct io_uring *ring = get_ring(&err);
-  struct io_uring_sqe *sqe;
-  int r;
-
-  if (!ring)
-    return err;
-  do {
-    sqe = io_uring_get_sqe(ring);
-    if (!sqe)
-      return -EBUSY;
-    io_uring_prep_fallocate(sqe, fd, mode, (off_t)offset, (off_t)len);
-    r = submit_wait(ring);
-  } while (r == -EINTR || r == -EAGAIN);
-  return r < 0 ? r : 0;
+  struct one_op o = { .kind = ONE_FALLOCATE, .fd = fd, .mode = mode,
+                      .offset = offset, .len = len };
+  return run_one(&o);
 }

@@ -2,11 +2,23 @@
 #ifndef CBT_UTIL_H
 #define CBT_UTIL_H
 
+#include <endian.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
 /* The struct that embeds @ptr as @member.  Goes through void * so that
  * -Wcast-align accepts it: the member really is inside such a struct. */
 #define cbt_container_of(ptr, type, member) \
   ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+/* Big-endian fields in byte buffers (NBD and qcow2 are big-endian), read
+ * and written with memcpy so no pointer into a buffer is ever misaligned. */
+static inline uint16_t cbt_get_be16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return be16toh(v); }
+static inline uint32_t cbt_get_be32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
+static inline uint64_t cbt_get_be64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
+static inline void cbt_put_be16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy(p, &v, 2); }
+static inline void cbt_put_be32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
+static inline void cbt_put_be64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
 #endif
