@@ -17,6 +17,8 @@
  *     (sync_locked);
  *   - CLEAN is written only after a pass that found nothing left to write
  *     (sync_locked with make_clean).
+ * A resize (resize_locked) gives every entry a fresh area and goes through
+ * the same engine, so the switch to the new size is one metadata write.
  *
  * Locking: f->lock serialises every call that writes the file or changes
  * the entry list.  Bits change concurrently without it (see bitmap.c for
@@ -505,32 +507,12 @@ validate_header(const struct bmf_header *h, const uint8_t *page, char **why)
 }
 
 static int
-cmp_by_offset(const void *a, const void *b)
-{
-  const struct bmf_entry *x = *(struct bmf_entry *const *)a;
-  const struct bmf_entry *y = *(struct bmf_entry *const *)b;
-
-  return x->data_offset < y->data_offset ? -1 : x->data_offset > y->data_offset;
-}
-
-static int
 cmp_disk_by_offset(const void *a, const void *b)
 {
   const struct bmf_entry_disk *x = *(struct bmf_entry_disk *const *)a;
   const struct bmf_entry_disk *y = *(struct bmf_entry_disk *const *)b;
 
   return x->data_offset < y->data_offset ? -1 : x->data_offset > y->data_offset;
-}
-
-/* A new array of f's entries sorted by data_offset (caller frees). */
-static struct bmf_entry **
-sorted_entries(const struct cbt_bmfile *f)
-{
-  struct bmf_entry **sorted = g_new(struct bmf_entry *, f->nentries + 1);
-
-  memcpy(sorted, f->entries, sizeof *sorted * f->nentries);
-  qsort(sorted, f->nentries, sizeof *sorted, cmp_by_offset);
-  return sorted;
 }
 
 /* Decode and validate the directory @dir of header @h against a file of
@@ -1088,23 +1070,52 @@ extend_file(struct cbt_bmfile *f, uint64_t end, char **why)
   return 0;
 }
 
-/* First-fit: the lowest page-aligned offset >= meta_end where @need bytes
- * do not overlap any entry's area. */
-static uint64_t
-find_free_area(const struct cbt_bmfile *f, uint64_t need)
+/* A range of the file taken by a data area (length rounded up to pages). */
+struct bmf_area {
+  uint64_t offset;
+  uint64_t length;
+};
+
+static int
+cmp_area(const void *a, const void *b)
 {
-  g_autofree struct bmf_entry **sorted = sorted_entries(f);
-  uint64_t cursor = meta_end(f->hdr.dir_capacity);
+  const struct bmf_area *x = a, *y = b;
 
-  for (unsigned i = 0; i < f->nentries; i++) {
-    uint64_t end = sorted[i]->data_offset + round_up_page(sorted[i]->data_length);
+  return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
 
-    if (sorted[i]->data_offset >= cursor && sorted[i]->data_offset - cursor >= need)
+/* First fit: the lowest page-aligned offset >= @start where @need bytes
+ * overlap none of the @n @areas.  Sorts @areas by offset. */
+static uint64_t
+area_first_fit(struct bmf_area *areas, unsigned n, uint64_t start,
+               uint64_t need)
+{
+  uint64_t cursor = start;
+
+  qsort(areas, n, sizeof *areas, cmp_area);
+  for (unsigned i = 0; i < n; i++) {
+    uint64_t end = areas[i].offset + areas[i].length;
+
+    if (areas[i].offset >= cursor && areas[i].offset - cursor >= need)
       break;
     if (end > cursor)
       cursor = end;
   }
   return cursor;
+}
+
+/* First fit after meta_end among the areas of f's entries. */
+static uint64_t
+find_free_area(const struct cbt_bmfile *f, uint64_t need)
+{
+  g_autofree struct bmf_area *areas = g_new(struct bmf_area, f->nentries + 1);
+
+  for (unsigned i = 0; i < f->nentries; i++) {
+    areas[i].offset = f->entries[i]->data_offset;
+    areas[i].length = round_up_page(f->entries[i]->data_length);
+  }
+  return area_first_fit(areas, f->nentries, meta_end(f->hdr.dir_capacity),
+                        need);
 }
 
 /* Add entry, f->lock held.  Index or -errno.  The new area's pages are all
@@ -1283,6 +1294,179 @@ cbt_bmfile_reset_entry(cbt_bmfile *f, unsigned idx, char **why)
     f->meta_dirty = true;
     r = sync_locked(f, false, why);
   }
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+/* --- resize ------------------------------------------------------------ */
+
+/* The part of an entry that a resize replaces.  resize_locked builds the
+ * new one beside each entry and swaps it in; on failure it swaps the old
+ * one back, so the handle is as before. */
+struct resize_geom {
+  struct cbt_bitmap bm;
+  uint32_t *page_crc;
+  uint64_t data_pages;
+  uint64_t data_offset;
+  uint64_t data_length;
+  bool on_disk;
+};
+
+static void
+geom_swap(struct bmf_entry *e, struct resize_geom *g)
+{
+  struct resize_geom old = {
+    e->bm, e->page_crc, e->data_pages, e->data_offset, e->data_length,
+    e->on_disk,
+  };
+
+  /* The struct cbt_bitmap is copied into place, never moved: pointers to
+   * &e->bm stay valid (cbt/bitmap-file.h). */
+  e->bm = g->bm;
+  e->page_crc = g->page_crc;
+  e->data_pages = g->data_pages;
+  e->data_offset = g->data_offset;
+  e->data_length = g->data_length;
+  e->on_disk = g->on_disk;
+  *g = old;
+}
+
+/* A copy of @src with its own arrays.  0 or -ENOMEM. */
+static int
+bitmap_dup(const struct cbt_bitmap *src, struct cbt_bitmap *dst)
+{
+  size_t wbytes = (size_t)src->npages * CBT_BITMAP_PAGE_SIZE;
+  size_t pbytes = (size_t)(src->npages + 63) / 64 * sizeof(uint64_t);
+
+  *dst = *src;
+  dst->words = g_try_malloc(wbytes);
+  dst->pages_dirty = g_try_malloc(pbytes);
+  if (!dst->words || !dst->pages_dirty) {
+    cbt_bitmap_destroy(dst);
+    return -ENOMEM;
+  }
+  memcpy(dst->words, src->words, wbytes);
+  memcpy(dst->pages_dirty, src->pages_dirty, pbytes);
+  return 0;
+}
+
+/* The new geometry of entry @e for an image of @new_size bytes (from
+ * @old_size): its bits resized, the added granules dirty, every page
+ * marked for write-out, and a data area placed by first fit among the
+ * @*nareas @areas, to which it is then added. */
+static int
+geom_new(const struct bmf_entry *e, uint64_t old_size, uint64_t new_size,
+         uint64_t start, struct bmf_area *areas, unsigned *nareas,
+         struct resize_geom *g, char **why)
+{
+  int r;
+
+  r = bitmap_dup(&e->bm, &g->bm);
+  if (r == 0) {
+    r = cbt_bitmap_resize(&g->bm, new_size);
+    if (r < 0)
+      cbt_bitmap_destroy(&g->bm);
+  }
+  if (r < 0)
+    return fail(why, r, "bitmap '%s': %s", e->name, g_strerror(-r));
+  /* The added bytes were never backed up: dirty.  This includes the old
+   * partial last granule, which now covers more of the image. */
+  if (new_size > old_size)
+    cbt_bitmap_set_range(&g->bm, old_size, new_size - old_size);
+  g->data_length = data_length_for(new_size, e->granularity);
+  g->data_pages = g->bm.npages;
+  g->page_crc = g_try_new0(uint32_t, g->data_pages);
+  if (!g->page_crc)
+    return fail(why, -ENOMEM, "bitmap '%s': %s", e->name, g_strerror(ENOMEM));
+  g->data_offset = area_first_fit(areas, *nareas, start,
+                                  round_up_page(g->data_length));
+  g->on_disk = false;
+  areas[*nareas].offset = g->data_offset;
+  areas[*nareas].length = round_up_page(g->data_length);
+  (*nareas)++;
+  return 0;
+}
+
+/* Resize, f->lock held.
+ *
+ * Every entry gets a new data area, even one whose length is unchanged:
+ * its contents change anyway (added granules dirty, or bits dropped), and
+ * rewriting an area that the durable metadata references would first need
+ * a "not clean" generation (write rule 2).  The new areas overlap neither
+ * each other nor any area of the durable metadata, so until the new
+ * generation is durable the old one and its data are untouched: a crash
+ * leaves the file as before the resize (CLEAN if it was), or torn new
+ * metadata from which a reader falls back to that same generation.
+ *
+ * The new areas are entries with on_disk clear, so sync_locked writes them
+ * in full, fdatasyncs (rule 4) and only then writes the metadata with the
+ * new image_size, keeping CLEAN as it was on disk: with no thread marking
+ * bits, every bit is then durable (rule 5).  The old areas become free. */
+static int
+resize_locked(struct cbt_bmfile *f, uint64_t new_size, char **why)
+{
+  uint64_t old_size = f->hdr.image_size;
+  uint64_t start = meta_end(f->hdr.dir_capacity);
+  uint64_t file_end = start;
+  unsigned n = f->nentries, nareas = 0;
+  g_autofree struct resize_geom *geom = NULL;
+  g_autofree struct bmf_area *areas = NULL;
+  int r = 0;
+
+  if (!f->writable)
+    return fail(why, -EROFS, "opened read-only");
+  if (new_size == 0 || new_size > CBT_BITMAP_MAX_SIZE)
+    return fail(why, -EINVAL, "bad image size %" PRIu64 " (1 to %" PRIu64
+                " bytes)", new_size, CBT_BITMAP_MAX_SIZE);
+  if (new_size == old_size)
+    return 0;
+
+  geom = g_new0(struct resize_geom, n + 1);
+  areas = g_new(struct bmf_area, 2 * (size_t)n + 1);
+  for (unsigned i = 0; i < n; i++) {
+    areas[nareas].offset = f->entries[i]->data_offset;
+    areas[nareas].length = round_up_page(f->entries[i]->data_length);
+    nareas++;
+  }
+  for (unsigned i = 0; i < n; i++) {
+    r = geom_new(f->entries[i], old_size, new_size, start, areas, &nareas,
+                 &geom[i], why);
+    if (r < 0)
+      goto out;
+    file_end = MAX(file_end, geom[i].data_offset +
+                             round_up_page(geom[i].data_length));
+  }
+  r = extend_file(f, file_end, why);
+  if (r < 0)
+    goto out;
+
+  for (unsigned i = 0; i < n; i++)
+    geom_swap(f->entries[i], &geom[i]);
+  f->hdr.image_size = new_size;
+  f->meta_dirty = true;
+  r = sync_locked(f, false, why);
+  if (r < 0) {
+    for (unsigned i = 0; i < n; i++)
+      geom_swap(f->entries[i], &geom[i]);
+    f->hdr.image_size = old_size;
+  }
+
+out:
+  /* The new geometry on failure, the old one on success. */
+  for (unsigned i = 0; i < n; i++) {
+    cbt_bitmap_destroy(&geom[i].bm);
+    g_free(geom[i].page_crc);
+  }
+  return r;
+}
+
+int
+cbt_bmfile_resize(cbt_bmfile *f, uint64_t new_image_size, char **why)
+{
+  int r;
+
+  g_mutex_lock(&f->lock);
+  r = resize_locked(f, new_image_size, why);
   g_mutex_unlock(&f->lock);
   return r;
 }

@@ -1,6 +1,7 @@
 /* Unit tests for the bitmap file (lib/bitmap-file.c, lib/crc32c.c):
  * create/open round trips, several entries, sync, clean shutdown, crash
- * (free without close_clean) and the INCONSISTENT rule, and rejection of
+ * (free without close_clean) and the INCONSISTENT rule, resize (grow,
+ * shrink, crash in the middle), and rejection of
  * corrupt files: every header byte, every header and directory field,
  * checksums, truncation at many points, unknown features.  Offsets used to
  * corrupt files come from bitmap-format.md, so these tests also hold the
@@ -11,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <endian.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -1037,6 +1039,254 @@ test_one_copy_damaged(void **state)
   cbt_bmfile_free(f);
 }
 
+/* --- resize -------------------------------------------------------------- */
+
+/* A private copy of @bm's bits. */
+static void
+copy_bits(struct cbt_bitmap *dst, const struct cbt_bitmap *bm)
+{
+  assert_int_equal(cbt_bitmap_init(dst, bm->size, bm->granularity), 0);
+  assert_int_equal(cbt_bitmap_merge(dst, bm), 0);
+}
+
+/* @bm is @old resized to bm->size the way cbt_bmfile_resize promises:
+ * every granule wholly inside the old size as in @old, every granule that
+ * covers bytes past the old size dirty. */
+static void
+assert_resized(const struct cbt_bitmap *bm, const struct cbt_bitmap *old)
+{
+  uint64_t g = bm->granularity;
+
+  assert_int_equal(g, old->granularity);
+  for (uint64_t off = 0; off < bm->size; off += g) {
+    bool want = off + g <= old->size ? cbt_bitmap_test(old, off)
+              : bm->size > old->size || cbt_bitmap_test(old, off);
+
+    if (cbt_bitmap_test(bm, off) != want)
+      fail_msg("size %" PRIu64 " -> %" PRIu64 ", granularity %" PRIu64
+               ": granule at %" PRIu64 " is %d, want %d", old->size,
+               bm->size, g, off, !want, want);
+  }
+  /* Padding bits past the end stay zero (the format requires it). */
+  if (bm->nbits % 64)
+    assert_int_equal(bm->words[cbt_bitmap_nwords(bm) - 1] >> (bm->nbits % 64), 0);
+}
+
+/* Three entries (active, frozen with a checkpoint id, a 512-byte one that
+ * spans several data pages) with bits, closed clean. */
+static void
+make_three(const char *path, uint64_t size)
+{
+  g_autofree char *why = NULL;
+  cbt_bmfile *f = NULL;
+
+  assert_int_equal(cbt_bmfile_create(path, size, IMG_INODE, 65536, "active",
+                                     &f, &why), 0);
+  assert_int_equal(cbt_bmfile_add(f, "ckpt", CBT_BMF_FROZEN, 4096, &why), 1);
+  assert_int_equal(cbt_bmfile_add(f, "fine", 0, 512, &why), 2);
+  assert_int_equal(cbt_bmfile_set_checkpoint(f, 1, UINT64_C(0xfeed), &why), 0);
+  for (unsigned i = 0; i < 3; i++) {
+    struct cbt_bitmap *bm = cbt_bmfile_entry_bitmap(f, i);
+
+    set_pattern(bm, i + 1);
+    cbt_bitmap_set_range(bm, size - 1, 1);      /* the partial last granule */
+  }
+  assert_int_equal(cbt_bmfile_close_clean(f, &why), 0);
+}
+
+/* Resize the file at @path (writable handle) to @new_size and check the
+ * result in memory, then after reopening. */
+static void
+resize_and_check(const char *path, uint64_t new_size)
+{
+  g_autofree char *why = NULL;
+  struct cbt_bitmap old[3], now[3];
+  cbt_bmfile *f = open_ok(path, true);
+  uint64_t gen = cbt_bmfile_generation(f);
+  bool was_clean = cbt_bmfile_found_clean(f);
+
+  assert_int_equal(cbt_bmfile_entry_count(f), 3);
+  for (unsigned i = 0; i < 3; i++)
+    copy_bits(&old[i], cbt_bmfile_entry_bitmap(f, i));
+  assert_int_equal(cbt_bmfile_resize(f, new_size, &why), 0);
+  assert_null(why);
+  assert_int_equal(cbt_bmfile_image_size(f), new_size);
+  assert_int_equal(cbt_bmfile_generation(f), gen + 1);   /* one switch */
+  assert_int_equal(cbt_bmfile_clean(f), was_clean);
+  for (unsigned i = 0; i < 3; i++) {
+    struct cbt_bitmap *bm = cbt_bmfile_entry_bitmap(f, i);
+
+    assert_int_equal(bm->size, new_size);
+    assert_resized(bm, &old[i]);
+    copy_bits(&now[i], bm);
+  }
+  cbt_bmfile_free(f);        /* no close: the resize alone is durable */
+
+  f = open_ok(path, false);
+  assert_int_equal(cbt_bmfile_found_clean(f), was_clean);
+  assert_int_equal(cbt_bmfile_image_size(f), new_size);
+  assert_int_equal(cbt_bmfile_check_image(f, new_size, IMG_INODE, NULL), 0);
+  assert_string_equal(cbt_bmfile_entry_name(f, 1), "ckpt");
+  assert_true(cbt_bmfile_entry_flags(f, 0) & CBT_BMF_ACTIVE);
+  assert_true(cbt_bmfile_entry_flags(f, 1) & CBT_BMF_FROZEN);
+  assert_int_equal(cbt_bmfile_entry_checkpoint(f, 1), 0xfeed);
+  for (unsigned i = 0; i < 3; i++) {
+    assert_true(cbt_bmfile_entry_data_ok(f, i));
+    assert_same_bits(cbt_bmfile_entry_bitmap(f, i), &now[i]);
+    cbt_bitmap_destroy(&old[i]);
+    cbt_bitmap_destroy(&now[i]);
+  }
+  cbt_bmfile_free(f);
+}
+
+static void
+test_resize(void **state)
+{
+  struct fixture *fx = *state;
+  g_autofree char *why = NULL;
+  uint64_t grown = IMG_SIZE + 50 * MiB + 1000;
+  uint64_t shrunk = 10 * MiB + 512;
+  struct stat st;
+  off_t size_grown;
+  cbt_bmfile *f;
+  uint64_t gen;
+
+  make_three(fx->path, IMG_SIZE);
+
+  /* Grow: from a partial last granule to another one, past page
+   * boundaries of every entry's data. */
+  resize_and_check(fx->path, grown);
+  assert_int_equal(stat(fx->path, &st), 0);
+  size_grown = st.st_size;
+
+  /* Shrink: the new areas fit where the first areas were. */
+  resize_and_check(fx->path, shrunk);
+  assert_int_equal(stat(fx->path, &st), 0);
+  assert_int_equal(st.st_size, size_grown);
+
+  /* Grow back across a granule boundary by one byte, and to exact
+   * multiples. */
+  resize_and_check(fx->path, 12 * MiB + 1);
+  resize_and_check(fx->path, 12 * MiB);
+  resize_and_check(fx->path, 64 * MiB);
+
+  /* Same size: nothing written.  Bad sizes: refused, nothing changed. */
+  f = open_ok(fx->path, true);
+  gen = cbt_bmfile_generation(f);
+  assert_int_equal(cbt_bmfile_resize(f, 64 * MiB, &why), 0);
+  assert_int_equal(cbt_bmfile_generation(f), gen);
+  assert_int_equal(cbt_bmfile_resize(f, 0, &why), -EINVAL);
+  assert_non_null(why);
+  g_clear_pointer(&why, g_free);
+  assert_int_equal(cbt_bmfile_resize(f, CBT_BITMAP_MAX_SIZE + 1, &why), -EINVAL);
+  g_clear_pointer(&why, g_free);
+  assert_int_equal(cbt_bmfile_generation(f), gen);
+  assert_int_equal(cbt_bmfile_image_size(f), 64 * MiB);
+  cbt_bmfile_free(f);
+
+  /* Read-only handles refuse. */
+  f = open_ok(fx->path, false);
+  assert_int_equal(cbt_bmfile_resize(f, MiB, &why), -EROFS);
+  assert_non_null(why);
+  g_clear_pointer(&why, g_free);
+  assert_int_equal(cbt_bmfile_image_size(f), 64 * MiB);
+  cbt_bmfile_free(f);
+  f = open_ok(fx->path, false);
+  assert_int_equal(cbt_bmfile_image_size(f), 64 * MiB);
+  assert_true(cbt_bmfile_found_clean(f));
+  cbt_bmfile_free(f);
+
+  /* A file that is not clean (crash) stays not clean across a resize, and
+   * its entries become INCONSISTENT on disk (write rule 1). */
+  f = open_ok(fx->path, true);
+  assert_int_equal(cbt_bmfile_mark_dirty(f, &why), 0);
+  cbt_bmfile_free(f);
+  resize_and_check(fx->path, 80 * MiB);
+  f = open_ok(fx->path, false);
+  assert_false(cbt_bmfile_found_clean(f));
+  for (unsigned i = 0; i < 3; i++)
+    assert_true(cbt_bmfile_entry_flags(f, i) & CBT_BMF_INCONSISTENT);
+  cbt_bmfile_free(f);
+}
+
+/* A crash during a resize: the file holds the old state or the new one.
+ * The moments that matter are "new data written, metadata not" (the old
+ * metadata must still find its data untouched) and "new metadata torn"
+ * (the reader falls back to the old generation). */
+static void
+test_resize_crash(void **state)
+{
+  struct fixture *fx = *state;
+  g_autofree char *why = NULL;
+  g_autofree uint8_t *before = NULL, *after = NULL, *buf = NULL;
+  size_t len_before, len_after;
+  uint64_t grown = 3 * IMG_SIZE;
+  struct cbt_bitmap want[3];
+  cbt_bmfile *f;
+  unsigned n;
+
+  make_three(fx->path, IMG_SIZE);
+  f = open_ok(fx->path, false);
+  for (unsigned i = 0; i < 3; i++)
+    copy_bits(&want[i], cbt_bmfile_entry_bitmap(f, i));
+  cbt_bmfile_free(f);
+  before = slurp(fx->path, &len_before);
+  resize_and_check(fx->path, grown);
+  after = slurp(fx->path, &len_after);
+  assert_true(len_after > len_before);
+  buf = g_malloc(len_after);
+
+  /* The old areas were not written: the file with the old metadata
+   * (both copies) and everything the resize wrote is the old, CLEAN file. */
+  memcpy(buf, after, len_after);
+  memcpy(buf, before, META_END);
+  spit(fx->path, buf, len_after);
+  f = open_ok(fx->path, false);
+  assert_true(cbt_bmfile_found_clean(f));
+  assert_null(cbt_bmfile_recovery_note(f));
+  assert_int_equal(cbt_bmfile_image_size(f), IMG_SIZE);
+  for (unsigned i = 0; i < 3; i++) {
+    assert_true(cbt_bmfile_entry_data_ok(f, i));
+    assert_same_bits(cbt_bmfile_entry_bitmap(f, i), &want[i]);
+  }
+  cbt_bmfile_free(f);
+
+  /* New header torn, or new directory torn: the previous generation, the
+   * old size, with its bits intact (and not clean, as the spec says). */
+  n = newest_slot(after);
+  for (int kind = 0; kind < 2; kind++) {
+    memcpy(buf, after, len_after);
+    if (kind == 0)
+      buf[n * PAGE + 64] ^= 0x40;                    /* image_size */
+    else
+      buf[(n ? DIR1 : DIR0) + 80] ^= 1;              /* data_length */
+    spit(fx->path, buf, len_after);
+    f = open_ok(fx->path, false);
+    assert_false(cbt_bmfile_found_clean(f));
+    assert_non_null(cbt_bmfile_recovery_note(f));
+    assert_int_equal(cbt_bmfile_image_size(f), IMG_SIZE);
+    for (unsigned i = 0; i < 3; i++) {
+      assert_true(cbt_bmfile_entry_data_ok(f, i));
+      assert_same_bits(cbt_bmfile_entry_bitmap(f, i), &want[i]);
+    }
+    cbt_bmfile_free(f);
+  }
+
+  /* From there a writer can resize again (the entries are INCONSISTENT
+   * now: the file was found not clean). */
+  resize_and_check(fx->path, grown);
+  f = open_ok(fx->path, true);
+  assert_true(cbt_bmfile_entry_flags(f, 0) & CBT_BMF_INCONSISTENT);
+  assert_int_equal(cbt_bmfile_close_clean(f, &why), 0);
+  f = open_ok(fx->path, false);
+  assert_true(cbt_bmfile_found_clean(f));
+  assert_int_equal(cbt_bmfile_image_size(f), grown);
+  cbt_bmfile_free(f);
+
+  for (unsigned i = 0; i < 3; i++)
+    cbt_bitmap_destroy(&want[i]);
+}
+
 int
 main(void)
 {
@@ -1055,6 +1305,8 @@ main(void)
     cmocka_unit_test_setup_teardown(test_corrupt_data, setup, teardown),
     cmocka_unit_test_setup_teardown(test_truncated, setup, teardown),
     cmocka_unit_test_setup_teardown(test_one_copy_damaged, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_resize, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_resize_crash, setup, teardown),
   };
 
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -27,7 +27,7 @@ struct command {
 
 /* One line per subcommand; cmd_NAME is declared in cli.h. */
 static const struct command commands[] = {
-  { "bitmap", cmd_bitmap, "create, inspect and validate dirty bitmap files" },
+  { "bitmap", cmd_bitmap, "create, inspect, validate and resize dirty bitmap files" },
 };
 
 static void

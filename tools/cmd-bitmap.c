@@ -1,10 +1,11 @@
-/* cbt bitmap create|info|dump|check: look after dirty bitmap files.
+/* cbt bitmap create|info|dump|check|resize: look after dirty bitmap files.
  *
  * info, dump and check open the file read-only: a running cbt-filterd
  * holds it open read-write, and reading beside it is safe (the library
  * validates what it reads; a file in use is simply "not clean", because
- * the daemon clears CLEAN before it accepts the first write).  Nothing
- * here ever writes to an existing bitmap file.
+ * the daemon clears CLEAN before it accepts the first write).  Only
+ * resize writes to an existing bitmap file, and only to one that is
+ * CLEAN (so no daemon is using it) unless --force says it crashed.
  *
  * Exit codes (cli.h): check separates "this file is damaged or belongs to
  * another image" (CLI_EXIT_DAMAGED) from "it could not be read at all"
@@ -45,7 +46,8 @@ path_usage_error(const char *cmd, int argc, char **argv)
  * there but is not a valid bitmap file, CLI_EXIT_FAILED if it could not
  * be read. */
 static bool
-open_bitmap(const char *path, cbt_bmfile **out, GError **error)
+open_bitmap_mode(const char *path, bool writable, cbt_bmfile **out,
+                 GError **error)
 {
   g_autofree char *why = NULL;
   struct stat st;
@@ -57,7 +59,7 @@ open_bitmap(const char *path, cbt_bmfile **out, GError **error)
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: not a regular file", path);
     return false;
   }
-  r = cbt_bmfile_open(path, false, out, &why);
+  r = cbt_bmfile_open(path, writable, out, &why);
   if (r < 0) {
     bool damaged = r == -EINVAL || r == -ENOTSUP || r == -EBADMSG;
 
@@ -66,6 +68,12 @@ open_bitmap(const char *path, cbt_bmfile **out, GError **error)
     return false;
   }
   return true;
+}
+
+static bool
+open_bitmap(const char *path, cbt_bmfile **out, GError **error)
+{
+  return open_bitmap_mode(path, false, out, error);
 }
 
 /* Open @img the way cbt-filterd does (format detected) and return its
@@ -575,6 +583,109 @@ bitmap_check(int argc, char **argv)
   return CLI_EXIT_OK;
 }
 
+/* ---- resize ----------------------------------------------------------- */
+
+static char *resize_image;
+static gboolean resize_force;
+
+static const GOptionEntry resize_entries[] = {
+  { "image", 'i', 0, G_OPTION_ARG_FILENAME, &resize_image, "The resized image (required; same file, same inode)", "IMG" },
+  { "force", 'f', 0, G_OPTION_ARG_NONE, &resize_force, "Resize a file that is not clean (the daemon crashed; make sure it is not running)", NULL },
+  { NULL }
+};
+
+static bool
+do_resize(const char *path, GError **error)
+{
+  g_autoptr(cbt_bmfile) f = NULL;
+  g_autofree char *why = NULL;
+  g_autofree char *hold = NULL;
+  g_autofree char *hnew = NULL;
+  uint64_t size, ino, old;
+  unsigned n;
+  int r;
+
+  if (!image_identity(resize_image, &size, &ino, error) ||
+      !open_bitmap_mode(path, true, &f, error))
+    return false;
+  old = cbt_bmfile_image_size(f);
+  n = cbt_bmfile_entry_count(f);
+  if (ino != cbt_bmfile_image_inode(f)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                "%s: does not belong to %s: image file replaced: bitmap was "
+                "made for inode %" PRIu64 ", image is inode %" PRIu64
+                "; create a new bitmap instead", path, resize_image,
+                cbt_bmfile_image_inode(f), ino);
+    return false;
+  }
+  /* A daemon using the file keeps it not clean; resizing under it would
+   * lose its writes.  After a crash the bits are untrusted anyway. */
+  if (!cbt_bmfile_found_clean(f) && !resize_force) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                "%s: not clean: cbt-filterd may be running on it (stop it "
+                "first); if it crashed, resize with --force", path);
+    return false;
+  }
+  hold = cli_format_size(old);
+  hnew = cli_format_size(size);
+  if (size == old) {
+    cli_note("%s: already covers %s (%" PRIu64 " bytes): nothing to do",
+             path, hnew, size);
+    return true;
+  }
+  r = cbt_bmfile_resize(f, size, &why);
+  if (r < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: resize to %" PRIu64
+                " bytes: %s", path, size, why ? why : g_strerror(-r));
+    return false;
+  }
+  /* Clean already if it was; after --force this is the clean shutdown of
+   * a writer (entries stay INCONSISTENT). */
+  r = cbt_bmfile_close_clean(g_steal_pointer(&f), &why);
+  if (r < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path,
+                why ? why : g_strerror(-r));
+    return false;
+  }
+  if (size > old)
+    cli_note("%s: grew from %s (%" PRIu64 " bytes) to %s (%" PRIu64 " bytes): "
+             "new area marked dirty in %u bitmap%s", path, hold, old, hnew,
+             size, n, n == 1 ? "" : "s");
+  else
+    cli_note("%s: shrank from %s (%" PRIu64 " bytes) to %s (%" PRIu64 " bytes): "
+             "bits past the new end dropped in %u bitmap%s", path, hold, old,
+             hnew, size, n, n == 1 ? "" : "s");
+  return true;
+}
+
+static int
+bitmap_resize(int argc, char **argv)
+{
+  g_autoptr(GOptionContext) ctx = cli_option_context("bitmap resize",
+      "PATH --image IMG",
+      "After the image IMG was resized (same file, e.g. qemu-img resize or\n"
+      "truncate -s), make the bitmap file PATH cover its new size; cbt-filterd\n"
+      "refuses a bitmap whose size differs.  Stop the daemon first.  Every\n"
+      "bitmap in PATH is resized: growing keeps the bits and marks the new\n"
+      "area dirty (it was never backed up), shrinking drops the bits past the\n"
+      "new end.  The change is atomic: a crash leaves the old or the new size.\n"
+      "Refused (exit 4) if IMG is another file (inode differs).",
+      "Exit 0 done (or nothing to do), 1 failed or not clean, 2 usage,\n"
+      "4 PATH is damaged or belongs to another image.",
+      resize_entries);
+  g_autoptr(GError) error = NULL;
+
+  if (!cli_parse(ctx, "bitmap resize", &argc, &argv))
+    return CLI_EXIT_USAGE;
+  if (argc != 2)
+    return path_usage_error("bitmap resize", argc, argv);
+  if (!resize_image)
+    return cli_usage_error("bitmap resize", "--image IMG is required");
+  if (!do_resize(argv[1], &error))
+    return cli_report(g_steal_pointer(&error));
+  return CLI_EXIT_OK;
+}
+
 /* ---- dispatch --------------------------------------------------------- */
 
 static const struct {
@@ -586,6 +697,7 @@ static const struct {
   { "info", bitmap_info, "PATH [--json]" },
   { "dump", bitmap_dump, "PATH [--name cbt] [--json]" },
   { "check", bitmap_check, "PATH [--image IMG] [--json]" },
+  { "resize", bitmap_resize, "PATH --image IMG [--force]" },
 };
 
 static void
@@ -595,15 +707,16 @@ bitmap_usage(void)
   for (size_t i = 0; i < G_N_ELEMENTS(subcommands); i++)
     printf("  cbt bitmap %s %s\n", subcommands[i].name, subcommands[i].summary);
   printf("\n"
-         "Create, inspect and validate the dirty bitmap files of cbt-filterd\n"
-         "(format: bitmap-format.md).  'cbt bitmap SUBCOMMAND --help' for details.\n");
+         "Create, inspect and validate the dirty bitmap files of cbt-filterd,\n"
+         "and resize them after their image was resized (format:\n"
+         "bitmap-format.md).  'cbt bitmap SUBCOMMAND --help' for details.\n");
 }
 
 int
 cmd_bitmap(int argc, char **argv)
 {
   if (argc < 2)
-    return cli_usage_error("bitmap", "missing subcommand (create, info, dump or check)");
+    return cli_usage_error("bitmap", "missing subcommand (create, info, dump, check or resize)");
   if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
       strcmp(argv[1], "help") == 0) {
     bitmap_usage();
@@ -613,5 +726,5 @@ cmd_bitmap(int argc, char **argv)
     if (strcmp(argv[1], subcommands[i].name) == 0)
       return subcommands[i].run(argc - 1, argv + 1);
   return cli_usage_error("bitmap", "unknown subcommand '%s' (expected create, "
-                         "info, dump or check)", argv[1]);
+                         "info, dump, check or resize)", argv[1]);
 }

@@ -137,6 +137,29 @@ uint32_t cbt_bmfile_version(const cbt_bmfile *f);
  * bit and the INCONSISTENT flag, durably. */
 int cbt_bmfile_reset_entry(cbt_bmfile *f, unsigned idx, char **why);
 
+/* Make the file cover an image now @new_image_size bytes long (the image
+ * was resized; the inode is kept), atomically and durably: the file then
+ * says image_size = @new_image_size and every entry, FROZEN ones too, has
+ * its bits resized.  Growing keeps every bit and marks the added bytes
+ * dirty (they were never backed up; this includes the old partial last
+ * granule); shrinking drops the bits past the new end.  Flags, checkpoint
+ * ids and the CLEAN state on disk are kept.
+ *
+ * Every entry's data goes to a new area (reusing free space or extending
+ * the file) and is durable before the metadata that references it; the
+ * old areas are not written.  So a crash at any moment leaves the file as
+ * it was before the call or as after it, never corrupt.
+ *
+ * Offline only: no thread may be marking bits or holding a pointer into
+ * an entry's bits (the struct cbt_bitmap stays where it is, its arrays are
+ * replaced), i.e. cbt-filterd is not running on the file.  0 (also when
+ * the size is unchanged), -EROFS on a read-only handle, -EINVAL for a
+ * size of 0 or past CBT_BITMAP_MAX_SIZE, -ENOMEM, -ENOSPC or an I/O
+ * error.  On error the handle is back in its state before the call, and
+ * the file holds that state (or, if only the last fdatasync failed,
+ * perhaps the new one): free the handle rather than write through it. */
+int cbt_bmfile_resize(cbt_bmfile *f, uint64_t new_image_size, char **why);
+
 /* Accessors (no lock, no I/O). */
 const char *cbt_bmfile_path(const cbt_bmfile *f);
 void cbt_bmfile_uuid(const cbt_bmfile *f, uint8_t uuid[16]);
