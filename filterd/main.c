@@ -28,7 +28,7 @@ static int opt_timeout = 10;
 
 static GOptionEntry entries[] = {
   { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve", "PATH" },
-  { "format", 'f', 0, G_OPTION_ARG_STRING, &srv.format, "Image format: raw or auto (default auto)", "FMT" },
+  { "format", 'f', 0, G_OPTION_ARG_STRING, &srv.format, "Image format: raw, qcow2 or auto (default auto)", "FMT" },
   { "socket", 's', 0, G_OPTION_ARG_FILENAME, &srv.socket_path, "Listen on a unix socket", "PATH" },
   { "listen", 'l', 0, G_OPTION_ARG_STRING, &srv.listen_addr, "Listen on TCP", "HOST:PORT" },
   { "export-name", 'e', 0, G_OPTION_ARG_STRING, &srv.export_name, "Export name (default \"\")", "NAME" },

@@ -10,6 +10,7 @@
 #include <glib.h>
 
 #include "cbt/image.h"
+#include "cbt/qcow2.h"
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
 
@@ -109,11 +110,8 @@ cbt_image_open(const char *path, const char *format, bool read_only,
   }
   if (strcmp(format, "raw") == 0)
     return cbt_image_open_raw(path, read_only, direct, out, why);
-  if (strcmp(format, "qcow2") == 0) {
-    *why = g_strdup_printf("%s: qcow2 images are not supported yet "
-                           "(use --format raw only for raw images)", path);
-    return -ENOTSUP;
-  }
+  if (strcmp(format, "qcow2") == 0)
+    return cbt_image_open_qcow2(path, read_only, direct, out, why);
   *why = g_strdup_printf("unknown image format '%s' (expected raw, qcow2 or auto)",
                          format);
   return -EINVAL;
