@@ -28,6 +28,10 @@ struct command {
 /* One line per subcommand; cmd_NAME is declared in cli.h. */
 static const struct command commands[] = {
   { "bitmap", cmd_bitmap, "create, inspect, validate and resize dirty bitmap files" },
+  { "backup", cmd_backup, "pull a full or incremental backup into a repository" },
+  { "restore", cmd_restore, "rebuild the image as of one backup (raw, qcow2 or NBD)" },
+  { "verify", cmd_verify, "check the backup files against the manifest checksums" },
+  { "list", cmd_list, "list the backups of a repository, chain by chain" },
 };
 
 static void

@@ -16,6 +16,7 @@
 #ifndef CBT_CLI_H
 #define CBT_CLI_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -113,11 +114,162 @@ bool cli_flush_stdout(GError **error);
 /* cbt bitmap create|info|dump|check: see the --help text in the file. */
 int cmd_bitmap(int argc, char **argv);
 
-/* To come (issue 4), one file each:
- * int cmd_backup(int argc, char **argv);    cmd-backup.c
- * int cmd_restore(int argc, char **argv);   cmd-restore.c
- * int cmd_verify(int argc, char **argv);    cmd-verify.c
- * int cmd_list(int argc, char **argv);      cmd-list.c
- */
+/* cmd-backup.c, cmd-restore.c, cmd-verify.c, cmd-list.c ---------------- */
+
+/* cbt backup|restore|verify|list: see the --help text in each file. */
+int cmd_backup(int argc, char **argv);
+int cmd_restore(int argc, char **argv);
+int cmd_verify(int argc, char **argv);
+int cmd_list(int argc, char **argv);
+
+/* repo.c ---------------------------------------------------------------- */
+
+/* A backup repository: DIR/manifest.json plus one qcow2 file per backup
+ * (the format is described at the top of repo.c). */
+#define REPO_MANIFEST     "manifest.json"
+#define REPO_LOCK_FILE    ".lock"
+#define REPO_PARTIAL_SUFFIX ".partial"
+#define REPO_CHUNK_SIZE   (UINT64_C(64) << 20)   /* checksum granule */
+
+typedef struct repo_backup {
+  unsigned seq;               /* 1, 2, ...: never reused in a repository */
+  char *kind;                 /* "full" or "incremental" */
+  char *file;                 /* base name in the repository */
+  char *backing;              /* base name of the previous backup, or NULL */
+  char *time;                 /* ISO 8601 UTC, when the checkpoint began */
+  int64_t time_unix;
+  double seconds;             /* how long the backup took */
+  char *checkpoint;           /* daemon checkpoint id (16 hex), or NULL */
+  char *bitmap_uuid;          /* daemon bitmap uuid, or NULL */
+  uint64_t image_size;        /* virtual size in bytes */
+  uint64_t granularity;       /* bitmap granularity (0 without bitmap) */
+  uint64_t cluster_size;      /* of the qcow2 file */
+  uint64_t bytes_copied;      /* read over NBD */
+  uint64_t data_bytes;        /* guest bytes stored as data */
+  uint64_t zero_bytes;        /* guest bytes stored as zero clusters */
+  uint64_t file_size;         /* of the qcow2 file */
+  uint64_t chunk_size;        /* checksum granule */
+  GPtrArray *sha256;          /* hex strings, one per chunk of the file */
+} repo_backup;
+
+typedef struct repo {
+  char *dir;
+  int lock_fd;                /* -1 when not locked */
+  unsigned next_seq;
+  GPtrArray *backups;         /* repo_backup *, oldest first */
+} repo;
+
+enum repo_lock { REPO_LOCK_NONE, REPO_LOCK_SHARED, REPO_LOCK_EXCLUSIVE };
+
+repo_backup *repo_backup_new(void);
+void repo_backup_free(repo_backup *b);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(repo_backup, repo_backup_free)
+void repo_free(repo *r);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(repo, repo_free)
+
+/* Open repository @dir, taking @lock without waiting (a conflict is an
+ * error naming the holder's pid when known).  With @create a missing
+ * directory is created and a missing manifest means an empty repository;
+ * without, both are errors.  A malformed manifest is CLI_EXIT_DAMAGED. */
+bool repo_open(const char *dir, enum repo_lock lock, bool create, repo **out,
+               GError **error);
+/* DIR/@file.  Caller frees. */
+char *repo_path(const repo *r, const char *file);
+/* The newest backup, or NULL in an empty repository. */
+const repo_backup *repo_newest(const repo *r);
+/* The backup named @name: its seq number, file name, or file name without
+ * ".qcow2"; "latest" is the newest. */
+bool repo_find(const repo *r, const char *name, const repo_backup **out,
+               GError **error);
+/* Index in r->backups of the full backup that starts @b's chain. */
+guint repo_chain_start(const repo *r, const repo_backup *b);
+/* Remove what a killed run left (exclusive lock held): *.partial files,
+ * manifest temp files, and backup files not (yet) in the manifest whose
+ * seq is >= next_seq.  Each removal is a note. */
+bool repo_clean_stale(repo *r, GError **error);
+/* The file name for the next backup of @kind at @now. Caller frees. */
+char *repo_next_file(const repo *r, const char *kind, GDateTime *now);
+/* SHA-256 of @path in chunks of @chunk bytes: *@sums gets one hex string
+ * per chunk, *@size the file size.  Caller frees *@sums. */
+bool repo_checksum_file(const char *path, uint64_t chunk, GPtrArray **sums,
+                        uint64_t *size, GError **error);
+/* Append @b (ownership taken) and rewrite the manifest atomically: temp
+ * file, fsync, rename, fsync of the directory.  On failure @b is dropped
+ * and the manifest on disk is the old one. */
+bool repo_add(repo *r, repo_backup *b, GError **error);
+/* One manifest entry as JSON (caller owns the object). */
+json_object *repo_backup_to_json(const repo_backup *b);
+
+/* control.c ------------------------------------------------------------- */
+
+/* A client of cbt-filterd's control socket (--control). */
+#define CONTROL_ERROR (control_error_quark())
+GQuark control_error_quark(void);
+/* Error codes: the daemon's error classes, then our own. */
+enum control_error {
+  CONTROL_ERR_GENERIC,          /* GenericError or an unknown class */
+  CONTROL_ERR_IN_PROGRESS,      /* CheckpointInProgress */
+  CONTROL_ERR_NO_CHECKPOINT,    /* NoCheckpoint */
+  CONTROL_ERR_MISMATCH,         /* CheckpointMismatch */
+  CONTROL_ERR_NO_BITMAP,        /* NoBitmap */
+  CONTROL_ERR_READ_ONLY,        /* ReadOnly */
+  CONTROL_ERR_BAD_REQUEST,      /* BadRequest */
+  CONTROL_ERR_PROTOCOL,         /* the daemon's reply made no sense */
+};
+
+/* The daemon's "status" reply (every command returns one). */
+struct control_status {
+  uint64_t size;
+  bool has_bitmap;
+  char *uuid;                   /* bitmap: */
+  uint64_t granularity;
+  bool trusted;
+  uint64_t dirty_bytes;
+  char *checkpoint;             /* active bitmap's start, or NULL */
+  char *context;
+  bool in_progress;             /* checkpoint: */
+  char *cp_id;
+  char *cp_previous;            /* or NULL */
+  bool cp_trusted;
+  uint64_t cp_dirty_bytes;
+  char *cp_context;
+};
+void control_status_clear(struct control_status *st);
+
+typedef struct control control;
+bool control_connect(const char *path, control **out, GError **error);
+void control_close(control *c);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(control, control_close)
+/* Run @cmd ("status", "checkpoint-begin", ...), with argument "checkpoint"
+ * = @checkpoint unless NULL, and parse the status it returns into @st
+ * (cleared first; may be NULL).  A daemon error is a CONTROL_ERROR whose
+ * code is its class and whose message is its "desc". */
+bool control_execute(control *c, const char *cmd, const char *checkpoint,
+                     struct control_status *st, GError **error);
+
+/* nbd-pull.c ------------------------------------------------------------ */
+
+/* Copy an NBD export's data into a qcow2 writer over several connections
+ * with many requests in flight. */
+struct pull_opts {
+  const char *socket;           /* unix socket, or */
+  const char *uri;              /* an NBD URI */
+  unsigned connections;
+  uint64_t size;                /* the export must have this size */
+  const char *dirty_context;    /* NULL: full (all allocated data) */
+  void *writer;                 /* cbt_qcow2_writer * */
+  uint32_t cluster_size;        /* the writer's */
+  volatile sig_atomic_t *cancel; /* non-zero: stop (a signal arrived) */
+  /* Called from the calling thread a few times a second while copying. */
+  void (*progress)(void *opaque, uint64_t done, uint64_t total);
+  void *opaque;
+};
+struct pull_stats {
+  uint64_t planned;             /* bytes to read */
+  uint64_t copied;              /* bytes read and stored */
+  uint64_t zeroed;              /* bytes made zero clusters (incremental) */
+  uint64_t dirty;               /* dirty bytes found (incremental) */
+};
+bool pull_run(const struct pull_opts *o, struct pull_stats *st, GError **error);
 
 #endif

@@ -1,0 +1,445 @@
+/* cbt backup: pull a full or incremental backup from cbt-filterd into a
+ * repository (repo.c).
+ *
+ * Sequence, and why it is in this order:
+ *   1. lock the repository (exclusive), remove what a killed run left;
+ *   2. status: a checkpoint still in progress was left by an earlier run.
+ *      If the newest backup in the manifest ends at it, that backup
+ *      completed and only its commit was lost: commit it.  Otherwise the
+ *      run that began it failed: abort it (its bits merge back);
+ *   3. decide full or incremental from the status (why_not_incremental);
+ *   4. checkpoint-begin: the frozen bitmap now holds every change since
+ *      the newest backup; recheck that it continues our chain;
+ *   5. connect over NBD (after begin: the frozen bitmap's meta context
+ *      exists only now) and copy into NAME.qcow2.partial;
+ *   6. finish the qcow2 file (fsynced), checksum it, rename it to NAME,
+ *      fsync the directory, add it to the manifest (atomic replace);
+ *   7. checkpoint-commit.
+ * Any failure before 6 completes aborts the checkpoint (the changes it
+ * froze merge back into the active bitmap, so the next backup still sees
+ * them) and unlinks the partial file; the manifest is untouched.  A
+ * failure of 7 leaves a complete, listed backup and a checkpoint that step
+ * 2 of the next run commits.
+ *
+ * SIGINT/SIGTERM set a flag that the copy and each step check; the second
+ * signal has its default effect (SA_RESETHAND), and a killed run is
+ * cleaned up by the next one.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cbt/qcow2-writer.h"
+#include "cli.h"
+
+#define DEFAULT_CONNECTIONS 4
+#define MAX_CONNECTIONS     64
+
+static volatile sig_atomic_t cancelled;
+
+static void
+on_signal(int sig)
+{
+  cancelled = sig;
+}
+
+static void
+install_signals(void)
+{
+  struct sigaction sa = { .sa_handler = on_signal, .sa_flags = SA_RESETHAND };
+
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+  signal(SIGPIPE, SIG_IGN);
+}
+
+static bool
+check_cancel(GError **error)
+{
+  if (!cancelled)
+    return true;
+  g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "interrupted by %s",
+              cancelled == SIGINT ? "SIGINT" : "SIGTERM");
+  return false;
+}
+
+struct backup {
+  /* options */
+  const char *socket, *uri, *control_path, *repo_dir;
+  bool full, incremental, json;
+  unsigned connections;
+
+  repo *repo;
+  control *ctl;
+  struct control_status st;
+  const repo_backup *newest;
+  bool begun;                     /* a checkpoint of ours is in progress */
+  char *cp_id;
+  char *partial;                  /* path of the file being written */
+  bool progress;                  /* draw a progress bar */
+  gint64 start;
+  char *file;
+};
+
+/* NULL when an incremental can continue @b->newest's chain given the
+ * daemon status before begin; otherwise why not (caller frees). */
+static char *
+why_not_incremental(const struct backup *b)
+{
+  const repo_backup *n = b->newest;
+  const struct control_status *st = &b->st;
+
+  if (!n)
+    return g_strdup("the repository is empty");
+  if (!st->has_bitmap)
+    return g_strdup("the daemon tracks no dirty bitmap (started without --bitmap)");
+  if (n->image_size != st->size)
+    return g_strdup_printf("image size changed from %" PRIu64 " to %" PRIu64 " bytes",
+                           n->image_size, st->size);
+  if (!n->checkpoint || !n->bitmap_uuid)
+    return g_strdup_printf("the newest backup %s was taken without a bitmap", n->file);
+  if (strcmp(n->bitmap_uuid, st->uuid) != 0)
+    return g_strdup_printf("bitmap was recreated (uuid changed from %s to %s)",
+                           n->bitmap_uuid, st->uuid);
+  if (!st->trusted)
+    return g_strdup("bitmap not clean after unclean shutdown");
+  if (!st->checkpoint || strcmp(st->checkpoint, n->checkpoint) != 0)
+    return g_strdup_printf("checkpoint mismatch: the daemon's bitmap holds the changes "
+                           "since checkpoint %s, the newest backup %s ends at %s",
+                           st->checkpoint ? st->checkpoint : "(none)", n->file,
+                           n->checkpoint);
+  return NULL;
+}
+
+/* Step 2: settle a checkpoint left in progress by an earlier run. */
+static bool
+settle_leftover(struct backup *b, GError **error)
+{
+  g_autofree char *id = NULL;
+
+  if (!b->st.in_progress)
+    return true;
+  /* A copy: control_execute clears b->st before it sends the request. */
+  id = g_strdup(b->st.cp_id);
+  if (b->newest && b->newest->checkpoint && strcmp(b->newest->checkpoint, id) == 0) {
+    cli_note("checkpoint %s is still in progress, but backup %s that began it completed: "
+             "committing it", id, b->newest->file);
+    return control_execute(b->ctl, "checkpoint-commit", id, &b->st, error);
+  }
+  cli_note("checkpoint %s was left in progress by a backup that did not finish: "
+           "aborting it (its changes merge back into the bitmap)", id);
+  return control_execute(b->ctl, "checkpoint-abort", id, &b->st, error);
+}
+
+static void
+progress_cb(void *opaque, uint64_t done, uint64_t total)
+{
+  struct backup *b = opaque;
+  double secs = (double)(g_get_monotonic_time() - b->start) / 1e6;
+  g_autofree char *d = cli_format_size(done);
+  g_autofree char *t = cli_format_size(total);
+  double pct = cli_percent(done, total);
+  char bar[31];
+  unsigned fill = (unsigned)(pct * 30 / 100);
+
+  if (!b->progress)
+    return;
+  memset(bar, '#', fill);
+  memset(bar + fill, '.', 30 - fill);
+  bar[30] = '\0';
+  fprintf(stderr, "\rcbt: %s [%s] %5.1f%% %s of %s, %.1f MiB/s   ", b->file, bar, pct, d,
+          t, secs > 0 ? (double)done / secs / 1048576.0 : 0.0);
+  fflush(stderr);
+}
+
+/* Undo everything of a failed run: the checkpoint and the partial file. */
+static void
+roll_back(struct backup *b)
+{
+  if (b->partial && unlink(b->partial) < 0 && errno != ENOENT)
+    cli_error("%s: cannot remove: %s (the next backup removes it)", b->partial,
+              g_strerror(errno));
+  if (b->begun) {
+    g_autoptr(GError) err = NULL;
+
+    if (control_execute(b->ctl, "checkpoint-abort", b->cp_id, NULL, &err))
+      cli_note("checkpoint %s aborted: its changes merged back into the bitmap", b->cp_id);
+    else
+      cli_error("cannot abort checkpoint %s: %s (the next backup aborts it)", b->cp_id,
+                err->message);
+  }
+}
+
+static void
+summary(const struct backup *b, const repo_backup *e, const char *reason,
+        uint64_t dirty)
+{
+  double mibs = e->seconds > 0 ? (double)e->bytes_copied / e->seconds / 1048576.0 : 0;
+
+  if (b->json) {
+    g_autoptr(json_object) o = repo_backup_to_json(e);
+    g_autoptr(GError) err = NULL;
+
+    json_object_object_del(o, "sha256");
+    cli_json_add_str(o, "repository", b->repo_dir);
+    cli_json_add_str(o, "path", b->partial);
+    cli_json_add_str(o, "full-reason", reason);
+    cli_json_add_u64(o, "dirty-bytes", dirty);
+    cli_json_add_percent(o, "mib-per-second", mibs);
+    if (!cli_json_print(o, &err))
+      cli_error("%s", err->message);
+  } else if (!cli_quiet) {
+    g_autofree char *copied = cli_format_size(e->bytes_copied);
+    g_autofree char *zero = cli_format_size(e->zero_bytes);
+    g_autofree char *fsize = cli_format_size(e->file_size);
+
+    printf("backup %s: %s, %s copied, %s zeroed, file %s, %.1f s, %.1f MiB/s\n", e->file,
+           e->kind, copied, zero, fsize, e->seconds, mibs);
+    fflush(stdout);
+  }
+}
+
+static bool
+run(struct backup *b, GError **error)
+{
+  g_autoptr(cbt_qcow2_writer) w = NULL;
+  g_autoptr(repo_backup) e = repo_backup_new();
+  g_autoptr(GDateTime) now = NULL;
+  g_autofree char *reason = NULL;
+  g_autofree char *why = NULL;
+  g_autofree char *final = NULL;
+  struct cbt_qcow2_writer_opts wo = { 0 };
+  struct pull_opts po = { 0 };
+  struct pull_stats ps;
+  bool incremental;
+  int r;
+
+  if (!repo_open(b->repo_dir, REPO_LOCK_EXCLUSIVE, true, &b->repo, error) ||
+      !repo_clean_stale(b->repo, error) ||
+      !control_connect(b->control_path, &b->ctl, error) ||
+      !control_execute(b->ctl, "status", NULL, &b->st, error))
+    return false;
+  b->newest = repo_newest(b->repo);
+  if (!settle_leftover(b, error))
+    return false;
+
+  /* Step 3. */
+  reason = why_not_incremental(b);
+  if (reason && b->incremental) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_NO_INCREMENTAL,
+                "incremental backup impossible: %s", reason);
+    return false;
+  }
+  incremental = !reason && !b->full;
+  if (b->full && !reason)
+    reason = g_strdup("--full given");
+  if (reason && !b->full)
+    cli_note("%s: taking a full backup", reason);
+  if (!check_cancel(error))
+    return false;
+
+  /* Step 4. */
+  if (b->st.has_bitmap) {
+    if (!control_execute(b->ctl, "checkpoint-begin", NULL, &b->st, error))
+      return false;
+    if (!b->st.in_progress) {
+      g_set_error(error, CONTROL_ERROR, CONTROL_ERR_PROTOCOL,
+                  "checkpoint-begin returned no checkpoint");
+      return false;
+    }
+    b->begun = true;
+    b->cp_id = g_strdup(b->st.cp_id);
+    if (incremental &&
+        (!b->st.cp_trusted || !b->st.cp_previous ||
+         strcmp(b->st.cp_previous, b->newest->checkpoint) != 0)) {
+      g_free(reason);
+      reason = g_strdup_printf("checkpoint mismatch: the frozen bitmap %s the changes "
+                               "since %s, the newest backup ends at %s",
+                               b->st.cp_trusted ? "holds" : "does not reliably hold",
+                               b->st.cp_previous ? b->st.cp_previous : "(none)",
+                               b->newest->checkpoint);
+      if (b->incremental) {
+        g_set_error(error, CLI_ERROR, CLI_EXIT_NO_INCREMENTAL,
+                    "incremental backup impossible: %s", reason);
+        return false;
+      }
+      cli_note("%s: taking a full backup", reason);
+      incremental = false;
+    }
+  } else if (b->incremental) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_NO_INCREMENTAL,
+                "incremental backup impossible: the daemon tracks no dirty bitmap");
+    return false;
+  }
+
+  /* Step 5. */
+  now = g_date_time_new_now_utc();
+  e->seq = b->repo->next_seq;
+  e->kind = g_strdup(incremental ? "incremental" : "full");
+  e->file = repo_next_file(b->repo, e->kind, now);
+  e->backing = incremental ? g_strdup(b->newest->file) : NULL;
+  e->time = g_date_time_format(now, "%Y-%m-%dT%H:%M:%SZ");
+  e->time_unix = g_date_time_to_unix(now);
+  e->checkpoint = g_strdup(b->cp_id);
+  e->bitmap_uuid = g_strdup(b->st.uuid);
+  e->image_size = b->st.size;
+  e->granularity = b->st.has_bitmap ? b->st.granularity : 0;
+  e->cluster_size = b->st.has_bitmap ? MIN(b->st.granularity, UINT64_C(65536)) : 65536;
+  e->chunk_size = REPO_CHUNK_SIZE;
+  b->file = g_strdup(e->file);
+  final = repo_path(b->repo, e->file);
+  b->partial = g_strconcat(final, REPO_PARTIAL_SUFFIX, NULL);
+
+  wo.size = e->image_size;
+  wo.cluster_size = (uint32_t)e->cluster_size;
+  wo.backing_file = e->backing;
+  wo.backing_format = e->backing ? "qcow2" : NULL;
+  r = cbt_qcow2_writer_create(b->partial, &wo, &w, &why);
+  if (r < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", b->partial,
+                why ? why : g_strerror(-r));
+    return false;
+  }
+  po.socket = b->socket;
+  po.uri = b->uri;
+  po.connections = b->connections;
+  po.size = e->image_size;
+  po.dirty_context = incremental ? b->st.cp_context : NULL;
+  po.writer = w;
+  po.cluster_size = (uint32_t)e->cluster_size;
+  po.cancel = &cancelled;
+  po.progress = progress_cb;
+  po.opaque = b;
+  b->start = g_get_monotonic_time();
+  {
+    bool ok = pull_run(&po, &ps, error);
+
+    if (b->progress)
+      fputc('\n', stderr);
+    if (!ok)
+      return false;
+  }
+  if (!check_cancel(error))
+    return false;
+  cli_debug("copy: %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
+
+  /* Step 6. */
+  e->bytes_copied = ps.copied;
+  e->data_bytes = cbt_qcow2_writer_data_bytes(w);
+  e->zero_bytes = cbt_qcow2_writer_zero_bytes(w);
+  r = cbt_qcow2_writer_finish(w, &why);
+  if (r < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", b->partial,
+                why ? why : g_strerror(-r));
+    return false;
+  }
+  g_clear_pointer(&w, cbt_qcow2_writer_free);
+  cli_debug("finish: done at %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
+  g_ptr_array_unref(e->sha256);
+  e->sha256 = NULL;
+  if (!repo_checksum_file(b->partial, e->chunk_size, &e->sha256, &e->file_size, error) ||
+      !check_cancel(error))
+    return false;
+  cli_debug("checksum: done at %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
+  if (rename(b->partial, final) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: rename to %s: %s", b->partial,
+                final, g_strerror(errno));
+    return false;
+  }
+  /* From here the file is NAME; a failure must remove that instead. */
+  g_free(b->partial);
+  b->partial = g_steal_pointer(&final);
+  e->seconds = (double)(g_get_monotonic_time() - b->start) / 1e6;
+  {
+    repo_backup *entry = g_steal_pointer(&e);
+
+    if (!repo_add(b->repo, entry, error))
+      return false;
+    /* Listed: nothing to roll back any more. */
+    summary(b, entry, incremental ? NULL : reason, ps.dirty);
+  }
+  g_clear_pointer(&b->partial, g_free);
+
+  /* Step 7. */
+  if (b->begun) {
+    g_autoptr(GError) err = NULL;
+
+    b->begun = false;
+    if (!control_execute(b->ctl, "checkpoint-commit", b->cp_id, NULL, &err))
+      cli_error("backup %s is complete, but committing checkpoint %s failed: %s "
+                "(the next backup commits it)", b->file, b->cp_id, err->message);
+  }
+  return true;
+}
+
+int
+cmd_backup(int argc, char **argv)
+{
+  struct backup b = { .connections = DEFAULT_CONNECTIONS };
+  g_autofree char *socket_path = NULL, *uri = NULL, *ctl = NULL, *dir = NULL;
+  gboolean full = FALSE, incremental = FALSE, autom = FALSE, json = FALSE;
+  gint conns = DEFAULT_CONNECTIONS;
+  GError *error = NULL;
+  GOptionEntry entries[] = {
+    { "socket", 's', 0, G_OPTION_ARG_FILENAME, &socket_path, "NBD unix socket of cbt-filterd", "PATH" },
+    { "uri", 'u', 0, G_OPTION_ARG_STRING, &uri, "NBD URI (nbd://HOST:PORT/NAME, nbd+unix://...)", "URI" },
+    { "control", 'c', 0, G_OPTION_ARG_FILENAME, &ctl, "control socket of cbt-filterd", "PATH" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory (created if missing)", "DIR" },
+    { "full", 'f', 0, G_OPTION_ARG_NONE, &full, "take a full backup", NULL },
+    { "incremental", 'i', 0, G_OPTION_ARG_NONE, &incremental, "take an incremental backup or fail with exit status 3", NULL },
+    { "auto", 'a', 0, G_OPTION_ARG_NONE, &autom, "incremental when possible, else full, saying why (default)", NULL },
+    { "connections", 'n', 0, G_OPTION_ARG_INT, &conns, "NBD connections (default 4)", "N" },
+    { "json", 'j', 0, G_OPTION_ARG_NONE, &json, "print a JSON summary on stdout", NULL },
+    { NULL }
+  };
+  g_autoptr(GOptionContext) octx =
+    cli_option_context("backup", "",
+                       "Pull a backup from cbt-filterd into a repository.",
+                       "The first backup is full; later ones are incremental when the\n"
+                       "daemon's bitmap continues the repository's newest backup, full\n"
+                       "otherwise (the reason is printed).  On a terminal a progress bar\n"
+                       "is drawn on stderr; otherwise only a summary line is printed.\n"
+                       "Any failure aborts the daemon's checkpoint (no change is lost)\n"
+                       "and leaves the repository as it was.\n\n" CLI_EXIT_CODES_HELP,
+                       entries);
+  bool ok;
+
+  if (!cli_parse(octx, "backup", &argc, &argv))
+    return CLI_EXIT_USAGE;
+  if (argc > 1)
+    return cli_usage_error("backup", "unexpected argument '%s'", argv[1]);
+  if (!socket_path == !uri)
+    return cli_usage_error("backup", "give exactly one of --socket and --uri");
+  if (!ctl || !dir)
+    return cli_usage_error("backup", "--control and --repo are required");
+  if (full + incremental + autom > 1)
+    return cli_usage_error("backup", "--full, --incremental and --auto exclude each other");
+  if (conns < 1 || conns > MAX_CONNECTIONS)
+    return cli_usage_error("backup", "--connections must be 1 to %d", MAX_CONNECTIONS);
+
+  b.socket = socket_path;
+  b.uri = uri;
+  b.control_path = ctl;
+  b.repo_dir = dir;
+  b.full = full;
+  b.incremental = incremental;
+  b.json = json;
+  b.connections = (unsigned)conns;
+  b.progress = !cli_quiet && !json && isatty(STDERR_FILENO);
+  install_signals();
+
+  ok = run(&b, &error);
+  if (!ok)
+    roll_back(&b);
+  control_status_clear(&b.st);
+  control_close(b.ctl);
+  repo_free(b.repo);
+  g_free(b.cp_id);
+  g_free(b.partial);
+  g_free(b.file);
+  return ok ? CLI_EXIT_OK : cli_report(error);
+}

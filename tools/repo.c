@@ -1,0 +1,777 @@
+/* The backup repository: a directory of qcow2 files and a manifest.
+ *
+ *   DIR/manifest.json                     the list of backups (below)
+ *   DIR/000001-full-20250102T030405Z.qcow2   a full backup (no backing file)
+ *   DIR/000002-inc-20250103T030405Z.qcow2    an incremental: backing file is
+ *                                         the previous backup, relative name,
+ *                                         backing format qcow2
+ *   DIR/.lock                             flock(2) target, holds the pid of
+ *                                         the backup that holds it
+ *   DIR/NAME.qcow2.partial                a backup being written (never
+ *                                         listed; removed by the next run)
+ *
+ * manifest.json:
+ *   { "format": "cbt-backup-repository", "version": 1, "next-seq": N,
+ *     "backups": [ ENTRY, ... ] }          oldest first
+ * ENTRY: "seq", "kind" ("full" | "incremental"), "file", "backing" (file
+ * name or null), "time" (ISO 8601 UTC, when the checkpoint began),
+ * "time-unix", "seconds", "checkpoint" (the daemon's checkpoint id that
+ * this backup ends at: the next incremental holds the changes since it;
+ * null without a bitmap), "bitmap-uuid", "image-size", "granularity",
+ * "cluster-size", "bytes-copied", "data-bytes", "zero-bytes",
+ * "file-size", "chunk-size", "sha256" (hex SHA-256 of each chunk-size
+ * piece of the file, so verify can name the offset of a mismatch).
+ *
+ * A chain is a full backup and the incrementals after it; each
+ * incremental's backing file is the entry just before it.  Readers reject
+ * a manifest that breaks this, so restore never follows a wrong chain.
+ *
+ * Ordering that keeps the repository consistent across a crash: a backup
+ * is written to NAME.partial, completed and fsynced, renamed to NAME (and
+ * the directory fsynced), and only then listed in the manifest, which is
+ * replaced atomically (temp file, fsync, rename, fsync of the directory).
+ * So the manifest lists only complete files; a crash leaves at most a
+ * .partial file or an unlisted NAME whose seq is next-seq, and
+ * repo_clean_stale removes both under the lock.
+ *
+ * Checksums are computed after the file is complete (the writer places
+ * clusters in arrival order, so there is no sequential stream to hash
+ * while copying), by one thread per CPU over the independent chunks.
+ *
+ * Locking: backup takes an exclusive flock on DIR/.lock and writes its pid
+ * there (for the "locked by pid N" message); restore and verify take a
+ * shared one so that pruning cannot delete files they read; list takes
+ * none (the manifest is replaced atomically).  The locks never wait.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cbt/uring-io.h"
+#include "cli.h"
+
+#define MANIFEST_FORMAT  "cbt-backup-repository"
+#define MANIFEST_VERSION 1
+/* A manifest is small (a few KiB per backup); refuse absurd ones. */
+#define MANIFEST_MAX     (64u << 20)
+#define READ_BUF         (4u << 20)
+
+repo_backup *
+repo_backup_new(void)
+{
+  repo_backup *b = g_new0(repo_backup, 1);
+
+  b->sha256 = g_ptr_array_new_with_free_func(g_free);
+  return b;
+}
+
+void
+repo_backup_free(repo_backup *b)
+{
+  if (!b)
+    return;
+  g_free(b->kind);
+  g_free(b->file);
+  g_free(b->backing);
+  g_free(b->time);
+  g_free(b->checkpoint);
+  g_free(b->bitmap_uuid);
+  if (b->sha256)
+    g_ptr_array_unref(b->sha256);
+  g_free(b);
+}
+
+void
+repo_free(repo *r)
+{
+  if (!r)
+    return;
+  if (r->lock_fd >= 0) {
+    /* Clear our pid before unlocking so that a conflict with a later
+     * shared holder does not name us.  A failure is harmless: a reported
+     * pid is checked for liveness first. */
+    if (ftruncate(r->lock_fd, 0) < 0)
+      cli_debug("%s: cannot clear the lock file: %s", r->dir, g_strerror(errno));
+    close(r->lock_fd);
+  }
+  g_free(r->dir);
+  if (r->backups)
+    g_ptr_array_unref(r->backups);
+  g_free(r);
+}
+
+char *
+repo_path(const repo *r, const char *file)
+{
+  return g_build_filename(r->dir, file, NULL);
+}
+
+const repo_backup *
+repo_newest(const repo *r)
+{
+  return r->backups->len ? g_ptr_array_index(r->backups, r->backups->len - 1) : NULL;
+}
+
+/* A file name we accept in the manifest: a plain name in the directory. */
+static bool
+plain_name(const char *s)
+{
+  return s && *s && *s != '.' && !strchr(s, '/') && strlen(s) < 256;
+}
+
+static bool
+is_hex_id(const char *s)
+{
+  if (!s || strlen(s) != 16)
+    return false;
+  for (; *s; s++)
+    if (!g_ascii_isxdigit(*s))
+      return false;
+  return true;
+}
+
+/* --- locking ----------------------------------------------------------- */
+
+static bool
+take_lock(repo *r, enum repo_lock lock, GError **error)
+{
+  g_autofree char *path = repo_path(r, REPO_LOCK_FILE);
+  int fd;
+
+  if (lock == REPO_LOCK_NONE)
+    return true;
+  fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0 && lock == REPO_LOCK_SHARED && (errno == EROFS || errno == EACCES)) {
+    /* A read-only repository (backup media mounted ro): nobody can be
+     * writing it, so reading needs no lock. */
+    cli_debug("%s: %s: reading without a lock", path, g_strerror(errno));
+    return true;
+  }
+  if (fd < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
+    return false;
+  }
+  if (flock(fd, (lock == REPO_LOCK_EXCLUSIVE ? LOCK_EX : LOCK_SH) | LOCK_NB) < 0) {
+    int err = errno;
+    char buf[32] = "";
+    ssize_t n;
+    long holder = 0;
+
+    if (err != EWOULDBLOCK) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: flock: %s", path,
+                  g_strerror(err));
+      close(fd);
+      return false;
+    }
+    n = pread(fd, buf, sizeof buf - 1, 0);
+    close(fd);
+    if (n > 0) {
+      buf[n] = '\0';
+      holder = strtol(buf, NULL, 10);
+    }
+    if (holder > 0 && kill((pid_t)holder, 0) == 0)
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                  "repository %s is locked by pid %ld (another backup is running)",
+                  r->dir, holder);
+    else
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                  "repository %s is locked by another process "
+                  "(a backup, restore, verify or prune is running)", r->dir);
+    return false;
+  }
+  if (lock == REPO_LOCK_EXCLUSIVE) {
+    g_autofree char *pid = g_strdup_printf("%ld\n", (long)getpid());
+
+    if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, strlen(pid), 0) < 0)
+      cli_debug("%s: cannot record our pid: %s", path, g_strerror(errno));
+  }
+  r->lock_fd = fd;
+  return true;
+}
+
+/* --- manifest parsing -------------------------------------------------- */
+
+static bool
+get_member(json_object *o, const char *key, json_type type, bool nullable,
+           json_object **out, const char *where, GError **error)
+{
+  json_object *v = NULL;
+
+  if (!json_object_object_get_ex(o, key, &v)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: missing \"%s\"", where, key);
+    return false;
+  }
+  if ((v == NULL && !nullable) || (v != NULL && !json_object_is_type(v, type))) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: \"%s\" has the wrong type",
+                where, key);
+    return false;
+  }
+  *out = v;
+  return true;
+}
+
+static bool
+get_str(json_object *o, const char *key, bool nullable, char **out,
+        const char *where, GError **error)
+{
+  json_object *v;
+
+  if (!get_member(o, key, json_type_string, nullable, &v, where, error))
+    return false;
+  *out = v ? g_strdup(json_object_get_string(v)) : NULL;
+  return true;
+}
+
+static bool
+get_u64(json_object *o, const char *key, uint64_t *out, const char *where,
+        GError **error)
+{
+  json_object *v;
+
+  if (!get_member(o, key, json_type_int, false, &v, where, error))
+    return false;
+  if (json_object_get_int64(v) < 0 && json_object_get_uint64(v) == 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: \"%s\" is negative", where, key);
+    return false;
+  }
+  *out = json_object_get_uint64(v);
+  return true;
+}
+
+static bool
+parse_entry(json_object *e, repo_backup *prev, repo_backup **out,
+            const char *where_m, GError **error)
+{
+  g_autoptr(repo_backup) b = repo_backup_new();
+  g_autofree char *where = NULL;
+  json_object *v = NULL, *sums = NULL;
+  uint64_t seq = 0, t = 0, nchunks;
+
+  if (!json_object_is_type(e, json_type_object)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: a backup entry is not an object",
+                where_m);
+    return false;
+  }
+  if (!get_u64(e, "seq", &seq, where_m, error))
+    return false;
+  where = g_strdup_printf("%s: backup %" PRIu64, where_m, seq);
+  if (seq == 0 || seq > UINT32_MAX || (prev && seq <= prev->seq)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: seq out of order", where);
+    return false;
+  }
+  b->seq = (unsigned)seq;
+  if (!get_str(e, "kind", false, &b->kind, where, error) ||
+      !get_str(e, "file", false, &b->file, where, error) ||
+      !get_str(e, "backing", true, &b->backing, where, error) ||
+      !get_str(e, "time", false, &b->time, where, error) ||
+      !get_u64(e, "time-unix", &t, where, error) ||
+      !get_str(e, "checkpoint", true, &b->checkpoint, where, error) ||
+      !get_str(e, "bitmap-uuid", true, &b->bitmap_uuid, where, error) ||
+      !get_u64(e, "image-size", &b->image_size, where, error) ||
+      !get_u64(e, "granularity", &b->granularity, where, error) ||
+      !get_u64(e, "cluster-size", &b->cluster_size, where, error) ||
+      !get_u64(e, "bytes-copied", &b->bytes_copied, where, error) ||
+      !get_u64(e, "data-bytes", &b->data_bytes, where, error) ||
+      !get_u64(e, "zero-bytes", &b->zero_bytes, where, error) ||
+      !get_u64(e, "file-size", &b->file_size, where, error) ||
+      !get_u64(e, "chunk-size", &b->chunk_size, where, error) ||
+      !get_member(e, "sha256", json_type_array, false, &sums, where, error))
+    return false;
+  b->time_unix = (int64_t)t;
+  if (json_object_object_get_ex(e, "seconds", &v) && v)
+    b->seconds = json_object_get_double(v);
+
+  if (!plain_name(b->file) || !g_str_has_suffix(b->file, ".qcow2")) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: bad file name \"%s\"", where,
+                b->file);
+    return false;
+  }
+  if (strcmp(b->kind, "full") == 0) {
+    if (b->backing) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                  "%s: a full backup with backing file \"%s\"", where, b->backing);
+      return false;
+    }
+  } else if (strcmp(b->kind, "incremental") == 0) {
+    if (!prev || !b->backing || strcmp(b->backing, prev->file) != 0) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                  "%s: incremental whose backing file \"%s\" is not the previous "
+                  "backup \"%s\": the chain is broken", where,
+                  b->backing ? b->backing : "(none)", prev ? prev->file : "(none)");
+      return false;
+    }
+    if (prev->image_size != b->image_size) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                  "%s: incremental of a %" PRIu64 "-byte image on a %" PRIu64 "-byte one",
+                  where, b->image_size, prev->image_size);
+      return false;
+    }
+  } else {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: unknown kind \"%s\"", where,
+                b->kind);
+    return false;
+  }
+  if (b->checkpoint && !is_hex_id(b->checkpoint)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: bad checkpoint id \"%s\"", where,
+                b->checkpoint);
+    return false;
+  }
+  if (b->chunk_size == 0 || b->image_size == 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: zero chunk or image size", where);
+    return false;
+  }
+  nchunks = b->file_size / b->chunk_size + (b->file_size % b->chunk_size != 0);
+  if (json_object_array_length(sums) != nchunks) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                "%s: %zu checksums for a %" PRIu64 "-byte file in %" PRIu64 "-byte chunks",
+                where, json_object_array_length(sums), b->file_size, b->chunk_size);
+    return false;
+  }
+  for (size_t i = 0; i < nchunks; i++) {
+    json_object *s = json_object_array_get_idx(sums, i);
+
+    if (!s || !json_object_is_type(s, json_type_string) ||
+        json_object_get_string_len(s) != 64) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: checksum %zu is malformed",
+                  where, i);
+      return false;
+    }
+    g_ptr_array_add(b->sha256, g_strdup(json_object_get_string(s)));
+  }
+  *out = g_steal_pointer(&b);
+  return true;
+}
+
+static bool
+load_manifest(repo *r, bool create, GError **error)
+{
+  g_autofree char *path = repo_path(r, REPO_MANIFEST);
+  g_autofree char *text = NULL;
+  g_autoptr(GError) err = NULL;
+  g_autoptr(json_object) root = NULL;
+  json_tokener *tok;
+  json_object *v = NULL, *list = NULL;
+  gsize len = 0;
+  uint64_t next = 0, version = 0;
+
+  r->backups = g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
+  r->next_seq = 1;
+  if (!g_file_get_contents(path, &text, &len, &err)) {
+    if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+      if (create)
+        return true;
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                  "%s: not a backup repository (no " REPO_MANIFEST ")", r->dir);
+      return false;
+    }
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s", err->message);
+    return false;
+  }
+  if (len > MANIFEST_MAX) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: larger than %u MiB", path,
+                MANIFEST_MAX >> 20);
+    return false;
+  }
+  tok = json_tokener_new();
+  root = json_tokener_parse_ex(tok, text, (int)len);
+  if (!root || json_tokener_get_error(tok) != json_tokener_success) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: not valid JSON: %s", path,
+                json_tokener_error_desc(json_tokener_get_error(tok)));
+    json_tokener_free(tok);
+    return false;
+  }
+  json_tokener_free(tok);
+  if (!json_object_is_type(root, json_type_object) ||
+      !json_object_object_get_ex(root, "format", &v) || !v ||
+      !json_object_is_type(v, json_type_string) ||
+      strcmp(json_object_get_string(v), MANIFEST_FORMAT) != 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                "%s: not a cbt manifest (\"format\" is not \"" MANIFEST_FORMAT "\")", path);
+    return false;
+  }
+  if (!get_u64(root, "version", &version, path, error))
+    return false;
+  if (version != MANIFEST_VERSION) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                "%s: manifest version %" PRIu64 " is not supported (expected %d)", path,
+                version, MANIFEST_VERSION);
+    return false;
+  }
+  if (!get_u64(root, "next-seq", &next, path, error) ||
+      !get_member(root, "backups", json_type_array, false, &list, path, error))
+    return false;
+  for (size_t i = 0; i < json_object_array_length(list); i++) {
+    repo_backup *prev = r->backups->len ? g_ptr_array_index(r->backups, r->backups->len - 1)
+                                        : NULL;
+    repo_backup *b = NULL;
+
+    if (!parse_entry(json_object_array_get_idx(list, i), prev, &b, path, error))
+      return false;
+    g_ptr_array_add(r->backups, b);
+  }
+  if (next == 0 || next > UINT32_MAX ||
+      (r->backups->len && next <= ((repo_backup *)repo_newest(r))->seq)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: \"next-seq\" %" PRIu64
+                " is not past the newest backup", path, next);
+    return false;
+  }
+  r->next_seq = (unsigned)next;
+  return true;
+}
+
+bool
+repo_open(const char *dir, enum repo_lock lock, bool create, repo **out,
+          GError **error)
+{
+  g_autoptr(repo) r = g_new0(repo, 1);
+  struct stat st;
+
+  r->dir = g_strdup(dir);
+  r->lock_fd = -1;
+  if (create && g_mkdir_with_parents(dir, 0755) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot create: %s", dir,
+                g_strerror(errno));
+    return false;
+  }
+  if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", dir,
+                errno && !S_ISDIR(st.st_mode) ? g_strerror(errno) : "not a directory");
+    return false;
+  }
+  /* Lock first, so the manifest we read is the one we may replace. */
+  if (!take_lock(r, lock, error) || !load_manifest(r, create, error))
+    return false;
+  *out = g_steal_pointer(&r);
+  return true;
+}
+
+bool
+repo_find(const repo *r, const char *name, const repo_backup **out,
+          GError **error)
+{
+  char *end = NULL;
+  guint64 seq;
+
+  if (r->backups->len == 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: the repository is empty", r->dir);
+    return false;
+  }
+  if (!name || strcmp(name, "latest") == 0) {
+    *out = repo_newest(r);
+    return true;
+  }
+  seq = g_ascii_strtoull(name, &end, 10);
+  for (guint i = 0; i < r->backups->len; i++) {
+    const repo_backup *b = g_ptr_array_index(r->backups, i);
+    size_t stem = strlen(b->file) - strlen(".qcow2");
+
+    if ((end && end != name && *end == '\0' && b->seq == seq) ||
+        strcmp(name, b->file) == 0 ||
+        (strlen(name) == stem && strncmp(name, b->file, stem) == 0)) {
+      *out = b;
+      return true;
+    }
+  }
+  g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+              "%s: no backup '%s' in the manifest (see 'cbt list')", r->dir, name);
+  return false;
+}
+
+guint
+repo_chain_start(const repo *r, const repo_backup *b)
+{
+  guint i;
+
+  for (i = 0; i < r->backups->len; i++)
+    if (g_ptr_array_index(r->backups, i) == b)
+      break;
+  g_assert(i < r->backups->len);
+  while (i > 0 && strcmp(((repo_backup *)g_ptr_array_index(r->backups, i))->kind,
+                         "full") != 0)
+    i--;
+  return i;
+}
+
+char *
+repo_next_file(const repo *r, const char *kind, GDateTime *now)
+{
+  g_autofree char *ts = g_date_time_format(now, "%Y%m%dT%H%M%SZ");
+
+  return g_strdup_printf("%06u-%s-%s.qcow2", r->next_seq,
+                         strcmp(kind, "full") == 0 ? "full" : "inc", ts);
+}
+
+/* --- stale files ------------------------------------------------------- */
+
+static bool
+listed(const repo *r, const char *name)
+{
+  for (guint i = 0; i < r->backups->len; i++)
+    if (strcmp(((repo_backup *)g_ptr_array_index(r->backups, i))->file, name) == 0)
+      return true;
+  return false;
+}
+
+bool
+repo_clean_stale(repo *r, GError **error)
+{
+  g_autoptr(GError) err = NULL;
+  g_autoptr(GDir) d = g_dir_open(r->dir, 0, &err);
+  const char *name;
+
+  g_assert(r->lock_fd >= 0);
+  if (!d) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s", err->message);
+    return false;
+  }
+  while ((name = g_dir_read_name(d))) {
+    g_autofree char *path = NULL;
+    const char *why = NULL;
+    unsigned seq = 0;
+
+    if (g_str_has_suffix(name, ".qcow2" REPO_PARTIAL_SUFFIX)) {
+      why = "left by a backup that did not finish";
+    } else if (g_str_has_prefix(name, REPO_MANIFEST ".") && strlen(name) ==
+               strlen(REPO_MANIFEST) + 7) {
+      why = "manifest temp file left by an interrupted update";
+    } else if (g_str_has_suffix(name, ".qcow2") && sscanf(name, "%6u-", &seq) == 1 &&
+               seq >= r->next_seq && !listed(r, name)) {
+      why = "finished but never entered in the manifest";
+    }
+    if (!why)
+      continue;
+    path = repo_path(r, name);
+    if (unlink(path) < 0 && errno != ENOENT) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot remove: %s", path,
+                  g_strerror(errno));
+      return false;
+    }
+    cli_note("%s: removed (%s)", path, why);
+  }
+  return true;
+}
+
+/* --- checksums --------------------------------------------------------- */
+
+/* Chunks are independent, so they are hashed by one thread per CPU
+ * (SHA-256 in software is slower than reading a file from the page cache
+ * by a wide margin); each thread takes the next chunk index. */
+struct sum_job {
+  const char *path;
+  int fd;
+  uint64_t size, chunk;
+  guint nchunks;
+  atomic_uint next;
+  char **hex;                     /* [nchunks] */
+  GMutex lock;
+  int err;                        /* first -errno */
+  uint64_t err_off;
+};
+
+static gpointer
+sum_thread(gpointer opaque)
+{
+  struct sum_job *j = opaque;
+  g_autofree uint8_t *buf = g_malloc(READ_BUF);
+  unsigned i;
+
+  while ((i = atomic_fetch_add(&j->next, 1)) < j->nchunks) {
+    g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
+    uint64_t off = (uint64_t)i * j->chunk;
+    uint64_t end = MIN(off + j->chunk, j->size);
+
+    while (off < end) {
+      size_t n = (size_t)MIN(end - off, READ_BUF);
+      int r = cbt_io_pread(j->fd, buf, n, off);
+
+      if (r < 0) {
+        g_mutex_lock(&j->lock);
+        if (!j->err) {
+          j->err = r;
+          j->err_off = off;
+        }
+        g_mutex_unlock(&j->lock);
+        atomic_store(&j->next, j->nchunks);
+        goto out;
+      }
+      g_checksum_update(sum, buf, n);
+      off += n;
+    }
+    j->hex[i] = g_strdup(g_checksum_get_string(sum));
+  }
+out:
+  cbt_io_thread_cleanup();
+  return NULL;
+}
+
+bool
+repo_checksum_file(const char *path, uint64_t chunk, GPtrArray **sums,
+                   uint64_t *size, GError **error)
+{
+  struct sum_job j = { .path = path, .chunk = chunk };
+  g_autoptr(GPtrArray) out = NULL;
+  GThread *threads[16];
+  guint nthreads;
+  struct stat st;
+
+  j.fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (j.fd < 0 || fstat(j.fd, &st) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
+    if (j.fd >= 0)
+      close(j.fd);
+    return false;
+  }
+  j.size = (uint64_t)st.st_size;
+  j.nchunks = (guint)(j.size / chunk + (j.size % chunk != 0));
+  j.hex = g_new0(char *, j.nchunks + 1);
+  g_mutex_init(&j.lock);
+  posix_fadvise(j.fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  nthreads = CLAMP((guint)g_get_num_processors(), 1, G_N_ELEMENTS(threads));
+  nthreads = MIN(nthreads, MAX(j.nchunks, 1));
+  for (guint t = 0; t < nthreads; t++)
+    threads[t] = g_thread_new("sha256", sum_thread, &j);
+  for (guint t = 0; t < nthreads; t++)
+    g_thread_join(threads[t]);
+  close(j.fd);
+  g_mutex_clear(&j.lock);
+  if (j.err) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: reading at offset %" PRIu64 ": %s",
+                path, j.err_off, g_strerror(-j.err));
+    g_strfreev(j.hex);
+    return false;
+  }
+  out = g_ptr_array_new_full(j.nchunks, g_free);
+  for (guint i = 0; i < j.nchunks; i++)
+    g_ptr_array_add(out, j.hex[i]);
+  g_free(j.hex);                  /* the strings moved to @out */
+  *size = j.size;
+  *sums = g_steal_pointer(&out);
+  return true;
+}
+
+/* --- manifest writing -------------------------------------------------- */
+
+json_object *
+repo_backup_to_json(const repo_backup *b)
+{
+  json_object *o = json_object_new_object();
+  json_object *sums = json_object_new_array();
+  char buf[G_ASCII_DTOSTR_BUF_SIZE];
+
+  json_object_object_add(o, "seq", json_object_new_int64(b->seq));
+  cli_json_add_str(o, "kind", b->kind);
+  cli_json_add_str(o, "file", b->file);
+  cli_json_add_str(o, "backing", b->backing);
+  cli_json_add_str(o, "time", b->time);
+  json_object_object_add(o, "time-unix", json_object_new_int64(b->time_unix));
+  g_ascii_formatd(buf, sizeof buf, "%.3f", b->seconds);
+  json_object_object_add(o, "seconds", json_object_new_double_s(b->seconds, buf));
+  cli_json_add_str(o, "checkpoint", b->checkpoint);
+  cli_json_add_str(o, "bitmap-uuid", b->bitmap_uuid);
+  cli_json_add_u64(o, "image-size", b->image_size);
+  cli_json_add_u64(o, "granularity", b->granularity);
+  cli_json_add_u64(o, "cluster-size", b->cluster_size);
+  cli_json_add_u64(o, "bytes-copied", b->bytes_copied);
+  cli_json_add_u64(o, "data-bytes", b->data_bytes);
+  cli_json_add_u64(o, "zero-bytes", b->zero_bytes);
+  cli_json_add_u64(o, "file-size", b->file_size);
+  cli_json_add_u64(o, "chunk-size", b->chunk_size);
+  for (guint i = 0; i < b->sha256->len; i++)
+    json_object_array_add(sums, json_object_new_string(g_ptr_array_index(b->sha256, i)));
+  json_object_object_add(o, "sha256", sums);
+  return o;
+}
+
+static bool
+fsync_dir(const char *dir, GError **error)
+{
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int r;
+
+  if (fd < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", dir, g_strerror(errno));
+    return false;
+  }
+  r = cbt_io_fsync(fd);
+  close(fd);
+  if (r < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: fsync: %s", dir, g_strerror(-r));
+    return false;
+  }
+  return true;
+}
+
+/* Write @text to @dir/@name atomically: a temp file in the same directory
+ * is written and fsynced, renamed over @name, and the directory fsynced, so
+ * after a crash @name is either the old or the new content, never a mix. */
+static bool
+write_atomic(const char *dir, const char *name, const char *text, GError **error)
+{
+  g_autofree char *path = g_build_filename(dir, name, NULL);
+  g_autofree char *tmp = g_strdup_printf("%s.XXXXXX", path);
+  size_t len = strlen(text);
+  int fd = mkostemp(tmp, O_CLOEXEC);
+  int r;
+
+  if (fd < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot create a temp file: %s",
+                path, g_strerror(errno));
+    return false;
+  }
+  if (fchmod(fd, 0644) < 0)
+    cli_debug("%s: fchmod: %s", tmp, g_strerror(errno));
+  r = cbt_io_pwrite(fd, text, len, 0);
+  if (r == 0)
+    r = cbt_io_fsync(fd);
+  close(fd);
+  if (r < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: writing: %s", tmp, g_strerror(-r));
+    unlink(tmp);
+    return false;
+  }
+  if (rename(tmp, path) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: rename to %s: %s", tmp, path,
+                g_strerror(errno));
+    unlink(tmp);
+    return false;
+  }
+  return fsync_dir(dir, error);
+}
+
+bool
+repo_add(repo *r, repo_backup *b, GError **error)
+{
+  g_autoptr(json_object) root = json_object_new_object();
+  json_object *list = json_object_new_array();
+  const char *text;
+
+  g_assert(r->lock_fd >= 0);
+  g_ptr_array_add(r->backups, b);
+  cli_json_add_str(root, "format", MANIFEST_FORMAT);
+  json_object_object_add(root, "version", json_object_new_int(MANIFEST_VERSION));
+  json_object_object_add(root, "next-seq", json_object_new_int64(b->seq + 1));
+  for (guint i = 0; i < r->backups->len; i++)
+    json_object_array_add(list, repo_backup_to_json(g_ptr_array_index(r->backups, i)));
+  json_object_object_add(root, "backups", list);
+  text = json_object_to_json_string_ext(root, JSON_C_TO_STRING_PRETTY |
+                                        JSON_C_TO_STRING_SPACED |
+                                        JSON_C_TO_STRING_NOSLASHESCAPE);
+  {
+    g_autofree char *withnl = g_strconcat(text, "\n", NULL);
+
+    if (!write_atomic(r->dir, REPO_MANIFEST, withnl, error)) {
+      g_ptr_array_remove_index(r->backups, r->backups->len - 1);
+      return false;
+    }
+  }
+  r->next_seq = b->seq + 1;
+  return true;
+}
