@@ -2,7 +2,11 @@
  *
  * A unix socket path that already exists is only replaced when nothing
  * answers on it (a stale socket left by a crash); a live socket means
- * another daemon serves it and we refuse to start.
+ * another daemon serves it and we refuse to start.  A daemon killed with
+ * SIGKILL leaves its listening socket accepting for a few milliseconds
+ * more (the kernel tears its io_uring down asynchronously, and pending
+ * accepts hold the socket), so "live" must stay true for LIVE_GRACE
+ * before we believe it: a supervisor restarting at once must succeed.
  */
 #include <errno.h>
 #include <netdb.h>
@@ -17,6 +21,8 @@
 #include "internal.h"
 
 #define BACKLOG 128
+#define LIVE_GRACE_MS 2000
+#define LIVE_POLL_MS  20
 
 static bool
 socket_is_live(const char *path)
@@ -52,7 +58,12 @@ listen_unix(const char *path, GError **error)
                   "%s: exists and is not a socket", path);
       return -1;
     }
-    if (socket_is_live(path)) {
+    bool live = socket_is_live(path);
+    for (int waited = 0; live && waited < LIVE_GRACE_MS; waited += LIVE_POLL_MS) {
+      g_usleep(LIVE_POLL_MS * 1000);
+      live = socket_is_live(path);
+    }
+    if (live) {
       g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_EXIST,
                   "%s: socket is in use by another server", path);
       return -1;

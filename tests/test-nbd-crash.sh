@@ -53,3 +53,13 @@ PY
     fi
     rm -f "$tmp/acked"
 done
+
+# A supervisor restarting at once after kill -9 must get the same socket
+# paths back, although the dead daemon's listeners linger for a moment.
+for i in 1 2 3; do
+    start_filterd --image "$tmp/disk-none.img" --socket "$tmp/s.sock" --control "$tmp/c.sock"
+    kill -9 "$pid"
+    wait "$pid" 2>/dev/null || true
+done
+start_filterd --image "$tmp/disk-none.img" --socket "$tmp/s.sock" --control "$tmp/c.sock"
+stop_filterd
