@@ -13,6 +13,9 @@
 #   cbt-none, qemu-nbd-none   the same with --cache none (CACHE_NONE=1)
 #   cbt-bitmap     cbt with dirty tracking on (--bitmap, a fresh file per
 #                  run): the cost of tracking (bench/bitmap-overhead.sh)
+#   cbt-qcow2, qemu-nbd-qcow2   both on a qcow2 copy of the image (64 KiB
+#                  clusters, fully allocated by qemu-img convert), made
+#                  once when one of them is asked for
 #
 # Fairness: each server is started fresh for every run; within a round the
 # servers take turns, the starting server rotating from round to round, so
@@ -67,8 +70,8 @@ done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
 for s in "${servers[@]}"; do
     case $s in
-    cbt|cbt-none|cbt-bitmap) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
-    qemu-nbd|qemu-nbd-none|nbdkit-file|nbdkit-null) ;;
+    cbt|cbt-none|cbt-bitmap|cbt-qcow2) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
+    qemu-nbd|qemu-nbd-none|qemu-nbd-qcow2|nbdkit-file|nbdkit-null) ;;
     *) die "unknown server '$s'" ;;
     esac
 done
@@ -150,6 +153,12 @@ start_server() {
     nbdkit-null)
         nbdkit --foreground -U "$sock" -P "$server_pidfile" null "$size_bytes" \
             >"$log" 2>&1 & ;;
+    cbt-qcow2)
+        "$filterd" --image "$qimg" --format qcow2 --socket "$sock" --pid-file "$server_pidfile" \
+            >"$log" 2>&1 & ;;
+    qemu-nbd-qcow2)
+        qemu-nbd -f qcow2 --aio=io_uring --cache=writeback --persistent --shared=8 \
+            -k "$sock" --pid-file "$server_pidfile" "$qimg" >"$log" 2>&1 & ;;
     esac
     server_pid=$!
     for _ in $(seq 100); do
@@ -170,6 +179,11 @@ echo "fio-compare: $ROUNDS round(s) of ${RUNTIME}s runs (+${RAMP}s ramp), image 
 echo "fio-compare: writing the 2 GiB image (not sparse)"
 dd if=/dev/urandom of="$img" bs=1M count=2048 iflag=fullblock conv=fsync status=none
 echo "fio-compare: image allocated: $(du -h "$img" | cut -f1)"
+qimg=$tmp/disk.qcow2
+if [[ " ${servers[*]} " == *-qcow2\ * ]]; then
+    echo "fio-compare: converting it to qcow2 (64 KiB clusters)"
+    qemu-img convert -f raw -O qcow2 -o cluster_size=65536 "$img" "$qimg"
+fi
 
 nserv=${#servers[@]}
 total=$((ROUNDS * ${#workloads[@]} * nserv))
@@ -237,7 +251,7 @@ for w in workloads:
 pairs = [(a, b) for a, b in [("cbt", "nbdkit-file"), ("cbt", "qemu-nbd"),
                              ("cbt", "nbdkit-null"), ("cbt-none", "qemu-nbd-none"),
                              ("cbt-bitmap", "cbt"), ("cbt-bitmap", "nbdkit-file"),
-                             ("cbt-bitmap", "qemu-nbd")]
+                             ("cbt-bitmap", "qemu-nbd"), ("cbt-qcow2", "qemu-nbd-qcow2")]
          if a in servers and b in servers]
 ratios = {w: {f"{a}/{b}": results[w][a]["median"]["iops"] / results[w][b]["median"]["iops"]
               for a, b in pairs} for w in workloads}
