@@ -1496,17 +1496,9 @@ random_uuid(uint8_t uuid[16])
 static int
 sync_parent_dir(const char *path, char **why)
 {
-  g_autofree char *dir = g_path_get_dirname(path);
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  int r;
+  int r = cbt_io_sync_parent_dir(path);
 
-  if (fd < 0)
-    return fail(why, -errno, "opening directory %s: %s", dir, g_strerror(errno));
-  r = cbt_io_fsync(fd);
-  close(fd);
-  if (r < 0)
-    return fail(why, r, "fsync of directory %s: %s", dir, g_strerror(-r));
-  return 0;
+  return r < 0 ? fail(why, r, "%s: syncing its directory: %s", path, g_strerror(-r)) : 0;
 }
 
 static int

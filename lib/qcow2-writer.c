@@ -53,19 +53,13 @@
 #include <glib.h>
 
 #include "cbt/qcow2-writer.h"
+#include "cbt/qcow2.h"
 #include "cbt/uring-io.h"
 
-#define QCOW2_MAGIC            UINT32_C(0x514649fb)   /* "QFI\xfb" */
 #define QCOW2_VERSION          3u
-#define QCOW2_HEADER_LENGTH    104u
 #define QCOW2_REFCOUNT_ORDER   4u                     /* 16-bit refcounts */
-#define QCOW2_EXT_END          UINT32_C(0x00000000)
-#define QCOW2_EXT_BACKING_FMT  UINT32_C(0xe2792aca)
 
-/* L1, L2 and refcount table entries: host offset in bits 9..55. */
-#define QCOW2_OFFSET_MASK      UINT64_C(0x00fffffffffffe00)
-#define QCOW2_OFLAG_COPIED     (UINT64_C(1) << 63)
-#define QCOW2_OFLAG_ZERO       UINT64_C(1)
+/* Entry bits and offsets: CBT_QCOW2_* in cbt/qcow2.h. */
 /* Host offsets must stay below 2^56 (bits 9..55). */
 #define QCOW2_MAX_HOST_OFFSET  (UINT64_C(1) << 56)
 
@@ -78,32 +72,10 @@
 /* Metadata written at finish is gathered into writes of up to this size. */
 #define STAGE_BYTES            (4u << 20)
 
-/* Header, version 3 fields only (no compression_type): big-endian,
- * packed, only ever encoded into a byte buffer. */
-struct qcow2_header_disk {
-  uint32_t magic;
-  uint32_t version;
-  uint64_t backing_file_offset;
-  uint32_t backing_file_size;
-  uint32_t cluster_bits;
-  uint64_t size;
-  uint32_t crypt_method;
-  uint32_t l1_size;
-  uint64_t l1_table_offset;
-  uint64_t refcount_table_offset;
-  uint32_t refcount_table_clusters;
-  uint32_t nb_snapshots;
-  uint64_t snapshots_offset;
-  uint64_t incompatible_features;
-  uint64_t compatible_features;
-  uint64_t autoclear_features;
-  uint32_t refcount_order;
-  uint32_t header_length;
-} __attribute__((packed));
-_Static_assert(sizeof(struct qcow2_header_disk) == QCOW2_HEADER_LENGTH,
+/* The header is struct cbt_qcow2_header_disk (cbt/qcow2.h), written with
+ * its version 3 fields and no compression_type. */
+_Static_assert(sizeof(struct cbt_qcow2_header_disk) == CBT_QCOW2_V3_HEADER_LEN,
                "qcow2 v3 header is 104 bytes");
-_Static_assert(offsetof(struct qcow2_header_disk, incompatible_features) == 72,
-               "v3 fields start where the v2 header ends");
 
 /* Header extension: type and data length, then data padded to 8. */
 struct qcow2_ext_disk {
@@ -178,8 +150,8 @@ round_up8(uint64_t x)
 static void
 header_encode(const struct qcow2_header *h, uint8_t *buf)
 {
-  struct qcow2_header_disk d = {
-    .magic = htobe32(QCOW2_MAGIC),
+  struct cbt_qcow2_header_disk d = {
+    .magic = htobe32(CBT_QCOW2_MAGIC),
     .version = htobe32(QCOW2_VERSION),
     .backing_file_offset = htobe64(h->backing_file_offset),
     .backing_file_size = htobe32(h->backing_file_size),
@@ -196,7 +168,7 @@ header_encode(const struct qcow2_header *h, uint8_t *buf)
     .compatible_features = 0,
     .autoclear_features = 0,
     .refcount_order = htobe32(QCOW2_REFCOUNT_ORDER),
-    .header_length = htobe32(QCOW2_HEADER_LENGTH),
+    .header_length = htobe32(CBT_QCOW2_V3_HEADER_LEN),
   };
 
   memcpy(buf, &d, sizeof d);
@@ -221,7 +193,7 @@ ext_encode(uint8_t *buf, size_t *pos, uint32_t type, const void *data,
 static uint64_t
 header_area_bytes(const char *backing_file, const char *backing_format)
 {
-  uint64_t n = QCOW2_HEADER_LENGTH + sizeof(struct qcow2_ext_disk);
+  uint64_t n = CBT_QCOW2_V3_HEADER_LEN + sizeof(struct qcow2_ext_disk);
 
   if (backing_file)
     n += sizeof(struct qcow2_ext_disk) + round_up8(strlen(backing_format)) +
@@ -242,9 +214,9 @@ enum entry_kind { KIND_NONE, KIND_DATA, KIND_ZERO };
 static enum entry_kind
 entry_kind(uint64_t e)
 {
-  if (e & QCOW2_OFLAG_ZERO)
+  if (e & CBT_QCOW2_ZERO_BIT)
     return KIND_ZERO;
-  return (e & QCOW2_OFFSET_MASK) ? KIND_DATA : KIND_NONE;
+  return (e & CBT_QCOW2_OFFSET_MASK) ? KIND_DATA : KIND_NONE;
 }
 
 /* Guest bytes of cluster @ci below the caller's virtual size. */
@@ -292,13 +264,13 @@ set_entry(cbt_qcow2_writer *w, uint64_t ci, uint64_t e)
 static uint64_t
 zeroed_entry(const cbt_qcow2_writer *w, uint64_t e)
 {
-  uint64_t host = e & QCOW2_OFFSET_MASK;
+  uint64_t host = e & CBT_QCOW2_OFFSET_MASK;
 
   if (host)
-    return host | QCOW2_OFLAG_COPIED | QCOW2_OFLAG_ZERO;
+    return host | CBT_QCOW2_COPIED | CBT_QCOW2_ZERO_BIT;
   if (!w->backing_file && entry_kind(e) == KIND_NONE)
     return e;
-  return QCOW2_OFLAG_ZERO;
+  return CBT_QCOW2_ZERO_BIT;
 }
 
 /* Make sure the L2 tables for guest clusters [@first, @last] exist.
@@ -528,12 +500,12 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
       set_entry(w, ci, zeroed_entry(w, e));
       continue;
     }
-    c[i].host = e & QCOW2_OFFSET_MASK;
+    c[i].host = e & CBT_QCOW2_OFFSET_MASK;
     if (!c[i].host) {
       c[i].host = w->next_host;
       w->next_host += cs;
     }
-    set_entry(w, ci, c[i].host | QCOW2_OFLAG_COPIED);
+    set_entry(w, ci, c[i].host | CBT_QCOW2_COPIED);
   }
   g_mutex_unlock(&w->lock);
 
@@ -765,7 +737,7 @@ write_metadata(cbt_qcow2_writer *w, struct seqw *s, struct qcow2_header *h,
         continue;
       l2_off = next_l2;
       next_l2 += cs;
-      put_be64(slot + 8 * k, l2_off | QCOW2_OFLAG_COPIED);
+      put_be64(slot + 8 * k, l2_off | CBT_QCOW2_COPIED);
     }
   }
 
@@ -813,15 +785,15 @@ static int
 write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
 {
   g_autofree uint8_t *buf = g_try_malloc0(w->cluster_size);
-  size_t pos = QCOW2_HEADER_LENGTH;
+  size_t pos = CBT_QCOW2_V3_HEADER_LEN;
   int r;
 
   if (!buf)
     return fail(why, -ENOMEM, "out of memory");
   if (w->backing_file)
-    ext_encode(buf, &pos, QCOW2_EXT_BACKING_FMT, w->backing_format,
+    ext_encode(buf, &pos, CBT_QCOW2_EXT_BACKING_FMT, w->backing_format,
                (uint32_t)strlen(w->backing_format));
-  ext_encode(buf, &pos, QCOW2_EXT_END, NULL, 0);
+  ext_encode(buf, &pos, CBT_QCOW2_EXT_END, NULL, 0);
   if (w->backing_file) {
     size_t n = strlen(w->backing_file);
 
@@ -845,17 +817,9 @@ write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
 static int
 sync_parent_dir(const char *path, char **why)
 {
-  g_autofree char *dir = g_path_get_dirname(path);
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  int r;
+  int r = cbt_io_sync_parent_dir(path);
 
-  if (fd < 0)
-    return fail(why, -errno, "%s: %s", dir, g_strerror(errno));
-  r = cbt_io_fsync(fd);
-  close(fd);
-  if (r < 0)
-    return fail(why, r, "%s: fsync: %s", dir, g_strerror(-r));
-  return 0;
+  return r < 0 ? fail(why, r, "%s: syncing its directory: %s", path, g_strerror(-r)) : 0;
 }
 
 int

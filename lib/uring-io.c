@@ -7,7 +7,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <liburing.h>
 
@@ -159,4 +161,21 @@ cbt_io_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
   struct one_op o = { .kind = ONE_FALLOCATE, .fd = fd, .mode = mode,
                       .offset = offset, .len = len };
   return run_one(&o);
+}
+
+int
+cbt_io_sync_parent_dir(const char *path)
+{
+  char *slash = strrchr(path, '/');
+  char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : strdup(".");
+  int fd, r;
+
+  if (!dir)
+    return -ENOMEM;
+  fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  r = fd < 0 ? -errno : cbt_io_fsync(fd);
+  if (fd >= 0)
+    close(fd);
+  free(dir);
+  return r;
 }

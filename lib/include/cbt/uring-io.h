@@ -25,6 +25,10 @@ int cbt_io_fsync(int fd);
 /* fallocate(2) through the ring; @mode as for fallocate. */
 int cbt_io_fallocate(int fd, int mode, uint64_t offset, uint64_t len);
 
+/* fsync the directory that holds @path, so a file just created or
+ * renamed there stays after a crash. */
+int cbt_io_sync_parent_dir(const char *path);
+
 /* Release this thread's ring (optional; rings are also freed at exit). */
 void cbt_io_thread_cleanup(void);
 
