@@ -285,3 +285,35 @@ for line in sys.argv[2:]:
     print(f.readline().rstrip("\n"))
 PYEOF
 }
+
+# cbt ARGS...: the CLI under test ($CBT_CLI, set by meson).
+: "${CBT_CLI:=$CBT_BUILD_DIR/tools/cbt}"
+cbt() { "$CBT_CLI" "$@"; }
+
+# expect_rc WANT CMD...: run CMD, require exit status WANT; its stdout and
+# stderr end up in $out (both) for further checks.
+expect_rc()
+{
+    local want=$1 rc=0
+    shift
+    out=$("$@" 2>&1) || rc=$?
+    [ "$rc" -eq "$want" ] || { echo "$out" >&2; die "$*: exit $rc, expected $want"; }
+}
+
+# has TEXT: $out (from expect_rc) contains TEXT.
+has()
+{
+    grep -qF -- "$1" <<<"$out" || { echo "$out" >&2; die "expected '$1' in the output above"; }
+}
+
+# dirty_map [CONTEXT]: the running daemon's dirty bitmap (default
+# qemu:dirty-bitmap:cbt) as nbdinfo sees it, "offset length" lines of
+# merged dirty runs.
+dirty_map()
+{
+    nbdinfo --map="${1:-qemu:dirty-bitmap:cbt}" --json "$uri" | jq -r '
+        reduce .[] as $e ([];
+            if length > 0 and .[-1].type == $e.type
+            then .[-1].length += $e.length else . + [$e] end)
+        | .[] | select(.type == 1) | "\(.offset) \(.length)"'
+}

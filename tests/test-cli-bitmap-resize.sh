@@ -9,35 +9,7 @@
 
 source "$(dirname "$0")/functions.sh"
 requires nbdinfo qemu-io jq timeout
-: "${CBT_CLI:=$CBT_BUILD_DIR/tools/cbt}"
 [ -x "$CBT_CLI" ] || die "cbt CLI $CBT_CLI not found (build it: ninja -C build)"
-
-cbt() { "$CBT_CLI" "$@"; }
-
-# expect_rc WANT CMD...: run CMD, require exit status WANT; stdout and
-# stderr end up in $out.
-expect_rc()
-{
-    local want=$1 rc=0
-    shift
-    out=$("$@" 2>&1) || rc=$?
-    [ "$rc" -eq "$want" ] || { echo "$out" >&2; die "$*: exit $rc, expected $want"; }
-}
-
-has()
-{
-    grep -qF -- "$1" <<<"$out" || { echo "$out" >&2; die "expected '$1' in the output above"; }
-}
-
-# Merged dirty runs of the running daemon's bitmap, "offset length" lines.
-dirty_map()
-{
-    nbdinfo --map=qemu:dirty-bitmap:cbt --json "$uri" | jq -r '
-        reduce .[] as $e ([];
-            if length > 0 and .[-1].type == $e.type
-            then .[-1].length += $e.length else . + [$e] end)
-        | .[] | select(.type == 1) | "\(.offset) \(.length)"'
-}
 
 # map_is EXPECTED: the daemon's dirty map (nbdinfo) and cbt bitmap dump of
 # the stopped daemon's file agree with EXPECTED.

@@ -9,37 +9,7 @@
 
 source "$(dirname "$0")/functions.sh"
 requires qemu-io nbdinfo jq cmp timeout
-: "${CBT_CLI:=$CBT_BUILD_DIR/tools/cbt}"
 [ -x "$CBT_CLI" ] || die "cbt CLI $CBT_CLI not found (build it: ninja -C build)"
-
-cbt() { "$CBT_CLI" "$@"; }
-
-# expect_rc WANT CMD...: run CMD, require exit status WANT; its stdout and
-# stderr end up in $out (both) for further checks.
-expect_rc()
-{
-    local want=$1 rc=0
-    shift
-    out=$("$@" 2>&1) || rc=$?
-    [ "$rc" -eq "$want" ] || { echo "$out" >&2; die "$*: exit $rc, expected $want"; }
-}
-
-# has TEXT: $out contains TEXT.
-has()
-{
-    grep -qF -- "$1" <<<"$out" || { echo "$out" >&2; die "expected '$1' in the output above"; }
-}
-
-# dirty_map: nbdinfo's view of the dirty bitmap of the running daemon, as
-# "offset length" lines of merged dirty runs.
-dirty_map()
-{
-    nbdinfo --map=qemu:dirty-bitmap:cbt --json "$uri" | jq -r '
-        reduce .[] as $e ([];
-            if length > 0 and .[-1].type == $e.type
-            then .[-1].length += $e.length else . + [$e] end)
-        | .[] | select(.type == 1) | "\(.offset) \(.length)"'
-}
 
 # dump_is BITMAP EXPECTED [ARGS...]: cbt bitmap dump's extent lines.
 dump_is()

@@ -15,14 +15,6 @@ bm=$tmp/disk.bitmap
 csock=$tmp/ctl.sock
 truncate -s 128M "$disk"
 
-# dirty_map CONTEXT: dirty extents of a dirty-bitmap context, merged.
-dirty_map()
-{
-    nbdinfo --map="$1" --json "$uri" | jq -r '
-        [ .[] | select(.type == 1) ] | .[] | "\(.offset) \(.length)"' |
-    awk 'NR > 1 && $1 == o + l { l += $2; next }
-         NR > 1 { print o, l } { o = $1; l = $2 } END { if (NR) print o, l }'
-}
 expect_map()
 {
     local got
