@@ -44,6 +44,7 @@
 #include "cbt/bitmap-file.h"
 #include "cbt/crc32c.h"
 #include "cbt/uring-io.h"
+#include "cbt/util.h"
 
 #define BMF_MAGIC             "CBT-BMAP"
 #define BMF_VERSION           1u
@@ -147,19 +148,6 @@ struct cbt_bmfile {
   bool meta_dirty;             /* metadata changed since last write */
   char *recovery;
 };
-
-static int G_GNUC_PRINTF(3, 4)
-fail(char **why, int err, const char *fmt, ...)
-{
-  if (why && !*why) {
-    va_list ap;
-
-    va_start(ap, fmt);
-    *why = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-  }
-  return err;
-}
 
 static inline uint64_t
 round_up_page(uint64_t x)
@@ -440,26 +428,26 @@ read_header_copy(int fd, unsigned slot, uint8_t *page, struct bmf_header *h,
   *bad_magic = false;
   r = cbt_io_pread(fd, page, BMF_PAGE, (uint64_t)slot * BMF_PAGE);
   if (r == -ENODATA)
-    return fail(reason, COPY_TORN, "header copy %u truncated", slot);
+    return cbt_fail(reason, COPY_TORN, "header copy %u truncated", slot);
   if (r < 0)
-    return fail(reason, r, "reading header copy %u: %s", slot, g_strerror(-r));
+    return cbt_fail(reason, r, "reading header copy %u: %s", slot, g_strerror(-r));
   if (memcmp(page, BMF_MAGIC, 8) != 0) {
     *bad_magic = true;
-    return fail(reason, COPY_TORN, "header copy %u: bad magic", slot);
+    return cbt_fail(reason, COPY_TORN, "header copy %u: bad magic", slot);
   }
   header_decode(page, h);
   if (h->header_size < BMF_HEADER_SIZE || h->header_size > BMF_PAGE ||
       h->header_size % 8)
-    return fail(reason, COPY_TORN, "header copy %u: bad header_size %" PRIu32,
+    return cbt_fail(reason, COPY_TORN, "header copy %u: bad header_size %" PRIu32,
                 slot, h->header_size);
   crc = header_crc(page, h->header_size);
   if (crc != h->header_crc)
-    return fail(reason, COPY_TORN,
+    return cbt_fail(reason, COPY_TORN,
                 "header copy %u: header checksum mismatch "
                 "(stored 0x%08" PRIx32 ", computed 0x%08" PRIx32 ")",
                 slot, h->header_crc, crc);
   if (h->slot != slot || h->generation % 2 != slot)
-    return fail(reason, COPY_TORN,
+    return cbt_fail(reason, COPY_TORN,
                 "header copy %u: slot %" PRIu32 " / generation %" PRIu64
                 " do not match its position", slot, h->slot, h->generation);
   return COPY_OK;
@@ -472,35 +460,35 @@ validate_header(const struct bmf_header *h, const uint8_t *page, char **why)
   unsigned s = h->slot;
 
   if (h->version != BMF_VERSION)
-    return fail(why, -ENOTSUP, "unsupported format version %" PRIu32
+    return cbt_fail(why, -ENOTSUP, "unsupported format version %" PRIu32
                 " (this build reads version %u)", h->version, BMF_VERSION);
   if (h->incompat & ~BMF_INCOMPAT_KNOWN)
-    return fail(why, -ENOTSUP, "unknown incompatible feature bits 0x%" PRIx64,
+    return cbt_fail(why, -ENOTSUP, "unknown incompatible feature bits 0x%" PRIx64,
                 h->incompat & ~BMF_INCOMPAT_KNOWN);
   if (h->state_flags & ~BMF_STATE_CLEAN)
-    return fail(why, -EBADMSG, "header copy %u: reserved state flag bits "
+    return cbt_fail(why, -EBADMSG, "header copy %u: reserved state flag bits "
                 "0x%" PRIx32 " set", s, h->state_flags & ~BMF_STATE_CLEAN);
   if (h->reserved0 || h->reserved1)
-    return fail(why, -EBADMSG, "header copy %u: reserved field not zero", s);
+    return cbt_fail(why, -EBADMSG, "header copy %u: reserved field not zero", s);
   if (!all_zero(page + h->header_size, BMF_PAGE - h->header_size))
-    return fail(why, -EBADMSG, "header copy %u: padding after header not zero", s);
+    return cbt_fail(why, -EBADMSG, "header copy %u: padding after header not zero", s);
   if (h->image_size == 0 || h->image_size > CBT_BITMAP_MAX_SIZE)
-    return fail(why, -EBADMSG, "header copy %u: bad image_size %" PRIu64, s,
+    return cbt_fail(why, -EBADMSG, "header copy %u: bad image_size %" PRIu64, s,
                 h->image_size);
   if (all_zero(h->uuid, sizeof h->uuid))
-    return fail(why, -EBADMSG, "header copy %u: file_uuid is all zeros", s);
+    return cbt_fail(why, -EBADMSG, "header copy %u: file_uuid is all zeros", s);
   if (h->dir_entry_size != BMF_ENTRY_SIZE)
-    return fail(why, -EBADMSG, "header copy %u: bad dir_entry_size %" PRIu32
+    return cbt_fail(why, -EBADMSG, "header copy %u: bad dir_entry_size %" PRIu32
                 " (must be %u)", s, h->dir_entry_size, BMF_ENTRY_SIZE);
   if (h->dir_capacity == 0 || h->dir_capacity > BMF_MAX_CAPACITY)
-    return fail(why, -EBADMSG, "header copy %u: bad dir_capacity %" PRIu32, s,
+    return cbt_fail(why, -EBADMSG, "header copy %u: bad dir_capacity %" PRIu32, s,
                 h->dir_capacity);
   if (h->dir_offset != dir_offset_for(h->dir_capacity, s))
-    return fail(why, -EBADMSG, "header copy %u: bad dir_offset %" PRIu64
+    return cbt_fail(why, -EBADMSG, "header copy %u: bad dir_offset %" PRIu64
                 " (must be %" PRIu64 ")", s, h->dir_offset,
                 dir_offset_for(h->dir_capacity, s));
   if (h->nb_entries > h->dir_capacity)
-    return fail(why, -EBADMSG, "header copy %u: nb_entries %" PRIu32
+    return cbt_fail(why, -EBADMSG, "header copy %u: nb_entries %" PRIu32
                 " exceeds dir_capacity %" PRIu32, s, h->nb_entries,
                 h->dir_capacity);
   return 0;
@@ -539,47 +527,47 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
 
     if (i >= h->nb_entries) {
       if (!all_zero(raw, BMF_ENTRY_SIZE))
-        return fail(why, -EBADMSG, "directory entry %" PRIu32
+        return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                     " is past nb_entries but not zero", i);
       continue;
     }
     entry_decode(raw, &d);
     len = strnlen(d.name, sizeof d.name);
     if (len == 0)
-      return fail(why, -EBADMSG, "directory entry %" PRIu32 ": empty name", i);
+      return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32 ": empty name", i);
     if (len == sizeof d.name)
-      return fail(why, -EBADMSG, "directory entry %" PRIu32
+      return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                   ": name not terminated", i);
     if (!all_zero(d.name + len, sizeof d.name - len))
-      return fail(why, -EBADMSG, "directory entry %" PRIu32
+      return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                   ": bytes after the name not zero", i);
     if (!name_ok(d.name))
-      return fail(why, -EBADMSG, "directory entry %" PRIu32
+      return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                   ": name has non-printable bytes", i);
     if (!flags_ok(d.flags))
-      return fail(why, -EBADMSG, "bitmap '%s': bad flags 0x%" PRIx32,
+      return cbt_fail(why, -EBADMSG, "bitmap '%s': bad flags 0x%" PRIx32,
                   d.name, d.flags);
     if (!gran_ok(d.granularity))
-      return fail(why, -EBADMSG, "bitmap '%s': bad granularity %" PRIu32
+      return cbt_fail(why, -EBADMSG, "bitmap '%s': bad granularity %" PRIu32
                   " (must be a power of two >= 512)", d.name, d.granularity);
     if (d.reserved0 || !all_zero(d.reserved1, sizeof d.reserved1))
-      return fail(why, -EBADMSG, "bitmap '%s': reserved field not zero", d.name);
+      return cbt_fail(why, -EBADMSG, "bitmap '%s': reserved field not zero", d.name);
     if (d.data_offset % BMF_PAGE || d.data_offset < mend)
-      return fail(why, -EBADMSG, "bitmap '%s': bad data_offset %" PRIu64
+      return cbt_fail(why, -EBADMSG, "bitmap '%s': bad data_offset %" PRIu64
                   " (must be a multiple of 4096 and >= %" PRIu64 ")",
                   d.name, d.data_offset, mend);
     expect = data_length_for(h->image_size, d.granularity);
     if (d.data_length != expect)
-      return fail(why, -EBADMSG, "bitmap '%s': data_length %" PRIu64
+      return cbt_fail(why, -EBADMSG, "bitmap '%s': data_length %" PRIu64
                   " does not match image size and granularity (%" PRIu64 ")",
                   d.name, d.data_length, expect);
     if (d.data_offset > file_size || d.data_length > file_size - d.data_offset)
-      return fail(why, -EBADMSG, "bitmap '%s': data area [%" PRIu64 ", +%" PRIu64
+      return cbt_fail(why, -EBADMSG, "bitmap '%s': data area [%" PRIu64 ", +%" PRIu64
                   ") extends past the end of the file (%" PRIu64
                   " bytes): truncated", d.name, d.data_offset, d.data_length,
                   file_size);
     if (g_hash_table_contains(names, d.name))
-      return fail(why, -EBADMSG, "duplicate bitmap name '%s'", d.name);
+      return cbt_fail(why, -EBADMSG, "duplicate bitmap name '%s'", d.name);
     ds[i] = d;
     sorted[i] = &ds[i];
     g_hash_table_add(names, ds[i].name);
@@ -590,7 +578,7 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
     const struct bmf_entry_disk *a = sorted[i - 1], *b = sorted[i];
 
     if (a->data_offset + round_up_page(a->data_length) > b->data_offset)
-      return fail(why, -EBADMSG, "data areas of bitmaps '%s' and '%s' overlap",
+      return cbt_fail(why, -EBADMSG, "data areas of bitmaps '%s' and '%s' overlap",
                   a->name, b->name);
   }
 
@@ -600,7 +588,7 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
 
     r = entry_new(ds[i].name, ds[i].flags, ds[i].granularity, h->image_size, &e);
     if (r < 0)
-      return fail(why, r, "bitmap '%s': %s", ds[i].name, g_strerror(-r));
+      return cbt_fail(why, r, "bitmap '%s': %s", ds[i].name, g_strerror(-r));
     e->data_offset = ds[i].data_offset;
     e->data_crc = ds[i].data_crc;
     e->create_time = ds[i].create_time;
@@ -624,14 +612,14 @@ read_directory(int fd, const struct bmf_header *h, uint8_t **dir,
 
   r = cbt_io_pread(fd, buf, len, h->dir_offset);
   if (r == -ENODATA)
-    return fail(reason, COPY_TORN, "directory copy %" PRIu32 " truncated",
+    return cbt_fail(reason, COPY_TORN, "directory copy %" PRIu32 " truncated",
                 h->slot);
   if (r < 0)
-    return fail(reason, r, "reading directory copy %" PRIu32 ": %s", h->slot,
+    return cbt_fail(reason, r, "reading directory copy %" PRIu32 ": %s", h->slot,
                 g_strerror(-r));
   crc = cbt_crc32c(0, buf, len);
   if (crc != h->dir_crc)
-    return fail(reason, COPY_TORN, "directory copy %" PRIu32 ": checksum "
+    return cbt_fail(reason, COPY_TORN, "directory copy %" PRIu32 ": checksum "
                 "mismatch (stored 0x%08" PRIx32 ", computed 0x%08" PRIx32 ")",
                 h->slot, h->dir_crc, crc);
   *dir = g_steal_pointer(&buf);
@@ -654,16 +642,16 @@ load_data(struct cbt_bmfile *f, char **why)
 
     r = cbt_io_pread(f->fd, bytes, e->data_length, e->data_offset);
     if (r == -ENODATA)
-      return fail(why, -EBADMSG, "bitmap '%s': data truncated", e->name);
+      return cbt_fail(why, -EBADMSG, "bitmap '%s': data truncated", e->name);
     if (r < 0)
-      return fail(why, r, "bitmap '%s': reading data: %s", e->name,
+      return cbt_fail(why, r, "bitmap '%s': reading data: %s", e->name,
                   g_strerror(-r));
     for (uint64_t p = 0; p < e->data_pages; p++)
       e->page_crc[p] = cbt_crc32c(0, bytes + p * BMF_PAGE, page_bytes(e, p));
     crc = data_crc(e->page_crc, e->data_pages);
     if (crc != e->data_crc) {
       if (f->found_clean)
-        return fail(why, -EBADMSG, "bitmap '%s': data checksum mismatch "
+        return cbt_fail(why, -EBADMSG, "bitmap '%s': data checksum mismatch "
                     "(stored 0x%08" PRIx32 ", computed 0x%08" PRIx32 ")",
                     e->name, e->data_crc, crc);
       e->data_ok = false;
@@ -674,7 +662,7 @@ load_data(struct cbt_bmfile *f, char **why)
       last_mask = ~UINT64_C(0) >> (64 - e->bm.nbits % 64);
       if (e->bm.words[nwords - 1] & ~last_mask) {
         if (f->found_clean)
-          return fail(why, -EBADMSG, "bitmap '%s': bits past the end of the "
+          return cbt_fail(why, -EBADMSG, "bitmap '%s': bits past the end of the "
                       "image are set", e->name);
         /* Drop them, and have a writer rewrite the page without them. */
         e->bm.words[nwords - 1] &= last_mask;
@@ -759,17 +747,17 @@ cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
   *out = NULL;
   fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (fd < 0)
-    return fail(why, -errno, "cannot open: %s", g_strerror(errno));
+    return cbt_fail(why, -errno, "cannot open: %s", g_strerror(errno));
   f = handle_new(path, fd, writable);
   if (fstat(fd, &st) < 0)
-    return fail(why, -errno, "fstat: %s", g_strerror(errno));
+    return cbt_fail(why, -errno, "fstat: %s", g_strerror(errno));
   if (!S_ISREG(st.st_mode))
-    return fail(why, -EINVAL, "not a regular file");
+    return cbt_fail(why, -EINVAL, "not a regular file");
 
   for (unsigned s = 0; s < 2; s++) {
     r = read_header_copy(fd, s, page[s], &h[s], reasonp[s], &bad_magic[s]);
     if (r < 0)
-      return fail(why, r, "%s", *reasonp[s]);
+      return cbt_fail(why, r, "%s", *reasonp[s]);
     intact[s] = r == COPY_OK;
   }
   if (!intact[0] && !intact[1]) {
@@ -778,7 +766,7 @@ cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
     reason[0] = reason0;
     reason[1] = reason1;
 
-    return fail(why, not_ours ? -EINVAL : -EBADMSG, "%s%s; %s",
+    return cbt_fail(why, not_ours ? -EINVAL : -EBADMSG, "%s%s; %s",
                 not_ours ? "not a cbt bitmap file: " : "no intact header: ",
                 reason[0], reason[1]);
   }
@@ -831,7 +819,7 @@ cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
     *out = g_steal_pointer(&f);
     return 0;
   }
-  return fail(why, -EBADMSG, "no usable metadata copy: %s; %s", dir_reason,
+  return cbt_fail(why, -EBADMSG, "no usable metadata copy: %s; %s", dir_reason,
               ncand > 1 ? *reasonp[order[1]] : *reasonp[!order[0]]);
 }
 
@@ -877,13 +865,13 @@ write_meta(struct cbt_bmfile *f, bool clean, char **why)
 
   r = cbt_io_pwrite(f->fd, dir, dir_len, h.dir_offset);
   if (r < 0)
-    return fail(why, r, "writing directory: %s", g_strerror(-r));
+    return cbt_fail(why, r, "writing directory: %s", g_strerror(-r));
   r = cbt_io_pwrite(f->fd, page, BMF_PAGE, (uint64_t)h.slot * BMF_PAGE);
   if (r < 0)
-    return fail(why, r, "writing header: %s", g_strerror(-r));
+    return cbt_fail(why, r, "writing header: %s", g_strerror(-r));
   r = cbt_io_fdatasync(f->fd);
   if (r < 0)
-    return fail(why, r, "fdatasync after metadata write: %s", g_strerror(-r));
+    return cbt_fail(why, r, "fdatasync after metadata write: %s", g_strerror(-r));
 
   f->hdr = h;
   f->disk_clean = clean;
@@ -942,7 +930,7 @@ write_data(struct cbt_bmfile *f, char **why)
       if (r < 0) {
         for (uint64_t q = start; q < start + n; q++)
           cbt_bitmap_mark_page(&e->bm, q);
-        return fail(why, r, "bitmap '%s': writing data: %s", e->name,
+        return cbt_fail(why, r, "bitmap '%s': writing data: %s", e->name,
                     g_strerror(-r));
       }
       memcpy(&e->page_crc[start], crcs, n * sizeof crcs[0]);
@@ -968,7 +956,7 @@ static int
 sync_locked(struct cbt_bmfile *f, bool make_clean, char **why)
 {
   if (!f->writable)
-    return fail(why, -EROFS, "opened read-only");
+    return cbt_fail(why, -EROFS, "opened read-only");
 
   for (int pass = 0; pass < 8; pass++) {
     int64_t n;
@@ -992,7 +980,7 @@ sync_locked(struct cbt_bmfile *f, bool make_clean, char **why)
         /* The page cache may have dropped the pages: write all again. */
         for (unsigned i = 0; i < f->nentries; i++)
           mark_all_pages(f->entries[i]);
-        return fail(why, r, "fdatasync after data write: %s", g_strerror(-r));
+        return cbt_fail(why, r, "fdatasync after data write: %s", g_strerror(-r));
       }
     }
 
@@ -1008,7 +996,7 @@ sync_locked(struct cbt_bmfile *f, bool make_clean, char **why)
       return write_meta(f, true, why);
     return 0;
   }
-  return fail(why, -EBUSY, "bits kept changing while marking the file clean");
+  return cbt_fail(why, -EBUSY, "bits kept changing while marking the file clean");
 }
 
 int
@@ -1029,7 +1017,7 @@ cbt_bmfile_mark_dirty(cbt_bmfile *f, char **why)
 
   g_mutex_lock(&f->lock);
   if (!f->writable)
-    r = fail(why, -EROFS, "opened read-only");
+    r = cbt_fail(why, -EROFS, "opened read-only");
   else if (f->disk_clean || !f->owned_dirty)
     r = write_meta(f, false, why);   /* carries INCONSISTENT (rule 1) */
   g_mutex_unlock(&f->lock);
@@ -1057,7 +1045,7 @@ extend_file(struct cbt_bmfile *f, uint64_t end, char **why)
   int r;
 
   if (fstat(f->fd, &st) < 0)
-    return fail(why, -errno, "fstat: %s", g_strerror(errno));
+    return cbt_fail(why, -errno, "fstat: %s", g_strerror(errno));
   if ((uint64_t)st.st_size >= end)
     return 0;
   r = cbt_io_fallocate(f->fd, 0, (uint64_t)st.st_size, end - (uint64_t)st.st_size);
@@ -1065,7 +1053,7 @@ extend_file(struct cbt_bmfile *f, uint64_t end, char **why)
     r = ftruncate(f->fd, (off_t)end) < 0 ? -errno : 0;
   }
   if (r < 0)
-    return fail(why, r, "extending file to %" PRIu64 " bytes: %s", end,
+    return cbt_fail(why, r, "extending file to %" PRIu64 " bytes: %s", end,
                 g_strerror(-r));
   return 0;
 }
@@ -1130,26 +1118,26 @@ add_locked(struct cbt_bmfile *f, const char *name, uint32_t flags,
   int r;
 
   if (!f->writable)
-    return fail(why, -EROFS, "opened read-only");
+    return cbt_fail(why, -EROFS, "opened read-only");
   if (!name_ok(name))
-    return fail(why, -EINVAL, "bad bitmap name (1 to %d printable ASCII "
+    return cbt_fail(why, -EINVAL, "bad bitmap name (1 to %d printable ASCII "
                 "characters)", CBT_BMF_NAME_MAX);
   if (cbt_bmfile_find(f, name) >= 0)
-    return fail(why, -EEXIST, "bitmap '%s' already exists", name);
+    return cbt_fail(why, -EEXIST, "bitmap '%s' already exists", name);
   if (!flags_ok(flags))
-    return fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
+    return cbt_fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
   if (gran == 0)
     gran = CBT_BITMAP_DEFAULT_GRANULARITY;
   if (!gran_ok(gran))
-    return fail(why, -EINVAL, "bad granularity %" PRIu32
+    return cbt_fail(why, -EINVAL, "bad granularity %" PRIu32
                 " (must be a power of two >= 512)", gran);
   if (f->nentries >= f->hdr.dir_capacity)
-    return fail(why, -ENOSPC, "bitmap directory full (%" PRIu32 " entries)",
+    return cbt_fail(why, -ENOSPC, "bitmap directory full (%" PRIu32 " entries)",
                 f->hdr.dir_capacity);
 
   r = entry_new(name, flags, gran, f->hdr.image_size, &e);
   if (r < 0)
-    return fail(why, r, "bitmap '%s': %s", name, g_strerror(-r));
+    return cbt_fail(why, r, "bitmap '%s': %s", name, g_strerror(-r));
   e->create_time = (uint64_t)time(NULL);
   e->data_offset = find_free_area(f, round_up_page(e->data_length));
   mark_all_pages(e);
@@ -1193,9 +1181,9 @@ cbt_bmfile_remove(cbt_bmfile *f, const char *name, char **why)
   g_mutex_lock(&f->lock);
   idx = cbt_bmfile_find(f, name);
   if (!f->writable)
-    r = fail(why, -EROFS, "opened read-only");
+    r = cbt_fail(why, -EROFS, "opened read-only");
   else if (idx < 0)
-    r = fail(why, -ENOENT, "no bitmap '%s'", name);
+    r = cbt_fail(why, -ENOENT, "no bitmap '%s'", name);
   else {
     entry_free(f->entries[idx]);
     memmove(&f->entries[idx], &f->entries[idx + 1],
@@ -1218,9 +1206,9 @@ update_entry(cbt_bmfile *f, unsigned idx, const uint32_t *flags,
 
   g_mutex_lock(&f->lock);
   if (!f->writable)
-    r = fail(why, -EROFS, "opened read-only");
+    r = cbt_fail(why, -EROFS, "opened read-only");
   else if (idx >= f->nentries)
-    r = fail(why, -EINVAL, "no bitmap at index %u", idx);
+    r = cbt_fail(why, -EINVAL, "no bitmap at index %u", idx);
   else {
     if (flags)
       f->entries[idx]->flags = *flags;
@@ -1237,7 +1225,7 @@ int
 cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags, char **why)
 {
   if (!flags_ok(flags))
-    return fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
+    return cbt_fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
   return update_entry(f, idx, &flags, NULL, why);
 }
 
@@ -1285,9 +1273,9 @@ cbt_bmfile_reset_entry(cbt_bmfile *f, unsigned idx, char **why)
 
   g_mutex_lock(&f->lock);
   if (!f->writable)
-    r = fail(why, -EROFS, "opened read-only");
+    r = cbt_fail(why, -EROFS, "opened read-only");
   else if (idx >= f->nentries)
-    r = fail(why, -EINVAL, "no bitmap at index %u", idx);
+    r = cbt_fail(why, -EINVAL, "no bitmap at index %u", idx);
   else {
     cbt_bitmap_clear_all(&f->entries[idx]->bm);
     f->entries[idx]->flags &= ~CBT_BMF_INCONSISTENT;
@@ -1368,7 +1356,7 @@ geom_new(const struct bmf_entry *e, uint64_t old_size, uint64_t new_size,
       cbt_bitmap_destroy(&g->bm);
   }
   if (r < 0)
-    return fail(why, r, "bitmap '%s': %s", e->name, g_strerror(-r));
+    return cbt_fail(why, r, "bitmap '%s': %s", e->name, g_strerror(-r));
   /* The added bytes were never backed up: dirty.  This includes the old
    * partial last granule, which now covers more of the image. */
   if (new_size > old_size)
@@ -1377,7 +1365,7 @@ geom_new(const struct bmf_entry *e, uint64_t old_size, uint64_t new_size,
   g->data_pages = g->bm.npages;
   g->page_crc = g_try_new0(uint32_t, g->data_pages);
   if (!g->page_crc)
-    return fail(why, -ENOMEM, "bitmap '%s': %s", e->name, g_strerror(ENOMEM));
+    return cbt_fail(why, -ENOMEM, "bitmap '%s': %s", e->name, g_strerror(ENOMEM));
   g->data_offset = area_first_fit(areas, *nareas, start,
                                   round_up_page(g->data_length));
   g->on_disk = false;
@@ -1414,9 +1402,9 @@ resize_locked(struct cbt_bmfile *f, uint64_t new_size, char **why)
   int r = 0;
 
   if (!f->writable)
-    return fail(why, -EROFS, "opened read-only");
+    return cbt_fail(why, -EROFS, "opened read-only");
   if (new_size == 0 || new_size > CBT_BITMAP_MAX_SIZE)
-    return fail(why, -EINVAL, "bad image size %" PRIu64 " (1 to %" PRIu64
+    return cbt_fail(why, -EINVAL, "bad image size %" PRIu64 " (1 to %" PRIu64
                 " bytes)", new_size, CBT_BITMAP_MAX_SIZE);
   if (new_size == old_size)
     return 0;
@@ -1498,7 +1486,7 @@ sync_parent_dir(const char *path, char **why)
 {
   int r = cbt_io_sync_parent_dir(path);
 
-  return r < 0 ? fail(why, r, "%s: syncing its directory: %s", path, g_strerror(-r)) : 0;
+  return r < 0 ? cbt_fail(why, r, "%s: syncing its directory: %s", path, g_strerror(-r)) : 0;
 }
 
 static int
@@ -1509,7 +1497,7 @@ create_contents(cbt_bmfile *f, uint32_t gran, const char *first_name,
 
   r = random_uuid(f->hdr.uuid);
   if (r < 0)
-    return fail(why, r, "getrandom: %s", g_strerror(-r));
+    return cbt_fail(why, r, "getrandom: %s", g_strerror(-r));
   r = extend_file(f, meta_end(f->hdr.dir_capacity), why);
   if (r < 0)
     return r;
@@ -1526,7 +1514,7 @@ create_contents(cbt_bmfile *f, uint32_t gran, const char *first_name,
     return r;
   r = cbt_io_fsync(f->fd);
   if (r < 0)
-    return fail(why, r, "fsync: %s", g_strerror(-r));
+    return cbt_fail(why, r, "fsync: %s", g_strerror(-r));
   return sync_parent_dir(f->path, why);
 }
 
@@ -1540,19 +1528,19 @@ cbt_bmfile_create(const char *path, uint64_t image_size, uint64_t image_inode,
 
   *out = NULL;
   if (image_size == 0 || image_size > CBT_BITMAP_MAX_SIZE)
-    return fail(why, -EINVAL, "bad image size %" PRIu64, image_size);
+    return cbt_fail(why, -EINVAL, "bad image size %" PRIu64, image_size);
   if (granularity == 0)
     granularity = CBT_BITMAP_DEFAULT_GRANULARITY;
   if (!gran_ok(granularity))
-    return fail(why, -EINVAL, "bad granularity %" PRIu32
+    return cbt_fail(why, -EINVAL, "bad granularity %" PRIu32
                 " (must be a power of two >= 512)", granularity);
   if (!name_ok(first_name))
-    return fail(why, -EINVAL, "bad bitmap name (1 to %d printable ASCII "
+    return cbt_fail(why, -EINVAL, "bad bitmap name (1 to %d printable ASCII "
                 "characters)", CBT_BMF_NAME_MAX);
 
   fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0)
-    return fail(why, -errno, "cannot create: %s", g_strerror(errno));
+    return cbt_fail(why, -errno, "cannot create: %s", g_strerror(errno));
   f = handle_new(path, fd, true);
   f->hdr.version = BMF_VERSION;
   f->hdr.header_size = BMF_HEADER_SIZE;
@@ -1583,11 +1571,11 @@ cbt_bmfile_check_image(const cbt_bmfile *f, uint64_t image_size,
                        uint64_t image_inode, char **why)
 {
   if (image_size != f->hdr.image_size)
-    return fail(why, -ESTALE, "image size changed: bitmap covers %" PRIu64
+    return cbt_fail(why, -ESTALE, "image size changed: bitmap covers %" PRIu64
                 " bytes, image is %" PRIu64 " bytes", f->hdr.image_size,
                 image_size);
   if (image_inode != f->hdr.image_inode)
-    return fail(why, -ESTALE, "image file replaced: bitmap was made for inode "
+    return cbt_fail(why, -ESTALE, "image file replaced: bitmap was made for inode "
                 "%" PRIu64 ", image is inode %" PRIu64, f->hdr.image_inode,
                 image_inode);
   return 0;

@@ -55,6 +55,7 @@
 #include "cbt/qcow2-writer.h"
 #include "cbt/qcow2.h"
 #include "cbt/uring-io.h"
+#include "cbt/util.h"
 
 #define QCOW2_VERSION          3u
 #define QCOW2_REFCOUNT_ORDER   4u                     /* 16-bit refcounts */
@@ -121,19 +122,6 @@ struct cbt_qcow2_writer {
 
   bool finished;
 };
-
-static int G_GNUC_PRINTF(3, 4)
-fail(char **why, int err, const char *fmt, ...)
-{
-  if (why && !*why) {
-    va_list ap;
-
-    va_start(ap, fmt);
-    *why = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-  }
-  return err;
-}
 
 static inline uint64_t
 div_round_up(uint64_t a, uint64_t b)
@@ -300,44 +288,44 @@ check_opts(const struct cbt_qcow2_writer_opts *o, uint32_t *cs_out,
 
   if (cs < CBT_QCOW2_WRITER_MIN_CLUSTER_SIZE || cs > CBT_QCOW2_WRITER_MAX_CLUSTER_SIZE ||
       (cs & (cs - 1)) != 0)
-    return fail(why, -EINVAL, "cluster size %" PRIu32 " is not a power of two "
+    return cbt_fail(why, -EINVAL, "cluster size %" PRIu32 " is not a power of two "
                 "between %u and %u", cs, CBT_QCOW2_WRITER_MIN_CLUSTER_SIZE,
                 CBT_QCOW2_WRITER_MAX_CLUSTER_SIZE);
   if (o->size == 0)
-    return fail(why, -EINVAL, "virtual size is 0");
+    return cbt_fail(why, -EINVAL, "virtual size is 0");
   /* qemu counts the virtual size in whole sectors (it truncates a header
    * size that is not a multiple of 512), so round up as qemu-img does. */
   if (o->size > QEMU_MAX_VIRTUAL_SIZE)
-    return fail(why, -EFBIG, "virtual size %" PRIu64 " is too large", o->size);
+    return cbt_fail(why, -EFBIG, "virtual size %" PRIu64 " is too large", o->size);
   disk_size = (o->size + SECTOR - 1) & ~(uint64_t)(SECTOR - 1);
   l1_size = div_round_up(div_round_up(disk_size, cs), cs / 8);
   if (l1_size * 8 > QEMU_MAX_L1_BYTES)
-    return fail(why, -EFBIG, "virtual size %" PRIu64 " needs an L1 table larger "
+    return cbt_fail(why, -EFBIG, "virtual size %" PRIu64 " needs an L1 table larger "
                 "than qemu's limit of %" PRIu64 " bytes with %" PRIu32
                 "-byte clusters: use larger clusters", o->size,
                 QEMU_MAX_L1_BYTES, cs);
 
   if (!o->backing_file) {
     if (o->backing_format)
-      return fail(why, -EINVAL, "backing format given without backing file");
+      return cbt_fail(why, -EINVAL, "backing format given without backing file");
   } else {
     size_t n = strlen(o->backing_file);
 
     if (n == 0)
-      return fail(why, -EINVAL, "backing file name is empty");
+      return cbt_fail(why, -EINVAL, "backing file name is empty");
     if (n > CBT_QCOW2_WRITER_BACKING_NAME_MAX)
-      return fail(why, -EINVAL, "backing file name is %zu bytes, longer than "
+      return cbt_fail(why, -EINVAL, "backing file name is %zu bytes, longer than "
                   "%u", n, CBT_QCOW2_WRITER_BACKING_NAME_MAX);
     if (!o->backing_format)
-      return fail(why, -EINVAL, "backing file %s: no backing format given",
+      return cbt_fail(why, -EINVAL, "backing file %s: no backing format given",
                   o->backing_file);
     if (strcmp(o->backing_format, "qcow2") != 0 &&
         strcmp(o->backing_format, "raw") != 0)
-      return fail(why, -EINVAL, "backing format \"%s\" is not qcow2 or raw",
+      return cbt_fail(why, -EINVAL, "backing format \"%s\" is not qcow2 or raw",
                   o->backing_format);
   }
   if (header_area_bytes(o->backing_file, o->backing_format) > cs)
-    return fail(why, -EINVAL, "header and backing file name do not fit in "
+    return cbt_fail(why, -EINVAL, "header and backing file name do not fit in "
                 "one %" PRIu32 "-byte cluster", cs);
 
   *cs_out = cs;
@@ -356,7 +344,7 @@ cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
   int r;
 
   if (!path || !o || !out)
-    return fail(why, -EINVAL, "missing argument");
+    return cbt_fail(why, -EINVAL, "missing argument");
   r = check_opts(o, &cs, &disk_size, &l1_size, why);
   if (r < 0)
     return r;
@@ -377,12 +365,12 @@ cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
   /* Up to 4 Mi pointers (32 MiB) for the largest L1 qemu accepts. */
   w->l2 = g_try_new0(uint64_t *, l1_size);
   if (!w->l2)
-    return fail(why, -ENOMEM, "out of memory for %" PRIu32 " L1 entries",
+    return cbt_fail(why, -ENOMEM, "out of memory for %" PRIu32 " L1 entries",
                 l1_size);
 
   w->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (w->fd < 0)
-    return fail(why, -errno, "cannot create: %s", g_strerror(errno));
+    return cbt_fail(why, -errno, "cannot create: %s", g_strerror(errno));
 
   *out = g_steal_pointer(&w);
   return 0;
@@ -704,10 +692,10 @@ write_metadata(cbt_qcow2_writer *w, struct seqw *s, struct qcow2_header *h,
   rb_off = rt_off + n_rt * cs;
   total = rb_off / cs + n_rb;
   if (n_rt * cs > QEMU_MAX_REFTABLE_BYTES)
-    return fail(why, -EFBIG, "refcount table of %" PRIu64 " bytes exceeds "
+    return cbt_fail(why, -EFBIG, "refcount table of %" PRIu64 " bytes exceeds "
                 "qemu's limit", n_rt * cs);
   if (total > QCOW2_MAX_HOST_OFFSET / cs)
-    return fail(why, -EFBIG, "image file would exceed 2^56 bytes");
+    return cbt_fail(why, -EFBIG, "image file would exceed 2^56 bytes");
 
   /* L2 tables, in L1 order. */
   for (uint32_t i = 0; i < w->l1_size; i++) {
@@ -777,7 +765,7 @@ write_metadata(cbt_qcow2_writer *w, struct seqw *s, struct qcow2_header *h,
   return 0;
 
 io_error:
-  return fail(why, r, "writing metadata: %s", g_strerror(-r));
+  return cbt_fail(why, r, "writing metadata: %s", g_strerror(-r));
 }
 
 /* Cluster 0: header, extensions, backing file name. */
@@ -789,7 +777,7 @@ write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
   int r;
 
   if (!buf)
-    return fail(why, -ENOMEM, "out of memory");
+    return cbt_fail(why, -ENOMEM, "out of memory");
   if (w->backing_file)
     ext_encode(buf, &pos, CBT_QCOW2_EXT_BACKING_FMT, w->backing_format,
                (uint32_t)strlen(w->backing_format));
@@ -809,7 +797,7 @@ write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
 
   r = cbt_io_pwrite(w->fd, buf, w->cluster_size, 0);
   if (r < 0)
-    return fail(why, r, "writing header: %s", g_strerror(-r));
+    return cbt_fail(why, r, "writing header: %s", g_strerror(-r));
   return 0;
 }
 
@@ -819,7 +807,7 @@ sync_parent_dir(const char *path, char **why)
 {
   int r = cbt_io_sync_parent_dir(path);
 
-  return r < 0 ? fail(why, r, "%s: syncing its directory: %s", path, g_strerror(-r)) : 0;
+  return r < 0 ? cbt_fail(why, r, "%s: syncing its directory: %s", path, g_strerror(-r)) : 0;
 }
 
 int
@@ -831,12 +819,12 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
   int r, fd;
 
   if (!w)
-    return fail(why, -EINVAL, "missing argument");
+    return cbt_fail(why, -EINVAL, "missing argument");
   if (w->finished)
-    return fail(why, -EINVAL, "finish called twice");
+    return cbt_fail(why, -EINVAL, "finish called twice");
   w->finished = true;
   if (w->error)
-    return fail(why, -EIO, "an earlier data write failed: %s",
+    return cbt_fail(why, -EIO, "an earlier data write failed: %s",
                 g_strerror(-w->error));
 
   s.fd = w->fd;
@@ -845,7 +833,7 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
   s.off = w->next_host;
   stage = g_try_malloc(s.cap);
   if (!stage)
-    return fail(why, -ENOMEM, "out of memory");
+    return cbt_fail(why, -ENOMEM, "out of memory");
   s.buf = stage;
 
   r = write_metadata(w, &s, &h, why);
@@ -854,17 +842,17 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
   /* Everything the header points at is durable before the header. */
   r = cbt_io_fdatasync(w->fd);
   if (r < 0)
-    return fail(why, r, "fdatasync: %s", g_strerror(-r));
+    return cbt_fail(why, r, "fdatasync: %s", g_strerror(-r));
   r = write_header(w, &h, why);
   if (r < 0)
     return r;
   r = cbt_io_fdatasync(w->fd);
   if (r < 0)
-    return fail(why, r, "fdatasync: %s", g_strerror(-r));
+    return cbt_fail(why, r, "fdatasync: %s", g_strerror(-r));
 
   fd = w->fd;
   w->fd = -1;
   if (close(fd) < 0)
-    return fail(why, -errno, "close: %s", g_strerror(errno));
+    return cbt_fail(why, -errno, "close: %s", g_strerror(errno));
   return sync_parent_dir(w->path, why);
 }

@@ -18,35 +18,7 @@
 #include <glib.h>
 
 #include "cbt/qcow2.h"
-
-static inline uint32_t
-get32(const uint8_t *p)
-{
-  uint32_t v;
-  memcpy(&v, p, 4);
-  return be32toh(v);
-}
-
-static inline uint64_t
-get64(const uint8_t *p)
-{
-  uint64_t v;
-  memcpy(&v, p, 8);
-  return be64toh(v);
-}
-
-static int G_GNUC_PRINTF(3, 4)
-fail(char **why, int err, const char *fmt, ...)
-{
-  va_list ap;
-
-  if (why && !*why) {
-    va_start(ap, fmt);
-    *why = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-  }
-  return err;
-}
+#include "cbt/util.h"
 
 uint64_t
 cbt_qcow2_l1_entries_needed(uint64_t size, unsigned cluster_bits)
@@ -86,24 +58,24 @@ check_features(const struct cbt_qcow2_info *h, const uint8_t *names,
     unsigned bit = (unsigned)__builtin_ctzll(in & ~known);
     g_autofree char *name = feature_name(names, names_len, bit);
 
-    return fail(why, -ENOTSUP, "unknown incompatible feature bit %u%s%s%s "
+    return cbt_fail(why, -ENOTSUP, "unknown incompatible feature bit %u%s%s%s "
                 "is not supported", bit, name ? " (" : "", name ? name : "",
                 name ? ")" : "");
   }
   if (in & CBT_QCOW2_INCOMPAT_CORRUPT)
-    return fail(why, -ENOTSUP, "image is marked corrupt (incompatible "
+    return cbt_fail(why, -ENOTSUP, "image is marked corrupt (incompatible "
                 "feature 'corrupt' bit set): repair it with qemu-img check -r all");
   if (in & CBT_QCOW2_INCOMPAT_DIRTY)
-    return fail(why, -ENOTSUP, "image is dirty (incompatible feature 'dirty' "
+    return cbt_fail(why, -ENOTSUP, "image is dirty (incompatible feature 'dirty' "
                 "bit set: lazy refcounts need repair): run qemu-img check -r all");
   if (in & CBT_QCOW2_INCOMPAT_DATA_FILE)
-    return fail(why, -ENOTSUP, "external data file (incompatible feature "
+    return cbt_fail(why, -ENOTSUP, "external data file (incompatible feature "
                 "'external data file') is not supported");
   if (in & CBT_QCOW2_INCOMPAT_EXTL2)
-    return fail(why, -ENOTSUP, "extended L2 entries (incompatible feature "
+    return cbt_fail(why, -ENOTSUP, "extended L2 entries (incompatible feature "
                 "'extended L2 entries') are not supported");
   if (in & CBT_QCOW2_INCOMPAT_COMPRESSION)
-    return fail(why, -ENOTSUP, "compression type other than zlib "
+    return cbt_fail(why, -ENOTSUP, "compression type other than zlib "
                 "(incompatible feature 'compression type') is not supported");
   return 0;
 }
@@ -117,19 +89,19 @@ parse_extensions(const uint8_t *p, size_t pos, size_t end,
                  size_t *names_len, char **why)
 {
   while (pos + 8 <= end) {
-    uint32_t type = get32(p + pos);
-    uint32_t len = get32(p + pos + 4);
+    uint32_t type = cbt_get_be32(p + pos);
+    uint32_t len = cbt_get_be32(p + pos + 4);
     size_t data = pos + 8;
 
     if (type == CBT_QCOW2_EXT_END)
       return 0;
     if (len > end - data)
-      return fail(why, -EBADMSG, "header extension 0x%08" PRIx32 " at byte %zu: "
+      return cbt_fail(why, -EBADMSG, "header extension 0x%08" PRIx32 " at byte %zu: "
                   "length %" PRIu32 " runs past the first cluster", type, pos, len);
     switch (type) {
     case CBT_QCOW2_EXT_BACKING_FMT:
       if (len >= sizeof h->backing_format || memchr(p + data, 0, len))
-        return fail(why, -EBADMSG, "backing file format extension: bad length "
+        return cbt_fail(why, -EBADMSG, "backing file format extension: bad length "
                     "%" PRIu32 " or embedded NUL", len);
       memcpy(h->backing_format, p + data, len);
       h->backing_format[len] = 0;
@@ -165,30 +137,30 @@ cbt_qcow2_header_decode(const void *buf, size_t len, uint64_t file_size,
   int r;
 
   memset(&h, 0, sizeof h);
-  if (len < 4 || get32(p) != CBT_QCOW2_MAGIC)
-    return fail(why, -EINVAL, "not a qcow2 image (bad magic)");
+  if (len < 4 || cbt_get_be32(p) != CBT_QCOW2_MAGIC)
+    return cbt_fail(why, -EINVAL, "not a qcow2 image (bad magic)");
   if (len < CBT_QCOW2_V2_HEADER_LEN)
-    return fail(why, -EBADMSG, "truncated qcow2 header (%zu bytes)", len);
-  h.version = get32(p + 4);
+    return cbt_fail(why, -EBADMSG, "truncated qcow2 header (%zu bytes)", len);
+  h.version = cbt_get_be32(p + 4);
   if (h.version != 2 && h.version != 3)
-    return fail(why, -ENOTSUP, "qcow2 version %" PRIu32 " is not supported "
+    return cbt_fail(why, -ENOTSUP, "qcow2 version %" PRIu32 " is not supported "
                 "(only 2 and 3)", h.version);
-  bf_off = get64(p + 8);
-  bf_size = get32(p + 16);
-  h.cluster_bits = get32(p + 20);
-  h.size = get64(p + 24);
-  crypt = get32(p + 32);
-  h.l1_size = get32(p + 36);
-  h.l1_table_offset = get64(p + 40);
-  h.refcount_table_offset = get64(p + 48);
-  h.refcount_table_clusters = get32(p + 56);
-  h.nb_snapshots = get32(p + 60);
-  h.snapshots_offset = get64(p + 64);
+  bf_off = cbt_get_be64(p + 8);
+  bf_size = cbt_get_be32(p + 16);
+  h.cluster_bits = cbt_get_be32(p + 20);
+  h.size = cbt_get_be64(p + 24);
+  crypt = cbt_get_be32(p + 32);
+  h.l1_size = cbt_get_be32(p + 36);
+  h.l1_table_offset = cbt_get_be64(p + 40);
+  h.refcount_table_offset = cbt_get_be64(p + 48);
+  h.refcount_table_clusters = cbt_get_be32(p + 56);
+  h.nb_snapshots = cbt_get_be32(p + 60);
+  h.snapshots_offset = cbt_get_be64(p + 64);
 
   if (h.cluster_bits < CBT_QCOW2_MIN_CLUSTER_BITS)
-    return fail(why, -EBADMSG, "cluster_bits %" PRIu32 " is below 9", h.cluster_bits);
+    return cbt_fail(why, -EBADMSG, "cluster_bits %" PRIu32 " is below 9", h.cluster_bits);
   if (h.cluster_bits > CBT_QCOW2_MAX_CLUSTER_BITS)
-    return fail(why, -ENOTSUP, "cluster size 2^%" PRIu32 " is not supported "
+    return cbt_fail(why, -ENOTSUP, "cluster size 2^%" PRIu32 " is not supported "
                 "(512 bytes to 2 MiB)", h.cluster_bits);
   csize = h.cluster_size = UINT64_C(1) << h.cluster_bits;
 
@@ -197,17 +169,17 @@ cbt_qcow2_header_decode(const void *buf, size_t len, uint64_t file_size,
     h.header_length = CBT_QCOW2_V2_HEADER_LEN;
   } else {
     if (len < CBT_QCOW2_V3_HEADER_LEN)
-      return fail(why, -EBADMSG, "truncated qcow2 version 3 header (%zu bytes)", len);
-    h.incompatible_features = get64(p + 72);
-    h.compatible_features = get64(p + 80);
-    h.autoclear_features = get64(p + 88);
-    h.refcount_order = get32(p + 96);
-    h.header_length = get32(p + 100);
+      return cbt_fail(why, -EBADMSG, "truncated qcow2 version 3 header (%zu bytes)", len);
+    h.incompatible_features = cbt_get_be64(p + 72);
+    h.compatible_features = cbt_get_be64(p + 80);
+    h.autoclear_features = cbt_get_be64(p + 88);
+    h.refcount_order = cbt_get_be32(p + 96);
+    h.header_length = cbt_get_be32(p + 100);
     if (h.header_length < CBT_QCOW2_V3_HEADER_LEN || h.header_length % 8 != 0 ||
         h.header_length > csize)
-      return fail(why, -EBADMSG, "bad header_length %" PRIu32, h.header_length);
+      return cbt_fail(why, -EBADMSG, "bad header_length %" PRIu32, h.header_length);
     if (h.header_length > len)
-      return fail(why, -EBADMSG, "truncated qcow2 header (header_length %" PRIu32
+      return cbt_fail(why, -EBADMSG, "truncated qcow2 header (header_length %" PRIu32
                   ", %zu bytes present)", h.header_length, len);
   }
 
@@ -218,7 +190,7 @@ cbt_qcow2_header_decode(const void *buf, size_t len, uint64_t file_size,
     return r;
 
   if (crypt != 0)
-    return fail(why, -ENOTSUP, "encryption (crypt_method %" PRIu32 ", %s) is "
+    return cbt_fail(why, -ENOTSUP, "encryption (crypt_method %" PRIu32 ", %s) is "
                 "not supported", crypt, crypt == 1 ? "AES" : crypt == 2 ? "LUKS" :
                 "unknown");
   r = check_features(&h, names, names_len, why);
@@ -226,55 +198,55 @@ cbt_qcow2_header_decode(const void *buf, size_t len, uint64_t file_size,
     return r;
   if ((h.incompatible_features & CBT_QCOW2_INCOMPAT_COMPRESSION) == 0 &&
       h.header_length > CBT_QCOW2_OFF_COMPRESSION && p[CBT_QCOW2_OFF_COMPRESSION] != 0)
-    return fail(why, -EBADMSG, "compression_type %u without the compression "
+    return cbt_fail(why, -EBADMSG, "compression_type %u without the compression "
                 "type feature bit", p[CBT_QCOW2_OFF_COMPRESSION]);
   if (h.refcount_order > 6)
-    return fail(why, -EBADMSG, "bad refcount_order %" PRIu32, h.refcount_order);
+    return cbt_fail(why, -EBADMSG, "bad refcount_order %" PRIu32, h.refcount_order);
   if (h.refcount_order != 4)
-    return fail(why, -ENOTSUP, "refcount width %u bits is not supported "
+    return cbt_fail(why, -ENOTSUP, "refcount width %u bits is not supported "
                 "(only refcount_bits=16)", 1u << h.refcount_order);
 
   /* Sizes and offsets: everything cluster aligned and inside the file. */
   need = cbt_qcow2_l1_entries_needed(h.size, h.cluster_bits);
   if (h.size > (UINT64_C(1) << 62) || need > CBT_QCOW2_MAX_L1_ENTRIES)
-    return fail(why, -ENOTSUP, "virtual size %" PRIu64 " is too large", h.size);
+    return cbt_fail(why, -ENOTSUP, "virtual size %" PRIu64 " is too large", h.size);
   if (h.l1_size > CBT_QCOW2_MAX_L1_ENTRIES)
-    return fail(why, -EBADMSG, "L1 table of %" PRIu32 " entries is too large",
+    return cbt_fail(why, -EBADMSG, "L1 table of %" PRIu32 " entries is too large",
                 h.l1_size);
   if (h.l1_size < need)
-    return fail(why, -EBADMSG, "L1 table of %" PRIu32 " entries is too small "
+    return cbt_fail(why, -EBADMSG, "L1 table of %" PRIu32 " entries is too small "
                 "for a virtual size of %" PRIu64 " (needs %" PRIu64 ")",
                 h.l1_size, h.size, need);
   if (h.l1_size > 0 &&
       (h.l1_table_offset == 0 || h.l1_table_offset % csize != 0 ||
        h.l1_table_offset > file_size ||
        file_size - h.l1_table_offset < (uint64_t)h.l1_size * 8))
-    return fail(why, -EBADMSG, "bad l1_table_offset 0x%" PRIx64 " (misaligned "
+    return cbt_fail(why, -EBADMSG, "bad l1_table_offset 0x%" PRIx64 " (misaligned "
                 "or outside the file)", h.l1_table_offset);
   if (h.refcount_table_clusters == 0 ||
       (uint64_t)h.refcount_table_clusters * csize > CBT_QCOW2_MAX_REFTABLE_BYTES)
-    return fail(why, -EBADMSG, "bad refcount_table_clusters %" PRIu32,
+    return cbt_fail(why, -EBADMSG, "bad refcount_table_clusters %" PRIu32,
                 h.refcount_table_clusters);
   if (h.refcount_table_offset == 0 || h.refcount_table_offset % csize != 0 ||
       h.refcount_table_offset > file_size ||
       file_size - h.refcount_table_offset < (uint64_t)h.refcount_table_clusters * csize)
-    return fail(why, -EBADMSG, "bad refcount_table_offset 0x%" PRIx64
+    return cbt_fail(why, -EBADMSG, "bad refcount_table_offset 0x%" PRIx64
                 " (misaligned or outside the file)", h.refcount_table_offset);
   if (h.nb_snapshots > 0 &&
       (h.snapshots_offset == 0 || h.snapshots_offset % csize != 0 ||
        h.snapshots_offset >= file_size))
-    return fail(why, -EBADMSG, "bad snapshots_offset 0x%" PRIx64, h.snapshots_offset);
+    return cbt_fail(why, -EBADMSG, "bad snapshots_offset 0x%" PRIx64, h.snapshots_offset);
 
   if (bf_off != 0) {
     if (bf_size == 0 || bf_size > CBT_QCOW2_MAX_BACKING_NAME)
-      return fail(why, -EBADMSG, "bad backing_file_size %" PRIu32, bf_size);
+      return cbt_fail(why, -EBADMSG, "bad backing_file_size %" PRIu32, bf_size);
     if (bf_off > end || end - bf_off < bf_size)
-      return fail(why, -EBADMSG, "backing file name at byte %" PRIu64 " runs past "
+      return cbt_fail(why, -EBADMSG, "backing file name at byte %" PRIu64 " runs past "
                   "the first cluster", bf_off);
     if (bf_off < h.header_length)
-      return fail(why, -EBADMSG, "backing file name overlaps the header");
+      return cbt_fail(why, -EBADMSG, "backing file name overlaps the header");
     if (memchr(p + bf_off, 0, bf_size))
-      return fail(why, -EBADMSG, "backing file name contains a NUL byte");
+      return cbt_fail(why, -EBADMSG, "backing file name contains a NUL byte");
     memcpy(h.backing_file, p + bf_off, bf_size);
     h.backing_file[bf_size] = 0;
   }

@@ -21,4 +21,11 @@ static inline void cbt_put_be16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy
 static inline void cbt_put_be32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
 static inline void cbt_put_be64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
+/* For lib/ functions that return -errno and explain through a
+ * `char **why` out-parameter: if @why is non-NULL and still NULL, set
+ * *why to the formatted reason (g_free it).  Returns @err, so a failure
+ * path reads `return cbt_fail(why, -EINVAL, "bad thing %d", x);`. */
+int cbt_fail(char **why, int err, const char *fmt, ...)
+  __attribute__((format(printf, 3, 4)));
+
 #endif
