@@ -8,6 +8,9 @@
 #
 # usage: nbd-shutdown-writer.py URI PID LOG TRIGGER BS [SIGNAL]
 # SIGNAL is TERM (default), INT or KILL.
+#        nbd-shutdown-writer.py --verify DISK LOG BS
+# checks afterwards that every block listed in LOG holds its pattern in the
+# image file DISK; exits non-zero naming the missing blocks.
 # Prints "acked=N done=BOOL" at the end; exits 0 unless something other
 # than the daemon going away went wrong.
 
@@ -16,13 +19,30 @@ import signal
 import sys
 import nbd
 
+def pattern_of(i, bs):
+    return (b"cbt-blk%09d." % i) * (bs // 17) + b"#" * (bs % 17)
+
+
+if sys.argv[1] == "--verify":
+    disk, acked, bs = sys.argv[2], sys.argv[3], int(sys.argv[4])
+    bad = []
+    with open(disk, "rb") as f:
+        for line in open(acked):
+            i = int(line)
+            f.seek(i * bs)
+            if f.read(bs) != pattern_of(i, bs):
+                bad.append(i)
+    if bad:
+        sys.exit(f"{len(bad)} acknowledged blocks not in the file, e.g. {bad[:10]}")
+    sys.exit(0)
+
 uri, pid, logpath = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 trigger, bs = int(sys.argv[4]), int(sys.argv[5])
 signum = getattr(signal, "SIG" + (sys.argv[6] if len(sys.argv) > 6 else "TERM"))
 
 
 def pattern(i):
-    return (b"cbt-blk%09d." % i) * (bs // 17) + b"#" * (bs % 17)
+    return pattern_of(i, bs)
 
 
 h = nbd.NBD()

@@ -7,8 +7,6 @@
 
 source "$(dirname "$0")/functions.sh"
 requires qemu-io qemu-img jq cmp
-: "${CBT_CLI:=$CBT_BUILD_DIR/tools/cbt}"
-cbt() { "$CBT_CLI" "$@"; }
 
 disk=$tmp/disk.img
 bm=$tmp/disk.bitmap

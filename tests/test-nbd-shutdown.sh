@@ -34,21 +34,8 @@ grep -q 'done=True' "$tmp/writer.out" &&
 
 nacked=$(wc -l <"$tmp/acked")
 [ "$nacked" -ge 64 ] || die "only $nacked writes acknowledged"
-"$PYTHON" - "$disk" "$tmp/acked" $bs <<'PY' || die "acknowledged writes missing from the file"
-import sys
-disk, acked, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-def pattern(i):
-    return (b"cbt-blk%09d." % i) * (bs // 17) + b"#" * (bs % 17)
-bad = []
-with open(disk, "rb") as f:
-    for line in open(acked):
-        i = int(line)
-        f.seek(i * bs)
-        if f.read(bs) != pattern(i):
-            bad.append(i)
-if bad:
-    sys.exit(f"{len(bad)} acknowledged blocks not in the file, e.g. {bad[:10]}")
-PY
+"$PYTHON" "$testsdir/nbd-shutdown-writer.py" --verify "$disk" "$tmp/acked" $bs ||
+    die "acknowledged writes missing from the file"
 
 # An idle connected client does not keep the daemon alive after SIGTERM.
 start_filterd --image "$disk"
