@@ -7,8 +7,10 @@
  *   <- {"error": {"class": "NoCheckpoint", "desc": "no checkpoint in progress"}}
  *
  * A request may carry an "id", echoed in its reply.  Commands: status,
- * checkpoint-begin, checkpoint-commit {checkpoint}, checkpoint-abort
- * {checkpoint?}.  Checkpoint ids are 16 hex digits (strings, so no JSON
+ * checkpoint-begin {point-in-time?: full|incremental|off}, checkpoint-commit
+ * {checkpoint}, checkpoint-abort {checkpoint?}.  A point-in-time begin opens
+ * the NAME@checkpoint export (snapshot.c); status shows it under
+ * checkpoint.point-in-time.  Checkpoint ids are 16 hex digits (strings, so no JSON
  * number precision is lost).
  *
  * Each control connection gets a thread with blocking I/O, like the NBD
@@ -88,6 +90,32 @@ add_bool(json_object *o, const char *k, bool v)
   json_object_object_add(o, k, json_object_new_boolean(v));
 }
 
+/* The point-in-time view of the checkpoint in progress, or null. */
+static json_object *
+view_json(void)
+{
+  struct snapshot_status vs;
+  json_object *v;
+  g_autofree char *name = NULL;
+
+  if (!snapshot_get_status(&vs))
+    return NULL;
+  v = json_object_new_object();
+  name = g_strconcat(srv.export_name, SNAPSHOT_SUFFIX, NULL);
+  add_str(v, "mode", snapshot_mode_name(vs.mode));
+  add_str(v, "export", name);
+  add_str(v, "scratch-dir", vs.dir);
+  add_u64(v, "scratch-limit", vs.limit);
+  add_u64(v, "scratch-bytes", vs.used);
+  add_u64(v, "scratch-peak", vs.peak);
+  add_u64(v, "copied-bytes", vs.copied_bytes);
+  add_u64(v, "copies", vs.copies);
+  add_u64(v, "copies-pending", vs.copying);
+  add_u64(v, "released-bytes", vs.released_bytes);
+  add_str(v, "failed", vs.failed[0] ? vs.failed : NULL);
+  return v;
+}
+
 static json_object *
 status_json(void)
 {
@@ -138,6 +166,7 @@ status_json(void)
     add_bool(c, "trusted", st.cp_trusted);
     add_u64(c, "dirty-bytes", st.cp_dirty_bytes);
     add_str(c, "context", st.cp_context);
+    json_object_object_add(c, "point-in-time", view_json());
     json_object_object_add(r, "checkpoint", c);
   } else {
     json_object_object_add(r, "checkpoint", NULL);
@@ -177,18 +206,43 @@ get_id_arg(json_object *args, bool required, uint64_t *id, bool *given,
   return true;
 }
 
+/* checkpoint-begin's optional "point-in-time": "full", "incremental" or
+ * "off" (the default). */
+static bool
+get_mode_arg(json_object *args, enum snapshot_mode *mode, GError **error)
+{
+  json_object *v = NULL;
+  const char *m;
+
+  *mode = SNAP_OFF;
+  if (!args || !json_object_object_get_ex(args, "point-in-time", &v) || !v)
+    return true;
+  m = json_object_is_type(v, json_type_string) ? json_object_get_string(v) : "";
+  if (strcmp(m, "full") == 0)
+    *mode = SNAP_FULL;
+  else if (strcmp(m, "incremental") == 0)
+    *mode = SNAP_INCREMENTAL;
+  else if (strcmp(m, "off") != 0) {
+    g_set_error(error, CTL_ERROR, CTL_ERR_BAD_REQUEST,
+                "'point-in-time' must be \"full\", \"incremental\" or \"off\"");
+    return false;
+  }
+  return true;
+}
+
 /* Run one request; returns the "return" value or NULL with @error set. */
 static json_object *
 execute(const char *cmd, json_object *args, GError **error)
 {
+  enum snapshot_mode mode;
   uint64_t id;
   bool given;
 
   if (strcmp(cmd, "status") == 0)
     return status_json();
   if (strcmp(cmd, "checkpoint-begin") == 0) {
-    if (!need_tracking(error) ||
-        !tracking_checkpoint_begin(srv.tracking, NULL, error))
+    if (!need_tracking(error) || !get_mode_arg(args, &mode, error) ||
+        !tracking_checkpoint_begin(srv.tracking, mode, NULL, error))
       return NULL;
     return status_json();
   }

@@ -16,6 +16,11 @@
  * is always in the active bitmap.  A FLUSH is acknowledged only once the
  * image data and the bitmap are both durable.
  *
+ * Requests on the @checkpoint export go to snapshot.c (reads of the
+ * point-in-time view, TRIM releases); guest changes on the main export
+ * first let snapshot.c save the old data of granules a running backup
+ * still needs.
+ *
  * READ replies with structured replies negotiated: the buffer is split at
  * 4 KiB boundaries into data chunks and hole chunks for runs of zeros, so
  * sparse areas cost 32 bytes on the wire instead of their length.  With
@@ -232,7 +237,7 @@ do_block_status(struct request *req)
   }
   out = req->buf;
   for (unsigned i = 0; i < p->n_meta; i++) {
-    int n = meta_extents(p->meta_ids[i], req->hdr.offset, req->hdr.length,
+    int n = meta_extents(p->snap, p->meta_ids[i], req->hdr.offset, req->hdr.length,
                          req_one, ext, MAX_BS_EXTENTS);
     uint8_t *h = out + pos;
 
@@ -256,11 +261,102 @@ do_block_status(struct request *req)
   conn_reply(req);
 }
 
+static void
+snap_read_done(void *arg, int res)
+{
+  struct request *req = arg;
+
+  if (res < 0) {
+    req->error = cbt_nbd_errno_to_wire(-res);
+    debug("%s: READ of the point-in-time view at %" PRIu64 ": %s",
+          conn_params(req->c)->peer, req->hdr.offset, g_strerror(-res));
+    reply_error(req);
+    return;
+  }
+  reply_read(req);
+}
+
+static bool
+read_empty(struct request *req)
+{
+  if (req->hdr.length != 0)
+    return false;
+  /* Nothing to read: a structured reply still needs one chunk. */
+  if (conn_params(req->c)->structured) {
+    cbt_nbd_chunk_header_encode(req->hdr_bytes, NBD_REPLY_FLAG_DONE,
+                                NBD_REPLY_TYPE_NONE, req->hdr.cookie, 0);
+    add_iov(req, req->hdr_bytes, NBD_CHUNK_HEADER_SIZE);
+    conn_reply(req);
+  } else {
+    reply_ok_simple(req);
+  }
+  return true;
+}
+
+/* A request on the @checkpoint export (snapshot.c): reads of the
+ * point-in-time view, TRIM to release what the backup has stored. */
+static void
+dispatch_snapshot(struct request *req)
+{
+  struct snapshot *snap = conn_params(req->c)->snap;
+  const struct cbt_nbd_request *h = &req->hdr;
+  int r;
+
+  switch (h->type) {
+  case NBD_CMD_READ:
+    if (read_empty(req))
+      return;
+    if (!request_alloc_buf(req, h->length)) {
+      req->error = NBD_ENOMEM;
+      reply_error(req);
+      return;
+    }
+    snapshot_read(snap, conn_ring(req->c), h->offset, h->length, req->buf,
+                  snap_read_done, req);
+    return;
+  case NBD_CMD_BLOCK_STATUS:
+    do_block_status(req);
+    return;
+  case NBD_CMD_TRIM:
+    r = snapshot_release(snap, conn_ring(req->c), h->offset, h->length);
+    if (r < 0) {
+      req->error = cbt_nbd_errno_to_wire(-r);
+      reply_error(req);
+      return;
+    }
+    reply_ok_simple(req);
+    return;
+  case NBD_CMD_FLUSH:
+  case NBD_CMD_CACHE:
+    reply_ok_simple(req);
+    return;
+  default:
+    req->error = NBD_EPERM;          /* the view is read-only */
+    reply_error(req);
+    return;
+  }
+}
+
+/* Resume a guest change once the copies of its protected granules are
+ * saved (snapshot_before_write). */
+static void
+submit_after_copy(void *arg)
+{
+  struct request *req = arg;
+
+  cbt_image_submit(srv.image, &req->io);
+}
+
 void
 dispatch_request(struct request *req)
 {
   struct cbt_image_io *io = &req->io;
   const struct cbt_nbd_request *h = &req->hdr;
+
+  if (conn_params(req->c)->snap) {
+    dispatch_snapshot(req);
+    return;
+  }
 
   io->ring = conn_ring(req->c);
   io->complete = io_complete;
@@ -271,18 +367,8 @@ dispatch_request(struct request *req)
 
   switch (h->type) {
   case NBD_CMD_READ:
-    if (h->length == 0) {
-      /* Nothing to read: a structured reply still needs one chunk. */
-      if (conn_params(req->c)->structured) {
-        cbt_nbd_chunk_header_encode(req->hdr_bytes, NBD_REPLY_FLAG_DONE,
-                                    NBD_REPLY_TYPE_NONE, h->cookie, 0);
-        add_iov(req, req->hdr_bytes, NBD_CHUNK_HEADER_SIZE);
-        conn_reply(req);
-      } else {
-        reply_ok_simple(req);
-      }
+    if (read_empty(req))
       return;
-    }
     if (!request_alloc_buf(req, h->length)) {
       req->error = NBD_ENOMEM;
       reply_error(req);
@@ -320,7 +406,14 @@ dispatch_request(struct request *req)
     return;
   }
 
-  if (srv.tracking && changes_data(h->type))
-    tracking_mark(srv.tracking, h->offset, h->length);
+  if (changes_data(h->type)) {
+    if (srv.tracking)
+      tracking_mark(srv.tracking, h->offset, h->length);
+    /* While a point-in-time view is open, the old data of protected
+     * granules is saved first (bit set, then copy, then write). */
+    if (snapshot_before_write(conn_worker(req->c), conn_ring(req->c), h->offset,
+                              h->length, submit_after_copy, req))
+      return;
+  }
   cbt_image_submit(srv.image, io);
 }

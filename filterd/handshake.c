@@ -124,14 +124,18 @@ reply_err(struct hs *h, uint32_t option, uint32_t type, const char *fmt, ...)
 }
 
 uint16_t
-export_flags(bool structured)
+export_flags(bool structured, bool view)
 {
   uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE |
                NBD_FLAG_CAN_MULTI_CONN;
 
   if (structured)
     f |= NBD_FLAG_SEND_DF;
-  if (srv.read_only)
+  if (view)
+    /* Reads, and TRIM to release what a backup has stored; WRITE gets
+     * EPERM.  Not flagged read-only, which would forbid the TRIM. */
+    f |= NBD_FLAG_SEND_TRIM;
+  else if (srv.read_only)
     f |= NBD_FLAG_READ_ONLY;
   else
     f |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES |
@@ -145,22 +149,56 @@ name_matches(const uint8_t *name, uint32_t len)
   return strlen(srv.export_name) == len && memcmp(name, srv.export_name, len) == 0;
 }
 
+/* NAME@checkpoint: the point-in-time view of a checkpoint in progress. */
 static bool
-send_info(struct hs *h, uint32_t option, uint16_t type)
+snapshot_name_matches(const uint8_t *name, uint32_t len)
 {
-  uint8_t buf[2 + CBT_NBD_MAX_NAME_LEN];
+  size_t n = strlen(srv.export_name), k = strlen(SNAPSHOT_SUFFIX);
+
+  return len == n + k && memcmp(name, srv.export_name, n) == 0 &&
+         memcmp(name + n, SNAPSHOT_SUFFIX, k) == 0;
+}
+
+/* Which export @name is: 0 the main one, 1 the view (a reference to it
+ * is put in *snap), -1 none (the reason in *why). */
+static int
+find_export(const uint8_t *name, uint32_t len, struct snapshot **snap,
+            const char **why)
+{
+  *snap = NULL;
+  if (name_matches(name, len))
+    return 0;
+  if (snapshot_name_matches(name, len)) {
+    *snap = snapshot_get();
+    if (*snap)
+      return 1;
+    *why = "no checkpoint with a point-in-time view is in progress";
+    return -1;
+  }
+  *why = "no such export";
+  return -1;
+}
+
+static bool
+send_info(struct hs *h, uint32_t option, uint16_t type, bool snap)
+{
+  uint8_t buf[2 + CBT_NBD_MAX_NAME_LEN + sizeof SNAPSHOT_SUFFIX];
   size_t len = 2;
 
   cbt_put_be16(buf, type);
   switch (type) {
   case NBD_INFO_EXPORT:
     cbt_put_be64(buf + 2, srv.image->size);
-    cbt_put_be16(buf + 10, export_flags(h->p.structured));
+    cbt_put_be16(buf + 10, export_flags(h->p.structured, snap));
     len = 12;
     break;
   case NBD_INFO_NAME:
     len += strlen(srv.export_name);
     memcpy(buf + 2, srv.export_name, len - 2);
+    if (snap) {
+      memcpy(buf + len, SNAPSHOT_SUFFIX, strlen(SNAPSHOT_SUFFIX));
+      len += strlen(SNAPSHOT_SUFFIX);
+    }
     break;
   case NBD_INFO_DESCRIPTION:
     if (!srv.description)
@@ -185,6 +223,8 @@ send_info(struct hs *h, uint32_t option, uint16_t type)
 static bool
 opt_info(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len, bool *go)
 {
+  g_autoptr(snapshot) snap = NULL;
+  const char *why = NULL;
   uint32_t namelen;
   uint16_t nreq;
   bool sent_name = false;
@@ -195,11 +235,11 @@ opt_info(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len, bool *go
   nreq = cbt_get_be16(d + 4 + namelen);
   if ((uint64_t)4 + namelen + 2 + 2 * (uint64_t)nreq != len)
     return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed INFO/GO request");
-  if (!name_matches(d + 4, namelen))
-    return reply_err(h, option, NBD_REP_ERR_UNKNOWN, "unknown export '%.*s'",
-                     (int)namelen, (const char *)d + 4);
+  if (find_export(d + 4, namelen, &snap, &why) < 0)
+    return reply_err(h, option, NBD_REP_ERR_UNKNOWN, "export '%.*s': %s",
+                     (int)namelen, (const char *)d + 4, why);
 
-  if (!send_info(h, option, NBD_INFO_EXPORT))
+  if (!send_info(h, option, NBD_INFO_EXPORT, snap))
     return false;
   for (uint16_t i = 0; i < nreq; i++) {
     uint16_t type = cbt_get_be16(d + 6 + namelen + 2 * i);
@@ -210,13 +250,17 @@ opt_info(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len, bool *go
         continue;
       sent_name = true;
     }
-    if (!send_info(h, option, type))
+    if (!send_info(h, option, type, snap))
       return false;
   }
-  if (!send_info(h, option, NBD_INFO_BLOCK_SIZE) ||
+  if (!send_info(h, option, NBD_INFO_BLOCK_SIZE, snap) ||
       !reply(h, option, NBD_REP_ACK, NULL, 0))
     return false;
   *go = option == NBD_OPT_GO;
+  if (*go) {
+    snapshot_unref(h->p.snap);
+    h->p.snap = g_steal_pointer(&snap);
+  }
   return true;
 }
 
@@ -237,6 +281,8 @@ opt_meta(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len)
 {
   bool list = option == NBD_OPT_LIST_META_CONTEXT;
   struct meta_context avail[MAX_META_SELECTED];
+  g_autoptr(snapshot) snap = NULL;
+  const char *why = NULL;
   size_t n_avail, pos;
   uint32_t namelen, nq;
 
@@ -259,11 +305,11 @@ opt_meta(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len)
   }
   if (nq == 0 && pos != len)
     return reply_err(h, option, NBD_REP_ERR_INVALID, "trailing bytes after queries");
-  if (!name_matches(d + 4, namelen))
-    return reply_err(h, option, NBD_REP_ERR_UNKNOWN, "unknown export '%.*s'",
-                     (int)namelen, (const char *)d + 4);
+  if (find_export(d + 4, namelen, &snap, &why) < 0)
+    return reply_err(h, option, NBD_REP_ERR_UNKNOWN, "export '%.*s': %s",
+                     (int)namelen, (const char *)d + 4, why);
 
-  n_avail = meta_list(avail, G_N_ELEMENTS(avail));
+  n_avail = meta_list(avail, G_N_ELEMENTS(avail), snap != NULL);
   if (!list)
     h->p.n_meta = 0;
   if (list && nq == 0) {
@@ -295,16 +341,27 @@ opt_meta(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len)
 }
 
 static bool
+list_one(struct hs *h, const char *name, const char *suffix)
+{
+  size_t n = strlen(name), k = strlen(suffix);
+  g_autofree uint8_t *buf = g_malloc(4 + n + k);
+
+  cbt_put_be32(buf, (uint32_t)(n + k));
+  memcpy(buf + 4, name, n);
+  memcpy(buf + 4 + n, suffix, k);
+  return reply(h, NBD_OPT_LIST, NBD_REP_SERVER, buf, (uint32_t)(4 + n + k));
+}
+
+static bool
 opt_list(struct hs *h, uint32_t len)
 {
-  size_t n = strlen(srv.export_name);
-  g_autofree uint8_t *buf = g_malloc(4 + n);
+  g_autoptr(snapshot) snap = NULL;
 
   if (len != 0)
     return reply_err(h, NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
-  cbt_put_be32(buf, (uint32_t)n);
-  memcpy(buf + 4, srv.export_name, n);
-  return reply(h, NBD_OPT_LIST, NBD_REP_SERVER, buf, (uint32_t)(4 + n)) &&
+  snap = snapshot_get();
+  return list_one(h, srv.export_name, "") &&
+         (!snap || list_one(h, srv.export_name, SNAPSHOT_SUFFIX)) &&
          reply(h, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
 }
 
@@ -365,14 +422,19 @@ negotiate(struct hs *h)
     switch (option) {
     case NBD_OPT_EXPORT_NAME: {
       uint8_t out[10 + 124] = { 0 };
-      if (!name_matches(data, len)) {
+      struct snapshot *snap = NULL;
+      const char *why = NULL;
+
+      if (find_export(data, len, &snap, &why) < 0) {
         /* This option has no error reply: all we can do is close. */
-        log_error("%s: unknown export '%.*s'; dropping", h->p.peer, (int)len,
-                  (const char *)data);
+        log_error("%s: export '%.*s': %s; dropping", h->p.peer, (int)len,
+                  (const char *)data, why);
         return false;
       }
+      snapshot_unref(h->p.snap);
+      h->p.snap = snap;
       cbt_put_be64(out, srv.image->size);
-      cbt_put_be16(out + 8, export_flags(h->p.structured));
+      cbt_put_be16(out + 8, export_flags(h->p.structured, snap != NULL));
       return write_full(h, out, h->no_zeroes ? 10 : sizeof out);
     }
     case NBD_OPT_ABORT:
@@ -433,9 +495,11 @@ hand_to_worker(int fd, void *arg)
 
   set_timeout(fd, 0);
   h->p.fd = fd;
-  debug("%s: negotiated (structured replies %s, %u meta contexts)",
-        h->p.peer, h->p.structured ? "on" : "off", h->p.n_meta);
+  debug("%s: negotiated (%s, structured replies %s, %u meta contexts)",
+        h->p.peer, h->p.snap ? "point-in-time view" : "main export",
+        h->p.structured ? "on" : "off", h->p.n_meta);
   workers_add_conn(&h->p);
+  h->p.snap = NULL;                  /* the connection owns the reference now */
   return true;
 }
 
@@ -446,6 +510,7 @@ hs_thread(void *arg)
   bool ok = negotiate(h);
 
   client_threads_done(&negotiations, h->fd, ok ? hand_to_worker : NULL, h);
+  snapshot_unref(h->p.snap);         /* not handed over */
   return NULL;
 }
 

@@ -53,6 +53,9 @@ struct server {
   unsigned n_workers;
   unsigned handshake_timeout;    /* seconds */
 
+  const char *scratch_dir;       /* --scratch, default: the bitmap's directory */
+  uint64_t scratch_limit;        /* --scratch-limit, 0: default */
+
   struct cbt_image *image;
   struct tracking *tracking;     /* dirty tracking, or NULL */
 
@@ -73,9 +76,12 @@ bool main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
 /* ---- handshake.c ---- */
 #define MAX_META_SELECTED 8
 
+struct snapshot;
+
 /* What a connection negotiated; handed from the handshake to a worker. */
 struct conn_params {
   int fd;
+  struct snapshot *snap;         /* the @checkpoint export (a reference), or NULL */
   bool structured;
   unsigned n_meta;
   uint32_t meta_ids[MAX_META_SELECTED];
@@ -85,7 +91,7 @@ struct conn_params {
 void handshake_start(int fd, const char *peer);
 /* Break every negotiation still running and wait for their threads. */
 void handshake_stop_all(void);
-uint16_t export_flags(bool structured);
+uint16_t export_flags(bool structured, bool view);
 
 /* ---- client-threads.c ---- */
 /* A set of threads each serving one socket; static zero-initialised
@@ -123,14 +129,15 @@ struct meta_context {
   uint32_t id;
   char name[256];
 };
-/* Contexts the server offers now; returns how many were written. */
-size_t meta_list(struct meta_context *out, size_t max);
+/* Contexts the server offers now on the main export, or on the
+ * @checkpoint export when @view; returns how many were written. */
+size_t meta_list(struct meta_context *out, size_t max, bool view);
 /* Does @query (a full name or a "namespace:" prefix for LIST) match? */
 bool meta_query_matches(const char *query, const char *name, bool list);
 /* Extents of context @id over [offset, offset+len): at least one, all
  * within len; at most one with @req_one.  Returns count or -errno. */
-int meta_extents(uint32_t id, uint64_t offset, uint32_t len, bool req_one,
-                 struct cbt_extent *ext, size_t max);
+int meta_extents(struct snapshot *snap, uint32_t id, uint64_t offset,
+                 uint32_t len, bool req_one, struct cbt_extent *ext, size_t max);
 
 /* ---- bufpool.c ---- */
 /* Page-aligned buffers recycled per worker; sizes round up to a power of
@@ -229,6 +236,8 @@ struct tracking_status {
 };
 void tracking_get_status(struct tracking *t, struct tracking_status *st);
 
+uint64_t tracking_default_scratch_limit(uint64_t size);
+
 /* Control errors (class names in control.c). */
 #define CTL_ERROR ctl_error_quark()
 GQuark ctl_error_quark(void);
@@ -243,8 +252,11 @@ enum {
 };
 /* Freeze the active bits into a checkpoint and start a new interval;
  * @out (may be NULL) gets the status afterwards. */
-bool tracking_checkpoint_begin(struct tracking *t, struct tracking_status *out,
-                               GError **error);
+enum snapshot_mode { SNAP_OFF, SNAP_FULL, SNAP_INCREMENTAL };
+/* With @mode other than SNAP_OFF the checkpoint also opens a point-in-time
+ * view (snapshot.c) that protects what that kind of backup reads. */
+bool tracking_checkpoint_begin(struct tracking *t, enum snapshot_mode mode,
+                               struct tracking_status *out, GError **error);
 bool tracking_checkpoint_commit(struct tracking *t, uint64_t id, GError **error);
 /* @id NULL: abort whichever checkpoint is in progress. */
 bool tracking_checkpoint_abort(struct tracking *t, const uint64_t *id, GError **error);
@@ -252,8 +264,10 @@ bool tracking_checkpoint_abort(struct tracking *t, const uint64_t *id, GError **
  * call is durable. */
 void tracking_flush(struct tracking *t, struct worker *w,
                     void (*done)(void *arg, int res), void *arg);
-/* Dirty-bitmap meta contexts offered now (ids >= META_ID_DIRTY_FIRST). */
-size_t tracking_meta_list(struct tracking *t, struct meta_context *out, size_t max);
+/* Dirty-bitmap meta contexts offered now (ids >= META_ID_DIRTY_FIRST);
+ * with @frozen_only just the checkpoint's (the @checkpoint export). */
+size_t tracking_meta_list(struct tracking *t, struct meta_context *out, size_t max,
+                          bool frozen_only);
 /* Extents of bitmap context @id; count or -errno (-ENOENT: no such id). */
 int tracking_extents(struct tracking *t, uint32_t id, uint64_t offset,
                      uint32_t len, struct cbt_extent *ext, size_t max);
@@ -262,5 +276,54 @@ int tracking_extents(struct tracking *t, uint32_t id, uint64_t offset,
 void tracking_mark(struct tracking *t, uint64_t offset, uint64_t len);
 /* Periodic work from the main loop (about once a second). */
 void tracking_tick(struct tracking *t);
+
+/* ---- snapshot.c ---- */
+#define SNAPSHOT_SUFFIX "@checkpoint"  /* export name of the view: NAME@checkpoint */
+
+struct snapshot_status {
+  enum snapshot_mode mode;
+  char dir[4096];
+  uint64_t limit, used, peak;
+  uint64_t copied_bytes, copies, released_bytes;
+  uint64_t copying;                    /* copies running or queued */
+  char failed[512];                    /* why the view failed, or "" */
+};
+struct cbt_bitmap;
+/* A view of an image of @size bytes in granules of @granularity, with an
+ * unlinked scratch file in @dir holding at most @limit bytes.  Protects
+ * nothing until snapshot_protect(); serves nothing until published. */
+struct snapshot *snapshot_new(enum snapshot_mode mode, uint64_t size,
+                              uint32_t granularity, const char *dir,
+                              uint64_t limit, GError **error);
+/* Protect the granules set in @needed (same geometry), or all if NULL. */
+void snapshot_protect(struct snapshot *s, const struct cbt_bitmap *needed);
+/* Make @s the current view (takes over the caller's reference). */
+void snapshot_publish(struct snapshot *s);
+/* A reference to the current view, or NULL. */
+struct snapshot *snapshot_get(void);
+void snapshot_unref(struct snapshot *s);
+/* Unpublish and end the current view (commit, abort, shutdown): nothing
+ * is protected any more and its export answers ESHUTDOWN. */
+void snapshot_end(void);
+/* Before a guest change of [offset, offset+len) is submitted: false to go
+ * on now, true if it must wait for copies; then @cont(@arg) runs on @w. */
+bool snapshot_before_write(struct worker *w, struct io_uring *ring, uint64_t offset,
+                           uint64_t len, void (*cont)(void *arg), void *arg);
+/* Read the view: @done(@arg, 0 or -errno) is called on this thread. */
+void snapshot_read(struct snapshot *s, struct io_uring *ring, uint64_t offset,
+                   uint32_t len, void *buf, void (*done)(void *arg, int res),
+                   void *arg);
+/* The backup is done with [offset, offset+len): stop protecting the whole
+ * granules inside it and free their scratch space.  0 or -errno. */
+int snapshot_release(struct snapshot *s, struct io_uring *ring, uint64_t offset,
+                     uint64_t len);
+/* base:allocation of the view; as meta_extents. */
+int snapshot_block_status(struct snapshot *s, uint64_t offset, uint32_t len,
+                          struct cbt_extent *ext, size_t max);
+/* Fill @st from the current view; false if there is none. */
+bool snapshot_get_status(struct snapshot_status *st);
+const char *snapshot_mode_name(enum snapshot_mode m);
+typedef struct snapshot snapshot;
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(snapshot, snapshot_unref)
 
 #endif

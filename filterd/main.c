@@ -25,6 +25,7 @@ static char *opt_bitmap_name;
 static char *opt_granularity;
 static int opt_threads;
 static int opt_timeout = 10;
+static char *opt_scratch_limit;
 
 static GOptionEntry entries[] = {
   { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve", "PATH" },
@@ -40,6 +41,8 @@ static GOptionEntry entries[] = {
   { "bitmap", 'b', 0, G_OPTION_ARG_FILENAME, &opt_bitmap, "Dirty bitmap file (created if missing)", "PATH" },
   { "bitmap-name", 0, 0, G_OPTION_ARG_STRING, &opt_bitmap_name, "Name of the active bitmap (default cbt)", "NAME" },
   { "granularity", 'g', 0, G_OPTION_ARG_STRING, &opt_granularity, "Bitmap granularity when creating (default 64K)", "SIZE" },
+  { "scratch", 0, 0, G_OPTION_ARG_FILENAME, &srv.scratch_dir, "Directory for the point-in-time view's copies (default: the bitmap's)", "DIR" },
+  { "scratch-limit", 0, 0, G_OPTION_ARG_STRING, &opt_scratch_limit, "Most scratch space one backup may use (default: a quarter of the disk, at least 1G)", "SIZE" },
   { "control", 'c', 0, G_OPTION_ARG_FILENAME, &srv.control_path, "Control socket (JSON, one request per line)", "PATH" },
   { "pid-file", 'P', 0, G_OPTION_ARG_FILENAME, &srv.pid_file, "Write the pid here once ready", "FILE" },
   { "verbose", 'v', 0, G_OPTION_ARG_NONE, &log_verbose, "Log every connection and failed request", NULL },
@@ -67,6 +70,39 @@ parse_granularity(const char *s, uint32_t *out, GError **error)
     return false;
   }
   *out = (uint32_t)v;
+  return true;
+}
+
+/* "1073741824", "512M", "10G", "1T": bytes, at least 1 MiB. */
+static bool
+parse_size(const char *opt, const char *s, uint64_t *out, GError **error)
+{
+  char *end;
+  guint64 v;
+  unsigned shift = 0;
+
+  errno = 0;
+  v = g_ascii_strtoull(s, &end, 10);
+  if (end != s && errno == 0) {
+    switch (g_ascii_toupper(*end)) {
+    case 'K': shift = 10; end++; break;
+    case 'M': shift = 20; end++; break;
+    case 'G': shift = 30; end++; break;
+    case 'T': shift = 40; end++; break;
+    default: break;
+    }
+    if (shift && *end == 'i')
+      end++;
+    if (*end == 'B')
+      end++;
+  }
+  if (end == s || errno != 0 || *end != '\0' || (shift && v > (UINT64_MAX >> shift)) ||
+      (v << shift) < (1u << 20)) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "%s %s: expected a size of at least 1M (e.g. 512M, 20G)", opt, s);
+    return false;
+  }
+  *out = v << shift;
   return true;
 }
 
@@ -119,6 +155,15 @@ parse_args(int argc, char **argv, GError **error)
     return false;
   }
   if (opt_granularity && !parse_granularity(opt_granularity, &granularity, error))
+    return false;
+  if ((srv.scratch_dir || opt_scratch_limit) && !opt_bitmap) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "--scratch and --scratch-limit need --bitmap (point-in-time views "
+                "belong to checkpoints)");
+    return false;
+  }
+  if (opt_scratch_limit &&
+      !parse_size("--scratch-limit", opt_scratch_limit, &srv.scratch_limit, error))
     return false;
   if (!srv.export_name)
     srv.export_name = "";

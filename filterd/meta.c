@@ -4,7 +4,9 @@
  * files).  Dirty bitmaps (qemu:dirty-bitmap:NAME, QEMU's naming, so
  * existing backup tools read them unchanged) come from tracking.c.
  * Context ids are fixed for the life of the daemon: 1 is base:allocation,
- * 2 and up are dirty bitmaps in tracking.c's order.
+ * 2 and up are dirty bitmaps in tracking.c's order.  The @checkpoint
+ * export (snapshot.c) offers base:allocation of the point-in-time view and
+ * the checkpoint's frozen bitmap.
  */
 #include <errno.h>
 #include <string.h>
@@ -12,7 +14,7 @@
 #include "internal.h"
 
 size_t
-meta_list(struct meta_context *out, size_t max)
+meta_list(struct meta_context *out, size_t max, bool view)
 {
   size_t n = 0;
 
@@ -22,7 +24,7 @@ meta_list(struct meta_context *out, size_t max)
     n++;
   }
   if (srv.tracking)
-    n += tracking_meta_list(srv.tracking, out + n, max - n);
+    n += tracking_meta_list(srv.tracking, out + n, max - n, view);
   return n;
 }
 
@@ -40,14 +42,16 @@ meta_query_matches(const char *query, const char *name, bool list)
 }
 
 int
-meta_extents(uint32_t id, uint64_t offset, uint32_t len, bool req_one,
-             struct cbt_extent *ext, size_t max)
+meta_extents(struct snapshot *snap, uint32_t id, uint64_t offset, uint32_t len,
+             bool req_one, struct cbt_extent *ext, size_t max)
 {
   int n;
 
   if (req_one)
     max = 1;
-  if (id == META_ID_BASE_ALLOCATION) {
+  if (id == META_ID_BASE_ALLOCATION && snap) {
+    n = snapshot_block_status(snap, offset, len, ext, max);
+  } else if (id == META_ID_BASE_ALLOCATION) {
     n = srv.image->ops->block_status(srv.image, offset, len, ext, max);
   } else if (srv.tracking) {
     n = tracking_extents(srv.tracking, id, offset, len, ext, max);

@@ -178,15 +178,18 @@ tracking_tick(struct tracking *t)
 }
 
 size_t
-tracking_meta_list(struct tracking *t, struct meta_context *out, size_t max)
+tracking_meta_list(struct tracking *t, struct meta_context *out, size_t max,
+                   bool frozen_only)
 {
   size_t n = 0;
 
   if (max < 1)
     return 0;
-  out[n].id = META_ID_DIRTY_FIRST;
-  g_strlcpy(out[n].name, t->meta_name, sizeof out[n].name);
-  n++;
+  if (!frozen_only) {
+    out[n].id = META_ID_DIRTY_FIRST;
+    g_strlcpy(out[n].name, t->meta_name, sizeof out[n].name);
+    n++;
+  }
   g_rw_lock_reader_lock(&t->cp_lock);
   if (t->frozen && n < max) {
     out[n].id = t->frozen_ctx_id;
@@ -292,11 +295,38 @@ new_checkpoint_id(void)
   return id;
 }
 
+/* --scratch-limit's default: a quarter of the disk, at least 1 GiB, never
+ * more than the disk (the view never needs more than one copy of it). */
+uint64_t
+tracking_default_scratch_limit(uint64_t size)
+{
+  uint64_t lim = MAX(size / 4, UINT64_C(1) << 30);
+
+  return MIN(lim, size);
+}
+
+static struct snapshot *
+new_view(struct tracking *t, enum snapshot_mode mode, GError **error)
+{
+  g_autofree char *dir = NULL;
+  uint64_t limit = srv.scratch_limit ? srv.scratch_limit
+                                     : tracking_default_scratch_limit(srv.image->size);
+
+  if (srv.scratch_dir) {
+    dir = g_canonicalize_filename(srv.scratch_dir, NULL);
+  } else {
+    g_autofree char *bm = g_canonicalize_filename(t->path, NULL);
+    dir = g_path_get_dirname(bm);
+  }
+  return snapshot_new(mode, srv.image->size, t->active->granularity, dir, limit, error);
+}
+
 bool
-tracking_checkpoint_begin(struct tracking *t, struct tracking_status *out,
-                          GError **error)
+tracking_checkpoint_begin(struct tracking *t, enum snapshot_mode mode,
+                          struct tracking_status *out, GError **error)
 {
   g_autofree char *why = NULL;
+  g_autoptr(snapshot) view = NULL;
   uint64_t old_id, new_id;
   uint32_t aflags, fflags;
   int aidx, fidx, r;
@@ -313,6 +343,8 @@ tracking_checkpoint_begin(struct tracking *t, struct tracking_status *out,
                 "a checkpoint is already in progress (commit or abort it first)");
     goto out;
   }
+  if (mode != SNAP_OFF && !(view = new_view(t, mode, error)))
+    goto out;
   aidx = active_index(t);
   old_id = cbt_bmfile_entry_checkpoint(t->file, (unsigned)aidx);
   aflags = cbt_bmfile_entry_flags(t->file, (unsigned)aidx);
@@ -335,6 +367,13 @@ tracking_checkpoint_begin(struct tracking *t, struct tracking_status *out,
    * bitmaps, both of which are kept. */
   cbt_bitmap_move(cbt_bmfile_entry_bitmap(t->file, (unsigned)fidx), t->active);
   publish_frozen(t, fidx);
+  if (view) {
+    /* The point in time: from here every guest change of a granule the
+     * backup needs saves the old data first.  An incremental needs the
+     * frozen bits, unless they cannot be trusted (then it will be full). */
+    snapshot_protect(view, mode == SNAP_INCREMENTAL && t->frozen_trusted ? t->frozen : NULL);
+    snapshot_publish(g_steal_pointer(&view));
+  }
 
   new_id = new_checkpoint_id();
   aidx = active_index(t);
@@ -392,6 +431,7 @@ tracking_checkpoint_commit(struct tracking *t, uint64_t id, GError **error)
   g_mutex_lock(&t->op_lock);
   if (!check_running(t, &id, error))
     goto out;
+  snapshot_end();
   publish_frozen(t, -1);
   r = cbt_bmfile_remove(t->file, t->frozen_name, &why);
   if (r < 0) {
@@ -418,6 +458,7 @@ tracking_checkpoint_abort(struct tracking *t, const uint64_t *id, GError **error
   g_mutex_lock(&t->op_lock);
   if (!check_running(t, id, error))
     goto out;
+  snapshot_end();
   fidx = cbt_bmfile_find(t->file, t->frozen_name);
   frozen = cbt_bmfile_entry_bitmap(t->file, (unsigned)fidx);
   fflags = cbt_bmfile_entry_flags(t->file, (unsigned)fidx);
@@ -638,6 +679,7 @@ tracking_close(struct tracking *t, bool mark_clean, GError **error)
 
   if (!t)
     return true;
+  snapshot_end();
   if (!t->read_only) {
     g_mutex_lock(&t->lock);
     t->stop = true;

@@ -534,6 +534,7 @@ conn_maybe_finish(struct conn *c)
     c->next->prev = c->prev;
   w->nconns--;
   atomic_fetch_sub(&total_conns, 1);
+  snapshot_unref(c->p.snap);
   free(c->rbuf);
   g_free(c);
 }
@@ -564,6 +565,7 @@ worker_add_conn_fn(void *arg)
 
   if (w->stopping) {
     close(h->p.fd);
+    snapshot_unref(h->p.snap);
     atomic_fetch_sub(&total_conns, 1);
     return;
   }
@@ -574,15 +576,18 @@ worker_add_conn_fn(void *arg)
   if (!c->rbuf) {
     log_error("%s: out of memory", c->p.peer);
     close(c->p.fd);
+    snapshot_unref(c->p.snap);
     g_free(c);
     atomic_fetch_sub(&total_conns, 1);
     return;
   }
   c->caps.export_size = srv.image->size;
   c->caps.max_block = CBT_NBD_MAX_BLOCK;
-  c->caps.read_only = srv.read_only;
+  /* The @checkpoint export takes TRIM (release); dispatch refuses its
+   * writes. */
+  c->caps.read_only = srv.read_only && !c->p.snap;
   c->caps.structured_replies = c->p.structured;
-  c->caps.fast_zero = !srv.read_only;
+  c->caps.fast_zero = !srv.read_only && !c->p.snap;
   c->caps.n_meta_contexts = c->p.n_meta;
   c->next = w->conns;
   if (w->conns)
@@ -817,6 +822,7 @@ workers_stop(void)
       if (m->fn == worker_add_conn_fn) {
         struct handoff *h = m->arg;
         close(h->p.fd);
+        snapshot_unref(h->p.snap);
         g_free(h);
       }
     }
