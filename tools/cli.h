@@ -233,6 +233,11 @@ struct control_status {
   bool cp_trusted;
   uint64_t cp_dirty_bytes;
   char *cp_context;
+  char *pit_mode;               /* point-in-time view of the checkpoint, */
+  char *pit_export;             /* NULL when there is none */
+  char *pit_failed;             /* why the view failed, or NULL */
+  uint64_t pit_scratch_peak;
+  uint64_t pit_copied;          /* bytes saved before guest overwrites */
 };
 void control_status_clear(struct control_status *st);
 
@@ -246,6 +251,10 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(control, control_close)
  * code is its class and whose message is its "desc". */
 bool control_execute(control *c, const char *cmd, const char *checkpoint,
                      struct control_status *st, GError **error);
+/* checkpoint-begin with a point-in-time view for a "full" or
+ * "incremental" backup ("off": none). */
+bool control_begin(control *c, const char *point_in_time, struct control_status *st,
+                   GError **error);
 
 /* nbd-pull.c ------------------------------------------------------------ */
 
@@ -256,6 +265,8 @@ struct pull_opts {
   const char *uri;              /* an NBD URI */
   unsigned connections;
   uint64_t size;                /* the export must have this size */
+  const char *export_name;      /* NULL: the socket's default / the URI's */
+  bool release;                 /* TRIM what is stored (a point-in-time view) */
   const char *dirty_context;    /* NULL: full (all allocated data) */
   void *writer;                 /* cbt_qcow2_writer * */
   uint32_t cluster_size;        /* the writer's */

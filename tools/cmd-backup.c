@@ -10,8 +10,11 @@
  *   3. decide full or incremental from the status (why_not_incremental);
  *   4. checkpoint-begin: the frozen bitmap now holds every change since
  *      the newest backup; recheck that it continues our chain;
- *   5. connect over NBD (after begin: the frozen bitmap's meta context
- *      exists only now) and copy into NAME.qcow2.partial;
+ *   5. connect over NBD to the checkpoint's point-in-time view
+ *      (NAME@checkpoint: the disk as it was at begin, however the guest
+ *      writes meanwhile; it and the frozen bitmap's meta context exist only
+ *      now) and copy into NAME.qcow2.partial, releasing (TRIM) each range
+ *      in the view once it is stored;
  *   6. finish the qcow2 file (fsynced), checksum it, rename it to NAME,
  *      fsync the directory, add it to the manifest (atomic replace);
  *   7. checkpoint-commit.
@@ -81,6 +84,8 @@ struct backup {
   char *cp_id;
   char *partial;                  /* path of the file being written */
   bool progress;                  /* draw a progress bar */
+  bool point_in_time;             /* read from the daemon's view */
+  uint64_t saved, scratch_peak;   /* the view's copy-before-write figures */
   gint64 start;
   char *file;
 };
@@ -133,6 +138,48 @@ settle_leftover(struct backup *b, GError **error)
   cli_note("checkpoint %s was left in progress by a backup that did not finish: "
            "aborting it (its changes merge back into the bitmap)", id);
   return control_execute(b->ctl, "checkpoint-abort", id, &b->st, error);
+}
+
+/* After an incremental begin turned out unusable: abort it and begin a
+ * checkpoint whose view protects the whole disk. */
+static bool
+restart_full(struct backup *b, GError **error)
+{
+  if (!control_execute(b->ctl, "checkpoint-abort", b->cp_id, NULL, error))
+    return false;
+  b->begun = false;
+  g_clear_pointer(&b->cp_id, g_free);
+  if (!control_begin(b->ctl, "full", &b->st, error))
+    return false;
+  if (!b->st.in_progress) {
+    g_set_error(error, CONTROL_ERROR, CONTROL_ERR_PROTOCOL,
+                "checkpoint-begin returned no checkpoint");
+    return false;
+  }
+  b->begun = true;
+  b->cp_id = g_strdup(b->st.cp_id);
+  return true;
+}
+
+/* A copy failed: if the daemon's view failed (scratch limit, scratch I/O
+ * error), that is the reason to report, not the read error it caused. */
+static void
+explain_view_failure(struct backup *b, GError **error)
+{
+  struct control_status st = { 0 };
+  g_autoptr(GError) err = NULL;
+
+  if (!b->st.pit_export || !control_execute(b->ctl, "status", NULL, &st, &err))
+    return;
+  if (st.pit_failed) {
+    g_autofree char *old = g_strdup((*error)->message);
+
+    g_clear_error(error);
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                "the point-in-time view failed: %s (the guest was not affected; "
+                "first error seen: %s)", st.pit_failed, old);
+  }
+  control_status_clear(&st);
 }
 
 static void
@@ -190,6 +237,11 @@ summary(const struct backup *b, const repo_backup *e, const char *reason,
     cli_json_add_str(o, "full-reason", reason);
     cli_json_add_u64(o, "dirty-bytes", dirty);
     cli_json_add_percent(o, "mib-per-second", mibs);
+    json_object_object_add(o, "point-in-time", json_object_new_boolean(b->point_in_time));
+    if (b->point_in_time) {
+      cli_json_add_u64(o, "saved-before-overwrite-bytes", b->saved);
+      cli_json_add_u64(o, "scratch-peak-bytes", b->scratch_peak);
+    }
     if (!cli_json_print(o, &err))
       cli_error("%s", err->message);
   } else if (!cli_quiet) {
@@ -197,8 +249,16 @@ summary(const struct backup *b, const repo_backup *e, const char *reason,
     g_autofree char *zero = cli_format_size(e->zero_bytes);
     g_autofree char *fsize = cli_format_size(e->file_size);
 
-    printf("backup %s: %s, %s copied, %s zeroed, file %s, %.1f s, %.1f MiB/s\n", e->file,
-           e->kind, copied, zero, fsize, e->seconds, mibs);
+    g_autofree char *saved = cli_format_size(b->saved);
+    g_autofree char *peak = cli_format_size(b->scratch_peak);
+
+    printf("backup %s: %s, %s copied, %s zeroed, file %s, %.1f s, %.1f MiB/s, %s\n",
+           e->file, e->kind, copied, zero, fsize, e->seconds, mibs,
+           b->point_in_time ? "point in time" : "NOT point in time (live reads)");
+    if (b->point_in_time && b->saved > 0)
+      printf("backup %s: the guest overwrote %s during the backup; the old data was "
+             "saved first (scratch peak %s)\n", e->file, saved,
+             peak);
     fflush(stdout);
   }
 }
@@ -244,7 +304,7 @@ run(struct backup *b, GError **error)
 
   /* Step 4. */
   if (b->st.has_bitmap) {
-    if (!control_execute(b->ctl, "checkpoint-begin", NULL, &b->st, error))
+    if (!control_begin(b->ctl, incremental ? "incremental" : "full", &b->st, error))
       return false;
     if (!b->st.in_progress) {
       g_set_error(error, CONTROL_ERROR, CONTROL_ERR_PROTOCOL,
@@ -269,6 +329,10 @@ run(struct backup *b, GError **error)
       }
       cli_note("%s: taking a full backup", reason);
       incremental = false;
+      /* The view protects only the frozen bits: begin again, for a full
+       * backup (the abort merges the bits back first). */
+      if (b->st.pit_export && !restart_full(b, error))
+        return false;
     }
   } else if (b->incremental) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_NO_INCREMENTAL,
@@ -304,6 +368,13 @@ run(struct backup *b, GError **error)
                 why ? why : g_strerror(-r));
     return false;
   }
+  if (b->st.pit_export) {
+    po.export_name = b->st.pit_export;
+    po.release = true;
+  } else if (b->begun) {
+    cli_note("the daemon offers no point-in-time view (an older cbt-filterd?): "
+             "the backup reads the disk while the guest writes to it");
+  }
   po.socket = b->socket;
   po.uri = b->uri;
   po.connections = b->connections;
@@ -320,12 +391,29 @@ run(struct backup *b, GError **error)
 
     if (b->progress)
       fputc('\n', stderr);
-    if (!ok)
+    if (!ok) {
+      explain_view_failure(b, error);
       return false;
+    }
   }
   if (!check_cancel(error))
     return false;
   cli_debug("copy: %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
+
+  /* The view's figures for the summary; a view that failed after the last
+   * read (it cannot, but the check is cheap) fails the backup. */
+  if (b->st.pit_export) {
+    if (!control_execute(b->ctl, "status", NULL, &b->st, error))
+      return false;
+    if (b->st.pit_failed) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                  "the point-in-time view failed: %s", b->st.pit_failed);
+      return false;
+    }
+    b->saved = b->st.pit_copied;
+    b->scratch_peak = b->st.pit_scratch_peak;
+    b->point_in_time = true;
+  }
 
   /* Step 6. */
   e->bytes_copied = ps.copied;

@@ -36,6 +36,9 @@ control_status_clear(struct control_status *st)
   g_free(st->cp_id);
   g_free(st->cp_previous);
   g_free(st->cp_context);
+  g_free(st->pit_mode);
+  g_free(st->pit_export);
+  g_free(st->pit_failed);
   memset(st, 0, sizeof *st);
 }
 
@@ -201,7 +204,7 @@ bool_member(json_object *o, const char *key, bool *out)
 static bool
 parse_status(json_object *ret, struct control_status *st)
 {
-  json_object *bm = NULL, *cp = NULL;
+  json_object *bm = NULL, *cp = NULL, *pit = NULL;
 
   if (!u64_member(ret, "size", &st->size) ||
       !member(ret, "bitmap", json_type_object, true, &bm) ||
@@ -222,12 +225,23 @@ parse_status(json_object *ret, struct control_status *st)
              !u64_member(cp, "dirty-bytes", &st->cp_dirty_bytes) ||
              !str_member(cp, "context", false, &st->cp_context)))
     return false;
+  /* The point-in-time view (absent from daemons before it existed). */
+  if (cp && json_object_object_get_ex(cp, "point-in-time", &pit) && pit) {
+    if (!json_object_is_type(pit, json_type_object) ||
+        !str_member(pit, "mode", false, &st->pit_mode) ||
+        !str_member(pit, "export", false, &st->pit_export) ||
+        !str_member(pit, "failed", true, &st->pit_failed) ||
+        !u64_member(pit, "scratch-peak", &st->pit_scratch_peak) ||
+        !u64_member(pit, "copied-bytes", &st->pit_copied))
+      return false;
+  }
   return true;
 }
 
-bool
-control_execute(control *c, const char *cmd, const char *checkpoint,
-                struct control_status *st, GError **error)
+/* Run @cmd with @args (taken over; may be NULL). */
+static bool
+execute(control *c, const char *cmd, json_object *args,
+        struct control_status *st, GError **error)
 {
   g_autoptr(json_object) req = json_object_new_object();
   g_autoptr(json_object) reply = NULL;
@@ -238,12 +252,8 @@ control_execute(control *c, const char *cmd, const char *checkpoint,
   if (st)
     control_status_clear(st);
   cli_json_add_str(req, "execute", cmd);
-  if (checkpoint) {
-    json_object *args = json_object_new_object();
-
-    cli_json_add_str(args, "checkpoint", checkpoint);
+  if (args)
     json_object_object_add(req, "arguments", args);
-  }
   line = g_strdup_printf("%s\n", json_object_to_json_string_ext(req, JSON_C_TO_STRING_PLAIN));
   cli_debug("control: -> %s", json_object_to_json_string_ext(req, JSON_C_TO_STRING_PLAIN));
   if (!send_line(c, line, error) || !(in = recv_line(c, error)))
@@ -273,4 +283,27 @@ control_execute(control *c, const char *cmd, const char *checkpoint,
     return false;
   }
   return true;
+}
+
+bool
+control_execute(control *c, const char *cmd, const char *checkpoint,
+                struct control_status *st, GError **error)
+{
+  json_object *args = NULL;
+
+  if (checkpoint) {
+    args = json_object_new_object();
+    cli_json_add_str(args, "checkpoint", checkpoint);
+  }
+  return execute(c, cmd, args, st, error);
+}
+
+bool
+control_begin(control *c, const char *point_in_time, struct control_status *st,
+              GError **error)
+{
+  json_object *args = json_object_new_object();
+
+  cli_json_add_str(args, "point-in-time", point_in_time);
+  return execute(c, "checkpoint-begin", args, st, error);
 }

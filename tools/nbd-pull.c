@@ -20,6 +20,11 @@
  * *cancel (checked at least once a second: nbd_poll has a timeout so a
  * dead server cannot hold a cancelled backup forever).  The calling thread
  * reports progress and joins the workers.
+ *
+ * Point-in-time view (pull_opts.export_name/release): the backup reads the
+ * daemon's NAME@checkpoint export and TRIMs there every range once it is
+ * stored (and, for a full backup, at once every range the plan skips), so
+ * the daemon stops protecting it and frees its scratch copy.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -48,6 +53,7 @@ struct pull;
 
 struct slot {
   struct pull *p;
+  struct worker *w;
   uint8_t *buf;
   uint64_t off;
   uint64_t len;
@@ -60,6 +66,8 @@ struct worker {
   GThread *thread;
   struct slot slots[DEPTH];
   unsigned inflight;
+  GArray *releases;               /* struct extent: stored, to TRIM */
+  unsigned trims;                 /* TRIMs in flight */
 };
 
 struct pull {
@@ -74,6 +82,7 @@ struct pull {
   GError *error;
   struct worker *w;
   unsigned nw;
+  atomic_bool release;            /* TRIM stored ranges (until one fails) */
 };
 
 static void
@@ -113,11 +122,18 @@ connect_one(const struct pull_opts *o, GError **error)
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "libnbd: %s", nbd_get_error());
     return NULL;
   }
+  /* A named export (the point-in-time view) is chosen after connecting,
+   * in option mode, so the URI form works alike. */
   if (nbd_add_meta_context(h, BASE_ALLOC) < 0 ||
       (o->dirty_context && nbd_add_meta_context(h, o->dirty_context) < 0) ||
       nbd_set_pread_initialize(h, false) < 0 ||
-      (o->uri ? nbd_connect_uri(h, o->uri) : nbd_connect_unix(h, o->socket)) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "NBD %s: %s", where(o), nbd_get_error());
+      (o->export_name && nbd_set_opt_mode(h, true) < 0) ||
+      (o->uri ? nbd_connect_uri(h, o->uri) : nbd_connect_unix(h, o->socket)) < 0 ||
+      (o->export_name && (nbd_set_export_name(h, o->export_name) < 0 ||
+                          nbd_opt_go(h) < 0))) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "NBD %s%s%s: %s", where(o),
+                o->export_name ? " export " : "", o->export_name ? o->export_name : "",
+                nbd_get_error());
     nbd_close(h);
     return NULL;
   }
@@ -316,7 +332,94 @@ make_plan(struct pull *p, struct nbd_handle *h, struct pull_stats *st, GError **
   return true;
 }
 
+/* A full backup reads only what the plan lists: release the rest of the
+ * view at once (an incremental's view protects only what it reads).
+ * Queued on the first worker, issued when it starts. */
+static void release_range(struct worker *w, uint64_t off, uint64_t len);
+
+static void
+release_skipped(struct pull *p)
+{
+  uint64_t pos = 0;
+
+  if (p->o->dirty_context)
+    return;
+  for (guint i = 0; i <= p->items->len; i++) {
+    uint64_t next = i < p->items->len ? g_array_index(p->items, struct item, i).off
+                                      : p->o->size;
+
+    if (next > pos)
+      release_range(&p->w[0], pos, next - pos);
+    if (i < p->items->len)
+      pos = next + g_array_index(p->items, struct item, i).len;
+  }
+}
+
 /* --- copying ----------------------------------------------------------- */
+
+/* Releasing: what is stored in the backup file no longer needs protecting
+ * in the daemon's point-in-time view, so it is TRIMmed there (the view
+ * frees its scratch copies).  Issued from the worker's loop, not from
+ * inside a libnbd callback.  A failure only stops further releases. */
+static void
+want_release(struct worker *w, uint64_t off, uint64_t len)
+{
+  struct extent e = { off, len, 0 };
+
+  if (w->releases->len > 0) {
+    struct extent *last = &g_array_index(w->releases, struct extent, w->releases->len - 1);
+    if (last->off + last->len == off && last->len + len <= UINT32_MAX) {
+      last->len += len;
+      return;
+    }
+  }
+  g_array_append_val(w->releases, e);
+}
+
+static int
+trim_done(void *opaque, int *error)
+{
+  struct worker *w = opaque;
+
+  w->trims--;
+  if (*error && atomic_exchange(&w->p->release, false))
+    cli_debug("NBD %s: releasing stored ranges failed (%s): the daemon keeps "
+              "protecting them until the checkpoint ends", where(w->p->o),
+              g_strerror(*error));
+  return 1;
+}
+
+/* Queue [off, off+len) for release in pieces the wire can carry. */
+static void
+release_range(struct worker *w, uint64_t off, uint64_t len)
+{
+  while (len > 0) {
+    uint64_t n = MIN(len, UINT64_C(1) << 30);
+
+    want_release(w, off, n);
+    off += n;
+    len -= n;
+  }
+}
+
+static void
+issue_releases(struct worker *w)
+{
+  for (guint i = 0; i < w->releases->len && atomic_load(&w->p->release); i++) {
+    const struct extent *e = &g_array_index(w->releases, struct extent, i);
+
+    if (nbd_aio_trim(w->h, e->len, e->off,
+                     (nbd_completion_callback){ .callback = trim_done, .user_data = w },
+                     0) < 0) {
+      if (atomic_exchange(&w->p->release, false))
+        cli_debug("NBD %s: cannot release stored ranges: %s", where(w->p->o),
+                  nbd_get_error());
+      break;
+    }
+    w->trims++;
+  }
+  g_array_set_size(w->releases, 0);
+}
 
 static int
 read_done(void *opaque, int *error)
@@ -331,12 +434,15 @@ read_done(void *opaque, int *error)
   } else if (!atomic_load(&p->failed)) {
     int r = cbt_qcow2_writer_write(p->o->writer, s->off, s->buf, (size_t)s->len);
 
-    if (r < 0)
+    if (r < 0) {
       set_error(p, g_error_new(CLI_ERROR, CLI_EXIT_FAILED,
                                "writing the backup file at guest offset %" PRIu64 ": %s",
                                s->off, g_strerror(-r)));
-    else
+    } else {
       atomic_fetch_add(&p->done, s->len);
+      if (atomic_load(&p->release))
+        want_release(s->w, s->off, s->len);
+    }
   }
   s->busy = false;
   return 1;                       /* retire the command */
@@ -376,6 +482,8 @@ worker_main(gpointer opaque)
                                    "zeroing guest range %" PRIu64 "+%" PRIu64
                                    " in the backup file: %s", it.off, it.len,
                                    g_strerror(-r)));
+        else if (atomic_load(&p->release))
+          release_range(w, it.off, it.len);
         continue;
       }
       s->busy = true;
@@ -390,9 +498,10 @@ worker_main(gpointer opaque)
                                  nbd_get_error()));
       }
     }
+    issue_releases(w);
     for (unsigned k = 0; k < DEPTH; k++)
       inflight += w->slots[k].busy;
-    if (inflight == 0 || atomic_load(&p->failed) || *o->cancel)
+    if ((inflight == 0 && w->trims == 0) || atomic_load(&p->failed) || *o->cancel)
       break;
     if (nbd_poll(w->h, 1000) < 0 && nbd_get_errno() != EINTR) {
       set_error(p, g_error_new(CLI_ERROR, CLI_EXIT_FAILED, "NBD %s: %s", where(o),
@@ -425,6 +534,7 @@ pull_run(const struct pull_opts *o, struct pull_stats *st, GError **error)
   /* Connect all first: a refused connection fails before any work. */
   for (unsigned i = 0; i < p.nw; i++) {
     p.w[i].p = &p;
+    p.w[i].releases = g_array_new(FALSE, FALSE, sizeof(struct extent));
     if (!(p.w[i].h = connect_one(o, error)))
       goto out;
     if (i == 0 && p.nw > 1 && nbd_can_multi_conn(p.w[0].h) != 1) {
@@ -437,9 +547,14 @@ pull_run(const struct pull_opts *o, struct pull_stats *st, GError **error)
     goto out;
   cli_debug("plan: %u items, %" PRIu64 " bytes to read", p.items->len, st->planned);
 
+  if (o->release && nbd_can_trim(p.w[0].h) == 1) {
+    atomic_store(&p.release, true);
+    release_skipped(&p);
+  }
   p.running = p.nw;
   for (unsigned i = 0; i < p.nw; i++) {
     for (unsigned k = 0; k < DEPTH; k++) {
+      p.w[i].slots[k].w = &p.w[i];
       p.w[i].slots[k].p = &p;
       p.w[i].slots[k].buf = g_malloc(MAX_REQ);
     }
@@ -482,6 +597,8 @@ out:
   for (unsigned i = 0; i < MAX(o->connections, 1u); i++) {
     if (p.w[i].h)
       nbd_close(p.w[i].h);
+    if (p.w[i].releases)
+      g_array_unref(p.w[i].releases);
     for (unsigned k = 0; k < DEPTH; k++)
       g_free(p.w[i].slots[k].buf);
   }
