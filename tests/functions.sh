@@ -317,3 +317,59 @@ dirty_map()
             then .[-1].length += $e.length else . + [$e] end)
         | .[] | select(.type == 1) | "\(.offset) \(.length)"'
 }
+
+# stop_at_checkpoint CSOCK PID: wait (bounded, 60 s) until the daemon on
+# control socket CSOCK reports a checkpoint in progress, then SIGSTOP PID
+# (a running "$CBT_CLI" backup, not the cbt() function: its subshell) at once, so a test can change the disk while the
+# backup holds its point-in-time view.  Fails if PID exits first.
+stop_at_checkpoint()
+{
+    "$PYTHON" - "$1" "$2" <<'PYEOF' || die "no checkpoint began while backup $2 ran"
+import json, os, signal, socket, sys, time
+path, pid = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(path)
+f = s.makefile("rw")
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    f.write('{"execute":"status"}\n')
+    f.flush()
+    st = json.loads(f.readline())["return"]
+    if st.get("checkpoint"):
+        os.kill(pid, signal.SIGSTOP)
+        sys.exit(0)
+    try:
+        with open("/proc/%d/stat" % pid) as p:
+            if p.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                sys.exit(1)
+    except FileNotFoundError:
+        sys.exit(1)
+    time.sleep(0.002)
+sys.exit(1)
+PYEOF
+}
+
+# view_status CSOCK: the point-in-time view's status object (JSON), or null.
+view_status()
+{
+    ctl "$1" '{"execute":"status"}' | jq -c '.return.checkpoint."point-in-time"'
+}
+
+# overwrite_all URI SIZE BYTE: rewrite the whole disk with BYTE from its end
+# backwards in 4 MiB writes (a guest that changes every granule), through
+# one qemu-io; every write must succeed.
+overwrite_all()
+{
+    local uri=$1 size=$2 byte=$3 off args=()
+    for (( off = size - 4194304; off >= 0; off -= 4194304 )); do
+        args+=(-c "write -P $byte $off 4M")
+    done
+    qio -f raw "$uri" "${args[@]}"
+}
+
+# scratch_files_of PID: the unlinked scratch files daemon PID holds open.
+scratch_files_of()
+{
+    ls -l "/proc/$1/fd" 2>/dev/null | grep -c -e '(deleted)' || true
+}
