@@ -311,14 +311,14 @@ dispatch_snapshot(struct request *req)
       reply_error(req);
       return;
     }
-    snapshot_read(snap, conn_ring(req->c), h->offset, h->length, req->buf,
+    snapshot_read(snap, conn_worker(req->c), h->offset, h->length, req->buf,
                   snap_read_done, req);
     return;
   case NBD_CMD_BLOCK_STATUS:
     do_block_status(req);
     return;
   case NBD_CMD_TRIM:
-    r = snapshot_release(snap, conn_ring(req->c), h->offset, h->length);
+    r = snapshot_release(snap, conn_worker(req->c), h->offset, h->length);
     if (r < 0) {
       req->error = cbt_nbd_errno_to_wire(-r);
       reply_error(req);
@@ -411,8 +411,8 @@ dispatch_request(struct request *req)
       tracking_mark(srv.tracking, h->offset, h->length);
     /* While a point-in-time view is open, the old data of protected
      * granules is saved first (bit set, then copy, then write). */
-    if (snapshot_before_write(conn_worker(req->c), conn_ring(req->c), h->offset,
-                              h->length, submit_after_copy, req))
+    if (snapshot_before_write(conn_worker(req->c), h->offset, h->length,
+                              submit_after_copy, req))
       return;
   }
   cbt_image_submit(srv.image, io);

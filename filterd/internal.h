@@ -178,6 +178,12 @@ void workers_add_conn(const struct conn_params *p);
 void workers_stop(void);
 /* Run @fn(@arg) on @w's thread (any thread may call). */
 void worker_post(struct worker *w, void (*fn)(void *), void *arg);
+/* @w's ring, for I/O submitted on @w's thread. */
+struct io_uring *worker_ring(struct worker *w);
+/* On @w's thread: I/O not owned by a connection is in flight on its ring
+ * (copies, punches); a stopping worker waits until every hold is gone. */
+void worker_hold(struct worker *w);
+void worker_unhold(struct worker *w);
 unsigned workers_conn_count(void);
 
 /* Called by dispatch.c. */
@@ -307,15 +313,15 @@ void snapshot_unref(struct snapshot *s);
 void snapshot_end(void);
 /* Before a guest change of [offset, offset+len) is submitted: false to go
  * on now, true if it must wait for copies; then @cont(@arg) runs on @w. */
-bool snapshot_before_write(struct worker *w, struct io_uring *ring, uint64_t offset,
-                           uint64_t len, void (*cont)(void *arg), void *arg);
+bool snapshot_before_write(struct worker *w, uint64_t offset, uint64_t len,
+                           void (*cont)(void *arg), void *arg);
 /* Read the view: @done(@arg, 0 or -errno) is called on this thread. */
-void snapshot_read(struct snapshot *s, struct io_uring *ring, uint64_t offset,
+void snapshot_read(struct snapshot *s, struct worker *w, uint64_t offset,
                    uint32_t len, void *buf, void (*done)(void *arg, int res),
                    void *arg);
 /* The backup is done with [offset, offset+len): stop protecting the whole
  * granules inside it and free their scratch space.  0 or -errno. */
-int snapshot_release(struct snapshot *s, struct io_uring *ring, uint64_t offset,
+int snapshot_release(struct snapshot *s, struct worker *w, uint64_t offset,
                      uint64_t len);
 /* base:allocation of the view; as meta_extents. */
 int snapshot_block_status(struct snapshot *s, uint64_t offset, uint32_t len,

@@ -137,6 +137,7 @@ struct snapshot {
 struct copy_job {
   struct snapshot *s;
   struct record *rec;
+  struct worker *w;                 /* runs on this worker's ring */
   struct io_uring *ring;
   uint64_t base;                    /* image offset of the granule */
   uint64_t glen;                    /* its length (the last may be short) */
@@ -248,6 +249,7 @@ wake_waiters(struct record *rec)
 
 struct punch {
   struct snapshot *s;
+  struct worker *w;
   struct cbt_aio_op op;
 };
 
@@ -262,18 +264,21 @@ punch_done(struct cbt_aio_op *op, int res)
   g_mutex_lock(&s->lock);
   s->used -= s->gran;
   g_mutex_unlock(&s->lock);
+  worker_unhold(p->w);
   snapshot_unref(s);
   g_free(p);
 }
 
 /* Give granule @g's scratch space back (not under the lock). */
 static void
-punch(struct snapshot *s, struct io_uring *ring, uint64_t g)
+punch(struct snapshot *s, struct worker *w, uint64_t g)
 {
   struct punch *p = g_new0(struct punch, 1);
-  struct io_uring_sqe *sqe = cbt_ring_get_sqe(ring);
+  struct io_uring_sqe *sqe = cbt_ring_get_sqe(worker_ring(w));
 
   p->s = snap_ref(s);
+  p->w = w;
+  worker_hold(w);
   p->op.done = punch_done;
   if (!sqe) {
     int r = fallocate(s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -339,7 +344,7 @@ fail(struct snapshot *s, const char *fmt, ...)
 /* ---- copy-before-write ---- */
 
 static void copy_chunk(struct copy_job *j);
-static void copy_start(struct snapshot *s, struct record *rec, struct io_uring *ring);
+static void copy_start(struct snapshot *s, struct record *rec, struct worker *w);
 
 /* Under s->lock: move queued records into the copy slots that are free;
  * returns them for the caller to start after unlocking. */
@@ -360,13 +365,46 @@ take_queued(struct snapshot *s)
   return out;
 }
 
+struct start_msg {
+  struct snapshot *s;
+  struct record *rec;
+  struct worker *w;
+};
+
 static void
-start_all(struct snapshot *s, GPtrArray *recs, struct io_uring *ring)
+start_msg_run(void *arg)
+{
+  struct start_msg *m = arg;
+
+  copy_start(m->s, m->rec, m->w);
+  snapshot_unref(m->s);
+  g_free(m);
+}
+
+/* Start the copies of @recs.  Each runs on the worker of its first
+ * waiter, whose request keeps that worker (and its ring) alive until the
+ * copy is done; @w is the calling thread's worker. */
+static void
+start_all(struct snapshot *s, GPtrArray *recs, struct worker *w)
 {
   if (!recs)
     return;
-  for (guint i = 0; i < recs->len; i++)
-    copy_start(s, recs->pdata[i], ring);
+  for (guint i = 0; i < recs->len; i++) {
+    struct record *rec = recs->pdata[i];
+    struct snap_wait *first = rec->waiters->len ? rec->waiters->pdata[0] : NULL;
+    struct worker *target = first ? first->w : w;
+
+    if (target == w) {
+      copy_start(s, rec, w);
+    } else {
+      struct start_msg *m = g_new(struct start_msg, 1);
+
+      m->s = snap_ref(s);
+      m->rec = rec;
+      m->w = target;
+      worker_post(target, start_msg_run, m);
+    }
+  }
   g_ptr_array_unref(recs);
 }
 
@@ -375,7 +413,7 @@ copy_finish(struct copy_job *j, int res)
 {
   struct snapshot *s = j->s;
   struct record *rec = j->rec;
-  struct io_uring *ring = j->ring;
+  struct worker *w = j->w;
   GPtrArray *next;
   bool do_punch = false;
   uint64_t g = rec->g;
@@ -399,10 +437,11 @@ copy_finish(struct copy_job *j, int res)
   next = s->dead ? NULL : take_queued(s);
   g_mutex_unlock(&s->lock);
   if (do_punch)
-    punch(s, ring, g);
-  start_all(s, next, ring);
+    punch(s, w, g);
+  start_all(s, next, w);
   free(j->buf);
   g_free(j);
+  worker_unhold(w);
   snapshot_unref(s);
 }
 
@@ -512,14 +551,16 @@ copy_chunk(struct copy_job *j)
 }
 
 static void
-copy_start(struct snapshot *s, struct record *rec, struct io_uring *ring)
+copy_start(struct snapshot *s, struct record *rec, struct worker *w)
 {
   struct copy_job *j = g_new0(struct copy_job, 1);
   size_t blen;
 
   j->s = snap_ref(s);
   j->rec = rec;
-  j->ring = ring;
+  j->w = w;
+  j->ring = worker_ring(w);
+  worker_hold(w);
   j->base = rec->g << s->shift;
   j->glen = gran_len(s, rec->g);
   blen = (size_t)MIN((uint64_t)COPY_CHUNK, j->glen);
@@ -534,8 +575,8 @@ copy_start(struct snapshot *s, struct record *rec, struct io_uring *ring)
 }
 
 bool
-snapshot_before_write(struct worker *w, struct io_uring *ring, uint64_t offset,
-                      uint64_t len, void (*cont)(void *arg), void *arg)
+snapshot_before_write(struct worker *w, uint64_t offset, uint64_t len,
+                      void (*cont)(void *arg), void *arg)
 {
   struct snap_wait *sw = NULL;
   GPtrArray *start = NULL;
@@ -583,7 +624,7 @@ snapshot_before_write(struct worker *w, struct io_uring *ring, uint64_t offset,
     start = take_queued(s);
     g_mutex_unlock(&s->lock);
   }
-  start_all(s, start, ring);
+  start_all(s, start, w);
   snapshot_unref(s);
   if (!sw)
     return false;
@@ -610,6 +651,7 @@ struct overlay {
 
 struct snap_read {
   struct snapshot *s;
+  struct worker *w;
   struct io_uring *ring;
   uint64_t off;
   uint32_t len;
@@ -690,7 +732,7 @@ overlay_done(struct cbt_aio_op *op, int res)
     }
     g_mutex_unlock(&s->lock);
     for (guint i = 0; punches && i < punches->len; i++)
-      punch(s, rd->ring, g_array_index(punches, uint64_t, i));
+      punch(s, rd->w, g_array_index(punches, uint64_t, i));
     if (punches)
       g_array_unref(punches);
   }
@@ -766,13 +808,14 @@ read_image_done(struct cbt_image_io *io, int res)
 }
 
 void
-snapshot_read(struct snapshot *s, struct io_uring *ring, uint64_t offset,
+snapshot_read(struct snapshot *s, struct worker *w, uint64_t offset,
               uint32_t len, void *buf, void (*done)(void *arg, int res), void *arg)
 {
   struct snap_read *rd = g_new0(struct snap_read, 1);
 
   rd->s = snap_ref(s);
-  rd->ring = ring;
+  rd->w = w;
+  rd->ring = worker_ring(w);
   rd->off = offset;
   rd->len = len;
   rd->buf = buf;
@@ -785,7 +828,7 @@ snapshot_read(struct snapshot *s, struct io_uring *ring, uint64_t offset,
     read_finish(rd, r);
     return;
   }
-  rd->io.ring = ring;
+  rd->io.ring = rd->ring;
   rd->io.type = CBT_IO_READ;
   rd->io.offset = offset;
   rd->io.len = len;
@@ -797,7 +840,7 @@ snapshot_read(struct snapshot *s, struct io_uring *ring, uint64_t offset,
 /* ---- release ---- */
 
 int
-snapshot_release(struct snapshot *s, struct io_uring *ring, uint64_t offset,
+snapshot_release(struct snapshot *s, struct worker *w, uint64_t offset,
                  uint64_t len)
 {
   uint64_t end = offset + len;
@@ -843,7 +886,7 @@ snapshot_release(struct snapshot *s, struct io_uring *ring, uint64_t offset,
 out:
   g_mutex_unlock(&s->lock);
   for (guint i = 0; punches && i < punches->len; i++)
-    punch(s, ring, g_array_index(punches, uint64_t, i));
+    punch(s, w, g_array_index(punches, uint64_t, i));
   if (punches)
     g_array_unref(punches);
   return r;

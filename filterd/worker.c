@@ -104,6 +104,7 @@ struct worker {
 
   struct conn *conns;
   unsigned nconns;
+  unsigned holds;                    /* worker_hold(): I/O of no connection */
   bool stopping;
   struct cbt_aio_op grace_op;
   struct __kernel_timespec grace_ts;
@@ -130,6 +131,9 @@ static void conn_start_close(struct conn *c);
 struct bufpool *conn_pool(struct conn *c) { return c->w->pool; }
 struct io_uring *conn_ring(struct conn *c) { return &c->w->ring; }
 struct worker *conn_worker(struct conn *c) { return c->w; }
+struct io_uring *worker_ring(struct worker *w) { return &w->ring; }
+void worker_hold(struct worker *w) { w->holds++; }
+void worker_unhold(struct worker *w) { w->holds--; }
 const struct conn_params *conn_params(struct conn *c) { return &c->p; }
 
 unsigned
@@ -740,7 +744,7 @@ worker_main(void *arg)
     struct io_uring_cqe *cqe;
 
     flush_sends(w);
-    if (w->stopping && w->nconns == 0)
+    if (w->stopping && w->nconns == 0 && w->holds == 0)
       break;
     r = io_uring_submit_and_wait(&w->ring, 1);
     if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY && r != -ETIME) {
