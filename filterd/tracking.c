@@ -45,6 +45,15 @@
  * keeps the checkpoint.  Workers read the frozen bitmap under cp_lock
  * (read side); commit/abort unpublish it under the write side before the
  * entry is freed.
+ *
+ * Point-in-time views.  A begin with a point-in-time mode creates the view
+ * (snapshot.c: scratch file first, so a failure changes nothing), moves the
+ * bits, then protects what the backup will read -- the frozen bits for an
+ * incremental whose bits are trusted, else everything -- and publishes the
+ * view: that is the moment the backup is of.  commit and abort end the
+ * view before they touch the frozen bitmap; a view never outlives its
+ * checkpoint, and a checkpoint found in the file at start-up has none
+ * (its scratch data died with the process that made it).
  */
 #include <errno.h>
 #include <inttypes.h>
