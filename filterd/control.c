@@ -151,6 +151,8 @@ status_json(void)
     add_u64(b, "granularity", st.granularity);
     add_bool(b, "trusted", st.trusted);
     add_bool(b, "clean-at-start", st.found_clean);
+    add_bool(b, "crash-safe-at-start", st.found_crash_safe);
+    add_str(b, "tracking", st.crash_safe ? "crash-safe" : "lazy");
     add_u64(b, "dirty-bytes", st.dirty_bytes);
     add_str(b, "checkpoint", st.checkpoint ? cp : NULL);
     add_str(b, "context", st.context);

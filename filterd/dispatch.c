@@ -10,10 +10,11 @@
  * becomes an NBD error reply and the connection stays usable; only a broken
  * stream (handled in worker.c) drops a connection.
  *
- * Ordering that protects backups: the dirty bit is set before the data
- * write is submitted and set again when it completes, before the reply
- * (tracking.c explains why both), so a write the client saw acknowledged
- * is always in the active bitmap.  A FLUSH is acknowledged only once the
+ * Ordering that protects backups: a change passes the checkpoint gate
+ * (quiesce.c), its dirty bit is set -- and in crash-safe mode durable --
+ * before the data write is submitted, and set again when it completes,
+ * before the reply (tracking.c explains why both), so a write the client
+ * saw acknowledged is always in the active bitmap.  A FLUSH is acknowledged only once the
  * image data and the bitmap are both durable.
  *
  * Requests on the @checkpoint export go to snapshot.c (reads of the
@@ -198,8 +199,11 @@ io_complete(struct cbt_image_io *io, int res)
 {
   struct request *req = cbt_container_of(io, struct request, io);
 
-  if (srv.tracking && changes_data(req->hdr.type))
-    tracking_mark(srv.tracking, req->hdr.offset, req->hdr.length);
+  if (changes_data(req->hdr.type)) {
+    if (srv.tracking)
+      tracking_mark(srv.tracking, req->hdr.offset, req->hdr.length);
+    quiesce_exit();
+  }
   if (res < 0) {
     req->error = cbt_nbd_errno_to_wire(-res);
     if (res != -ENOTSUP || !(req->hdr.flags & NBD_CMD_FLAG_FAST_ZERO))
@@ -347,6 +351,52 @@ submit_after_copy(void *arg)
   cbt_image_submit(srv.image, &req->io);
 }
 
+/* Step 3 of a change: its bits are durable (crash-safe mode); while a
+ * point-in-time view is open, the old data of protected granules is saved
+ * first; then the image I/O. */
+static void
+change_committed(void *arg, int res)
+{
+  struct request *req = arg;
+  const struct cbt_nbd_request *h = &req->hdr;
+
+  if (res < 0) {
+    /* Never let data change without its bit on disk: refuse the write. */
+    req->error = NBD_EIO;
+    quiesce_exit();
+    reply_error(req);
+    return;
+  }
+  if (snapshot_before_write(conn_worker(req->c), h->offset, h->length,
+                            submit_after_copy, req))
+    return;
+  cbt_image_submit(srv.image, &req->io);
+}
+
+/* Steps 1 and 2 of a WRITE, WRITE_ZEROES or TRIM: pass the checkpoint
+ * gate (quiesce.c), set the dirty bits, and in crash-safe mode wait for
+ * them to be durable unless they already are (group commit, tracking.c).
+ * The order -- bit durable, then old data saved, then data written -- is
+ * what makes both a crash and a running backup safe. */
+static void
+change_start(void *arg)
+{
+  struct request *req = arg;
+  const struct cbt_nbd_request *h = &req->hdr;
+
+  if (!quiesce_enter(conn_worker(req->c), change_start, req))
+    return;
+  if (srv.tracking) {
+    tracking_mark(srv.tracking, h->offset, h->length);
+    if (!tracking_is_durable(srv.tracking, h->offset, h->length)) {
+      tracking_commit(srv.tracking, conn_worker(req->c), h->offset, h->length,
+                      change_committed, req);
+      return;
+    }
+  }
+  change_committed(req, 0);
+}
+
 void
 dispatch_request(struct request *req)
 {
@@ -407,13 +457,8 @@ dispatch_request(struct request *req)
   }
 
   if (changes_data(h->type)) {
-    if (srv.tracking)
-      tracking_mark(srv.tracking, h->offset, h->length);
-    /* While a point-in-time view is open, the old data of protected
-     * granules is saved first (bit set, then copy, then write). */
-    if (snapshot_before_write(conn_worker(req->c), h->offset, h->length,
-                              submit_after_copy, req))
-      return;
+    change_start(req);
+    return;
   }
   cbt_image_submit(srv.image, io);
 }

@@ -214,6 +214,7 @@ struct tracking_config {
   const char *name;
   uint32_t granularity;          /* 0: default, only used when creating */
   bool read_only;
+  bool crash_safe;               /* --tracking crash-safe (the default) */
 };
 /* Open (or create) the bitmap file and make "not clean" durable. */
 struct tracking *tracking_open(const struct tracking_config *cfg, GError **error);
@@ -230,6 +231,8 @@ struct tracking_status {
   uint32_t granularity;
   bool trusted;
   bool found_clean;
+  bool found_crash_safe;               /* not clean at start, but crash-safe */
+  bool crash_safe;                     /* this run's --tracking */
   uint64_t dirty_bytes;
   uint64_t checkpoint;                 /* id that began the active interval */
   uint8_t uuid[16];
@@ -280,8 +283,28 @@ int tracking_extents(struct tracking *t, uint32_t id, uint64_t offset,
 /* Record that [offset, offset+len) is about to change.  Called on the
  * worker thread before a WRITE/WRITE_ZEROES/TRIM is submitted. */
 void tracking_mark(struct tracking *t, uint64_t offset, uint64_t len);
+/* Crash-safe mode: are the bits of [offset, offset+len) on disk already?
+ * (Always true in lazy mode.)  Lock-free. */
+bool tracking_is_durable(struct tracking *t, uint64_t offset, uint64_t len);
+/* Crash-safe mode: make the (already marked) bits of [offset, offset+len)
+ * durable, sharing one bitmap write + fdatasync with every commit waiting
+ * at that moment; then done(arg, 0 or -errno) runs on worker @w. */
+void tracking_commit(struct tracking *t, struct worker *w, uint64_t offset,
+                     uint64_t len, void (*done)(void *arg, int res), void *arg);
 /* Periodic work from the main loop (about once a second). */
 void tracking_tick(struct tracking *t);
+
+/* ---- quiesce.c ---- */
+/* A data-changing request enters before it is marked: true to go on;
+ * false if a checkpoint is being taken, then @cont(@arg) runs on @w once
+ * it is over (and must enter again). */
+bool quiesce_enter(struct worker *w, void (*cont)(void *arg), void *arg);
+/* ... and leaves once its image I/O completed (or it was refused). */
+void quiesce_exit(void);
+/* Hold new changes and wait until none is in flight (at most @timeout_s
+ * seconds; on timeout the gate opens again and false is returned). */
+bool quiesce_begin(unsigned timeout_s, GError **error);
+void quiesce_end(void);
 
 /* ---- snapshot.c ---- */
 #define SNAPSHOT_SUFFIX "@checkpoint"  /* export name of the view: NAME@checkpoint */

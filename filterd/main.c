@@ -26,6 +26,7 @@ static char *opt_granularity;
 static int opt_threads;
 static int opt_timeout = 10;
 static char *opt_scratch_limit;
+static char *opt_tracking;
 
 static GOptionEntry entries[] = {
   { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve", "PATH" },
@@ -41,6 +42,7 @@ static GOptionEntry entries[] = {
   { "bitmap", 'b', 0, G_OPTION_ARG_FILENAME, &opt_bitmap, "Dirty bitmap file (created if missing)", "PATH" },
   { "bitmap-name", 0, 0, G_OPTION_ARG_STRING, &opt_bitmap_name, "Name of the active bitmap (default cbt)", "NAME" },
   { "granularity", 'g', 0, G_OPTION_ARG_STRING, &opt_granularity, "Bitmap granularity when creating (default 64K)", "SIZE" },
+  { "tracking", 0, 0, G_OPTION_ARG_STRING, &opt_tracking, "crash-safe (default): a bit is on disk before its write, so a crash keeps incremental backups; lazy: written every few seconds, a crash forces a full backup", "MODE" },
   { "scratch", 0, 0, G_OPTION_ARG_FILENAME, &srv.scratch_dir, "Directory for the point-in-time view's copies (default: the bitmap's)", "DIR" },
   { "scratch-limit", 0, 0, G_OPTION_ARG_STRING, &opt_scratch_limit, "Most scratch space one backup may use (default: a quarter of the disk, at least 1G)", "SIZE" },
   { "control", 'c', 0, G_OPTION_ARG_FILENAME, &srv.control_path, "Control socket (JSON, one request per line)", "PATH" },
@@ -156,6 +158,16 @@ parse_args(int argc, char **argv, GError **error)
   }
   if (opt_granularity && !parse_granularity(opt_granularity, &granularity, error))
     return false;
+  if (opt_tracking && strcmp(opt_tracking, "crash-safe") != 0 &&
+      strcmp(opt_tracking, "lazy") != 0) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--tracking %s: expected crash-safe or lazy", opt_tracking);
+    return false;
+  }
+  if (opt_tracking && !opt_bitmap) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED, "--tracking needs --bitmap");
+    return false;
+  }
   if ((srv.scratch_dir || opt_scratch_limit) && !opt_bitmap) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
                 "--scratch and --scratch-limit need --bitmap (point-in-time views "
@@ -235,6 +247,7 @@ main(int argc, char **argv)
       .name = opt_bitmap_name ? opt_bitmap_name : "cbt",
       .granularity = granularity,
       .read_only = srv.read_only,
+      .crash_safe = !opt_tracking || strcmp(opt_tracking, "crash-safe") == 0,
     };
     srv.tracking = tracking_open(&tc, &error);
     if (!srv.tracking)

@@ -66,12 +66,14 @@
 #include "internal.h"
 
 #define SYNC_INTERVAL 5                    /* seconds */
+#define QUIESCE_TIMEOUT 30                 /* seconds begin waits for writes */
 
 struct flush_waiter {
   struct worker *w;
   void (*done)(void *arg, int res);
   void *arg;
   int res;
+  uint64_t offset, len;                    /* commits: the bits to make durable */
 };
 
 struct tracking {
@@ -83,6 +85,12 @@ struct tracking {
   atomic_bool trusted;
   bool read_only;
   bool found_clean;
+  bool found_crash_safe;
+  bool crash_safe;                         /* --tracking crash-safe */
+  /* Crash-safe mode: granules whose bit in the active bitmap is known to
+   * be on disk.  Set only after the commit that wrote them completed;
+   * cleared when a checkpoint starts a new interval (no write in flight). */
+  struct cbt_bitmap durable;
 
   /* Checkpoint: op_lock serialises control operations; cp_lock guards
    * the frozen bitmap's publication against readers on worker threads. */
@@ -101,6 +109,7 @@ struct tracking {
   bool stop;
   bool sync_wanted;
   GPtrArray *waiters;                      /* struct flush_waiter * */
+  GPtrArray *commits;                      /* struct flush_waiter *, with a range */
   unsigned ticks;
   bool last_sync_failed;
 };
@@ -120,6 +129,21 @@ run_waiter(void *arg)
   g_free(fw);
 }
 
+/* Hand each waiter of @batch its result on its worker; commits that
+ * succeeded first record their bits as durable. */
+static void
+finish_batch(struct tracking *t, GPtrArray *batch, int r)
+{
+  for (guint i = 0; i < batch->len; i++) {
+    struct flush_waiter *fw = batch->pdata[i];
+
+    if (r == 0 && fw->len > 0)
+      cbt_bitmap_set_range(&t->durable, fw->offset, fw->len);
+    fw->res = r;
+    worker_post(fw->w, run_waiter, fw);
+  }
+}
+
 static void *
 syncer_main(void *arg)
 {
@@ -127,37 +151,66 @@ syncer_main(void *arg)
 
   g_mutex_lock(&t->lock);
   for (;;) {
-    g_autoptr(GPtrArray) batch = NULL;
+    g_autoptr(GPtrArray) flushes = NULL;
+    g_autoptr(GPtrArray) commits = NULL;
     g_autofree char *why = NULL;
+    bool full;
     int r;
 
-    while (!t->stop && !t->sync_wanted && t->waiters->len == 0)
+    while (!t->stop && !t->sync_wanted && t->waiters->len == 0 && t->commits->len == 0)
       g_cond_wait(&t->cond, &t->lock);
-    if (t->stop && t->waiters->len == 0)
+    if (t->stop && t->waiters->len == 0 && t->commits->len == 0)
       break;
     /* Everyone waiting now is served by this write-out, which starts
-     * after their flush arrived. */
-    batch = g_steal_pointer(&t->waiters);
+     * after their bits were set (group commit: one write + fdatasync for
+     * all of them, as dm-era does). */
+    flushes = g_steal_pointer(&t->waiters);
     t->waiters = g_ptr_array_new();
+    commits = g_steal_pointer(&t->commits);
+    t->commits = g_ptr_array_new();
+    full = t->sync_wanted || flushes->len > 0;
     t->sync_wanted = false;
     g_mutex_unlock(&t->lock);
 
-    r = cbt_bmfile_sync(t->file, &why);
+    /* A commit needs only the data pages; flushes and the periodic
+     * write-out also refresh the metadata's checksums. */
+    r = full ? cbt_bmfile_sync(t->file, &why) : cbt_bmfile_sync_data(t->file, &why);
     if (r < 0 && !t->last_sync_failed)
-      log_error("%s: writing the bitmap failed: %s", t->path, why ? why : g_strerror(-r));
+      log_error("%s: writing the bitmap failed: %s%s", t->path, why ? why : g_strerror(-r),
+                commits->len ? "; guest writes waiting for their bits fail with EIO" : "");
     else if (r == 0 && t->last_sync_failed)
       log_info("%s: bitmap written again", t->path);
     t->last_sync_failed = r < 0;
-    for (guint i = 0; i < batch->len; i++) {
-      struct flush_waiter *fw = batch->pdata[i];
-      fw->res = r;
-      worker_post(fw->w, run_waiter, fw);
-    }
+    finish_batch(t, commits, r);
+    finish_batch(t, flushes, r);
     g_mutex_lock(&t->lock);
   }
   g_mutex_unlock(&t->lock);
   cbt_io_thread_cleanup();
   return NULL;
+}
+
+bool
+tracking_is_durable(struct tracking *t, uint64_t offset, uint64_t len)
+{
+  return !t->crash_safe || cbt_bitmap_all_set(&t->durable, offset, len);
+}
+
+void
+tracking_commit(struct tracking *t, struct worker *w, uint64_t offset, uint64_t len,
+                void (*done)(void *arg, int res), void *arg)
+{
+  struct flush_waiter *fw = g_new0(struct flush_waiter, 1);
+
+  fw->w = w;
+  fw->done = done;
+  fw->arg = arg;
+  fw->offset = offset;
+  fw->len = len;
+  g_mutex_lock(&t->lock);
+  g_ptr_array_add(t->commits, fw);
+  g_cond_signal(&t->cond);
+  g_mutex_unlock(&t->lock);
 }
 
 void
@@ -274,6 +327,15 @@ file_error(GError **error, int r, const char *what, const char *why)
   return false;
 }
 
+/* May entry @idx's bits be used for an incremental backup?  The file
+ * decides (clean, or crash-safe, and not INCONSISTENT); a checkpoint begun
+ * by this daemon in an untrusted interval carries INCONSISTENT itself. */
+static bool
+entry_trusted(struct tracking *t, unsigned idx)
+{
+  return cbt_bmfile_entry_trusted(t->file, idx, NULL);
+}
+
 /* Publish or unpublish the frozen bitmap for readers on worker threads. */
 static void
 publish_frozen(struct tracking *t, int fidx)
@@ -282,11 +344,8 @@ publish_frozen(struct tracking *t, int fidx)
   if (fidx < 0) {
     t->frozen = NULL;
   } else {
-    uint32_t flags = cbt_bmfile_entry_flags(t->file, (unsigned)fidx);
     t->frozen = cbt_bmfile_entry_bitmap(t->file, (unsigned)fidx);
-    t->frozen_trusted = !(flags & CBT_BMF_INCONSISTENT) &&
-                        cbt_bmfile_entry_data_ok(t->file, (unsigned)fidx) &&
-                        (!t->read_only || t->found_clean);
+    t->frozen_trusted = entry_trusted(t, (unsigned)fidx);
     t->frozen_ctx_id = t->next_ctx_id++;
   }
   g_rw_lock_writer_unlock(&t->cp_lock);
@@ -336,6 +395,7 @@ tracking_checkpoint_begin(struct tracking *t, enum snapshot_mode mode,
 {
   g_autofree char *why = NULL;
   g_autoptr(snapshot) view = NULL;
+  struct cbt_bitmap *frozen;
   uint64_t old_id, new_id;
   uint32_t aflags, fflags;
   int aidx, fidx, r;
@@ -371,10 +431,31 @@ tracking_checkpoint_begin(struct tracking *t, enum snapshot_mode mode,
     file_error(error, r, "cannot record the checkpoint", why);
     goto out;
   }
-  /* From here on nothing may fail in a way that loses bits: the move is
-   * in memory, and every later failure leaves the bits in one of the two
-   * bitmaps, both of which are kept. */
-  cbt_bitmap_move(cbt_bmfile_entry_bitmap(t->file, (unsigned)fidx), t->active);
+  /* The point in time: no guest change is in flight from here until
+   * quiesce_end (quiesce.c), so the bits and the view describe exactly the
+   * changes completed before it. */
+  if (!quiesce_begin(QUIESCE_TIMEOUT, error)) {
+    cbt_bmfile_remove(t->file, t->frozen_name, NULL);
+    goto out;
+  }
+  frozen = cbt_bmfile_entry_bitmap(t->file, (unsigned)fidx);
+  cbt_bitmap_merge(frozen, t->active);
+  if (t->crash_safe) {
+    /* Write rule 7: the frozen copy of the bits is durable before the
+     * active bitmap's are cleared on disk. */
+    r = cbt_bmfile_sync_data(t->file, &why);
+    if (r < 0) {
+      quiesce_end();
+      cbt_bmfile_remove(t->file, t->frozen_name, NULL);
+      file_error(error, r, "cannot write the checkpoint bitmap", why);
+      goto out;
+    }
+  }
+  /* From here on nothing may fail in a way that loses bits: every later
+   * failure leaves the bits in one of the two bitmaps, both kept. */
+  cbt_bitmap_clear_all(t->active);
+  if (t->crash_safe)
+    cbt_bitmap_clear_all(&t->durable);       /* a new interval on disk */
   publish_frozen(t, fidx);
   if (view) {
     /* The point in time: from here every guest change of a granule the
@@ -383,6 +464,7 @@ tracking_checkpoint_begin(struct tracking *t, enum snapshot_mode mode,
     snapshot_protect(view, mode == SNAP_INCREMENTAL && t->frozen_trusted ? t->frozen : NULL);
     snapshot_publish(g_steal_pointer(&view));
   }
+  quiesce_end();
 
   new_id = new_checkpoint_id();
   aidx = active_index(t);
@@ -473,8 +555,13 @@ tracking_checkpoint_abort(struct tracking *t, const uint64_t *id, GError **error
   fflags = cbt_bmfile_entry_flags(t->file, (unsigned)fidx);
   prev = cbt_bmfile_entry_checkpoint(t->file, (unsigned)fidx);
   /* Bits first: the active bitmap again covers everything since the
-   * previous checkpoint, whose id it takes back. */
+   * previous checkpoint, whose id it takes back.  In crash-safe mode the
+   * merged bits are durable before the frozen bitmap can go (rule 7). */
   cbt_bitmap_merge(t->active, frozen);
+  if (t->crash_safe && (r = cbt_bmfile_sync_data(t->file, &why)) < 0) {
+    file_error(error, r, "cannot write the merged bits", why);
+    goto out;
+  }
   aidx = active_index(t);
   aflags = cbt_bmfile_entry_flags(t->file, (unsigned)aidx);
   r = cbt_bmfile_set_checkpoint(t->file, (unsigned)aidx, prev, &why);
@@ -514,6 +601,8 @@ tracking_get_status(struct tracking *t, struct tracking_status *st)
   st->granularity = t->active->granularity;
   st->trusted = atomic_load(&t->trusted);
   st->found_clean = t->found_clean;
+  st->found_crash_safe = t->found_crash_safe;
+  st->crash_safe = t->crash_safe;
   st->dirty_bytes = cbt_bitmap_dirty_bytes(t->active);
   st->checkpoint = cbt_bmfile_entry_checkpoint(t->file, (unsigned)aidx);
   cbt_bmfile_uuid(t->file, st->uuid);
@@ -578,7 +667,6 @@ tracking_open(const struct tracking_config *cfg, GError **error)
 {
   g_autofree char *why = NULL;
   struct tracking *t = g_new0(struct tracking, 1);
-  uint32_t flags;
   int idx, r;
 
   t->path = g_strdup(cfg->path);
@@ -590,6 +678,8 @@ tracking_open(const struct tracking_config *cfg, GError **error)
   g_rw_lock_init(&t->cp_lock);
   t->next_ctx_id = META_ID_DIRTY_FIRST + 1;
   t->waiters = g_ptr_array_new();
+  t->commits = g_ptr_array_new();
+  t->crash_safe = cfg->crash_safe && !cfg->read_only;
   g_snprintf(t->meta_name, sizeof t->meta_name, "%s%s", NBD_META_DIRTY_PREFIX, t->name);
   g_snprintf(t->frozen_name, sizeof t->frozen_name, "%s-checkpoint", t->name);
   g_snprintf(t->frozen_meta, sizeof t->frozen_meta, "%s%s", NBD_META_DIRTY_PREFIX,
@@ -632,11 +722,18 @@ tracking_open(const struct tracking_config *cfg, GError **error)
   }
 
   t->found_clean = cbt_bmfile_found_clean(t->file);
-  if (!t->found_clean)
-    log_error("%s: bitmap was not shut down cleanly (daemon crash or power loss): "
-              "its contents cannot be trusted; the next backup will be full",
-              cfg->path);
+  t->found_crash_safe = cbt_bmfile_found_crash_safe(t->file);
+  if (t->found_crash_safe)
+    log_info("%s: bitmap was not shut down cleanly, but it was written in crash-safe "
+             "mode: every change is in it and incremental backups go on", cfg->path);
+  else if (!t->found_clean)
+    log_error("%s: bitmap was not shut down cleanly (daemon crash or power loss) and "
+              "was not written in crash-safe mode: its contents cannot be trusted; "
+              "the next backup will be full", cfg->path);
   if (!cfg->read_only) {
+    /* The mode is in the file from the "not clean" generation on, before
+     * any bit changes (write rule 6). */
+    cbt_bmfile_set_crash_safe(t->file, t->crash_safe);
     /* "Not clean" must be durable before the first write is accepted. */
     r = cbt_bmfile_mark_dirty(t->file, &why);
     if (r < 0) {
@@ -647,10 +744,17 @@ tracking_open(const struct tracking_config *cfg, GError **error)
     }
   }
   idx = active_index(t);
-  flags = cbt_bmfile_entry_flags(t->file, (unsigned)idx);
-  atomic_store(&t->trusted, !(flags & CBT_BMF_INCONSISTENT) &&
-                            cbt_bmfile_entry_data_ok(t->file, (unsigned)idx) &&
-                            (cfg->read_only ? t->found_clean : true));
+  atomic_store(&t->trusted, entry_trusted(t, (unsigned)idx));
+  if (t->crash_safe) {
+    /* What was loaded is on disk already. */
+    r = cbt_bitmap_init(&t->durable, t->active->size, t->active->granularity);
+    if (r < 0) {
+      g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(-r),
+                  "%s: cannot set up crash-safe tracking: %s", cfg->path, g_strerror(-r));
+      goto fail;
+    }
+    cbt_bitmap_merge(&t->durable, t->active);
+  }
   idx = cbt_bmfile_find(t->file, t->frozen_name);
   if (idx >= 0) {
     publish_frozen(t, idx);
@@ -672,7 +776,9 @@ tracking_open(const struct tracking_config *cfg, GError **error)
 
 fail:
   cbt_bmfile_free(t->file);
+  cbt_bitmap_destroy(&t->durable);
   g_ptr_array_free(t->waiters, TRUE);
+  g_ptr_array_free(t->commits, TRUE);
   g_free(t->path);
   g_free(t->name);
   g_free(t);
@@ -709,6 +815,8 @@ tracking_close(struct tracking *t, bool mark_clean, GError **error)
     cbt_bmfile_free(t->file);
   }
   g_ptr_array_free(t->waiters, TRUE);
+  g_ptr_array_free(t->commits, TRUE);
+  cbt_bitmap_destroy(&t->durable);
   g_free(t->path);
   g_free(t->name);
   g_mutex_clear(&t->lock);

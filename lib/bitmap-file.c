@@ -143,6 +143,8 @@ struct cbt_bmfile {
   struct bmf_entry **entries;  /* dir_capacity slots, first nentries used */
   unsigned nentries;
   bool found_clean;            /* CLEAN at open */
+  bool found_crash_safe;       /* not CLEAN at open, but crash_safe_tracking */
+  bool crash_safe;             /* this writer keeps the crash-safe rules */
   bool disk_clean;             /* CLEAN in the durable metadata */
   bool owned_dirty;            /* this handle wrote the "not clean" state */
   bool meta_dirty;             /* metadata changed since last write */
@@ -806,11 +808,16 @@ cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
       f->recovery = g_strdup(c > 0 ? dir_reason : *reasonp[!s]);
       f->found_clean = false;
     }
+    /* Crash-safe tracking (write rules 6-8): a file left not clean by a
+     * writer in that mode has every bit it needs on disk -- also when the
+     * newest metadata copy was torn, since the generation before it was
+     * durable and references the same data areas (rule 8). */
+    f->found_crash_safe = !f->found_clean && (h[s].compat & BMF_COMPAT_CRASH_SAFE);
     f->disk_clean = f->found_clean;
     r = load_data(f, why);
     if (r < 0)
       return r;
-    if (writable && !f->found_clean) {
+    if (writable && !f->found_clean && !f->found_crash_safe) {
       /* Write rule 1: a crashed bitmap stays untrusted until reset. */
       for (unsigned i = 0; i < f->nentries; i++)
         f->entries[i]->flags |= CBT_BMF_INCONSISTENT;
@@ -851,8 +858,12 @@ write_meta(struct cbt_bmfile *f, bool clean, char **why)
   h.slot = (uint32_t)(h.generation % 2);
   h.nb_entries = f->nentries;
   h.state_flags = clean ? BMF_STATE_CLEAN : 0;
-  /* We do not implement crash-safe tracking nor any autoclear feature. */
-  h.compat &= ~BMF_COMPAT_CRASH_SAFE;
+  /* crash_safe_tracking says how this writer keeps the bits (rules 6-8);
+   * we implement no autoclear feature. */
+  if (f->crash_safe)
+    h.compat |= BMF_COMPAT_CRASH_SAFE;
+  else
+    h.compat &= ~BMF_COMPAT_CRASH_SAFE;
   h.autoclear = 0;
   h.dir_offset = dir_offset_for(cap, h.slot);
   h.dir_crc = cbt_crc32c(0, dir, dir_len);
@@ -1008,6 +1019,97 @@ cbt_bmfile_sync(cbt_bmfile *f, char **why)
   r = sync_locked(f, false, why);
   g_mutex_unlock(&f->lock);
   return r;
+}
+
+int
+cbt_bmfile_sync_data(cbt_bmfile *f, char **why)
+{
+  int64_t n;
+  int r = 0;
+
+  g_mutex_lock(&f->lock);
+  if (!f->writable) {
+    r = cbt_fail(why, -EROFS, "opened read-only");
+    goto out;
+  }
+  /* Rule 2 still holds: bits change on disk only under "not clean". */
+  if (f->disk_clean && any_dirty(f, true)) {
+    r = write_meta(f, false, why);
+    if (r < 0)
+      goto out;
+  }
+  n = write_data(f, why);
+  if (n < 0) {
+    r = (int)n;
+    goto out;
+  }
+  if (n > 0) {
+    r = cbt_io_fdatasync(f->fd);
+    if (r < 0) {
+      for (unsigned i = 0; i < f->nentries; i++)
+        mark_all_pages(f->entries[i]);
+      r = cbt_fail(why, r, "fdatasync after data write: %s", g_strerror(-r));
+    }
+  }
+out:
+  g_mutex_unlock(&f->lock);
+  return r;
+}
+
+void
+cbt_bmfile_set_crash_safe(cbt_bmfile *f, bool on)
+{
+  g_mutex_lock(&f->lock);
+  if (f->crash_safe != on)
+    f->meta_dirty = true;
+  f->crash_safe = on;
+  g_mutex_unlock(&f->lock);
+}
+
+bool
+cbt_bmfile_found_crash_safe(const cbt_bmfile *f)
+{
+  return f->found_crash_safe;
+}
+
+bool
+cbt_bmfile_entry_trusted(const cbt_bmfile *f, unsigned idx, const char **why)
+{
+  const char *dummy;
+
+  if (!why)
+    why = &dummy;
+  if (idx >= f->nentries) {
+    *why = "no such bitmap";
+    return false;
+  }
+  if (f->entries[idx]->flags & CBT_BMF_INCONSISTENT) {
+    *why = "INCONSISTENT: an earlier run did not shut down cleanly (not in "
+           "crash-safe mode); untrusted until a full backup resets it";
+    return false;
+  }
+  if (f->writable) {
+    /* A writer marked every entry INCONSISTENT at open unless the file
+     * was clean or crash-safe (rule 1); entries it adds start exact. */
+    *why = f->found_clean ? "clean shutdown" : f->found_crash_safe
+           ? "not clean, but written in crash-safe mode: every bit was durable "
+             "before the write it covers" : "reset since the unclean shutdown";
+    return true;
+  }
+  if (f->found_clean) {
+    *why = f->entries[idx]->data_ok ? "clean shutdown"
+           : "clean shutdown, but the data does not match its checksum";
+    return f->entries[idx]->data_ok;
+  }
+  if (f->found_crash_safe) {
+    *why = "not clean, but written in crash-safe mode: every bit was durable "
+           "before the write it covers";
+    return true;
+  }
+  *why = f->recovery ? "not clean, and the newest metadata copy was unusable"
+                     : "not clean (in use, or the daemon crashed) and not written "
+                       "in crash-safe mode";
+  return false;
 }
 
 int

@@ -349,3 +349,15 @@ cbt_bitmap_resize(struct cbt_bitmap *bm, uint64_t new_size)
   *bm = nb;
   return 0;
 }
+
+bool
+cbt_bitmap_all_set(const struct cbt_bitmap *bm, uint64_t offset, uint64_t len)
+{
+  uint64_t want;
+  bool dirty;
+
+  if (len == 0 || offset >= bm->size)
+    return true;
+  want = len > bm->size - offset ? bm->size - offset : len;
+  return cbt_bitmap_extent(bm, offset, want, &dirty) >= want && dirty;
+}

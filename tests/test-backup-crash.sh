@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# After kill -9 of the daemon its bitmap is untrusted: `cbt backup
+# In lazy tracking mode (--tracking lazy), after kill -9 of the daemon its
+# bitmap is untrusted: `cbt backup
 # --incremental` exits 3 naming the reason, `cbt backup` (auto) takes a full
 # backup by itself and says why, and the restore of that backup is the
 # image.  A recreated bitmap (new uuid) is detected the same way, and the
@@ -20,7 +21,7 @@ truncate -s 32M "$disk"
 daemon()
 {
     csock=$(mktemp -u "$tmp/ctl.XXXXXX")
-    start_filterd --image "$disk" --bitmap "$bm" --control "$csock"
+    start_filterd --image "$disk" --bitmap "$bm" --tracking lazy --control "$csock"
 }
 io() { qio -f raw "$uri" "$@"; }
 backup() { cbt backup --socket "$sock" --control "$csock" --repo "$repo" "$@"; }

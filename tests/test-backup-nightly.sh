@@ -12,7 +12,7 @@ nightly=$CBT_SOURCE_DIR/tools/cbt-nightly.sh
 disk=$tmp/disk.img
 csock=$tmp/ctl.sock
 truncate -s 16M "$disk"
-start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap" --control "$csock"
+start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap" --tracking lazy --control "$csock"
 
 export CBT=$CBT_CLI CBT_REPO=$tmp/repo CBT_CONTROL=$csock CBT_SOCKET=$sock
 export CBT_LOG=$tmp/nightly.log KEEP_CHAINS=2
@@ -45,7 +45,7 @@ kill -KILL "$pid"; wait "$pid" 2>/dev/null || true
 # A fresh control socket: the dead daemon's may accept connections for a
 # moment after kill -9 (asynchronous io_uring teardown).
 csock=$tmp/ctl2.sock
-start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap" --control "$csock"
+start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap" --tracking lazy --control "$csock"
 export CBT_SOCKET=$sock CBT_CONTROL=$csock
 status=0; run --incremental || status=$?
 [ $status -eq 3 ] || die "nightly with an impossible --incremental: exit $status, expected 3"

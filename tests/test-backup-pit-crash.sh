@@ -2,8 +2,9 @@
 # Crashes during a point-in-time backup, while the view holds copies the
 # guest overwrote:
 #   - kill -9 of the daemon: no scratch data is left anywhere, the frozen
-#     backup fails when it resumes, and the next backup (full: the bitmap
-#     is untrusted after the crash) restores to the disk;
+#     backup fails when it resumes, and the next backup -- still
+#     incremental: crash-safe tracking kept the frozen and the active bits
+#     -- restores to the disk;
 #   - kill -9 of `cbt backup`: the view stays until the next backup aborts
 #     the leftover checkpoint (its scratch space is freed then), and that
 #     backup is still incremental and restores to the disk.
@@ -60,8 +61,8 @@ daemon
 kill -CONT "$bp"
 rc=0; wait "$bp" || rc=$?
 [ $rc -eq 1 ] || { cat "$tmp/b.out" >&2; die "backup across a daemon crash: exit $rc, expected 1"; }
-expect_rc 0 cbt backup --socket "$sock" --control "$csock" --repo "$repo"
-has "full"
+expect_rc 0 cbt backup --socket "$sock" --control "$csock" --repo "$repo" --incremental
+has "aborting it"
 restore_is_disk "after the daemon was killed"
 [ "$(scratch_files_of "$pid")" -eq 0 ] || die "scratch file held after the backup"
 

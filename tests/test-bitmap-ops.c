@@ -466,6 +466,45 @@ test_move(void **state)
   cbt_bitmap_destroy(&other);
 }
 
+
+/* all_set against a naive model: random ranges, including ones that end
+ * past the image and a partial last granule. */
+static void
+test_all_set(void **state)
+{
+  struct cbt_bitmap bm;
+  const uint64_t size = 1000 * 512 + 100;   /* 1001 granules, the last short */
+  GRand *rnd = g_rand_new_with_seed(7);
+
+  (void)state;
+  assert_int_equal(cbt_bitmap_init(&bm, size, 512), 0);
+  assert_true(cbt_bitmap_all_set(&bm, 0, 0));
+  assert_true(cbt_bitmap_all_set(&bm, size, 4096));
+  assert_false(cbt_bitmap_all_set(&bm, 0, 1));
+  cbt_bitmap_set_range(&bm, 512, 1024);          /* granules 1, 2 */
+  assert_true(cbt_bitmap_all_set(&bm, 512, 1024));
+  assert_true(cbt_bitmap_all_set(&bm, 600, 100));
+  assert_false(cbt_bitmap_all_set(&bm, 511, 2));
+  assert_false(cbt_bitmap_all_set(&bm, 1500, 100));
+  cbt_bitmap_set_range(&bm, size - 1, 1);        /* the short last granule */
+  assert_true(cbt_bitmap_all_set(&bm, size - 50, UINT64_MAX - size));
+  for (int i = 0; i < 2000; i++) {
+    uint64_t off = g_rand_int_range(rnd, 0, (gint32)size);
+    uint64_t len = g_rand_int_range(rnd, 1, 20000);
+    uint64_t end = MIN(off + len, size);
+    bool want = true;
+
+    if (g_rand_boolean(rnd))
+      cbt_bitmap_set_range(&bm, g_rand_int_range(rnd, 0, (gint32)size),
+                           g_rand_int_range(rnd, 1, 8000));
+    for (uint64_t o = off / 512 * 512; o < end; o += 512)
+      want &= cbt_bitmap_test(&bm, o);
+    assert_int_equal(cbt_bitmap_all_set(&bm, off, len), want);
+  }
+  g_rand_free(rnd);
+  cbt_bitmap_destroy(&bm);
+}
+
 int
 main(void)
 {
@@ -480,6 +519,7 @@ main(void)
     cmocka_unit_test(test_pages_dirty),
     cmocka_unit_test(test_concurrent),
     cmocka_unit_test(test_move),
+    cmocka_unit_test(test_all_set),
   };
 
   return cmocka_run_group_tests(tests, NULL, NULL);

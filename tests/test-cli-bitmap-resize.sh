@@ -63,7 +63,7 @@ expect_rc 1 cbt bitmap resize "$tmp/missing.bm" --image "$disk"
 has "cannot open"
 
 # ---- the daemon writes some bits ---------------------------------------------
-start_filterd --image "$disk" --bitmap "$bm" --granularity 64K
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy --granularity 64K
 qio -f raw "$uri" -c 'write -P 1 100k 8k' -c 'write -P 2 10M 4k' -c flush
 map_is "65536 65536
 10485760 4096"
@@ -89,7 +89,7 @@ cbt bitmap info --json "$bm" | jq -e --argjson sz $((20 * M)) '
 # and everything after it are dirty.
 dump_is "65536 65536
 10485760 10485760"
-start_filterd --image "$disk" --bitmap "$bm"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy
 map_is "65536 65536
 10485760 10485760"
 qio -f raw "$uri" -c 'write -P 3 4M 512' -c 'read -P 0 19M 1M' -c 'write -P 4 19M 4k'
@@ -108,7 +108,7 @@ cbt bitmap info --json "$bm" | jq -e --argjson sz $((5 * M + 512)) '
     >/dev/null || die "info --json after shrink"
 dump_is "65536 65536
 4194304 65536"
-start_filterd --image "$disk" --bitmap "$bm"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy
 map_is "65536 65536
 4194304 65536"
 qio -f raw "$uri" -c 'write -P 5 5M 512'
@@ -127,7 +127,7 @@ has "does not belong to $other: image file replaced"
 cmp "$bm" "$tmp/keep.bm" || die "resize for another image changed $bm"
 expect_rc 1 cbt bitmap resize "$bm" --image "$tmp/missing.img"
 
-start_filterd --image "$disk" --bitmap "$bm"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy
 kill -KILL "$pid"
 { wait "$pid"; } 2>/dev/null || true
 truncate -s $((6 * M)) "$disk"
@@ -139,7 +139,7 @@ cbt bitmap info --json "$bm" | jq -e --argjson sz $((6 * M)) '
     .clean and .image_size == $sz and .bitmaps[0].inconsistent and
     (.bitmaps[0].trusted | not)' >/dev/null ||
     die "info --json after --force: expected clean, inconsistent, new size"
-start_filterd --image "$disk" --bitmap "$bm"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy
 map_is "0 $((6 * M))"      # untrusted: all dirty
 stop_filterd
 

@@ -88,7 +88,7 @@ expect_rc 2 cbt bitmap create "$tmp/x.bm" --image "$disk" --granularity 1000
 has "power of two"
 [ ! -e "$tmp/x.bm" ] || die "bad --granularity left a file behind"
 
-start_filterd --image "$disk" --bitmap "$bm" --granularity 64K
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy --granularity 64K
 qio -f raw "$uri" \
     -c 'write -P 1 100k 8k' \
     -c 'write -P 2 1000000 10' \
@@ -147,7 +147,7 @@ cbt bitmap check --json "$bm" | jq -e '.ok and .status == "ok" and .clean and .n
     >/dev/null || die "cbt bitmap check --json: not ok"
 
 # SIGTERM, restart: the same bits, still trusted, reported over NBD.
-start_filterd --image "$disk" --bitmap "$bm"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy
 [ "$(dirty_map)" = "$expected" ] || die "dirty map changed across a clean restart"
 qio -f raw "$uri" -c 'write -P 6 7M 512'
 # ---- kill -9: not clean, then inconsistent --------------------------------
@@ -168,7 +168,7 @@ cbt bitmap info --json "$bm" | jq -e '.clean == false and (.bitmaps[0].trusted |
 
 # Restart after the crash: the entry is INCONSISTENT on disk at once, and
 # the daemon reports every block dirty.
-start_filterd --image "$disk" --bitmap "$bm"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy
 grep -q "not shut down cleanly" "$log" || die "daemon did not warn about the unclean bitmap"
 cbt bitmap info --json "$bm" | jq -e '.clean == false and .bitmaps[0].inconsistent and
         (.bitmaps[0].flags | index("inconsistent")) != null' >/dev/null ||
@@ -263,7 +263,7 @@ cbt bitmap info --json "$new" | jq -e '.clean and .bitmaps[0].name == "nightly" 
         .bitmaps[0].trusted' >/dev/null || die "created bitmap: unexpected info"
 expect_rc 1 cbt bitmap dump "$new"
 has "no bitmap named 'cbt' (the file has 'nightly')"
-start_filterd --image "$disk" --bitmap "$new" --bitmap-name nightly
+start_filterd --image "$disk" --bitmap "$new" --tracking lazy --bitmap-name nightly
 qio -f raw "$uri" -c 'write -P 7 5000 1' -c 'write -P 8 1M 8k'
 stop_filterd
 grep -q "created bitmap" "$log" && die "daemon created a bitmap instead of using $new"

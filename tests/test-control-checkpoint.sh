@@ -37,7 +37,7 @@ req_error()
         die "request $1: expected error $2, got $r"
 }
 
-start_filterd --image "$disk" --bitmap "$bm" --control "$csock"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy --control "$csock"
 st=$(req '{"execute":"status","id":"x1"}')
 [ "$(jq -r .id <<<"$st")" = x1 ] || die "id not echoed: $st"
 jq -e '.return.bitmap.trusted == true and .return.checkpoint == null and
@@ -87,7 +87,7 @@ expect_map qemu:dirty-bitmap:cbt "4194304 65536
 st=$(req '{"execute":"checkpoint-begin"}')
 id2=$(jq -r .return.checkpoint.checkpoint <<<"$st")
 stop_filterd
-start_filterd --image "$disk" --bitmap "$bm" --control "$csock"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy --control "$csock"
 st=$(req '{"execute":"status"}')
 jq -e --arg id "$id2" '.return.checkpoint.checkpoint == $id and .return.checkpoint.trusted
     and .return.bitmap.trusted' <<<"$st" >/dev/null || die "checkpoint lost by restart: $st"
@@ -98,7 +98,7 @@ expect_map qemu:dirty-bitmap:cbt-checkpoint "4194304 65536
 # A crash makes everything untrusted: both bitmaps report all dirty.
 kill -9 "$pid"
 wait "$pid" 2>/dev/null || true
-start_filterd --image "$disk" --bitmap "$bm" --control "$csock"
+start_filterd --image "$disk" --bitmap "$bm" --tracking lazy --control "$csock"
 grep -q "not shut down cleanly" "$log" || die "no warning about the unclean bitmap"
 st=$(req '{"execute":"status"}')
 jq -e '.return.bitmap.trusted == false and .return.bitmap."clean-at-start" == false and

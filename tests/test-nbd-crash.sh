@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # kill -9 in the middle of a write workload: every write the daemon
-# acknowledged is in the image afterwards, the bitmap is reported not clean
-# and untrusted after the restart (all dirty over NBD), and the restarted
+# acknowledged is in the image afterwards, the bitmap (--tracking lazy) is
+# reported not clean and untrusted after the restart (all dirty over NBD), and the restarted
 # daemon serves the same bytes.  Repeated with --cache none.
 
 source "$(dirname "$0")/functions.sh"
@@ -13,7 +13,7 @@ for cache in writeback none; do
     disk=$tmp/disk-$cache.img
     bm=$tmp/disk-$cache.bitmap
     truncate -s 16M "$disk"
-    start_filterd --image "$disk" --bitmap "$bm" --cache "$cache"
+    start_filterd --image "$disk" --bitmap "$bm" --tracking lazy --cache "$cache"
     "$PYTHON" "$testsdir/nbd-shutdown-writer.py" "$uri" "$pid" "$tmp/acked" 200 $bs KILL \
         >"$tmp/writer.out" || die "writer failed: $(cat "$tmp/writer.out")"
     wait "$pid" 2>/dev/null || true
@@ -26,7 +26,7 @@ for cache in writeback none; do
 
     # The stale socket from the killed daemon is replaced.
     cp "$disk" "$tmp/after-crash.img"
-    start_filterd --image "$disk" --bitmap "$bm" --socket "$sock"
+    start_filterd --image "$disk" --bitmap "$bm" --tracking lazy --socket "$sock"
     grep -q "not shut down cleanly" "$log" || die "restart did not report the unclean bitmap"
     size=$(stat -c %s "$disk")
     got=$(nbdinfo --map=qemu:dirty-bitmap:cbt --json "$uri" |

@@ -84,6 +84,25 @@ int cbt_bmfile_close_clean(cbt_bmfile *f, char **why);
 int cbt_bmfile_check_image(const cbt_bmfile *f, uint64_t image_size,
                            uint64_t image_inode, char **why);
 
+/* Crash-safe tracking (bitmap-format.md, write rules 6-8): the caller
+ * promises to make every bit durable (cbt_bmfile_sync_data) before the
+ * write it covers is submitted, and to order checkpoint changes as the
+ * rules say; the file then carries crash_safe_tracking from the next
+ * metadata update on (call before cbt_bmfile_mark_dirty), and a reader
+ * trusts it even when it is found not clean.  Off by default. */
+void cbt_bmfile_set_crash_safe(cbt_bmfile *f, bool on);
+/* The file was found not clean but written in crash-safe mode. */
+bool cbt_bmfile_found_crash_safe(const cbt_bmfile *f);
+/* May entry @idx's bits be used for an incremental backup?  *@why (may be
+ * NULL) gets a static sentence saying why or why not. */
+bool cbt_bmfile_entry_trusted(const cbt_bmfile *f, unsigned idx, const char **why);
+
+/* Write every changed data page and fdatasync, without a metadata update
+ * (the data checksums in the metadata go stale until the next
+ * cbt_bmfile_sync; a crash-safe reader expects that).  The cheap commit of
+ * crash-safe tracking.  A no-op if nothing changed. */
+int cbt_bmfile_sync_data(cbt_bmfile *f, char **why);
+
 /* Called by the daemon after open, before it accepts the first write:
  * make "not clean" durable (clearing crash_safe_tracking and unknown
  * autoclear bits), and if the file was found not clean, make INCONSISTENT

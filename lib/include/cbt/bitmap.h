@@ -105,6 +105,11 @@ uint64_t cbt_bitmap_dirty_bytes(const struct cbt_bitmap *bm);
 uint64_t cbt_bitmap_extent(const struct cbt_bitmap *bm, uint64_t offset,
                            uint64_t max_len, bool *dirty);
 
+/* Is every granule touching [offset, offset + len) (clamped to size) set?
+ * True for an empty range.  Lock-free, like extent; the answer can be
+ * stale by the time it returns unless the caller knows bits only get set. */
+bool cbt_bitmap_all_set(const struct cbt_bitmap *bm, uint64_t offset, uint64_t len);
+
 /* Change the covered size to @new_size.  Growing keeps every bit and adds
  * clean granules; a partial last granule that was dirty stays dirty and so
  * now also reports the newly added bytes it covers (over-reporting is the
