@@ -14,6 +14,7 @@
 #include <liburing.h>
 
 #include "cbt/uring-io.h"
+#include "fault-inject.h"
 
 static __thread struct io_uring tls_ring;
 static __thread bool tls_ring_ready;
@@ -105,7 +106,12 @@ cbt_io_pread(int fd, void *buf, size_t len, uint64_t offset)
 int
 cbt_io_pwrite(int fd, const void *buf, size_t len, uint64_t offset)
 {
-  return rw_full(RW_WRITE, fd, (void *)buf, len, offset);
+  bool held = cbt_fi_write_begin(fd, offset, len);
+  int r = rw_full(RW_WRITE, fd, (void *)buf, len, offset);
+
+  if (held)
+    cbt_fi_write_end();
+  return r;
 }
 
 /* An operation that is not a transfer: submitted whole, retried on
@@ -145,14 +151,20 @@ int
 cbt_io_fdatasync(int fd)
 {
   struct one_op o = { .kind = ONE_FSYNC, .fd = fd, .fsync_flags = IORING_FSYNC_DATASYNC };
-  return run_one(&o);
+  int r = run_one(&o);
+
+  cbt_fi_synced(fd, r);
+  return r;
 }
 
 int
 cbt_io_fsync(int fd)
 {
   struct one_op o = { .kind = ONE_FSYNC, .fd = fd };
-  return run_one(&o);
+  int r = run_one(&o);
+
+  cbt_fi_synced(fd, r);
+  return r;
 }
 
 int

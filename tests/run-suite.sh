@@ -5,6 +5,7 @@
 #   1. tests/install-deps.sh (does nothing when all is installed)
 #   2. build       gcc, --werror, debugoptimized       -> meson test
 #   3. build-asan  gcc, ASan + UBSan, --werror         -> meson test
+#      (both with -Dfault_injection=true: the simulated power cuts)
 #   4. build-clang clang, --werror, compile only (keeps clang warning-clean)
 #   5. one closing line: "N passed, N failed, N skipped", summed over the
 #      two test runs; a failed build step counts as one failure.
@@ -124,7 +125,7 @@ if ! bash tests/install-deps.sh; then
 fi
 
 timeout_args=()
-if build build gcc --werror -Dbuildtype=debugoptimized; then
+if build build gcc --werror -Dbuildtype=debugoptimized -Dfault_injection=true; then
     run_tests build
 fi
 
@@ -133,7 +134,7 @@ if [[ ${CBT_SKIP_ASAN:-} == 1 ]]; then
 else
     # Sanitized code runs a few times slower; give each test more time.
     timeout_args=(--timeout-multiplier 3)
-    if build build-asan gcc --werror -Dbuildtype=debug \
+    if build build-asan gcc --werror -Dbuildtype=debug -Dfault_injection=true \
              -Db_sanitize=address,undefined -Db_lundef=false; then
         run_tests build-asan
     fi
@@ -143,7 +144,7 @@ fi
 if [[ ${CBT_SKIP_CLANG:-} == 1 ]]; then
     step "skip build-clang (CBT_SKIP_CLANG=1)"
 else
-    build build-clang clang --werror -Dbuildtype=debugoptimized || true
+    build build-clang clang --werror -Dbuildtype=debugoptimized -Dfault_injection=true || true
 fi
 
 step "summary"

@@ -556,6 +556,64 @@ test_sync_crash_inconsistent(void **state)
   cbt_bmfile_free(f);
 }
 
+
+/* Crash-safe mode (rules 6-8): the mode is in the "not clean" generation,
+ * sync_data makes bits durable without a metadata update (the data CRC
+ * goes stale), and a file found not clean in that mode is trusted by
+ * readers and writers (no INCONSISTENT); a lazy writer clears the mode
+ * again, after which a crash makes it untrusted as before. */
+static void
+test_crash_safe(void **state)
+{
+  struct fixture *fx = *state;
+  g_autofree char *why = NULL;
+  const char *reason = NULL;
+  cbt_bmfile *f = NULL;
+  struct cbt_bitmap *bm;
+  uint64_t gen;
+
+  assert_int_equal(cbt_bmfile_create(fx->path, IMG_SIZE, IMG_INODE, 65536,
+                                     "active", &f, &why), 0);
+  cbt_bmfile_set_crash_safe(f, true);
+  assert_int_equal(cbt_bmfile_mark_dirty(f, &why), 0);
+  gen = cbt_bmfile_generation(f);
+  bm = cbt_bmfile_entry_bitmap(f, 0);
+  cbt_bitmap_set_range(bm, 5 * MiB, 1);
+  assert_int_equal(cbt_bmfile_sync_data(f, &why), 0);
+  assert_int_equal(cbt_bmfile_generation(f), gen);      /* data only */
+  assert_int_equal(cbt_bmfile_sync_data(f, &why), 0);   /* nothing to do */
+  cbt_bitmap_set_range(bm, 7 * MiB, 1);                 /* never synced */
+  cbt_bmfile_free(f);                                   /* crash */
+
+  f = open_ok(fx->path, false);
+  assert_false(cbt_bmfile_found_clean(f));
+  assert_true(cbt_bmfile_found_crash_safe(f));
+  assert_false(cbt_bmfile_entry_data_ok(f, 0));          /* stale CRC */
+  assert_true(cbt_bmfile_entry_trusted(f, 0, &reason));
+  assert_non_null(strstr(reason, "crash-safe"));
+  bm = cbt_bmfile_entry_bitmap(f, 0);
+  assert_true(cbt_bitmap_test(bm, 5 * MiB));
+  assert_false(cbt_bitmap_test(bm, 7 * MiB));
+  cbt_bmfile_free(f);
+
+  /* A writer trusts it too and does not taint it. */
+  f = open_ok(fx->path, true);
+  assert_int_equal(cbt_bmfile_entry_flags(f, 0), CBT_BMF_ACTIVE);
+  assert_true(cbt_bmfile_entry_trusted(f, 0, NULL));
+  /* ... but one in lazy mode clears the mode with its first update, and
+   * after its crash the file is untrusted. */
+  assert_int_equal(cbt_bmfile_mark_dirty(f, &why), 0);
+  cbt_bmfile_free(f);
+  f = open_ok(fx->path, false);
+  assert_false(cbt_bmfile_found_crash_safe(f));
+  assert_false(cbt_bmfile_entry_trusted(f, 0, &reason));
+  cbt_bmfile_free(f);
+  f = open_ok(fx->path, true);
+  assert_true(cbt_bmfile_entry_flags(f, 0) & CBT_BMF_INCONSISTENT);
+  assert_false(cbt_bmfile_entry_trusted(f, 0, NULL));
+  cbt_bmfile_free(f);
+}
+
 /* Marking from another thread while the file is synced repeatedly; the
  * final clean file must verify (data CRCs match what was written). */
 struct marker_arg {
@@ -1296,6 +1354,7 @@ main(void)
     cmocka_unit_test_setup_teardown(test_create_errors, setup, teardown),
     cmocka_unit_test_setup_teardown(test_entries, setup, teardown),
     cmocka_unit_test_setup_teardown(test_sync_crash_inconsistent, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_crash_safe, setup, teardown),
     cmocka_unit_test_setup_teardown(test_sync_concurrent, setup, teardown),
     cmocka_unit_test_setup_teardown(test_corrupt_header_bytes, setup, teardown),
     cmocka_unit_test_setup_teardown(test_corrupt_header_fields, setup, teardown),

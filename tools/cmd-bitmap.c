@@ -25,6 +25,8 @@
 #include "cbt/image.h"
 #include "cli.h"
 
+#define CRASH_SAFE_MEANING \
+  "every bit was durable before its write, so backups from it stay incremental"
 #define NOT_CLEAN_MEANING \
   "the daemon did not shut down cleanly (or is running); " \
   "backups from this bitmap will be full"
@@ -127,13 +129,12 @@ format_uuid(const cbt_bmfile *f)
                          u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
 }
 
-/* Whether the bits of entry @idx may be used for an incremental backup. */
+/* Whether the bits of entry @idx may be used for an incremental backup
+ * (bitmap-format.md decides; *why, if not NULL, says why). */
 static bool
-entry_trusted(cbt_bmfile *f, unsigned idx)
+entry_trusted(cbt_bmfile *f, unsigned idx, const char **why)
 {
-  return cbt_bmfile_found_clean(f) &&
-         !(cbt_bmfile_entry_flags(f, idx) & CBT_BMF_INCONSISTENT) &&
-         cbt_bmfile_entry_data_ok(f, idx);
+  return cbt_bmfile_entry_trusted(f, idx, why);
 }
 
 static const struct {
@@ -257,7 +258,12 @@ entry_json(cbt_bmfile *f, unsigned idx)
   cli_json_add_percent(e, "dirty_percent", cli_percent(dirty, bm->size));
   cli_json_add_bool(e, "data_checksum_ok", cbt_bmfile_entry_data_ok(f, idx));
   cli_json_add_u64(e, "data_crc32c", cbt_bmfile_entry_data_crc(f, idx));
-  cli_json_add_bool(e, "trusted", entry_trusted(f, idx));
+  {
+    const char *why = NULL;
+
+    cli_json_add_bool(e, "trusted", entry_trusted(f, idx, &why));
+    cli_json_add_str(e, "trusted_why", why);
+  }
   if (cbt_bmfile_entry_checkpoint(f, idx)) {
     g_autofree char *cp = g_strdup_printf("%016" PRIx64, cbt_bmfile_entry_checkpoint(f, idx));
     cli_json_add_str(e, "checkpoint", cp);
@@ -280,6 +286,7 @@ info_json(cbt_bmfile *f, GError **error)
   cli_json_add_u64(o, "image_size", cbt_bmfile_image_size(f));
   cli_json_add_u64(o, "image_inode", cbt_bmfile_image_inode(f));
   cli_json_add_bool(o, "clean", cbt_bmfile_found_clean(f));
+  cli_json_add_bool(o, "crash_safe", cbt_bmfile_found_crash_safe(f));
   cli_json_add_u64(o, "generation", cbt_bmfile_generation(f));
   cli_json_add_str(o, "recovery_note", cbt_bmfile_recovery_note(f));
   cli_json_add_u64(o, "header_crc32c", cbt_bmfile_header_crc(f));
@@ -304,6 +311,8 @@ info_human(cbt_bmfile *f, GError **error)
   printf("  image inode:     %" PRIu64 "\n", cbt_bmfile_image_inode(f));
   if (cbt_bmfile_found_clean(f))
     printf("  state:           clean\n");
+  else if (cbt_bmfile_found_crash_safe(f))
+    printf("  state:           not clean, written in crash-safe mode: " CRASH_SAFE_MEANING "\n");
   else
     printf("  state:           not clean: " NOT_CLEAN_MEANING "\n");
   printf("  generation:      %" PRIu64 "\n", cbt_bmfile_generation(f));
@@ -331,16 +340,21 @@ info_human(cbt_bmfile *f, GError **error)
            hdirty, dirty, cli_percent(dirty, bm->size));
     printf("  data checksum:   crc32c 0x%08" PRIx32 ", %s\n", cbt_bmfile_entry_data_crc(f, i),
            cbt_bmfile_entry_data_ok(f, i) ? "ok" :
+           cbt_bmfile_found_crash_safe(f) ? "stale (normal in crash-safe mode)" :
            "mismatch (expected after an unclean shutdown)");
     if (cbt_bmfile_entry_checkpoint(f, i))
       printf("  checkpoint:      %016" PRIx64 " (changes since that checkpoint)\n",
              cbt_bmfile_entry_checkpoint(f, i));
     else
       printf("  checkpoint:      none (no backup taken from it yet)\n");
-    if (!entry_trusted(f, i))
-      printf("  trusted:         no: the next backup from it will be full\n");
-    else
-      printf("  trusted:         yes\n");
+    {
+      const char *why = NULL;
+
+      if (!entry_trusted(f, i, &why))
+        printf("  trusted:         no (%s): the next backup from it will be full\n", why);
+      else
+        printf("  trusted:         yes (%s)\n", why);
+    }
   }
   return cli_flush_stdout(error);
 }
@@ -398,9 +412,9 @@ do_dump(cbt_bmfile *f, const char *name, GError **error)
   if (!find_entry(f, name, &idx, error))
     return false;
   bm = cbt_bmfile_entry_bitmap(f, idx);
-  if (!cbt_bmfile_found_clean(f))
+  if (!cbt_bmfile_found_clean(f) && !cbt_bmfile_found_crash_safe(f))
     cli_note("%s: not clean: " NOT_CLEAN_MEANING, cbt_bmfile_path(f));
-  else if (!entry_trusted(f, idx))
+  else if (!entry_trusted(f, idx, NULL))
     cli_note("%s: bitmap '%s' is inconsistent: its bits are untrusted and "
              "the next backup from it will be full", cbt_bmfile_path(f), name);
 
@@ -501,7 +515,10 @@ do_check(const char *path, char **reason, GPtrArray *notes, int *clean)
     }
   }
 
-  if (!*clean)
+  if (!*clean && cbt_bmfile_found_crash_safe(f))
+    g_ptr_array_add(notes, g_strdup_printf("not clean, written in crash-safe mode: "
+                                           CRASH_SAFE_MEANING));
+  else if (!*clean)
     g_ptr_array_add(notes, g_strdup_printf("not clean: " NOT_CLEAN_MEANING));
   rec = cbt_bmfile_recovery_note(f);
   if (rec)
@@ -515,8 +532,9 @@ do_check(const char *path, char **reason, GPtrArray *notes, int *clean)
                                              "its bits are untrusted", name));
     if (!cbt_bmfile_entry_data_ok(f, i))
       g_ptr_array_add(notes, g_strdup_printf("bitmap '%s': data checksum mismatch "
-                                             "(expected after an unclean shutdown)",
-                                             name));
+                                             "(%s)", name, cbt_bmfile_found_crash_safe(f)
+                                             ? "normal in crash-safe mode"
+                                             : "expected after an unclean shutdown"));
   }
   return CLI_EXIT_OK;
 
