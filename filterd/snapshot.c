@@ -71,10 +71,9 @@
  * publication reference) can never free a view a worker is using.  Copies,
  * reads and @checkpoint connections hold their own references; the scratch
  * file is closed with the last one.  The point in time is the moment the
- * view is published: a write acknowledged before checkpoint-begin was
- * asked for is in it, a write submitted after checkpoint-begin returned is
- * not; a write in flight across the begin may or may not be (as after a
- * crash at that moment).
+ * view is published, which checkpoint-begin does while guest changes are
+ * quiesced (quiesce.c): every change completed before it is in the view,
+ * none after it.
  */
 #include <errno.h>
 #include <fcntl.h>
