@@ -8,11 +8,21 @@
  *
  * Marking order (dispatch.c calls us twice per change):
  *   1. before the data write is submitted, so the bit exists before the
- *      data can reach the disk (the crash-safe mode, where that bit must
- *      also be durable first, hooks in here);
- *   2. again when the write completes, before the reply, so a checkpoint
- *      that takes the active bits away while a write is in flight cannot
- *      lose that write: it is marked again in the new active bitmap.
+ *      data can reach the disk; in crash-safe mode the write then waits
+ *      until the bit is durable (tracking_commit) unless the in-memory
+ *      "durable" set says it already is;
+ *   2. again when the write completes, before the reply.  Since
+ *      checkpoint-begin quiesces changes (quiesce.c) no checkpoint can
+ *      take the bits away in between; the second mark is a cheap guard.
+ *
+ * Crash-safe mode (--tracking crash-safe, bitmap-format.md rules 6-8).
+ * A first write to a granule in the interval queues a commit; the syncer
+ * takes every commit queued at that moment, writes the changed data pages
+ * and fdatasyncs once (cbt_bmfile_sync_data: no metadata update), and only
+ * after that completed sets the commits' ranges in t->durable and resumes
+ * their writes (the order dm-era got wrong once).  A failed commit fails
+ * the writes with EIO.  t->durable is cleared when a checkpoint starts a
+ * new interval, while no change is in flight.
  *
  * Durability.  A syncer thread writes the bitmap out (cbt_bmfile_sync,
  * which does its file I/O through io_uring and ends with fdatasync):
@@ -23,8 +33,9 @@
  *   - at clean shutdown, cbt_bmfile_close_clean writes all bits, syncs,
  *     and only then sets the clean flag.
  * While the daemon runs the file is "not clean" (made durable at open,
- * before the first write is accepted), so a crash leaves a file the
- * backup tool will not trust.
+ * before the first write is accepted), so in lazy mode a crash leaves a
+ * file the backup tool will not trust; in crash-safe mode the file says
+ * so, and is trusted.
  *
  * An untrusted bitmap (found not clean, or INCONSISTENT from an earlier
  * crash) keeps recording, but reports every granule dirty over NBD, so no
@@ -32,9 +43,9 @@
  *
  * Checkpoints (driven by the control socket, one operation at a time under
  * op_lock).  checkpoint-begin adds a FROZEN entry "NAME-checkpoint" to the
- * file, moves the active bits into it with atomic exchanges (writers keep
- * marking the active bitmap meanwhile; each bit lands in exactly one of the
- * two) and starts a new interval in the active bitmap, identified by a
+ * file, quiesces guest changes, copies the active bits into it, makes them
+ * durable (crash-safe mode: write rule 7), clears the active bits and
+ * starts a new interval in the active bitmap, identified by a
  * fresh random checkpoint id stored in its directory entry.  The frozen
  * bitmap is exported as a second meta context while it exists, under a
  * context id that is never reused, so a connection that selected an older
