@@ -221,6 +221,7 @@ main(int argc, char **argv)
   int listen_fds[2];
   size_t n_listen = 0;
   int control_fd = -1;
+  bool workers_started = false;
   sigset_t mask;
   int status = EXIT_SUCCESS;
   int r;
@@ -272,6 +273,7 @@ main(int argc, char **argv)
   }
   if (!workers_start(srv.n_workers, &error))
     goto fail;
+  workers_started = true;
   if (!write_pid_file(&error))
     goto fail;
 
@@ -329,13 +331,22 @@ main(int argc, char **argv)
 
 fail:
   fprintf(stderr, "cbt-filterd: %s\n", error->message);
+  if (workers_started)
+    workers_stop();
   if (srv.tracking) {
     /* Nothing was served: no write can be missing from the bitmap. */
     tracking_close(srv.tracking, true, NULL);
+    srv.tracking = NULL;
   }
+  cbt_image_close(srv.image);
+  srv.image = NULL;
+  for (size_t i = 0; i < n_listen; i++)
+    close(listen_fds[i]);
   if (srv.socket_path && n_listen > 0)
     unlink(srv.socket_path);
-  if (control_fd >= 0)
+  if (control_fd >= 0) {
+    close(control_fd);
     unlink(srv.control_path);
+  }
   return EXIT_FAILURE;
 }

@@ -673,6 +673,24 @@ open_or_create(struct tracking *t, const struct tracking_config *cfg,
   return true;
 }
 
+/* Free what tracking_open set up, except the file (closed or freed by
+ * the caller) and the syncer (joined by the caller, if it started).  The
+ * locks too: g_rw_lock_init allocates. */
+static void
+tracking_free(struct tracking *t)
+{
+  g_ptr_array_free(t->waiters, TRUE);
+  g_ptr_array_free(t->commits, TRUE);
+  cbt_bitmap_destroy(&t->durable);
+  g_free(t->path);
+  g_free(t->name);
+  g_mutex_clear(&t->lock);
+  g_cond_clear(&t->cond);
+  g_mutex_clear(&t->op_lock);
+  g_rw_lock_clear(&t->cp_lock);
+  g_free(t);
+}
+
 struct tracking *
 tracking_open(const struct tracking_config *cfg, GError **error)
 {
@@ -787,12 +805,7 @@ tracking_open(const struct tracking_config *cfg, GError **error)
 
 fail:
   cbt_bmfile_free(t->file);
-  cbt_bitmap_destroy(&t->durable);
-  g_ptr_array_free(t->waiters, TRUE);
-  g_ptr_array_free(t->commits, TRUE);
-  g_free(t->path);
-  g_free(t->name);
-  g_free(t);
+  tracking_free(t);
   return NULL;
 }
 
@@ -825,15 +838,6 @@ tracking_close(struct tracking *t, bool mark_clean, GError **error)
   } else {
     cbt_bmfile_free(t->file);
   }
-  g_ptr_array_free(t->waiters, TRUE);
-  g_ptr_array_free(t->commits, TRUE);
-  cbt_bitmap_destroy(&t->durable);
-  g_free(t->path);
-  g_free(t->name);
-  g_mutex_clear(&t->lock);
-  g_cond_clear(&t->cond);
-  g_mutex_clear(&t->op_lock);
-  g_rw_lock_clear(&t->cp_lock);
-  g_free(t);
+  tracking_free(t);
   return ok;
 }
