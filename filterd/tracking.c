@@ -657,17 +657,19 @@ open_or_create(struct tracking *t, const struct tracking_config *cfg,
              cfg->name, cfg->granularity ? cfg->granularity : CBT_BITMAP_DEFAULT_GRANULARITY);
     return true;
   }
-  r = cbt_bmfile_open(cfg->path, !cfg->read_only, &t->file, &why);
-  if (r < 0) {
-    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(-r),
-                "%s: %s", cfg->path, why ? why : g_strerror(-r));
-    return false;
-  }
-  r = cbt_bmfile_check_image(t->file, srv.image->size, srv.image->ino, &why);
-  if (r < 0) {
+  /* The image's identity is checked before any bit is loaded: a file made
+   * for another image, or claiming a huge one, costs nothing. */
+  r = cbt_bmfile_open_image(cfg->path, !cfg->read_only, srv.image->size,
+                            srv.image->ino, &t->file, &why);
+  if (r == -ESTALE) {
     g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(-r),
                 "%s: does not belong to %s: %s", cfg->path, srv.image_path,
                 why ? why : g_strerror(-r));
+    return false;
+  }
+  if (r < 0) {
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(-r),
+                "%s: %s", cfg->path, why ? why : g_strerror(-r));
     return false;
   }
   return true;

@@ -505,6 +505,22 @@ cmp_disk_by_offset(const void *a, const void *b)
   return x->data_offset < y->data_offset ? -1 : x->data_offset > y->data_offset;
 }
 
+/* The most memory the bits of one file may take: what the machine has.
+ * The areas are already bounded by the file's size, but a sparse file can
+ * claim as much as its file system allows; past physical memory the bits
+ * could never be held (and with overcommit on, scanning them would take
+ * hours), so such a file is refused before anything is allocated. */
+static uint64_t
+bits_budget(void)
+{
+  long pages = sysconf(_SC_PHYS_PAGES);
+  long psz = sysconf(_SC_PAGESIZE);
+
+  if (pages <= 0 || psz <= 0)
+    return UINT64_MAX;
+  return (uint64_t)pages * (uint64_t)psz;
+}
+
 /* Decode and validate the directory @dir of header @h against a file of
  * @file_size bytes; on success fill f->entries (bitmaps not loaded yet). */
 static int
@@ -517,6 +533,7 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
   g_autofree struct bmf_entry_disk **sorted = g_new0(struct bmf_entry_disk *,
                                                      h->nb_entries + 1);
   uint64_t mend = meta_end(h->dir_capacity);
+  uint64_t need = 0, budget;
   int r;
 
   /* Validate everything before allocating any bitmap: the areas, checked
@@ -583,6 +600,14 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
       return cbt_fail(why, -EBADMSG, "data areas of bitmaps '%s' and '%s' overlap",
                   a->name, b->name);
   }
+  /* No overflow: at most 4096 entries of at most 2^48 bytes each. */
+  for (uint32_t i = 0; i < h->nb_entries; i++)
+    need += round_up_page(ds[i].data_length);
+  budget = bits_budget();
+  if (need > budget)
+    return cbt_fail(why, -ENOMEM, "the bitmaps claim %" PRIu64 " bytes of data "
+                "(image_size %" PRIu64 "), more than this machine's memory (%"
+                PRIu64 " bytes)", need, h->image_size, budget);
 
   f->entries = g_new0(struct bmf_entry *, h->dir_capacity);
   for (uint32_t i = 0; i < h->nb_entries; i++) {
@@ -628,6 +653,89 @@ read_directory(int fd, const struct bmf_header *h, uint8_t **dir,
   return COPY_OK;
 }
 
+/* The next stretch of [@pos, @end) of the file that may hold data, as
+ * SEEK_DATA/SEEK_HOLE tell: [*@dstart, *@dend).  False when the rest is a
+ * hole.  Where the file system cannot tell, everything is data. */
+static bool
+next_data(int fd, uint64_t pos, uint64_t end, uint64_t *dstart, uint64_t *dend)
+{
+  off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
+  off_t h;
+
+  if (d < 0 && errno == ENXIO)
+    return false;
+  if (d < 0 || (uint64_t)d < pos) {
+    *dstart = pos;
+    *dend = end;
+    return true;
+  }
+  if ((uint64_t)d >= end)
+    return false;
+  h = lseek(fd, d, SEEK_HOLE);
+  *dstart = (uint64_t)d;
+  *dend = h < 0 || (uint64_t)h > end || h <= d ? end : (uint64_t)h;
+  return true;
+}
+
+static void
+words_from_le(uint64_t *w, uint64_t n)
+{
+#if __BYTE_ORDER != __LITTLE_ENDIAN
+  for (uint64_t i = 0; i < n; i++)
+    w[i] = le64toh(w[i]);
+#else
+  (void)w;
+  (void)n;
+#endif
+}
+
+/* Read entry @e's bits and fill its page_crc.
+ *
+ * Only what the file stores is read: holes (a sparse file, or a file
+ * system that keeps zero blocks as holes) read as zeros, which is what
+ * the freshly allocated bits already are, and a page in a hole gets the
+ * CRC of a zero page without being touched.  So memory and time follow
+ * the data the file really holds, not the length its directory claims
+ * (a header claiming a huge image costs address space, not RAM). */
+static int
+load_entry_bits(struct cbt_bmfile *f, struct bmf_entry *e, char **why)
+{
+  static const uint8_t zero_page[BMF_PAGE];
+  uint8_t *bytes = (uint8_t *)e->bm.words;
+  uint32_t zero_crc = cbt_crc32c(0, zero_page, BMF_PAGE);
+  uint64_t pos = 0;
+
+  for (uint64_t p = 0; p < e->data_pages; p++)
+    e->page_crc[p] = page_bytes(e, p) == BMF_PAGE ? zero_crc
+                     : cbt_crc32c(0, zero_page, page_bytes(e, p));
+
+  while (pos < e->data_length) {
+    uint64_t ds, de, first, stop;
+    int r;
+
+    if (!next_data(f->fd, e->data_offset + pos, e->data_offset + e->data_length,
+                   &ds, &de))
+      break;
+    /* Whole pages, so the CRCs and the word conversion see whole pages. */
+    first = (ds - e->data_offset) / BMF_PAGE;
+    stop = MIN(e->data_length, round_up_page(de - e->data_offset));
+    stop = MAX(stop, MIN(e->data_length, (first + 1) * BMF_PAGE));
+    r = cbt_io_pread(f->fd, bytes + first * BMF_PAGE, stop - first * BMF_PAGE,
+                     e->data_offset + first * BMF_PAGE);
+    if (r == -ENODATA)
+      return cbt_fail(why, -EBADMSG, "bitmap '%s': data truncated", e->name);
+    if (r < 0)
+      return cbt_fail(why, r, "bitmap '%s': reading data: %s", e->name,
+                  g_strerror(-r));
+    for (uint64_t p = first; p * BMF_PAGE < stop; p++)
+      e->page_crc[p] = cbt_crc32c(0, bytes + p * BMF_PAGE, page_bytes(e, p));
+    words_from_le(e->bm.words + first * CBT_BITMAP_WORDS_PER_PAGE,
+                  (stop - first * BMF_PAGE) / 8);
+    pos = stop;
+  }
+  return 0;
+}
+
 /* Read every entry's bits, fill page_crc and check the data checksum.
  * A mismatch is fatal only when the file is clean (after a crash the data
  * is expected to lag its checksum; it is untrusted then anyway). */
@@ -636,20 +744,14 @@ load_data(struct cbt_bmfile *f, char **why)
 {
   for (unsigned i = 0; i < f->nentries; i++) {
     struct bmf_entry *e = f->entries[i];
-    uint8_t *bytes = (uint8_t *)e->bm.words;
     uint64_t nwords = cbt_bitmap_nwords(&e->bm);
     uint64_t last_mask;
     uint32_t crc;
     int r;
 
-    r = cbt_io_pread(f->fd, bytes, e->data_length, e->data_offset);
-    if (r == -ENODATA)
-      return cbt_fail(why, -EBADMSG, "bitmap '%s': data truncated", e->name);
+    r = load_entry_bits(f, e, why);
     if (r < 0)
-      return cbt_fail(why, r, "bitmap '%s': reading data: %s", e->name,
-                  g_strerror(-r));
-    for (uint64_t p = 0; p < e->data_pages; p++)
-      e->page_crc[p] = cbt_crc32c(0, bytes + p * BMF_PAGE, page_bytes(e, p));
+      return r;
     crc = data_crc(e->page_crc, e->data_pages);
     if (crc != e->data_crc) {
       if (f->found_clean)
@@ -658,8 +760,6 @@ load_data(struct cbt_bmfile *f, char **why)
                     e->name, e->data_crc, crc);
       e->data_ok = false;
     }
-    for (uint64_t w = 0; w < nwords; w++)
-      e->bm.words[w] = le64toh(e->bm.words[w]);
     if (e->bm.nbits % 64) {
       last_mask = ~UINT64_C(0) >> (64 - e->bm.nbits % 64);
       if (e->bm.words[nwords - 1] & ~last_mask) {
@@ -675,11 +775,35 @@ load_data(struct cbt_bmfile *f, char **why)
   return 0;
 }
 
+/* The image a caller opens the file for (cbt_bmfile_open_image). */
+struct bmf_expect {
+  uint64_t image_size;
+  uint64_t image_inode;
+};
+
+static int
+identity_check(const struct bmf_header *h, uint64_t image_size,
+               uint64_t image_inode, char **why)
+{
+  if (image_size != h->image_size)
+    return cbt_fail(why, -ESTALE, "image size changed: bitmap covers %" PRIu64
+                " bytes, image is %" PRIu64 " bytes", h->image_size,
+                image_size);
+  if (image_inode != h->image_inode)
+    return cbt_fail(why, -ESTALE, "image file replaced: bitmap was made for inode "
+                "%" PRIu64 ", image is inode %" PRIu64, h->image_inode,
+                image_inode);
+  return 0;
+}
+
 /* Validate copy @h (intact) fully and load its directory into @f.
- * COPY_OK, COPY_TORN (directory torn, *@reason) or -errno (*@why). */
+ * COPY_OK, COPY_TORN (directory torn, *@reason) or -errno (*@why).
+ * With @expect, a copy made for another image is refused (-ESTALE) once
+ * its directory proved it usable and before any bitmap is allocated. */
 static int
 try_copy(struct cbt_bmfile *f, const struct bmf_header *h, const uint8_t *page,
-         uint64_t file_size, char **reason, char **why)
+         uint64_t file_size, const struct bmf_expect *expect, char **reason,
+         char **why)
 {
   g_autofree uint8_t *dir = NULL;
   int r;
@@ -690,6 +814,11 @@ try_copy(struct cbt_bmfile *f, const struct bmf_header *h, const uint8_t *page,
   r = read_directory(f->fd, h, &dir, reason);
   if (r != COPY_OK)
     return r;
+  if (expect) {
+    r = identity_check(h, expect->image_size, expect->image_inode, why);
+    if (r < 0)
+      return r;
+  }
   return load_directory(f, h, dir, file_size, why);
 }
 
@@ -729,8 +858,9 @@ handle_new(const char *path, int fd, bool writable)
   return f;
 }
 
-int
-cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
+static int
+open_file(const char *path, bool writable, const struct bmf_expect *expect,
+          cbt_bmfile **out, char **why)
 {
   g_autoptr(cbt_bmfile) f = NULL;
   g_autofree uint8_t *pages = g_malloc(2 * BMF_PAGE);
@@ -787,7 +917,7 @@ cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
     unsigned s = order[c];
 
     entries_free(f);
-    r = try_copy(f, &h[s], page[s], (uint64_t)st.st_size,
+    r = try_copy(f, &h[s], page[s], (uint64_t)st.st_size, expect,
                  c == 0 ? &dir_reason : reasonp[s], why);
     if (r < 0)
       return r;
@@ -828,6 +958,21 @@ cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
   }
   return cbt_fail(why, -EBADMSG, "no usable metadata copy: %s; %s", dir_reason,
               ncand > 1 ? *reasonp[order[1]] : *reasonp[!order[0]]);
+}
+
+int
+cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out, char **why)
+{
+  return open_file(path, writable, NULL, out, why);
+}
+
+int
+cbt_bmfile_open_image(const char *path, bool writable, uint64_t image_size,
+                      uint64_t image_inode, cbt_bmfile **out, char **why)
+{
+  const struct bmf_expect expect = { image_size, image_inode };
+
+  return open_file(path, writable, &expect, out, why);
 }
 
 /* --- writing ----------------------------------------------------------- */
@@ -1421,25 +1566,6 @@ geom_swap(struct bmf_entry *e, struct resize_geom *g)
   *g = old;
 }
 
-/* A copy of @src with its own arrays.  0 or -ENOMEM. */
-static int
-bitmap_dup(const struct cbt_bitmap *src, struct cbt_bitmap *dst)
-{
-  size_t wbytes = (size_t)src->npages * CBT_BITMAP_PAGE_SIZE;
-  size_t pbytes = (size_t)(src->npages + 63) / 64 * sizeof(uint64_t);
-
-  *dst = *src;
-  dst->words = g_try_malloc(wbytes);
-  dst->pages_dirty = g_try_malloc(pbytes);
-  if (!dst->words || !dst->pages_dirty) {
-    cbt_bitmap_destroy(dst);
-    return -ENOMEM;
-  }
-  memcpy(dst->words, src->words, wbytes);
-  memcpy(dst->pages_dirty, src->pages_dirty, pbytes);
-  return 0;
-}
-
 /* The new geometry of entry @e for an image of @new_size bytes (from
  * @old_size): its bits resized, the added granules dirty, every page
  * marked for write-out, and a data area placed by first fit among the
@@ -1451,7 +1577,7 @@ geom_new(const struct bmf_entry *e, uint64_t old_size, uint64_t new_size,
 {
   int r;
 
-  r = bitmap_dup(&e->bm, &g->bm);
+  r = cbt_bitmap_dup(&e->bm, &g->bm);
   if (r == 0) {
     r = cbt_bitmap_resize(&g->bm, new_size);
     if (r < 0)
@@ -1672,15 +1798,7 @@ int
 cbt_bmfile_check_image(const cbt_bmfile *f, uint64_t image_size,
                        uint64_t image_inode, char **why)
 {
-  if (image_size != f->hdr.image_size)
-    return cbt_fail(why, -ESTALE, "image size changed: bitmap covers %" PRIu64
-                " bytes, image is %" PRIu64 " bytes", f->hdr.image_size,
-                image_size);
-  if (image_inode != f->hdr.image_inode)
-    return cbt_fail(why, -ESTALE, "image file replaced: bitmap was made for inode "
-                "%" PRIu64 ", image is inode %" PRIu64, f->hdr.image_inode,
-                image_inode);
-  return 0;
+  return identity_check(&f->hdr, image_size, image_inode, why);
 }
 
 int

@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <string.h>
 #include <endian.h>
+#include <sys/mman.h>
 
 #include <glib.h>
 
@@ -45,6 +46,42 @@ pages_for_words(uint64_t nwords)
   return n ? n : 1;
 }
 
+/* Word arrays of a MiB or more are mapped rather than allocated: fresh
+ * anonymous pages read as zero and take no memory until written, whatever
+ * the allocator would do (glibc's calloc under MALLOC_PERTURB_ and ASan's
+ * shadow poisoning both touch every page).  So a bitmap file that claims
+ * a huge image but holds little (bitmap-file.c does not read its holes)
+ * costs what it holds. */
+#define WORDS_MAP_MIN (UINT64_C(1) << 20)
+
+static uint64_t *
+words_alloc(uint64_t npages)
+{
+  uint64_t bytes = npages * CBT_BITMAP_PAGE_SIZE;
+  void *p;
+
+  if (bytes > SIZE_MAX)
+    return NULL;
+  if (bytes < WORDS_MAP_MIN)
+    return g_try_malloc0((size_t)bytes);
+  p = mmap(NULL, (size_t)bytes, PROT_READ | PROT_WRITE,
+           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+static void
+words_free(uint64_t *words, uint64_t npages)
+{
+  uint64_t bytes = npages * CBT_BITMAP_PAGE_SIZE;
+
+  if (!words)
+    return;
+  if (bytes < WORDS_MAP_MIN)
+    g_free(words);
+  else
+    munmap(words, (size_t)bytes);
+}
+
 int
 cbt_bitmap_init(struct cbt_bitmap *bm, uint64_t size, uint32_t granularity)
 {
@@ -59,7 +96,7 @@ cbt_bitmap_init(struct cbt_bitmap *bm, uint64_t size, uint32_t granularity)
   bm->gran_shift = (unsigned)__builtin_ctz(granularity);
   bm->nbits = (size + granularity - 1) >> bm->gran_shift;
   bm->npages = pages_for_words(cbt_bitmap_nwords(bm));
-  bm->words = g_try_new0(uint64_t, bm->npages * CBT_BITMAP_WORDS_PER_PAGE);
+  bm->words = words_alloc(bm->npages);
   bm->pages_dirty = g_try_new0(uint64_t, (bm->npages + 63) / 64);
   if (!bm->words || !bm->pages_dirty) {
     cbt_bitmap_destroy(bm);
@@ -71,9 +108,22 @@ cbt_bitmap_init(struct cbt_bitmap *bm, uint64_t size, uint32_t granularity)
 void
 cbt_bitmap_destroy(struct cbt_bitmap *bm)
 {
-  g_free(bm->words);
+  words_free(bm->words, bm->npages);
   g_free(bm->pages_dirty);
   memset(bm, 0, sizeof *bm);
+}
+
+int
+cbt_bitmap_dup(const struct cbt_bitmap *src, struct cbt_bitmap *dst)
+{
+  int r = cbt_bitmap_init(dst, src->size, src->granularity);
+
+  if (r < 0)
+    return r;
+  memcpy(dst->words, src->words, (size_t)src->npages * CBT_BITMAP_PAGE_SIZE);
+  memcpy(dst->pages_dirty, src->pages_dirty,
+         (size_t)(src->npages + 63) / 64 * sizeof(uint64_t));
+  return 0;
 }
 
 void

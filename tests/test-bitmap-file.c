@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <endian.h>
 #include <pthread.h>
@@ -1345,6 +1346,126 @@ test_resize_crash(void **state)
     cbt_bitmap_destroy(&want[i]);
 }
 
+/* --- what a file claims -------------------------------------------------- */
+
+/* Make both metadata copies of @buf (one entry, at 65536) claim an image
+ * of @size bytes, with the matching data_length and all-zero data. */
+static void
+claim_size(uint8_t *buf, uint64_t size, uint32_t gran)
+{
+  for (unsigned slot = 0; slot < 2; slot++) {
+    uint8_t *h = buf + slot * PAGE;
+    uint8_t *e = buf + get64(h + 96);
+    uint64_t length = ((size + gran - 1) / gran + 63) / 64 * 8;
+
+    put64(h + 64, size);
+    put32(e + 68, gran);
+    put64(e + 80, length);
+    fix_dir_crc(buf, slot);
+  }
+}
+
+/* The image identity is checked before any bit is loaded, and a file
+ * claiming more bits than the machine has memory is refused before
+ * anything is allocated: both fail at once, whatever the file claims. */
+static void
+test_claims_bounded(void **state)
+{
+  struct fixture *fx = *state;
+  g_autofree char *why = NULL;
+  g_autofree uint8_t *buf = NULL;
+  const uint64_t huge = UINT64_C(1) << 55;       /* 8 TiB of bits at 512 */
+  cbt_bmfile *f = NULL;
+  size_t len;
+  int r;
+
+  assert_int_equal(cbt_bmfile_create(fx->path, IMG_SIZE, IMG_INODE, 65536,
+                                     "active", &f, &why), 0);
+  cbt_bmfile_free(f);
+  f = NULL;
+
+  assert_int_equal(cbt_bmfile_open_image(fx->path, false, IMG_SIZE, IMG_INODE,
+                                         &f, &why), 0);
+  cbt_bmfile_free(f);
+  f = NULL;
+  assert_int_equal(cbt_bmfile_open_image(fx->path, true, IMG_SIZE + 512, IMG_INODE,
+                                         &f, &why), -ESTALE);
+  assert_null(f);
+  assert_non_null(strstr(why, "image size changed"));
+  g_clear_pointer(&why, g_free);
+  assert_int_equal(cbt_bmfile_open_image(fx->path, false, IMG_SIZE, IMG_INODE + 1,
+                                         &f, &why), -ESTALE);
+  assert_non_null(strstr(why, "image file replaced"));
+  g_clear_pointer(&why, g_free);
+
+  /* 2^55 bytes at 512: the area is 8 TiB, in a sparse file. */
+  buf = slurp(fx->path, &len);
+  assert_true(len >= META_END);
+  claim_size(buf, huge, 512);
+  spit(fx->path, buf, META_END);
+  assert_int_equal(truncate(fx->path, (off_t)(META_END + (huge / 512 / 8))), 0);
+
+  r = cbt_bmfile_open_image(fx->path, false, IMG_SIZE, IMG_INODE, &f, &why);
+  assert_int_equal(r, -ESTALE);
+  assert_non_null(strstr(why, "bitmap covers 36028797018963968 bytes"));
+  g_clear_pointer(&why, g_free);
+  r = cbt_bmfile_open(fx->path, false, &f, &why);
+  if (r != -ENOMEM)
+    print_error("open: %d %s\n", r, why ? why : "-");
+  assert_int_equal(r, -ENOMEM);
+  assert_null(f);
+  assert_non_null(strstr(why, "more than this machine's memory"));
+  g_clear_pointer(&why, g_free);
+}
+
+/* Holes in the data areas read as zeros and cost nothing; the data
+ * around them is read. */
+static void
+test_sparse_data(void **state)
+{
+  struct fixture *fx = *state;
+  g_autofree char *why = NULL;
+  struct cbt_bitmap want;
+  cbt_bmfile *f = NULL;
+  uint64_t off;
+  int fd;
+
+  /* 512-byte granules: about 25 KiB of bits, 7 pages. */
+  assert_int_equal(cbt_bmfile_create(fx->path, IMG_SIZE, IMG_INODE, 512,
+                                     "active", &f, &why), 0);
+  cbt_bitmap_set_range(cbt_bmfile_entry_bitmap(f, 0), 0, 512);
+  cbt_bitmap_set_range(cbt_bmfile_entry_bitmap(f, 0), 90 * MiB, 1);
+  cbt_bitmap_set_range(cbt_bmfile_entry_bitmap(f, 0), IMG_SIZE - 1, 1);
+  copy_bits(&want, cbt_bmfile_entry_bitmap(f, 0));
+  assert_int_equal(cbt_bmfile_mark_dirty(f, &why), 0);
+  assert_int_equal(cbt_bmfile_close_clean(f, &why), 0);
+
+  /* Punch out the all-zero pages 1 to 4 of the area. */
+  f = open_ok(fx->path, false);
+  cbt_bmfile_free(f);
+  fd = open(fx->path, O_RDWR);
+  assert_true(fd >= 0);
+  {
+    uint8_t e[128];
+
+    assert_int_equal(pread(fd, e, 128, DIR0), 128);
+    off = get64(e + 72);
+  }
+  if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                (off_t)(off + PAGE), 4 * PAGE) < 0) {
+    close(fd);
+    cbt_bitmap_destroy(&want);
+    skip();
+  }
+  close(fd);
+  f = open_ok(fx->path, false);
+  assert_true(cbt_bmfile_found_clean(f));
+  assert_true(cbt_bmfile_entry_data_ok(f, 0));
+  assert_same_bits(cbt_bmfile_entry_bitmap(f, 0), &want);
+  cbt_bmfile_free(f);
+  cbt_bitmap_destroy(&want);
+}
+
 int
 main(void)
 {
@@ -1364,6 +1485,8 @@ main(void)
     cmocka_unit_test_setup_teardown(test_corrupt_data, setup, teardown),
     cmocka_unit_test_setup_teardown(test_truncated, setup, teardown),
     cmocka_unit_test_setup_teardown(test_one_copy_damaged, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_claims_bounded, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_sparse_data, setup, teardown),
     cmocka_unit_test_setup_teardown(test_resize, setup, teardown),
     cmocka_unit_test_setup_teardown(test_resize_crash, setup, teardown),
   };

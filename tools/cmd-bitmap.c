@@ -43,13 +43,20 @@ path_usage_error(const char *cmd, int argc, char **argv)
   return cli_usage_error(cmd, "unexpected argument '%s'", argv[2]);
 }
 
-/* Open @path read-only and validate it.  On failure @error names the file
- * and the library's reason, with code CLI_EXIT_DAMAGED if the file is
- * there but is not a valid bitmap file, CLI_EXIT_FAILED if it could not
- * be read. */
+/* The image a bitmap must belong to, for open_bitmap_mode. */
+struct image_id {
+  const char *path;
+  uint64_t size, ino;
+};
+
+/* Open @path and validate it; with @img, refuse it before its bits are
+ * loaded if it was made for another image.  On failure @error names the
+ * file and the library's reason, with code CLI_EXIT_DAMAGED if the file is
+ * there but is not a valid bitmap file (or belongs to another image),
+ * CLI_EXIT_FAILED if it could not be read. */
 static bool
-open_bitmap_mode(const char *path, bool writable, cbt_bmfile **out,
-                 GError **error)
+open_bitmap_mode(const char *path, bool writable, const struct image_id *img,
+                 cbt_bmfile **out, GError **error)
 {
   g_autofree char *why = NULL;
   struct stat st;
@@ -61,7 +68,13 @@ open_bitmap_mode(const char *path, bool writable, cbt_bmfile **out,
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: not a regular file", path);
     return false;
   }
-  r = cbt_bmfile_open(path, writable, out, &why);
+  r = img ? cbt_bmfile_open_image(path, writable, img->size, img->ino, out, &why)
+          : cbt_bmfile_open(path, writable, out, &why);
+  if (r == -ESTALE && img) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: does not belong to %s: %s",
+                path, img->path, why ? why : g_strerror(-r));
+    return false;
+  }
   if (r < 0) {
     bool damaged = r == -EINVAL || r == -ENOTSUP || r == -EBADMSG;
 
@@ -75,7 +88,7 @@ open_bitmap_mode(const char *path, bool writable, cbt_bmfile **out,
 static bool
 open_bitmap(const char *path, cbt_bmfile **out, GError **error)
 {
-  return open_bitmap_mode(path, false, out, error);
+  return open_bitmap_mode(path, false, NULL, out, error);
 }
 
 /* Open @img the way cbt-filterd does (format detected) and return its
@@ -492,28 +505,17 @@ do_check(const char *path, char **reason, GPtrArray *notes, int *clean)
 {
   g_autoptr(cbt_bmfile) f = NULL;
   g_autoptr(GError) error = NULL;
-  g_autofree char *why = NULL;
+  struct image_id img = { check_image, 0, 0 };
   const char *rec;
   int code;
 
   *clean = -1;
-  if (!open_bitmap(path, &f, &error))
+  /* With --image the identity is compared before the bits are loaded. */
+  if (check_image && !image_identity(check_image, &img.size, &img.ino, &error))
+    goto failed;
+  if (!open_bitmap_mode(path, false, check_image ? &img : NULL, &f, &error))
     goto failed;
   *clean = cbt_bmfile_found_clean(f);
-  if (check_image) {
-    uint64_t size, ino;
-    int r;
-
-    if (!image_identity(check_image, &size, &ino, &error))
-      goto failed;
-    r = cbt_bmfile_check_image(f, size, ino, &why);
-    if (r < 0) {
-      g_set_error(&error, CLI_ERROR, r == -ESTALE ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
-                  "%s: does not belong to %s: %s", path, check_image,
-                  why ? why : g_strerror(-r));
-      goto failed;
-    }
-  }
 
   if (!*clean && cbt_bmfile_found_crash_safe(f))
     g_ptr_array_add(notes, g_strdup_printf("not clean, written in crash-safe mode: "
@@ -624,7 +626,7 @@ do_resize(const char *path, GError **error)
   int r;
 
   if (!image_identity(resize_image, &size, &ino, error) ||
-      !open_bitmap_mode(path, true, &f, error))
+      !open_bitmap_mode(path, true, NULL, &f, error))
     return false;
   old = cbt_bmfile_image_size(f);
   n = cbt_bmfile_entry_count(f);

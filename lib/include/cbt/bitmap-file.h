@@ -64,9 +64,24 @@ int cbt_bmfile_create(const char *path, uint64_t image_size,
  * read-write for the daemon or the CLI's maintenance commands.  A writable
  * handle on a file that is not CLEAN marks every entry INCONSISTENT in
  * memory at once; that reaches the disk with the first metadata write
- * (cbt_bmfile_mark_dirty does one). */
+ * (cbt_bmfile_mark_dirty does one).
+ *
+ * What a file claims is bounded before anything is allocated: the data
+ * areas lie within the file (-EBADMSG), and together they fit in the
+ * machine's physical memory (-ENOMEM).  Holes in the file (a sparse copy,
+ * a file system that stores zero blocks as holes) are not read: they cost
+ * address space but neither memory nor time. */
 int cbt_bmfile_open(const char *path, bool writable, cbt_bmfile **out,
                     char **why);
+
+/* cbt_bmfile_open for the image the file must belong to: its recorded
+ * size and inode are compared with @image_size and @image_inode as soon
+ * as the metadata is read, before any bitmap is allocated or loaded, so
+ * a file made for another image (or claiming a huge one) is refused at
+ * once: -ESTALE, with the differing values in *@why, as
+ * cbt_bmfile_check_image. */
+int cbt_bmfile_open_image(const char *path, bool writable, uint64_t image_size,
+                          uint64_t image_inode, cbt_bmfile **out, char **why);
 
 /* Release the handle without touching the file: whatever the last
  * metadata write left stays (after mark_dirty that is "not clean", just as

@@ -57,6 +57,10 @@ int cbt_bitmap_init(struct cbt_bitmap *bm, uint64_t size, uint32_t granularity);
 /* Free the arrays; @bm is zeroed.  Safe on a zeroed bitmap. */
 void cbt_bitmap_destroy(struct cbt_bitmap *bm);
 
+/* Set up @dst as a copy of @src (bits and pages_dirty), with its own
+ * arrays.  0 or -ENOMEM (@dst zeroed).  No one may change @src meanwhile. */
+int cbt_bitmap_dup(const struct cbt_bitmap *src, struct cbt_bitmap *dst);
+
 /* Mark dirty every granule that touches [offset, offset + len), clamped to
  * size.  Lock-free and syscall-free; safe from many threads.
  *
