@@ -24,12 +24,12 @@
  * exactly as cheap, and the crash-ordering below is easy to see in one
  * sequential function.
  *
- * Locking: q->lock protects the L1 table and the L2 cache (the hash table
- * and the contents of the tables).  Only the metadata thread modifies
- * them, always under the lock; workers read them under the lock and copy
- * what they need.  The metadata thread reads its own state without the
- * lock.  Refcount blocks, the refcount table, the allocator and the
- * pending-free list belong to the metadata thread alone.
+ * Locking: q->lock protects the L1 table, the L2 cache (the hash table
+ * and the contents of the tables) and the metadata set.  Only the
+ * metadata thread modifies them, always under the lock; workers read them
+ * under the lock and copy what they need.  The metadata thread reads its
+ * own state without the lock.  Refcount blocks, the refcount table, the
+ * allocator and the pending-free list belong to the metadata thread alone.
  *
  * Write-back and crash safety.  Metadata changes are made in memory and
  * written by writeback(), at FLUSH, FUA, when too much is dirty and at
@@ -57,6 +57,25 @@
  * An L2 entry is installed in memory only after the data (with its COW
  * head and tail) has been written, so the fast path never reads a cluster
  * before its contents are there.
+ *
+ * Metadata overlap.  A writable image keeps the set of host clusters that
+ * hold metadata (header, L1 table, refcount table and blocks, L2 tables;
+ * cbt/qcow2-metaset.h), built at open, where metadata structures that
+ * overlap each other make us refuse the image, and updated as the
+ * metadata thread allocates or frees them.  Snapshot tables need no place
+ * in it (images with snapshots are read-only here), nor do persistent
+ * bitmaps (their auto-clear bit is cleared before the first write, which
+ * makes them stale for every reader).  A corrupt image can point L2
+ * entries at metadata, or give a metadata cluster refcount zero, so:
+ *   - the allocator skips clusters in the set, whatever their refcount;
+ *   - before guest data goes to a host cluster (in place, or a fresh one),
+ *     and before a reference to one is dropped, the cluster is tested
+ *     against the set: the fast path hands such writes to the metadata
+ *     thread, which refuses them with -EIO and marks the image corrupt
+ *     (mark_corrupt): every later write, zero and trim fails with -EIO,
+ *     reads go on, and a v3 image gets its corrupt bit set on disk.
+ * The test is one bitmap lookup per cluster, under the lock the fast path
+ * holds anyway.  An image already marked corrupt opens read-only only.
  */
 #include <endian.h>
 #include <errno.h>
@@ -74,6 +93,7 @@
 #include "cbt/image.h"
 #include "cbt/nbd-proto.h"
 #include "cbt/qcow2.h"
+#include "cbt/qcow2-metaset.h"
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
 
@@ -116,6 +136,9 @@ struct q2 {
   uint64_t *l1;                  /* host order, h.l1_size entries */
   bool l1_dirty;
   struct q2_cache l2;
+  struct cbt_qcow2_metaset meta; /* metadata clusters (writable images) */
+  int corrupt;                   /* atomic: writes refused, see mark_corrupt */
+  char *corrupt_why;             /* set before corrupt, then constant */
 
   /* Metadata thread only. */
   struct q2_cache rb;
@@ -252,6 +275,190 @@ meta_sync(struct q2 *q)
 
   if (r < 0 && !q->broken)
     q->broken = r;
+  return r;
+}
+
+/* ---- metadata overlap ----------------------------------------------- */
+
+/* Which metadata structure holds host cluster @c (metadata thread, or
+ * open): *@idx is the refcount table or L1 index for a refcount block or
+ * an L2 table.  Linear in the table sizes: for messages only. */
+enum meta_kind { MK_NONE, MK_HEADER, MK_L1, MK_REFTABLE, MK_REFBLOCK, MK_L2 };
+
+static enum meta_kind
+meta_kind_of(const struct q2 *q, uint64_t c, uint64_t *idx)
+{
+  uint64_t off = c << q->cbits;
+  uint64_t l1_bytes = (uint64_t)q->h.l1_size * 8;
+
+  *idx = 0;
+  if (c == 0)
+    return MK_HEADER;
+  if (q->h.l1_size && off >= q->h.l1_table_offset &&
+      off - q->h.l1_table_offset < l1_bytes)
+    return MK_L1;
+  if (off >= q->rt_offset && off - q->rt_offset < (uint64_t)q->rt_clusters * q->csize)
+    return MK_REFTABLE;
+  for (uint64_t b = 0; b < q->rt_used && b < q->rt_entries; b++) {
+    if (q->reftable[b] == off) {
+      *idx = b;
+      return MK_REFBLOCK;
+    }
+  }
+  for (uint32_t i = 0; i < q->h.l1_size; i++) {
+    if ((q->l1[i] & CBT_QCOW2_OFFSET_MASK) == off) {
+      *idx = i;
+      return MK_L2;
+    }
+  }
+  return MK_NONE;
+}
+
+static char *
+meta_name(enum meta_kind k, uint64_t idx)
+{
+  switch (k) {
+  case MK_HEADER:
+    return g_strdup("the qcow2 header");
+  case MK_L1:
+    return g_strdup("the L1 table");
+  case MK_REFTABLE:
+    return g_strdup("the refcount table");
+  case MK_REFBLOCK:
+    return g_strdup_printf("refcount block %" PRIu64, idx);
+  case MK_L2:
+    return g_strdup_printf("the L2 table of L1 entry %" PRIu64, idx);
+  default:
+    return g_strdup("metadata");
+  }
+}
+
+static char *
+meta_describe(const struct q2 *q, uint64_t c)
+{
+  uint64_t idx;
+  enum meta_kind k = meta_kind_of(q, c, &idx);
+
+  return meta_name(k, idx);
+}
+
+/* Add host clusters (metadata thread) under the lock: workers test the
+ * set in fast_classify. */
+static void
+meta_add(struct q2 *q, uint64_t off, uint64_t clusters)
+{
+  g_mutex_lock(&q->lock);
+  cbt_qcow2_metaset_add(&q->meta, off >> q->cbits, clusters);
+  g_mutex_unlock(&q->lock);
+}
+
+/* Guest cluster @vcl maps onto metadata at host cluster @c: refuse this
+ * and every later change, as QEMU does.  The image stays readable; what
+ * it already holds in memory (consistent, and possibly acknowledged
+ * writes) is still written back at FLUSH and close.  On a v3 image the
+ * corrupt bit goes into the header as well (an 8-byte field of its own,
+ * written in place), so neither we nor QEMU open it read-write again
+ * before `qemu-img check -r all` has repaired it.  Returns -EIO. */
+static int
+mark_corrupt(struct q2 *q, uint64_t vcl, uint64_t c)
+{
+  g_autofree char *what = NULL;
+  char *why;
+
+  if (g_atomic_int_get(&q->corrupt))
+    return -EIO;
+  what = meta_describe(q, c);
+  why = g_strdup_printf("%s: corrupt image: guest offset %" PRIu64 " maps to host "
+                        "offset 0x%" PRIx64 ", which holds %s; writes refused "
+                        "(repair it with qemu-img check -r all)", q->path,
+                        vcl << q->cbits, c << q->cbits, what);
+  g_mutex_lock(&q->lock);
+  q->corrupt_why = why;
+  g_atomic_int_set(&q->corrupt, 1);
+  g_mutex_unlock(&q->lock);
+  if (q->h.version >= 3 && !q->broken) {
+    uint64_t v = htobe64(q->h.incompatible_features | CBT_QCOW2_INCOMPAT_CORRUPT);
+
+    /* A failure marks the image broken; the request fails either way. */
+    if (meta_write(q, &v, 8, CBT_QCOW2_OFF_INCOMPAT) == 0)
+      (void)meta_sync(q);
+    q->h.incompatible_features |= CBT_QCOW2_INCOMPAT_CORRUPT;
+  }
+  return -EIO;
+}
+
+/* Before guest data goes to host bytes [@host, @host + @len) of guest
+ * cluster @vcl, or a reference to them is dropped: 0 if none of them is
+ * metadata, else the image is marked corrupt and -EIO returned. */
+static int
+check_overlap(struct q2 *q, uint64_t vcl, uint64_t host, uint64_t len)
+{
+  uint64_t first = host >> q->cbits, last = (host + len - 1) >> q->cbits;
+  uint64_t c = cbt_qcow2_metaset_find(&q->meta, first, last - first + 1);
+
+  return c == CBT_QCOW2_METASET_NONE ? 0 : mark_corrupt(q, vcl, c);
+}
+
+/* check_overlap for the host clusters an L2 entry @m points at. */
+static int
+check_mapping(struct q2 *q, uint64_t vcl, const struct cbt_qcow2_map *m)
+{
+  switch (m->type) {
+  case CBT_QCOW2_NORMAL:
+  case CBT_QCOW2_ZERO_ALLOC:
+    return check_overlap(q, vcl, m->host_offset, q->csize);
+  case CBT_QCOW2_COMPRESSED:
+    return check_overlap(q, vcl, m->host_offset, m->comp_len);
+  default:
+    return 0;
+  }
+}
+
+/* At open of a writable image: claim [@off, @off + @bytes) for metadata
+ * structure @k (index @idx), which must not overlap any claimed before. */
+static int
+meta_claim(struct q2 *q, uint64_t off, uint64_t bytes, enum meta_kind k,
+           uint64_t idx, char **why)
+{
+  uint64_t first = off >> q->cbits, n = (bytes + q->csize - 1) >> q->cbits;
+  uint64_t hit = cbt_qcow2_metaset_find(&q->meta, first, n);
+
+  if (hit != CBT_QCOW2_METASET_NONE) {
+    g_autofree char *what = meta_name(k, idx);
+    g_autofree char *other = meta_describe(q, hit);
+
+    *why = g_strdup_printf("%s: corrupt image: %s (host offset 0x%" PRIx64 ") "
+                           "overlaps %s; repair it with qemu-img check -r all, "
+                           "or serve it with --read-only", q->path, what, off, other);
+    return -EBADMSG;
+  }
+  cbt_qcow2_metaset_add(&q->meta, first, n);
+  return 0;
+}
+
+/* The metadata set of a writable image, from the tables load_tables read:
+ * claimed in the order meta_kind_of looks, so an overlap names the
+ * structure claimed first. */
+static int
+meta_build(struct q2 *q, char **why)
+{
+  int r = meta_claim(q, 0, q->csize, MK_HEADER, 0, why);
+
+  if (r == 0 && q->h.l1_size)
+    r = meta_claim(q, q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8, MK_L1, 0, why);
+  if (r == 0)
+    r = meta_claim(q, q->rt_offset, (uint64_t)q->rt_clusters * q->csize, MK_REFTABLE,
+                   0, why);
+  for (uint64_t b = 0; r == 0 && b < q->rt_used; b++) {
+    if (q->reftable[b])
+      r = meta_claim(q, q->reftable[b], q->csize, MK_REFBLOCK, b, why);
+  }
+  for (uint32_t i = 0; r == 0 && i < q->h.l1_size; i++) {
+    uint64_t l2 = q->l1[i] & CBT_QCOW2_OFFSET_MASK;
+
+    if (l2)
+      r = meta_claim(q, l2, q->csize, MK_L2, i, why);
+  }
   return r;
 }
 
@@ -393,6 +600,7 @@ new_refblock(struct q2 *q, uint64_t b, uint64_t c)
   t->buf = g_malloc0(q->csize);
   t->dirty = true;
   cache_insert(&q->rb, t);
+  meta_add(q, t->disk_off, 1);
   q->reftable[b] = t->disk_off;
   q->rt_dirty = true;
   if (b >= q->rt_used)
@@ -406,10 +614,14 @@ new_refblock(struct q2 *q, uint64_t b, uint64_t c)
 static int
 alloc_big(struct q2 *q, uint64_t k, uint64_t *host)
 {
-  uint64_t start = q->rt_used * q->rb_entries, m = 1;
+  uint64_t start = q->rt_used * q->rb_entries, m = 1, hit;
 
   while ((k + m + q->rb_entries - 1) / q->rb_entries > m)
     m++;
+  /* Metadata out there has no refcount at all (a corrupt image): step
+   * over it by whole refcount blocks, so none of these is covered yet. */
+  while ((hit = cbt_qcow2_metaset_find(&q->meta, start, k + m)) != CBT_QCOW2_METASET_NONE)
+    start = (hit / q->rb_entries + 1) * q->rb_entries;
   if (((start + k + m) << q->cbits) >= (UINT64_C(1) << 56))
     return -ENOSPC;
   for (uint64_t i = 0; i < m; i++)
@@ -424,7 +636,8 @@ alloc_big(struct q2 *q, uint64_t k, uint64_t *host)
  * offset in *@host.  A cluster whose refcount block does not exist yet
  * becomes that block (it describes itself), so allocation never recurses;
  * a fresh block's range thus has rb_entries - 1 free clusters in a row,
- * and longer runs go to alloc_big. */
+ * and longer runs go to alloc_big.  A metadata cluster is never free,
+ * whatever its refcount says: a corrupt image may claim it is. */
 static int
 alloc_run(struct q2 *q, uint64_t k, uint64_t *host)
 {
@@ -441,6 +654,11 @@ alloc_run(struct q2 *q, uint64_t k, uint64_t *host)
 
     if ((c << q->cbits) >> q->cbits != c || (c << q->cbits) >= (UINT64_C(1) << 56))
       return -ENOSPC;
+    if (cbt_qcow2_metaset_has(&q->meta, c)) {
+      start = c + 1;
+      found = 0;
+      continue;
+    }
     r = rb_get(q, b, &t);
     if (r < 0)
       return r;
@@ -520,6 +738,7 @@ set_l2(struct q2 *q, uint64_t vcl, uint64_t entry)
     t->dirty = true;
     g_mutex_lock(&q->lock);
     cache_insert(&q->l2, t);
+    cbt_qcow2_metaset_add(&q->meta, host >> q->cbits, 1);
     q->l1[l1i] = host | CBT_QCOW2_COPIED;
     q->l1_dirty = true;
     g_mutex_unlock(&q->lock);
@@ -591,6 +810,7 @@ reftable_relocate(struct q2 *q, uint64_t *new_off, uint32_t *new_clusters)
     if (r < 0)
       return r;
     if (q->rt_used <= clusters * q->csize / 8) {
+      meta_add(q, host, clusters);
       *new_off = host;
       *new_clusters = (uint32_t)clusters;
       return 0;
@@ -679,6 +899,9 @@ writeback(struct q2 *q)
       r = meta_sync(q);
     if (r < 0)
       return r;
+    g_mutex_lock(&q->lock);
+    cbt_qcow2_metaset_remove(&q->meta, q->rt_offset >> q->cbits, q->rt_clusters);
+    g_mutex_unlock(&q->lock);
     for (uint32_t i = 0; i < q->rt_clusters; i++) {
       old.host_offset = q->rt_offset + (uint64_t)i * q->csize;
       defer_free(q, &old);
@@ -899,7 +1122,9 @@ whole_cluster(const struct q2 *q, uint64_t off, uint64_t in, uint64_t n)
   return in == 0 && (n == q->csize || off + n >= q->pub.size);
 }
 
-/* Write @len bytes of @data at guest @off (allocating, copy-on-write). */
+/* Write @len bytes of @data at guest @off (allocating, copy-on-write).
+ * Every host cluster data goes to, or whose reference is dropped, is
+ * checked against the metadata set first (check_overlap). */
 static int
 write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
 {
@@ -910,6 +1135,8 @@ write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
     uint64_t host;
     int r = map_slow(q, vcl, &m);
 
+    if (r == 0)
+      r = check_mapping(q, vcl, &m);
     if (r < 0)
       return r;
     if (m.type == CBT_QCOW2_NORMAL && m.copied) {
@@ -936,6 +1163,8 @@ write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
         k++;
       }
       r = alloc_run(q, k, &host);
+      if (r == 0)
+        r = check_overlap(q, vcl, host, k << q->cbits);
       if (r < 0)
         return r;
       r = cbt_io_pwrite(q->fd, data, n, host);
@@ -962,6 +1191,8 @@ write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
         host = m.host_offset;
       } else {
         r = alloc_run(q, 1, &host);
+        if (r == 0)
+          r = check_overlap(q, vcl, host, q->csize);
         if (r < 0)
           return r;
       }
@@ -1008,7 +1239,10 @@ slow_zero(struct q2 *q, struct cbt_image_io *io, bool trim)
       if (keep ? m.type != CBT_QCOW2_ZERO_ALLOC
                : !(m.type == CBT_QCOW2_UNALLOCATED && !q->backing) &&
                  !(m.type == CBT_QCOW2_ZERO_PLAIN && q->backing)) {
-        r = set_l2(q, vcl, want);
+        /* Dropping a reference to metadata would free it. */
+        r = keep ? 0 : check_mapping(q, vcl, &m);
+        if (r == 0)
+          r = set_l2(q, vcl, want);
         if (r < 0)
           return r;
         if (!keep)
@@ -1034,6 +1268,8 @@ slow_run(struct q2 *q, struct cbt_image_io *io)
 
   if (changes && q->broken)
     return q->broken;
+  if (changes && g_atomic_int_get(&q->corrupt))
+    return -EIO;
   if (io->stage == ST_FUA_FLUSH)
     return writeback(q);
   switch (io->type) {
@@ -1184,8 +1420,12 @@ fast_classify(struct q2 *q, const struct cbt_image_io *io, uint64_t vcl,
 {
   if (map_locked(q, vcl, m) != 1)
     return FK_SLOW;
+  /* A write onto metadata, or to an image found corrupt, goes to the
+   * metadata thread, which refuses it (write_range, slow_run). */
   if (io->type == CBT_IO_WRITE)
-    return m->type == CBT_QCOW2_NORMAL && m->copied ? FK_HOST : FK_SLOW;
+    return m->type == CBT_QCOW2_NORMAL && m->copied && !g_atomic_int_get(&q->corrupt) &&
+           !cbt_qcow2_metaset_has(&q->meta, m->host_offset >> q->cbits)
+               ? FK_HOST : FK_SLOW;
   if (m->type == CBT_QCOW2_NORMAL)
     return FK_HOST;
   return reads_as_zero(q, m) ? FK_ZERO : FK_SLOW;
@@ -1269,6 +1509,11 @@ q2_submit(struct cbt_image *img, struct cbt_image_io *io)
   if (img->read_only && io->type != CBT_IO_READ && io->type != CBT_IO_CACHE &&
       io->type != CBT_IO_FLUSH) {
     io->complete(io, -EROFS);
+    return;
+  }
+  if ((io->type == CBT_IO_WRITE || io->type == CBT_IO_ZERO || io->type == CBT_IO_TRIM) &&
+      g_atomic_int_get(&q->corrupt)) {
+    io->complete(io, -EIO);
     return;
   }
   switch (io->type) {
@@ -1443,6 +1688,8 @@ q2_free(struct q2 *q)
   if (q->fd >= 0)
     close(q->fd);
   g_mutex_clear(&q->lock);
+  cbt_qcow2_metaset_clear(&q->meta);
+  g_free(q->corrupt_why);
   g_free(q->l1);
   g_free(q->reftable);
   g_free(q->zeros);
@@ -1475,6 +1722,16 @@ static const struct cbt_image_ops q2_ops = {
   .block_status = q2_block_status,
   .close = q2_close,
 };
+
+const char *
+cbt_image_qcow2_corrupt(struct cbt_image *img)
+{
+  struct q2 *q = to_q2(img);
+
+  if (!img || img->ops != &q2_ops || !g_atomic_int_get(&q->corrupt))
+    return NULL;
+  return q->corrupt_why;
+}
 
 static __thread int backing_depth;
 
@@ -1609,9 +1866,19 @@ cbt_image_open_qcow2(const char *path, bool read_only, bool direct,
     *why = g_strdup_printf("%s: cannot read the header: %s", path, g_strerror(-r));
     goto fail;
   }
-  r = cbt_qcow2_header_decode(hdr, hlen, (uint64_t)st.st_size, &q->h, &hwhy);
+  r = cbt_qcow2_header_decode_flags(hdr, hlen, (uint64_t)st.st_size,
+                                    CBT_QCOW2_DECODE_ALLOW_CORRUPT, &q->h, &hwhy);
   if (r < 0) {
     *why = g_strdup_printf("%s: %s", path, hwhy);
+    goto fail;
+  }
+  /* Like QEMU: an image marked corrupt can still be read (to rescue its
+   * data), never written before it is repaired. */
+  if ((q->h.incompatible_features & CBT_QCOW2_INCOMPAT_CORRUPT) && !read_only) {
+    r = -ENOTSUP;
+    *why = g_strdup_printf("%s: image is marked corrupt (incompatible feature "
+                           "'corrupt' bit set): repair it with qemu-img check -r "
+                           "all, or serve it with --read-only", path);
     goto fail;
   }
   if (q->h.nb_snapshots > 0 && !read_only) {
@@ -1636,6 +1903,11 @@ cbt_image_open_qcow2(const char *path, bool read_only, bool direct,
   r = load_tables(q, (uint64_t)st.st_size, why);
   if (r < 0)
     goto fail;
+  if (!read_only) {
+    r = meta_build(q, why);
+    if (r < 0)
+      goto fail;
+  }
   if (q->h.backing_file[0]) {
     r = open_backing(q, why);
     if (r < 0)

@@ -47,7 +47,7 @@ feature_name(const uint8_t *tab, size_t len, unsigned bit)
 
 static int
 check_features(const struct cbt_qcow2_info *h, const uint8_t *names,
-               size_t names_len, char **why)
+               size_t names_len, unsigned flags, char **why)
 {
   uint64_t in = h->incompatible_features;
   const uint64_t known = CBT_QCOW2_INCOMPAT_DIRTY | CBT_QCOW2_INCOMPAT_CORRUPT |
@@ -62,7 +62,7 @@ check_features(const struct cbt_qcow2_info *h, const uint8_t *names,
                 "is not supported", bit, name ? " (" : "", name ? name : "",
                 name ? ")" : "");
   }
-  if (in & CBT_QCOW2_INCOMPAT_CORRUPT)
+  if ((in & CBT_QCOW2_INCOMPAT_CORRUPT) && !(flags & CBT_QCOW2_DECODE_ALLOW_CORRUPT))
     return cbt_fail(why, -ENOTSUP, "image is marked corrupt (incompatible "
                 "feature 'corrupt' bit set): repair it with qemu-img check -r all");
   if (in & CBT_QCOW2_INCOMPAT_DIRTY)
@@ -126,6 +126,14 @@ parse_extensions(const uint8_t *p, size_t pos, size_t end,
 int
 cbt_qcow2_header_decode(const void *buf, size_t len, uint64_t file_size,
                         struct cbt_qcow2_info *out, char **why)
+{
+  return cbt_qcow2_header_decode_flags(buf, len, file_size, 0, out, why);
+}
+
+int
+cbt_qcow2_header_decode_flags(const void *buf, size_t len, uint64_t file_size,
+                              unsigned flags, struct cbt_qcow2_info *out,
+                              char **why)
 {
   const uint8_t *p = buf;
   struct cbt_qcow2_info h;
@@ -193,7 +201,7 @@ cbt_qcow2_header_decode(const void *buf, size_t len, uint64_t file_size,
     return cbt_fail(why, -ENOTSUP, "encryption (crypt_method %" PRIu32 ", %s) is "
                 "not supported", crypt, crypt == 1 ? "AES" : crypt == 2 ? "LUKS" :
                 "unknown");
-  r = check_features(&h, names, names_len, why);
+  r = check_features(&h, names, names_len, flags, why);
   if (r < 0)
     return r;
   if ((h.incompatible_features & CBT_QCOW2_INCOMPAT_COMPRESSION) == 0 &&

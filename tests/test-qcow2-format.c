@@ -168,6 +168,29 @@ test_compat_ok(void **state)
   assert_int_equal(h.autoclear_features, ~UINT64_C(0));
 }
 
+/* The corrupt bit stops a writer, not a reader that asks to be let in;
+ * every other check still applies. */
+static void
+test_allow_corrupt(void **state)
+{
+  struct cbt_qcow2_info h;
+  g_autofree char *why = NULL;
+
+  (void)state;
+  make_v3();
+  put64(72, CBT_QCOW2_INCOMPAT_CORRUPT);
+  assert_int_equal(cbt_qcow2_header_decode_flags(img, sizeof img, FILE_SIZE,
+                                                 CBT_QCOW2_DECODE_ALLOW_CORRUPT,
+                                                 &h, &why), 0);
+  assert_null(why);
+  assert_int_equal(h.incompatible_features, CBT_QCOW2_INCOMPAT_CORRUPT);
+  put64(72, CBT_QCOW2_INCOMPAT_CORRUPT | CBT_QCOW2_INCOMPAT_DIRTY);
+  assert_int_equal(cbt_qcow2_header_decode_flags(img, sizeof img, FILE_SIZE,
+                                                 CBT_QCOW2_DECODE_ALLOW_CORRUPT,
+                                                 &h, &why), -ENOTSUP);
+  assert_non_null(strstr(why, "dirty"));
+}
+
 static void
 test_truncated(void **state)
 {
@@ -316,6 +339,7 @@ main(void)
     cmocka_unit_test(test_valid_v2),
     cmocka_unit_test(test_bad_fields),
     cmocka_unit_test(test_compat_ok),
+    cmocka_unit_test(test_allow_corrupt),
     cmocka_unit_test(test_truncated),
     cmocka_unit_test(test_extensions),
     cmocka_unit_test(test_l2_entries),

@@ -14,7 +14,8 @@
  *             other than 2 or 3, encryption, external data file, extended
  *             L2 entries, non-zlib compression, refcount width other than
  *             16 bits, the dirty bit (lazy refcounts needing repair), the
- *             corrupt bit, any unknown incompatible feature bit
+ *             corrupt bit (unless the caller allows it, for reading),
+ *             any unknown incompatible feature bit
  *   -EBADMSG  corrupt: a field out of range, misaligned offsets, tables
  *             outside the file, an L1 table too small for the disk size,
  *             header extensions running past the first cluster
@@ -57,6 +58,7 @@ _Static_assert(sizeof(struct cbt_qcow2_header_disk) == 104, "qcow2 header size")
 /* Byte offsets of fields the backend rewrites in place. */
 #define CBT_QCOW2_OFF_L1_SIZE        36u   /* l1_size (4) + l1_table_offset (8) */
 #define CBT_QCOW2_OFF_REFTABLE       48u   /* offset (8) + clusters (4) */
+#define CBT_QCOW2_OFF_INCOMPAT       72u   /* v3: incompatible_features (8) */
 #define CBT_QCOW2_OFF_AUTOCLEAR      88u
 #define CBT_QCOW2_OFF_COMPRESSION   104u   /* v3, if header_length > 104 */
 
@@ -120,6 +122,14 @@ struct cbt_qcow2_info {
 int cbt_qcow2_header_decode(const void *buf, size_t len, uint64_t file_size,
                             struct cbt_qcow2_info *out, char **why);
 
+/* The same with @flags: CBT_QCOW2_DECODE_ALLOW_CORRUPT accepts an image
+ * whose corrupt bit is set (it stays set in incompatible_features), for a
+ * caller that only reads it, as QEMU allows. */
+#define CBT_QCOW2_DECODE_ALLOW_CORRUPT (1u << 0)
+int cbt_qcow2_header_decode_flags(const void *buf, size_t len, uint64_t file_size,
+                                  unsigned flags, struct cbt_qcow2_info *out,
+                                  char **why);
+
 /* The number of L1 entries needed for a disk of @size bytes with
  * @cluster_bits (0 if the arithmetic would overflow). */
 uint64_t cbt_qcow2_l1_entries_needed(uint64_t size, unsigned cluster_bits);
@@ -164,9 +174,17 @@ int cbt_qcow2_reftable_decode(uint64_t e, unsigned cluster_bits,
  * cbt_image_open().  Opens @path, refusing unsupported features with a
  * reason in *@why (g_free); a backing file is opened read-only, relative
  * names resolved against @path's directory.  --cache=none (@direct) is not
- * supported.  Returns 0 or -errno. */
+ * supported.  An image marked corrupt, or whose metadata structures
+ * overlap each other, opens only read-only (-ENOTSUP resp. -EBADMSG
+ * otherwise).  Returns 0 or -errno. */
 struct cbt_image;
 int cbt_image_open_qcow2(const char *path, bool read_only, bool direct,
                          struct cbt_image **out, char **why);
+
+/* Why @img refuses writes since it found itself corrupt (a guest write
+ * that would have landed on its metadata), or NULL while it is healthy or
+ * not a qcow2 image.  The sentence is owned by the image, valid until it
+ * is closed. */
+const char *cbt_image_qcow2_corrupt(struct cbt_image *img);
 
 #endif
