@@ -977,6 +977,73 @@ cbt_bmfile_open_image(const char *path, bool writable, uint64_t image_size,
 
 /* --- writing ----------------------------------------------------------- */
 
+/* Renormalise the generation counter (renormalise) once it has reached
+ * this.  Counting real updates never gets near it; a file written by
+ * another implementation or crafted may start there, and a counter that
+ * wrapped would lose to the stale copy: a reader would take the previous
+ * generation (say CLEAN, without the bits since) as the newest. */
+#define BMF_GEN_RENORMALISE (UINT64_C(1) << 63)
+
+/* Move the durable metadata to low generations, unchanged: copy f->hdr.slot
+ * holds it on disk (read at open or written by the last write_meta).  Its
+ * header page and directory are read back and written verbatim, with only
+ * slot, generation, dir_offset and the header checksum changed, first
+ * into the other copy as generation 0 or 1 (that copy's parity), then
+ * into its own copy as the next generation, each followed by fdatasync.
+ * Until the first is durable readers take the durable copy (higher
+ * generation); after it both copies say the same; a crash tearing the
+ * second leaves the first.  So at every moment the durable metadata is
+ * what a reader finds. */
+static int
+renormalise(struct cbt_bmfile *f, char **why)
+{
+  unsigned d = f->hdr.slot, o = !d;
+  uint32_t cap = f->hdr.dir_capacity;
+  size_t dir_len = (size_t)cap * BMF_ENTRY_SIZE;
+  g_autofree uint8_t *dir = g_malloc(dir_len);
+  g_autofree uint8_t *page = g_malloc(BMF_PAGE);
+  struct bmf_header h;
+  int r;
+
+  r = cbt_io_pread(f->fd, page, BMF_PAGE, (uint64_t)d * BMF_PAGE);
+  if (r == 0)
+    r = cbt_io_pread(f->fd, dir, dir_len, f->hdr.dir_offset);
+  if (r < 0)
+    return cbt_fail(why, r == -ENODATA ? -EIO : r, "renormalising the generation "
+                "counter: reading metadata copy %u: %s", d,
+                g_strerror(r == -ENODATA ? EIO : -r));
+  header_decode(page, &h);
+  if (h.generation != f->hdr.generation || h.header_crc != f->hdr.header_crc ||
+      cbt_crc32c(0, dir, dir_len) != f->hdr.dir_crc)
+    return cbt_fail(why, -EIO, "renormalising the generation counter: metadata "
+                "copy %u changed on disk (another writer?)", d);
+
+  for (unsigned step = 0; step < 2; step++) {
+    h.slot = step == 0 ? o : d;
+    h.generation = step == 0 ? o : o + 1;
+    h.dir_offset = dir_offset_for(cap, h.slot);
+    h.header_crc = 0;
+    header_encode(&h, page);
+    h.header_crc = header_crc(page, h.header_size);
+    header_encode(&h, page);
+    r = cbt_io_pwrite(f->fd, dir, dir_len, h.dir_offset);
+    if (r < 0)
+      return cbt_fail(why, r, "renormalising the generation counter: writing "
+                  "directory: %s", g_strerror(-r));
+    r = cbt_io_pwrite(f->fd, page, BMF_PAGE, (uint64_t)h.slot * BMF_PAGE);
+    if (r < 0)
+      return cbt_fail(why, r, "renormalising the generation counter: writing "
+                  "header: %s", g_strerror(-r));
+    r = cbt_io_fdatasync(f->fd);
+    if (r < 0)
+      return cbt_fail(why, r, "renormalising the generation counter: "
+                  "fdatasync: %s", g_strerror(-r));
+  }
+  f->hdr.generation = h.generation;
+  f->hdr.header_crc = h.header_crc;
+  return 0;
+}
+
 /* Write the current metadata as the next generation into the copy that
  * does not hold the durable one, with CLEAN = @clean, and fdatasync.
  *
@@ -985,7 +1052,7 @@ cbt_bmfile_open_image(const char *path, bool writable, uint64_t image_size,
  * to the other copy, which is durable because the previous call ended
  * with fdatasync) or complete.  The generation only advances on success,
  * so a failed attempt is retried into the same copy, never the durable
- * one. */
+ * one; it never wraps (renormalise). */
 static int
 write_meta(struct cbt_bmfile *f, bool clean, char **why)
 {
@@ -993,8 +1060,15 @@ write_meta(struct cbt_bmfile *f, bool clean, char **why)
   size_t dir_len = (size_t)cap * BMF_ENTRY_SIZE;
   g_autofree uint8_t *dir = g_malloc0(dir_len);
   g_autofree uint8_t *page = g_malloc0(BMF_PAGE);
-  struct bmf_header h = f->hdr;
+  struct bmf_header h;
   int r;
+
+  if (f->hdr.generation >= BMF_GEN_RENORMALISE) {
+    r = renormalise(f, why);
+    if (r < 0)
+      return r;
+  }
+  h = f->hdr;
 
   for (unsigned i = 0; i < f->nentries; i++)
     entry_encode(f->entries[i], dir + (size_t)i * BMF_ENTRY_SIZE);

@@ -19,6 +19,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -1466,8 +1468,212 @@ test_sparse_data(void **state)
   cbt_bitmap_destroy(&want);
 }
 
+/* --- generation counter ------------------------------------------------- */
+
+/* Make both metadata copies of the file at @path hold what its newest copy
+ * holds, with generation @top in the copy of @top's parity and @top - 1 in
+ * the other: as if a writer had counted up to @top. */
+static void
+set_generations(const char *path, uint64_t top)
+{
+  size_t len;
+  g_autofree uint8_t *buf = slurp(path, &len);
+  unsigned n = newest_slot(buf);
+  uint8_t hdr[PAGE], dir[DIR1 - DIR0];
+
+  memcpy(hdr, buf + n * PAGE, PAGE);
+  memcpy(dir, buf + get64(hdr + 96), sizeof dir);
+  for (unsigned slot = 0; slot < 2; slot++) {
+    uint8_t *h = buf + slot * PAGE;
+    uint64_t dir_off = slot ? DIR1 : DIR0;
+
+    memcpy(h, hdr, PAGE);
+    memcpy(buf + dir_off, dir, sizeof dir);
+    put32(h + 20, slot);
+    put64(h + 24, top % 2 == slot ? top : top - 1);
+    put64(h + 96, dir_off);
+    fix_header_crc(buf, slot);
+  }
+  spit(path, buf, len);
+}
+
+/* Generations of both copies as on disk. */
+static void
+disk_generations(const char *path, uint64_t gen[2])
+{
+  size_t len;
+  g_autofree uint8_t *buf = slurp(path, &len);
+
+  gen[0] = get64(buf + 24);
+  gen[1] = get64(buf + PAGE + 24);
+}
+
+/* The counter never wraps: from a file whose newest copy has generation
+ * 2^64-1 (or close), the "not clean" update of a writer must be what a
+ * reader finds after a crash -- a wrap to 0 would lose to the CLEAN copy,
+ * which a reader would then trust without the writes since. */
+static void
+test_generation_limit(void **state)
+{
+  struct fixture *fx = *state;
+  const uint64_t tops[] = { UINT64_MAX, UINT64_MAX - 1, UINT64_C(1) << 63,
+                            (UINT64_C(1) << 63) - 1 };
+
+  for (size_t i = 0; i < G_N_ELEMENTS(tops); i++) {
+    g_autofree char *why = NULL;
+    cbt_bmfile *f = NULL;
+    uint64_t gen[2];
+
+    g_unlink(fx->path);
+    assert_int_equal(cbt_bmfile_create(fx->path, IMG_SIZE, IMG_INODE, 65536,
+                                       "active", &f, &why), 0);
+    cbt_bitmap_set_range(cbt_bmfile_entry_bitmap(f, 0), 1 * MiB, 1);
+    assert_int_equal(cbt_bmfile_close_clean(f, &why), 0);
+    set_generations(fx->path, tops[i]);
+
+    f = open_ok(fx->path, false);
+    assert_true(cbt_bmfile_found_clean(f));
+    assert_true(cbt_bmfile_generation(f) == tops[i]);
+    cbt_bmfile_free(f);
+
+    /* A daemon starts (lazy mode), takes writes that never reach the
+     * file, and crashes. */
+    f = open_ok(fx->path, true);
+    assert_int_equal(cbt_bmfile_mark_dirty(f, &why), 0);
+    cbt_bitmap_set_range(cbt_bmfile_entry_bitmap(f, 0), 5 * MiB, 1);
+    cbt_bmfile_free(f);
+
+    disk_generations(fx->path, gen);
+    /* Consecutive: the copies hold the last two generations. */
+    if ((gen[0] > gen[1] ? gen[0] - gen[1] : gen[1] - gen[0]) != 1)
+      fail_msg("top %" PRIu64 ": generations %" PRIu64 " and %" PRIu64
+               " on disk", tops[i], gen[0], gen[1]);
+    f = open_ok(fx->path, false);
+    if (cbt_bmfile_found_clean(f))
+      fail_msg("top %" PRIu64 ": after the crash the file reads as clean "
+               "(generation %" PRIu64 "; on disk %" PRIu64 ", %" PRIu64 ")",
+               tops[i], cbt_bmfile_generation(f), gen[0], gen[1]);
+    assert_false(cbt_bmfile_entry_trusted(f, 0, NULL));
+    assert_true(cbt_bitmap_test(cbt_bmfile_entry_bitmap(f, 0), 1 * MiB));
+    /* Renormalised when it reached 2^63: never near the limit again. */
+    if (tops[i] >= (UINT64_C(1) << 63))
+      assert_true(cbt_bmfile_generation(f) < 16);
+    cbt_bmfile_free(f);
+
+    /* The next writer goes on from there: clean shutdown, then clean. */
+    f = open_ok(fx->path, true);
+    assert_int_equal(cbt_bmfile_mark_dirty(f, &why), 0);
+    cbt_bitmap_set_range(cbt_bmfile_entry_bitmap(f, 0), 7 * MiB, 1);
+    assert_int_equal(cbt_bmfile_close_clean(f, &why), 0);
+    f = open_ok(fx->path, false);
+    assert_true(cbt_bmfile_found_clean(f));
+    assert_null(cbt_bmfile_recovery_note(f));
+    assert_true(cbt_bitmap_test(cbt_bmfile_entry_bitmap(f, 0), 7 * MiB));
+    assert_true(cbt_bmfile_entry_flags(f, 0) & CBT_BMF_INCONSISTENT);
+    cbt_bmfile_free(f);
+  }
+}
+
+/* Run in a child process by test_generation_powercut: open @path for
+ * writing, mark it in use, set a bit and shut down cleanly.  Exit 0 when
+ * all of that worked (a simulated power cut kills the process before). */
+static int
+child_update(const char *path)
+{
+  g_autofree char *why = NULL;
+  cbt_bmfile *f = NULL;
+
+  if (cbt_bmfile_open(path, true, &f, &why) < 0 ||
+      cbt_bmfile_mark_dirty(f, &why) < 0) {
+    fprintf(stderr, "child: %s\n", why ? why : "?");
+    cbt_bmfile_free(f);
+    return 2;
+  }
+  cbt_bitmap_set_range(cbt_bmfile_entry_bitmap(f, 0), 5 * MiB, 1);
+  if (cbt_bmfile_close_clean(f, &why) < 0) {
+    fprintf(stderr, "child: %s\n", why ? why : "?");
+    return 3;
+  }
+  return 0;
+}
+
+/* Run child_update on a fresh file at @path whose newest generation is
+ * 2^64-1, in a child process with a power cut before its write @at.
+ * True if the cut happened (the child was killed); false if the child
+ * finished (no write @at: the update is complete, or fault injection is
+ * not built in). */
+static bool
+cut_update_at(const char *self, const char *path, unsigned at)
+{
+  g_autofree char *why = NULL;
+  g_autofree char *at_s = g_strdup_printf("%u", at);
+  g_autofree char *err = NULL;
+  g_auto(GStrv) env = g_get_environ();
+  char *argv[] = { (char *)self, (char *)"--child-update", (char *)path, NULL };
+  cbt_bmfile *f = NULL;
+  int status = 0;
+
+  g_unlink(path);
+  assert_int_equal(cbt_bmfile_create(path, IMG_SIZE, IMG_INODE, 65536,
+                                     "active", &f, &why), 0);
+  cbt_bmfile_free(f);
+  set_generations(path, UINT64_MAX);
+  env = g_environ_setenv(env, "CBT_FI_POWERCUT_FILE", path, TRUE);
+  env = g_environ_setenv(env, "CBT_FI_POWERCUT_AT", at_s, TRUE);
+  assert_true(g_spawn_sync(NULL, argv, env, G_SPAWN_DEFAULT, NULL, NULL, NULL,
+                           &err, &status, NULL));
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+    return false;
+  if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGKILL)
+    fail_msg("child with a cut at %u: status 0x%x: %s", at, status, err);
+  return true;
+}
+
+/* A power cut before each write of that update (lib/fault-inject.c, in
+ * builds with -Dfault_injection=true) on a file at generation 2^64-1: the
+ * renormalisation and the update keep the file readable at every point,
+ * and once a cut finds it not clean, no later cut finds it clean again. */
+static void
+test_generation_powercut(void **state)
+{
+  struct fixture *fx = *state;
+  char *self = g_file_read_link("/proc/self/exe", NULL);
+  bool seen_dirty = false;
+  cbt_bmfile *f;
+  unsigned at;
+
+  assert_non_null(self);
+  for (at = 1; at < 100 && cut_update_at(self, fx->path, at); at++) {
+    bool clean, bit;
+
+    f = open_ok(fx->path, false);
+    clean = cbt_bmfile_found_clean(f);
+    bit = cbt_bitmap_test(cbt_bmfile_entry_bitmap(f, 0), 5 * MiB);
+    if (g_getenv("CBT_TEST_VERBOSE"))
+      print_message("cut at %u: generation %" PRIu64 ", %s, bit %d\n", at,
+                    cbt_bmfile_generation(f), clean ? "clean" : "not clean", bit);
+    if (clean && bit)
+      fail_msg("cut at %u: clean with the new bit before the update ended", at);
+    if (clean && seen_dirty)
+      fail_msg("cut at %u: clean again after an earlier cut found it in use", at);
+    seen_dirty |= !clean;
+    cbt_bmfile_free(f);
+  }
+  g_free(self);
+  if (at == 1)
+    skip();                    /* built without fault injection */
+  assert_true(at < 100);
+  assert_true(seen_dirty);
+  /* The uncut update: clean, with the bit, at a small generation. */
+  f = open_ok(fx->path, false);
+  assert_true(cbt_bmfile_found_clean(f));
+  assert_true(cbt_bitmap_test(cbt_bmfile_entry_bitmap(f, 0), 5 * MiB));
+  assert_true(cbt_bmfile_generation(f) < 16);
+  cbt_bmfile_free(f);
+}
+
 int
-main(void)
+main(int argc, char **argv)
 {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_crc32c),
@@ -1487,9 +1693,13 @@ main(void)
     cmocka_unit_test_setup_teardown(test_one_copy_damaged, setup, teardown),
     cmocka_unit_test_setup_teardown(test_claims_bounded, setup, teardown),
     cmocka_unit_test_setup_teardown(test_sparse_data, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_generation_limit, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_generation_powercut, setup, teardown),
     cmocka_unit_test_setup_teardown(test_resize, setup, teardown),
     cmocka_unit_test_setup_teardown(test_resize_crash, setup, teardown),
   };
 
+  if (argc == 3 && strcmp(argv[1], "--child-update") == 0)
+    return child_update(argv[2]);
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
