@@ -12,7 +12,9 @@
 #   nbdkit-null    nbdkit null 2G: no storage at all, the protocol ceiling
 #   cbt-none, qemu-nbd-none   the same with --cache none (CACHE_NONE=1)
 #   cbt-bitmap     cbt with dirty tracking on (--bitmap, a fresh file per
-#                  run): the cost of tracking (bench/bitmap-overhead.sh)
+#                  run; crash-safe tracking, the default): the cost of
+#                  tracking (bench/bitmap-overhead.sh)
+#   cbt-lazy       the same with --tracking lazy
 #   cbt-qcow2, qemu-nbd-qcow2   both on a qcow2 copy of the image (64 KiB
 #                  clusters, fully allocated by qemu-img convert), made
 #                  once when one of them is asked for
@@ -70,7 +72,7 @@ done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
 for s in "${servers[@]}"; do
     case $s in
-    cbt|cbt-none|cbt-bitmap|cbt-qcow2) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
+    cbt|cbt-none|cbt-bitmap|cbt-lazy|cbt-qcow2) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
     qemu-nbd|qemu-nbd-none|qemu-nbd-qcow2|nbdkit-file|nbdkit-null) ;;
     *) die "unknown server '$s'" ;;
     esac
@@ -84,6 +86,11 @@ workload_args() {
     seqread64k-qd32)  echo "--rw=read      --bs=64k --iodepth=32" ;;
     randread4k-qd1)   echo "--rw=randread  --bs=4k  --iodepth=1" ;;
     randwrite4k-qd1)  echo "--rw=randwrite --bs=4k  --iodepth=1" ;;
+    # Every write to a 64 KiB granule not written before (a fresh bitmap
+    # per run): 32768 writes, each the first of its granule, in random
+    # order -- what a crash-safe commit costs at most.
+    firstwrite4k-qd32) echo "--rw=randwrite --bs=4k --blockalign=64k --iodepth=32 --io_size=128m" ;;
+    firstwrite4k-qd1)  echo "--rw=randwrite --bs=4k --blockalign=64k --iodepth=1 --io_size=128m" ;;
     *) return 1 ;;
     esac
 }
@@ -141,6 +148,10 @@ start_server() {
         rm -f "$tmp/bench.bitmap"
         "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
             --bitmap "$tmp/bench.bitmap" >"$log" 2>&1 & ;;
+    cbt-lazy)
+        rm -f "$tmp/bench.bitmap"
+        "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
+            --bitmap "$tmp/bench.bitmap" --tracking lazy >"$log" 2>&1 & ;;
     qemu-nbd)
         qemu-nbd -f raw --aio=io_uring --cache=writeback --persistent --shared=8 \
             -k "$sock" --pid-file "$server_pidfile" "$img" >"$log" 2>&1 & ;;
@@ -201,10 +212,15 @@ for ((r = 0; r < ROUNDS; r++)); do
             out=$resdir/$w.$s.$r.json
             printf 'fio-compare: [%3d/%d] round %d %-17s %-14s ' \
                 "$run" "$total" "$((r + 1))" "$w" "$s"
+            # firstwrite workloads run a fixed set of writes, each once.
+            if [[ $w == firstwrite* ]]; then
+                targs=(--randrepeat=0)
+            else
+                targs=(--norandommap --randrepeat=0 --runtime="$RUNTIME"
+                       --ramp_time="$RAMP" --time_based)
+            fi
             if ! fio --name="$w" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
-                    "${wargs[@]}" --numjobs=1 --size="$size_bytes" \
-                    --norandommap --randrepeat=0 \
-                    --runtime="$RUNTIME" --ramp_time="$RAMP" --time_based \
+                    "${wargs[@]}" --numjobs=1 --size="$size_bytes" "${targs[@]}" \
                     --output-format=json --output="$out" >"$tmp/fio.err" 2>&1; then
                 echo
                 cat "$tmp/fio.err" "$out" >&2 2>/dev/null || true
@@ -250,7 +266,8 @@ for w in workloads:
 
 pairs = [(a, b) for a, b in [("cbt", "nbdkit-file"), ("cbt", "qemu-nbd"),
                              ("cbt", "nbdkit-null"), ("cbt-none", "qemu-nbd-none"),
-                             ("cbt-bitmap", "cbt"), ("cbt-bitmap", "nbdkit-file"),
+                             ("cbt-bitmap", "cbt"), ("cbt-lazy", "cbt"),
+                             ("cbt-bitmap", "cbt-lazy"), ("cbt-bitmap", "nbdkit-file"),
                              ("cbt-bitmap", "qemu-nbd"), ("cbt-qcow2", "qemu-nbd-qcow2")]
          if a in servers and b in servers]
 ratios = {w: {f"{a}/{b}": results[w][a]["median"]["iops"] / results[w][b]["median"]["iops"]
