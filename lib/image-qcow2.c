@@ -1828,9 +1828,59 @@ load_tables(struct q2 *q, uint64_t file_size, char **why)
   return 0;
 }
 
+/* The header of @q names the backing file @link expects (none for NULL),
+ * in qcow2 format (or unnamed)?  0 or -EBADMSG. */
+static int
+check_link(struct q2 *q, const struct cbt_qcow2_link *link, char **why)
+{
+  if (!link->backing_name != !link->backing) {
+    *why = g_strdup_printf("%s: a backing image without a backing name, or the "
+                           "other way round", q->path);
+    return -EINVAL;
+  }
+  if (!link->backing_name) {
+    if (!q->h.backing_file[0])
+      return 0;
+    *why = g_strdup_printf("%s: names backing file '%s', but its chain has "
+                           "none", q->path, q->h.backing_file);
+    return -EBADMSG;
+  }
+  if (strcmp(q->h.backing_file, link->backing_name) != 0) {
+    *why = g_strdup_printf("%s: names backing file '%s', but its chain has '%s'",
+                           q->path, q->h.backing_file[0] ? q->h.backing_file
+                           : "(none)", link->backing_name);
+    return -EBADMSG;
+  }
+  if (q->h.backing_format[0] && strcmp(q->h.backing_format, "qcow2") != 0) {
+    *why = g_strdup_printf("%s: names backing format '%s' for '%s', but its "
+                           "chain is qcow2", q->path, q->h.backing_format,
+                           q->h.backing_file);
+    return -EBADMSG;
+  }
+  return 0;
+}
+
+static int
+open_q2(const char *path, bool read_only, bool direct,
+        const struct cbt_qcow2_link *link, struct cbt_image **out, char **why);
+
 int
 cbt_image_open_qcow2(const char *path, bool read_only, bool direct,
                      struct cbt_image **out, char **why)
+{
+  return open_q2(path, read_only, direct, NULL, out, why);
+}
+
+int
+cbt_image_open_qcow2_link(const char *path, const struct cbt_qcow2_link *link,
+                          struct cbt_image **out, char **why)
+{
+  return open_q2(path, true, false, link, out, why);
+}
+
+static int
+open_q2(const char *path, bool read_only, bool direct,
+        const struct cbt_qcow2_link *link, struct cbt_image **out, char **why)
 {
   struct q2 *q;
   g_autofree uint8_t *hdr = NULL;
@@ -1847,7 +1897,10 @@ cbt_image_open_qcow2(const char *path, bool read_only, bool direct,
   q = g_new0(struct q2, 1);
   g_mutex_init(&q->lock);
   q->path = g_strdup(path);
-  q->fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  /* The caller's descriptor and backing image are ours from here on. */
+  if (link)
+    q->backing = link->backing;
+  q->fd = link ? link->fd : open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
   if (q->fd < 0) {
     r = -errno;
     *why = g_strdup_printf("%s: %s", path, g_strerror(errno));
@@ -1908,7 +1961,11 @@ cbt_image_open_qcow2(const char *path, bool read_only, bool direct,
     if (r < 0)
       goto fail;
   }
-  if (q->h.backing_file[0]) {
+  if (link) {
+    r = check_link(q, link, why);
+    if (r < 0)
+      goto fail;
+  } else if (q->h.backing_file[0]) {
     r = open_backing(q, why);
     if (r < 0)
       goto fail;

@@ -175,6 +175,12 @@ bool repo_open(const char *dir, enum repo_lock lock, bool create, repo **out,
                GError **error);
 /* DIR/@file.  Caller frees. */
 char *repo_path(const repo *r, const char *file);
+/* Open the repository's file @file (a plain name from the manifest)
+ * read-only, as a regular file in the repository: a symbolic link (it
+ * could lead out of the repository) or anything else (a FIFO would block)
+ * is refused with CLI_EXIT_DAMAGED, a missing or unreadable file with
+ * CLI_EXIT_FAILED.  Returns the descriptor (O_CLOEXEC) or -1. */
+int repo_open_file(const repo *r, const char *file, GError **error);
 /* The newest backup, or NULL in an empty repository. */
 const repo_backup *repo_newest(const repo *r);
 /* The backup named @name: its seq number, file name, or file name without

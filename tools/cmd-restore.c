@@ -1,8 +1,12 @@
 /* cbt restore: rebuild the image as of one backup.
  *
  * The source is the backup's qcow2 file opened with our own qcow2 backend
- * (lib/image-qcow2.c), which follows the backing chain down to the full
- * backup, so reading it gives the disk as it was.  We walk the disk in
+ * (lib/image-qcow2.c) on top of its chain down to the full backup, so
+ * reading it gives the disk as it was.  The chain is the manifest's, never
+ * the backing names written in the files: each file the manifest lists is
+ * opened here, in the repository, as a regular file (no symbolic links),
+ * and its header must name the manifest's backing file or the restore is
+ * refused (a rebased or replaced file would otherwise be read instead).  We walk the disk in
  * WINDOW-sized, cluster-aligned windows: block status says whether a
  * window reads as zeros everywhere; if so the sink is told "zero",
  * otherwise the window is read and handed to the sink, which skips or
@@ -32,6 +36,7 @@
 
 #include "cbt/image.h"
 #include "cbt/nbd-proto.h"
+#include "cbt/qcow2.h"
 #include "cbt/qcow2-writer.h"
 #include "cbt/uring-io.h"
 #include "cli.h"
@@ -283,6 +288,47 @@ window_is_zero(cbt_image *img, const char *path, uint64_t off, uint64_t len,
   return true;
 }
 
+/* Open @b on top of its chain, full backup first, each file as the
+ * manifest lists it (repo_open_file) with the one below as its backing
+ * image.  So every file of the chain is there before anything is written,
+ * and no name written inside a file is followed. */
+static bool
+open_chain(repo *r, const repo_backup *b, cbt_image **out, GError **error)
+{
+  g_autoptr(cbt_image) below = NULL;
+
+  for (guint i = repo_chain_start(r, b); ; i++) {
+    const repo_backup *c = g_ptr_array_index(r->backups, i);
+    g_autofree char *p = repo_path(r, c->file);
+    g_autofree char *why = NULL;
+    g_autoptr(GError) err = NULL;
+    struct cbt_qcow2_link link = { .backing_name = c->backing };
+    cbt_image *img = NULL;
+    int rc;
+
+    link.fd = repo_open_file(r, c->file, &err);
+    if (link.fd < 0) {
+      g_set_error(error, CLI_ERROR, err->code, "%s (needed to restore %s)",
+                  err->message, b->file);
+      return false;
+    }
+    link.backing = g_steal_pointer(&below);
+    rc = cbt_image_open_qcow2_link(p, &link, &img, &why);
+    if (rc < 0) {
+      /* The chain is the manifest's: a disagreeing file is damage. */
+      g_set_error(error, CLI_ERROR, rc == -EBADMSG ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
+                  "%s (in the manifest's chain of %s; not restoring)",
+                  why ? why : g_strerror(-rc), b->file);
+      return false;
+    }
+    below = img;
+    if (c == b)
+      break;
+  }
+  *out = g_steal_pointer(&below);
+  return true;
+}
+
 static bool
 restore(const char *dir, const char *at, const char *out, GError **error)
 {
@@ -299,26 +345,9 @@ restore(const char *dir, const char *at, const char *out, GError **error)
 
   if (!repo_open(dir, REPO_LOCK_SHARED, false, &r, error) || !repo_find(r, at, &b, error))
     return false;
-  /* Every file of the chain must be there before we start writing. */
-  for (guint i = repo_chain_start(r, b); ; i++) {
-    const repo_backup *c = g_ptr_array_index(r->backups, i);
-    g_autofree char *p = repo_path(r, c->file);
-
-    if (access(p, R_OK) < 0) {
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s (needed to restore %s)", p,
-                  g_strerror(errno), b->file);
-      return false;
-    }
-    if (c == b)
-      break;
-  }
-  path = repo_path(r, b->file);
-  rc = cbt_image_open(path, "qcow2", true, false, &img, &why);
-  if (rc < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path,
-                why ? why : g_strerror(-rc));
+  if (!open_chain(r, b, &img, error))
     return false;
-  }
+  path = repo_path(r, b->file);
   /* qcow2 counts in 512-byte sectors; the manifest has the exact size. */
   if (img->size < b->image_size || img->size - b->image_size >= 512) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: virtual size %" PRIu64
@@ -379,7 +408,10 @@ cmd_restore(int argc, char **argv)
                        "Rebuild the disk image as of one backup.",
                        "A file output must not exist yet; it is written sparse and\n"
                        "removed again if the restore fails.  An NBD export must have\n"
-                       "the image's size; all of it is overwritten.\n\n"
+                       "the image's size; all of it is overwritten.\n"
+                       "Only the files of the manifest's chain are read, as regular\n"
+                       "files in DIR; one whose backing file disagrees with the\n"
+                       "manifest, a symbolic link or a FIFO is refused (exit 4).\n\n"
                        CLI_EXIT_CODES_HELP,
                        entries);
 

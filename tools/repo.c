@@ -114,6 +114,36 @@ repo_path(const repo *r, const char *file)
   return g_build_filename(r->dir, file, NULL);
 }
 
+int
+repo_open_file(const repo *r, const char *file, GError **error)
+{
+  g_autofree char *path = repo_path(r, file);
+  struct stat st;
+  int fd, flags;
+
+  /* The name has no '/' (plain_name), so only the last component could be
+   * a link; O_NONBLOCK keeps a FIFO from blocking the open. */
+  fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) {
+    int err = errno;
+
+    g_set_error(error, CLI_ERROR, err == ELOOP ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
+                "%s: %s", path, err == ELOOP
+                ? "is a symbolic link (backup files never are; it may lead out of "
+                  "the repository)" : g_strerror(err));
+    return -1;
+  }
+  if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: not a regular file", path);
+    close(fd);
+    return -1;
+  }
+  flags = fcntl(fd, F_GETFL);
+  if (flags >= 0)
+    (void)fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  return fd;
+}
+
 const repo_backup *
 repo_newest(const repo *r)
 {

@@ -181,6 +181,23 @@ struct cbt_image;
 int cbt_image_open_qcow2(const char *path, bool read_only, bool direct,
                          struct cbt_image **out, char **why);
 
+/* One link of a backing chain the caller opened itself (cbt restore opens
+ * exactly the files its manifest lists, never a name a header gives). */
+struct cbt_qcow2_link {
+  int fd;                        /* open descriptor of the image file */
+  const char *backing_name;      /* what its header must name; NULL: none */
+  struct cbt_image *backing;     /* the image to use for it, or NULL */
+};
+
+/* Open @path read-only from @link->fd as a qcow2 image whose header must
+ * name exactly @link->backing_name as its backing file (format qcow2 or
+ * not given), or none if that is NULL; reads past its clusters go to
+ * @link->backing, and the name in the header is never opened.  -EBADMSG
+ * with the two names in *@why if they disagree.  @link->fd and
+ * @link->backing belong to the image from the call on, also on failure. */
+int cbt_image_open_qcow2_link(const char *path, const struct cbt_qcow2_link *link,
+                              struct cbt_image **out, char **why);
+
 /* Why @img refuses writes since it found itself corrupt (a guest write
  * that would have landed on its metadata), or NULL while it is healthy or
  * not a qcow2 image.  The sentence is owned by the image, valid until it
