@@ -5,7 +5,8 @@
 #   cbt-filterd (dirty bitmap and control socket on) on a private unix
 #   socket, write patterns through NBD with qemu-io, read them back, take a
 #   full backup, change some blocks (write, zero, discard), take an
-#   incremental backup of just those, verify the repository, restore both
+#   incremental backup of just those while a writer rewrites them (the
+#   backup keeps the point in time), verify the repository, restore both
 #   points and compare them byte for byte with copies of the image taken
 #   at those points, stop the daemon with SIGTERM, and check the bytes in
 #   the image file and the bitmap it left (clean).
@@ -185,10 +186,54 @@ qemu_io "flush" || die "flush failed"
 info "dirty granules now (nbdinfo --map=qemu:dirty-bitmap:cbt):"
 nbdinfo --map=qemu:dirty-bitmap:cbt "$uri" | awk '$3 == 1' | sed 's/^/       | /'
 
-say "take an incremental backup: only the dirty granules are copied"
-"$cbt" backup --socket "$sock" --control "$ctl" --repo "$repo" 2>&1 | sed 's/^/       | /'
-(( ${PIPESTATUS[0]} == 0 )) || die "cbt backup (incremental) failed"
-cp --sparse=always "$img" "$tmp/at-incremental.img"
+say "take an incremental backup while the guest keeps writing"
+info "only the dirty granules are copied; the backup holds them as they were"
+info "when it began, although a writer rewrites them meanwhile (the daemon"
+info "saves the old data before each overwrite: copy-before-write)"
+cp --sparse=always "$img" "$tmp/at-incremental.img"   # nothing writes until begin
+# A poller on the control socket pauses the backup (SIGSTOP) as soon as its
+# checkpoint began, so the writes below land while it runs; on a machine
+# fast enough to finish the backup first, they land after it instead.
+python3 - "$ctl" "$tmp/backup.pid" >"$tmp/poll.out" <<'PYEOF' &
+import json, os, signal, socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+def status():
+    f.write('{"execute":"status"}\n'); f.flush()
+    return json.loads(f.readline())["return"]
+before = status()["bitmap"]["checkpoint"]
+open(sys.argv[2] + ".ready", "w").close()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.001)
+pid = int(open(sys.argv[2]).read())
+for _ in range(60000):
+    st = status()
+    if st["checkpoint"]:
+        os.kill(pid, signal.SIGSTOP)
+        print("paused")
+        sys.exit(0)
+    if st["bitmap"]["checkpoint"] != before:
+        print("finished")
+        sys.exit(0)
+    time.sleep(0.0005)
+sys.exit(1)
+PYEOF
+poll_pid=$!
+while [[ ! -e $tmp/backup.pid.ready ]]; do sleep 0.01; done
+"$cbt" backup --socket "$sock" --control "$ctl" --repo "$repo" >"$tmp/incr.out" 2>&1 &
+backup_pid=$!
+echo "$backup_pid" >"$tmp/backup.pid.tmp" && mv "$tmp/backup.pid.tmp" "$tmp/backup.pid"
+wait "$poll_pid" || die "the backup did not begin a checkpoint"
+if [[ $(<"$tmp/poll.out") == paused ]]; then
+    info "backup paused inside its checkpoint; the guest now rewrites the blocks"
+else
+    info "(the backup finished before the guest wrote; the writes land after it)"
+fi
+qemu_io "write -P 0x77 2M 192k" || die "write during the backup failed"
+qemu_io "write -P 0x78 104857600 65536" || die "write during the backup failed"
+kill -CONT "$backup_pid" 2>/dev/null || true
+wait "$backup_pid" || { sed 's/^/       | /' "$tmp/incr.out"; die "cbt backup (incremental) failed"; }
+sed 's/^/       | /' "$tmp/incr.out"
+cp --sparse=always "$img" "$tmp/after-backup.img"
 kind=$("$cbt" list --repo "$repo" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["backups"][-1]["kind"])') ||
     die "cbt list --json failed"
 [[ $kind == incremental ]] || die "the second backup is '$kind', expected incremental"
@@ -208,7 +253,10 @@ info "full backup restored: identical to the image at that point"
     die "cbt restore (latest) failed"
 cmp "$tmp/restored-latest.raw" "$tmp/at-incremental.img" ||
     die "the restored incremental differs from the image at that point"
-info "incremental restored over the full: identical to the image at that point"
+info "incremental restored over the full: identical to the image when that"
+info "backup began, not to the image after the writes made during it"
+cmp -s "$tmp/at-incremental.img" "$tmp/after-backup.img" &&
+    die "the writes during the backup did not change the image"
 
 # ---------------------------------------------------------------------------
 say "stop cbt-filterd with SIGTERM"
@@ -232,7 +280,7 @@ info "socket removed: OK"
 
 # ---------------------------------------------------------------------------
 say "check the bytes in the image file itself"
-cmp "$img" "$tmp/at-incremental.img" ||
+cmp "$img" "$tmp/after-backup.img" ||
     die "$img: after shutdown the file differs from what the daemon served"
 info "the file holds exactly what was served and backed up: OK"
 cmp -n 1048576 -i "$((50 * 1024 * 1024)):0" "$img" /dev/zero ||
