@@ -322,7 +322,7 @@ dispatch_snapshot(struct request *req)
     do_block_status(req);
     return;
   case NBD_CMD_TRIM:
-    r = snapshot_release(snap, conn_worker(req->c), h->offset, h->length);
+    r = snapshot_release(snap, h->offset, h->length);
     if (r < 0) {
       req->error = cbt_nbd_errno_to_wire(-r);
       reply_error(req);

@@ -344,8 +344,7 @@ void snapshot_read(struct snapshot *s, struct worker *w, uint64_t offset,
                    void *arg);
 /* The backup is done with [offset, offset+len): stop protecting the whole
  * granules inside it and free their scratch space.  0 or -errno. */
-int snapshot_release(struct snapshot *s, struct worker *w, uint64_t offset,
-                     uint64_t len);
+int snapshot_release(struct snapshot *s, uint64_t offset, uint64_t len);
 /* base:allocation of the view; as meta_extents. */
 int snapshot_block_status(struct snapshot *s, uint64_t offset, uint32_t len,
                           struct cbt_extent *ext, size_t max);

@@ -6,13 +6,15 @@
  * granule's data as it was at the checkpoint and nobody has saved it yet.
  * A full backup protects every granule, an incremental the granules of the
  * frozen bitmap.  Granules that are being copied or have been copied have
- * a record (a hash table under s->lock).  The scratch file is a sparse
- * shadow of the image: granule g's old data lives at offset g * granularity,
- * so there is no slot allocator and each granule has its own place; chunks
- * of a granule that read as zeros are never written (they read back as
- * holes), and a granule that was all zeros takes no scratch space at all.
- * The file is unlinked from the start (O_TMPFILE, else mkostemp + unlink),
- * so a crash can never leave scratch data behind.
+ * a record (a hash table under s->lock).  The scratch file is an array of
+ * granule-sized slots: a granule's old data gets a slot when its first
+ * non-zero chunk is read (the zeros before it are only remembered, and a
+ * granule that was all zeros takes no slot at all); a released slot is
+ * reused by the next copy.  No space is given back to the file system
+ * while the view lives (punching holes stalled guest writes behind the
+ * file's lock, measured), so the file grows to the peak of what is held
+ * at once; it is unlinked from the start (O_TMPFILE, else mkostemp +
+ * unlink), so it vanishes with the view and a crash leaves nothing.
  *
  * Guest writes (WRITE, WRITE_ZEROES, TRIM on the main export), in
  * snapshot_before_write():
@@ -49,15 +51,14 @@
  *     during our image read: its scratch copy, complete and immutable
  *     since it became COPIED, replaces it.
  * A scratch read holds rec->readers, so a release (below) that races with
- * it punches the hole only after the read finished.  A read that finds the
+ * it frees the slot for reuse only after the read finished.  A read that finds the
  * view ended or failed when it completes returns an error rather than data
  * no longer protected.
  *
  * Release (TRIM on the @checkpoint export, what a backup sends for what it
  * has stored): every granule entirely inside the range loses its protect
- * bit and its record; its scratch space is punched (FALLOC_FL_PUNCH_HOLE
- * through io_uring).  So scratch use stays near "what the guest overwrote
- * that the backup has not read yet".  Reads of released granules return
+ * bit and its record; its slot is free for the next copy.  So scratch use
+ * stays near "what the guest overwrote that the backup has not read yet".  Reads of released granules return
  * the live image: the client said it no longer needs them.
  *
  * base:allocation on the @checkpoint export: COPIED granules are data (or
@@ -95,7 +96,9 @@ enum rec_state { REC_QUEUED, REC_COPYING, REC_COPIED };
 struct record {
   uint64_t g;                       /* granule index; hash key */
   enum rec_state state;
-  bool has_data;                    /* the scratch file holds (part of) it */
+  bool has_data;                    /* it has a scratch slot */
+  uint64_t slot;                    /* which, if has_data */
+  uint64_t data_from;               /* granule bytes before it were zeros */
   bool released;                    /* drop once copied / no longer read */
   unsigned readers;                 /* scratch reads in flight */
   GPtrArray *waiters;               /* struct snap_wait * */
@@ -128,6 +131,8 @@ struct snapshot {
   GQueue queue;                     /* QUEUED records, oldest first */
   unsigned copying;
   uint64_t used, peak;              /* scratch bytes held (whole granules) */
+  GArray *free_slots;               /* uint64_t: released, to reuse */
+  uint64_t next_slot;               /* the file's slots so far */
   uint64_t copied_bytes, copies, released_bytes;
   bool ended, failed;
   char *fail_reason;
@@ -178,6 +183,7 @@ snapshot_unref(struct snapshot *s)
     close(s->fd);
   g_hash_table_destroy(s->recs);
   g_queue_clear(&s->queue);
+  g_array_unref(s->free_slots);
   g_mutex_clear(&s->lock);
   g_free(s->protect);
   g_free(s->dir);
@@ -244,61 +250,18 @@ wake_waiters(struct record *rec)
   g_ptr_array_set_size(rec->waiters, 0);
 }
 
-/* ---- punching released scratch space ---- */
+/* ---- scratch slots ---- */
 
-struct punch {
-  struct snapshot *s;
-  struct worker *w;
-  struct cbt_aio_op op;
-};
-
+/* Under s->lock: forget @rec and give its slot back for reuse.  A slot is
+ * freed only when no read of it is in flight (callers check readers). */
 static void
-punch_done(struct cbt_aio_op *op, int res)
-{
-  struct punch *p = cbt_container_of(op, struct punch, op);
-  struct snapshot *s = p->s;
-
-  if (res < 0 && res != -EOPNOTSUPP)
-    log_error("scratch file: punching a released granule: %s", g_strerror(-res));
-  g_mutex_lock(&s->lock);
-  s->used -= s->gran;
-  g_mutex_unlock(&s->lock);
-  worker_unhold(p->w);
-  snapshot_unref(s);
-  g_free(p);
-}
-
-/* Give granule @g's scratch space back (not under the lock). */
-static void
-punch(struct snapshot *s, struct worker *w, uint64_t g)
-{
-  struct punch *p = g_new0(struct punch, 1);
-  struct io_uring_sqe *sqe = cbt_ring_get_sqe(worker_ring(w));
-
-  p->s = snap_ref(s);
-  p->w = w;
-  worker_hold(w);
-  p->op.done = punch_done;
-  if (!sqe) {
-    int r = fallocate(s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      (off_t)(g << s->shift), (off_t)s->gran);
-    punch_done(&p->op, r < 0 ? -errno : 0);
-    return;
-  }
-  io_uring_prep_fallocate(sqe, s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          g << s->shift, s->gran);
-  io_uring_sqe_set_data(sqe, &p->op);
-}
-
-/* Under s->lock: forget @rec.  Returns true when its scratch space must
- * be punched (by the caller, after unlocking). */
-static bool
 drop_record(struct snapshot *s, struct record *rec)
 {
-  bool had = rec->has_data;
-
+  if (rec->has_data) {
+    g_array_append_val(s->free_slots, rec->slot);
+    s->used -= s->gran;
+  }
   g_hash_table_remove(s->recs, &rec->g);
-  return had;
 }
 
 /* ---- failure and end ---- */
@@ -414,7 +377,6 @@ copy_finish(struct copy_job *j, int res)
   struct record *rec = j->rec;
   struct worker *w = j->w;
   GPtrArray *next;
-  bool do_punch = false;
   uint64_t g = rec->g;
 
   g_mutex_lock(&s->lock);
@@ -428,15 +390,13 @@ copy_finish(struct copy_job *j, int res)
     prot_clear(s, g);
     wake_waiters(rec);
     if (rec->released)
-      do_punch = drop_record(s, rec);
+      drop_record(s, rec);
   } else {
     wake_waiters(rec);
-    g_hash_table_remove(s->recs, &rec->g);
+    drop_record(s, rec);
   }
   next = s->dead ? NULL : take_queued(s);
   g_mutex_unlock(&s->lock);
-  if (do_punch)
-    punch(s, w, g);
   start_all(s, next, w);
   free(j->buf);
   g_free(j);
@@ -481,7 +441,7 @@ scratch_write(struct copy_job *j)
     return;
   }
   io_uring_prep_write(sqe, j->s->fd, j->buf + j->wdone, j->clen - j->wdone,
-                      j->base + j->pos + j->wdone);
+                      (j->rec->slot << j->s->shift) + j->pos + j->wdone);
   j->op.done = scratch_write_done;
   io_uring_sqe_set_data(sqe, &j->op);
 }
@@ -498,9 +458,10 @@ copy_read_done(struct cbt_image_io *io, int res)
     copy_finish(j, res);
     return;
   }
-  if (all_zero(j->buf, j->clen)) {
-    /* A hole in the scratch file reads as these zeros. */
+  if (!j->rec->has_data && all_zero(j->buf, j->clen)) {
+    /* Zeros before the first data need no slot; reads fill them in. */
     j->pos += j->clen;
+    j->rec->data_from = j->pos;
     copy_chunk(j);
     return;
   }
@@ -512,6 +473,12 @@ copy_read_done(struct cbt_image_io *io, int res)
     if (!over) {
       s->used += s->gran;
       s->peak = MAX(s->peak, s->used);
+      if (s->free_slots->len > 0) {
+        j->rec->slot = g_array_index(s->free_slots, uint64_t, s->free_slots->len - 1);
+        g_array_set_size(s->free_slots, s->free_slots->len - 1);
+      } else {
+        j->rec->slot = s->next_slot++;
+      }
       j->rec->has_data = true;
     }
     g_mutex_unlock(&s->lock);
@@ -715,26 +682,14 @@ overlay_done(struct cbt_aio_op *op, int res)
   if (--rd->pending > 0)
     return;
 
-  {
-    GArray *punches = NULL;
+  g_mutex_lock(&s->lock);
+  for (unsigned i = 0; i < rd->nov; i++) {
+    struct record *rec = rd->ov[i].rec;
 
-    g_mutex_lock(&s->lock);
-    for (unsigned i = 0; i < rd->nov; i++) {
-      struct record *rec = rd->ov[i].rec;
-      uint64_t g = rec->g;
-
-      if (--rec->readers == 0 && rec->released && drop_record(s, rec)) {
-        if (!punches)
-          punches = g_array_new(FALSE, FALSE, sizeof(uint64_t));
-        g_array_append_val(punches, g);
-      }
-    }
-    g_mutex_unlock(&s->lock);
-    for (guint i = 0; punches && i < punches->len; i++)
-      punch(s, rd->w, g_array_index(punches, uint64_t, i));
-    if (punches)
-      g_array_unref(punches);
+    if (--rec->readers == 0 && rec->released)
+      drop_record(s, rec);
   }
+  g_mutex_unlock(&s->lock);
   if (rd->err)
     log_error("scratch file: reading saved data: %s", g_strerror(-rd->err));
   read_finish(rd, rd->err);
@@ -777,21 +732,28 @@ read_image_done(struct cbt_image_io *io, int res)
   if (g_hash_table_size(s->recs) > 0) {
     for (uint64_t g = rd->off >> s->shift; (g << s->shift) < end; g++) {
       struct record *rec = g_hash_table_lookup(s->recs, &g);
-      uint64_t a, b;
+      uint64_t a, b, zend;
 
       if (!rec || rec->state != REC_COPIED)
         continue;
       a = MAX(rd->off, g << s->shift);
       b = MIN(end, (g + 1) << s->shift);
-      if (!rec->has_data) {
-        memset(rd->buf + (a - rd->off), 0, b - a);
-        continue;
+      /* Bytes of the granule before data_from were zeros; the rest is in
+       * its slot (zero chunks after the first data are written too, as a
+       * reused slot holds an older granule's bytes). */
+      zend = rec->has_data ? MIN(b, (g << s->shift) + rec->data_from) : b;
+      if (zend > a) {
+        memset(rd->buf + (a - rd->off), 0, zend - a);
+        a = zend;
       }
+      if (a >= b)
+        continue;
       if (!rd->ov)
         rd->ov = g_new0(struct overlay, (rd->len >> s->shift) + 2);
       rec->readers++;
       rd->ov[rd->nov++] = (struct overlay){
-        .rd = rd, .rec = rec, .dst = rd->buf + (a - rd->off), .foff = a,
+        .rd = rd, .rec = rec, .dst = rd->buf + (a - rd->off),
+        .foff = (rec->slot << s->shift) + (a - (g << s->shift)),
         .len = (uint32_t)(b - a),
       };
     }
@@ -839,13 +801,11 @@ snapshot_read(struct snapshot *s, struct worker *w, uint64_t offset,
 /* ---- release ---- */
 
 int
-snapshot_release(struct snapshot *s, struct worker *w, uint64_t offset,
-                 uint64_t len)
+snapshot_release(struct snapshot *s, uint64_t offset, uint64_t len)
 {
   uint64_t end = offset + len;
   uint64_t g0 = (offset + s->gran - 1) >> s->shift;
   uint64_t g1 = end >= s->size ? s->nbits : end >> s->shift;
-  GArray *punches = NULL;
   int r = 0;
 
   g_mutex_lock(&s->lock);
@@ -872,22 +832,15 @@ snapshot_release(struct snapshot *s, struct worker *w, uint64_t offset,
       rec->released = true;          /* copy_finish drops it */
       break;
     case REC_COPIED:
-      if (rec->readers > 0) {
+      if (rec->readers > 0)
         rec->released = true;        /* the last reader drops it */
-      } else if (drop_record(s, rec)) {
-        if (!punches)
-          punches = g_array_new(FALSE, FALSE, sizeof(uint64_t));
-        g_array_append_val(punches, g);
-      }
+      else
+        drop_record(s, rec);
       break;
     }
   }
 out:
   g_mutex_unlock(&s->lock);
-  for (guint i = 0; punches && i < punches->len; i++)
-    punch(s, w, g_array_index(punches, uint64_t, i));
-  if (punches)
-    g_array_unref(punches);
   return r;
 }
 
@@ -1018,6 +971,7 @@ snapshot_new(enum snapshot_mode mode, uint64_t size, uint32_t granularity,
   g_mutex_init(&s->lock);
   s->recs = g_hash_table_new_full(g_int64_hash, g_int64_equal, NULL, free_record);
   g_queue_init(&s->queue);
+  s->free_slots = g_array_new(FALSE, FALSE, sizeof(uint64_t));
   return s;
 }
 
