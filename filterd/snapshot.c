@@ -233,21 +233,40 @@ run_wait(void *arg)
   g_free(sw);
 }
 
-/* Drop one hold on @sw; the last one resumes the request on its worker. */
+/* Drop one hold on @sw; the last one resumes the request on its worker:
+ * at once via @local (run by the caller on worker @self after unlocking)
+ * when that is the request's own worker, else by a posted message. */
 static void
-wait_put(struct snap_wait *sw)
+wait_put(struct snap_wait *sw, struct worker *self, GPtrArray **local)
 {
-  if (atomic_fetch_sub(&sw->pending, 1) == 1)
-    worker_post(sw->w, run_wait, sw);
+  if (atomic_fetch_sub(&sw->pending, 1) != 1)
+    return;
+  if (local && sw->w == self) {
+    if (!*local)
+      *local = g_ptr_array_new();
+    g_ptr_array_add(*local, sw);
+    return;
+  }
+  worker_post(sw->w, run_wait, sw);
 }
 
-/* Under s->lock: wake everyone waiting for @rec's copy. */
+/* Under s->lock: wake everyone waiting for @rec's copy (see wait_put). */
 static void
-wake_waiters(struct record *rec)
+wake_waiters(struct record *rec, struct worker *self, GPtrArray **local)
 {
   for (guint i = 0; i < rec->waiters->len; i++)
-    wait_put(rec->waiters->pdata[i]);
+    wait_put(rec->waiters->pdata[i], self, local);
   g_ptr_array_set_size(rec->waiters, 0);
+}
+
+/* Not under the lock: resume the requests wake_waiters kept for us. */
+static void
+run_local(GPtrArray *local)
+{
+  for (guint i = 0; local && i < local->len; i++)
+    run_wait(local->pdata[i]);
+  if (local)
+    g_ptr_array_unref(local);
 }
 
 /* ---- scratch slots ---- */
@@ -277,7 +296,7 @@ stop_protecting(struct snapshot *s)
   for (uint64_t i = 0; i < s->nwords; i++)
     atomic_store(&s->protect[i], 0);
   while ((rec = g_queue_pop_head(&s->queue))) {
-    wake_waiters(rec);
+    wake_waiters(rec, NULL, NULL);
     g_hash_table_remove(s->recs, &rec->g);
   }
 }
@@ -376,7 +395,7 @@ copy_finish(struct copy_job *j, int res)
   struct snapshot *s = j->s;
   struct record *rec = j->rec;
   struct worker *w = j->w;
-  GPtrArray *next;
+  GPtrArray *next, *local = NULL;
   uint64_t g = rec->g;
 
   g_mutex_lock(&s->lock);
@@ -388,16 +407,17 @@ copy_finish(struct copy_job *j, int res)
     /* The waiters may now write: every reader from here on must find the
      * record COPIED (both happen under the lock). */
     prot_clear(s, g);
-    wake_waiters(rec);
+    wake_waiters(rec, w, &local);
     if (rec->released)
       drop_record(s, rec);
   } else {
-    wake_waiters(rec);
+    wake_waiters(rec, w, &local);
     drop_record(s, rec);
   }
   next = s->dead ? NULL : take_queued(s);
   g_mutex_unlock(&s->lock);
   start_all(s, next, w);
+  run_local(local);
   free(j->buf);
   g_free(j);
   worker_unhold(w);
@@ -825,7 +845,7 @@ snapshot_release(struct snapshot *s, uint64_t offset, uint64_t len)
     switch (rec->state) {
     case REC_QUEUED:
       g_queue_remove(&s->queue, rec);
-      wake_waiters(rec);
+      wake_waiters(rec, NULL, NULL);
       g_hash_table_remove(s->recs, &g);
       break;
     case REC_COPYING:
