@@ -877,14 +877,12 @@ open_file(const char *path, bool writable, const struct bmf_expect *expect,
   int fd, r;
 
   *out = NULL;
-  fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0)
-    return cbt_fail(why, -errno, "cannot open: %s", g_strerror(errno));
-  f = handle_new(path, fd, writable);
-  if (fstat(fd, &st) < 0)
-    return cbt_fail(why, -errno, "fstat: %s", g_strerror(errno));
-  if (!S_ISREG(st.st_mode))
+  fd = cbt_open_regular(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC, &st, NULL);
+  if (fd == -EINVAL)
     return cbt_fail(why, -EINVAL, "not a regular file");
+  if (fd < 0)
+    return cbt_fail(why, fd, "cannot open: %s", g_strerror(-fd));
+  f = handle_new(path, fd, writable);
 
   for (unsigned s = 0; s < 2; s++) {
     r = read_header_copy(fd, s, page[s], &h[s], reasonp[s], &bad_magic[s]);

@@ -1900,10 +1900,10 @@ open_q2(const char *path, bool read_only, bool direct,
   /* The caller's descriptor and backing image are ours from here on. */
   if (link)
     q->backing = link->backing;
-  q->fd = link ? link->fd : open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  q->fd = link ? link->fd : cbt_open_regular(path, (read_only ? O_RDONLY : O_RDWR) |
+                                             O_CLOEXEC, NULL, why);
   if (q->fd < 0) {
-    r = -errno;
-    *why = g_strdup_printf("%s: %s", path, g_strerror(errno));
+    r = q->fd;
     goto fail;
   }
   if (fstat(q->fd, &st) < 0 || !S_ISREG(st.st_mode)) {

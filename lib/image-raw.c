@@ -383,23 +383,9 @@ cbt_image_open_raw(const char *path, bool read_only, bool direct,
   int err;
 
   r->fd = r->fd_direct = -1;
-  r->fd = open(path, flags);
-  if (r->fd < 0) {
-    err = -errno;
-    *why = g_strdup_printf("%s: %s", path, g_strerror(errno));
-    return err;
-  }
-  if (fstat(r->fd, &st) < 0) {
-    err = -errno;
-    *why = g_strdup_printf("%s: stat: %s", path, g_strerror(errno));
-    close(r->fd);
-    return err;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    *why = g_strdup_printf("%s: not a regular file", path);
-    close(r->fd);
-    return -EINVAL;
-  }
+  r->fd = cbt_open_regular(path, flags, &st, why);
+  if (r->fd < 0)
+    return r->fd;
   if (direct) {
     r->fd_direct = open(path, flags | O_DIRECT);
     if (r->fd_direct < 0) {

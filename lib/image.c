@@ -75,14 +75,11 @@ int
 cbt_image_detect_format(const char *path, const char **format, char **why)
 {
   uint8_t magic[4];
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  int fd = cbt_open_regular(path, O_RDONLY | O_CLOEXEC, NULL, why);
   int r;
 
-  if (fd < 0) {
-    r = -errno;
-    *why = g_strdup_printf("%s: %s", path, g_strerror(errno));
-    return r;
-  }
+  if (fd < 0)
+    return fd;
   r = cbt_io_pread(fd, magic, sizeof magic, 0);
   close(fd);
   if (r == -ENODATA) {

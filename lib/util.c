@@ -1,5 +1,9 @@
 /* Helpers shared by lib/ (declared in cbt/util.h). */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <glib.h>
 
@@ -16,4 +20,46 @@ cbt_fail(char **why, int err, const char *fmt, ...)
     va_end(ap);
   }
   return err;
+}
+
+static const char *
+file_type(mode_t m)
+{
+  return S_ISFIFO(m) ? "a FIFO" : S_ISSOCK(m) ? "a socket" : S_ISDIR(m)
+         ? "a directory" : S_ISCHR(m) ? "a character device" : S_ISBLK(m)
+         ? "a block device" : "not a regular file";
+}
+
+int
+cbt_open_regular(const char *path, int flags, struct stat *st, char **why)
+{
+  struct stat buf;
+  int fd, fl;
+
+  /* O_NONBLOCK: opening a FIFO for reading waits for a writer. */
+  fd = open(path, flags | O_NONBLOCK);
+  if (fd < 0)
+    return cbt_fail(why, -errno, "%s: %s", path, g_strerror(errno));
+  if (!st)
+    st = &buf;
+  if (fstat(fd, st) < 0) {
+    int err = errno;
+
+    close(fd);
+    return cbt_fail(why, -err, "%s: stat: %s", path, g_strerror(err));
+  }
+  if (!S_ISREG(st->st_mode)) {
+    close(fd);
+    return cbt_fail(why, -EINVAL, "%s: %s, not a regular file", path,
+                    file_type(st->st_mode));
+  }
+  /* Not for a regular file: io_uring would return -EAGAIN where it waits. */
+  fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || (!(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)) {
+    int err = errno;
+
+    close(fd);
+    return cbt_fail(why, -err, "%s: fcntl: %s", path, g_strerror(err));
+  }
+  return fd;
 }

@@ -56,6 +56,7 @@
 #include <unistd.h>
 
 #include "cbt/uring-io.h"
+#include "cbt/util.h"
 #include "cli.h"
 
 #define MANIFEST_FORMAT  "cbt-backup-repository"
@@ -380,36 +381,86 @@ parse_entry(json_object *e, repo_backup *prev, repo_backup **out,
   return true;
 }
 
+/* Read the manifest at @path into *@text (NUL-terminated), *@len bytes.
+ * It must be a regular file (a FIFO would block the read) of at most
+ * MANIFEST_MAX bytes (checked before reading).  -ENOENT quietly, any other
+ * failure with @error set. */
+static int
+read_manifest(const char *path, char **text, gsize *len, GError **error)
+{
+  g_autofree char *why = NULL;
+  g_autofree char *buf = NULL;
+  struct stat st;
+  size_t got = 0;
+  int fd, r = 0;
+
+  fd = cbt_open_regular(path, O_RDONLY | O_CLOEXEC, &st, &why);
+  if (fd == -ENOENT)
+    return fd;
+  if (fd < 0) {
+    g_set_error(error, CLI_ERROR, fd == -EINVAL ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
+                "%s", why);
+    return fd;
+  }
+  if ((uint64_t)st.st_size > MANIFEST_MAX) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: larger than %u MiB", path,
+                MANIFEST_MAX >> 20);
+    close(fd);
+    return -EFBIG;
+  }
+  /* Up to one byte past the limit, in case it grows while we read. */
+  buf = g_malloc((size_t)st.st_size + 2);
+  while (got < (size_t)st.st_size + 1) {
+    ssize_t n = read(fd, buf + got, (size_t)st.st_size + 1 - got);
+
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0) {
+      r = -errno;
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
+      break;
+    }
+    if (n == 0)
+      break;
+    got += (size_t)n;
+  }
+  close(fd);
+  if (r < 0)
+    return r;
+  if (got > (size_t)st.st_size) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: changed while it was read", path);
+    return -EAGAIN;
+  }
+  buf[got] = '\0';
+  *len = got;
+  *text = g_steal_pointer(&buf);
+  return 0;
+}
+
 static bool
 load_manifest(repo *r, bool create, GError **error)
 {
   g_autofree char *path = repo_path(r, REPO_MANIFEST);
   g_autofree char *text = NULL;
-  g_autoptr(GError) err = NULL;
   g_autoptr(json_object) root = NULL;
   json_tokener *tok;
   json_object *v = NULL, *list = NULL;
   gsize len = 0;
   uint64_t next = 0, version = 0;
+  int rc;
 
   r->backups = g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
   r->next_seq = 1;
-  if (!g_file_get_contents(path, &text, &len, &err)) {
-    if (g_error_matches(err, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
-      if (create)
-        return true;
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
-                  "%s: not a backup repository (no " REPO_MANIFEST ")", r->dir);
-      return false;
-    }
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s", err->message);
+  rc = read_manifest(path, &text, &len, error);
+  if (rc == -ENOENT) {
+    if (create)
+      return true;
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                "%s: not a backup repository (no " REPO_MANIFEST ")", r->dir);
     return false;
   }
-  if (len > MANIFEST_MAX) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: larger than %u MiB", path,
-                MANIFEST_MAX >> 20);
+  if (rc < 0)
     return false;
-  }
   tok = json_tokener_new();
   root = json_tokener_parse_ex(tok, text, (int)len);
   if (!root || json_tokener_get_error(tok) != json_tokener_success) {
@@ -647,16 +698,16 @@ repo_checksum_file(const char *path, uint64_t chunk, GPtrArray **sums,
                    uint64_t *size, GError **error)
 {
   struct sum_job j = { .path = path, .chunk = chunk };
+  g_autofree char *why = NULL;
   g_autoptr(GPtrArray) out = NULL;
   GThread *threads[16];
   guint nthreads;
   struct stat st;
 
-  j.fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (j.fd < 0 || fstat(j.fd, &st) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
-    if (j.fd >= 0)
-      close(j.fd);
+  j.fd = cbt_open_regular(path, O_RDONLY | O_CLOEXEC, &st, &why);
+  if (j.fd < 0) {
+    g_set_error(error, CLI_ERROR, j.fd == -EINVAL ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
+                "%s", why);
     return false;
   }
   j.size = (uint64_t)st.st_size;

@@ -21,6 +21,16 @@ static inline void cbt_put_be16(uint8_t *p, uint16_t v) { v = htobe16(v); memcpy
 static inline void cbt_put_be32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
 static inline void cbt_put_be64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
 
+struct stat;
+
+/* open(2) @path with @flags for a regular file, never blocking: it is
+ * opened with O_NONBLOCK (a FIFO would otherwise wait for a writer),
+ * checked to be a regular file (-EINVAL otherwise, *@why naming what it
+ * is), and O_NONBLOCK is cleared again unless @flags has it.  *@st (may
+ * be NULL) gets its fstat.  Returns the descriptor or -errno with *@why
+ * set as cbt_fail does ("PATH: reason"). */
+int cbt_open_regular(const char *path, int flags, struct stat *st, char **why);
+
 /* For lib/ functions that return -errno and explain through a
  * `char **why` out-parameter: if @why is non-NULL and still NULL, set
  * *why to the formatted reason (g_free it).  Returns @err, so a failure
