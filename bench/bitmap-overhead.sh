@@ -2,8 +2,8 @@
 # The cost of dirty tracking: fio 4k random writes against cbt-filterd
 # without a bitmap (cbt), with lazy tracking (cbt-lazy) and with crash-safe
 # tracking (cbt-bitmap, the default), on one image, alternating run by run
-# (bench/fio-compare.sh does the work).  firstwrite4k-* writes each 64 KiB
-# granule once, so every write of a crash-safe run waits for a commit
+# (bench/fio-compare.sh does the work).  firstwrite4k-* writes 4 KiB into
+# each 64 KiB granule once, in order, so every write of a crash-safe run waits for a commit
 # (shared with the others in flight); randwrite4k-* runs 10 s of random
 # writes, mostly to granules already durable.
 #

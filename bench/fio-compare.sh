@@ -15,6 +15,9 @@
 #                  run; crash-safe tracking, the default): the cost of
 #                  tracking (bench/bitmap-overhead.sh)
 #   cbt-lazy       the same with --tracking lazy
+#   cbt-bitmap-warm  cbt-bitmap whose every granule was written once before
+#                  the measured run (4 KiB into each 64 KiB granule): the
+#                  steady state, where no write waits for a commit
 #   cbt-qcow2, qemu-nbd-qcow2   both on a qcow2 copy of the image (64 KiB
 #                  clusters, fully allocated by qemu-img convert), made
 #                  once when one of them is asked for
@@ -72,7 +75,7 @@ done
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
 for s in "${servers[@]}"; do
     case $s in
-    cbt|cbt-none|cbt-bitmap|cbt-lazy|cbt-qcow2) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
+    cbt|cbt-none|cbt-bitmap|cbt-bitmap-warm|cbt-lazy|cbt-qcow2) [[ -x $filterd ]] || die "$filterd not built (ninja -C build)" ;;
     qemu-nbd|qemu-nbd-none|qemu-nbd-qcow2|nbdkit-file|nbdkit-null) ;;
     *) die "unknown server '$s'" ;;
     esac
@@ -87,10 +90,11 @@ workload_args() {
     randread4k-qd1)   echo "--rw=randread  --bs=4k  --iodepth=1" ;;
     randwrite4k-qd1)  echo "--rw=randwrite --bs=4k  --iodepth=1" ;;
     # Every write to a 64 KiB granule not written before (a fresh bitmap
-    # per run): 32768 writes, each the first of its granule, in random
-    # order -- what a crash-safe commit costs at most.
-    firstwrite4k-qd32) echo "--rw=randwrite --bs=4k --blockalign=64k --iodepth=32 --io_size=128m" ;;
-    firstwrite4k-qd1)  echo "--rw=randwrite --bs=4k --blockalign=64k --iodepth=1 --io_size=128m" ;;
+    # per run): 4 KiB at the start of each granule in turn (fio's strided
+    # zones), 32768 writes each the first of its granule -- what a
+    # crash-safe commit costs at most.
+    firstwrite4k-qd32) echo "--rw=write --bs=4k --zonemode=strided --zonesize=4k --zonerange=64k --iodepth=32 --io_size=128m" ;;
+    firstwrite4k-qd1)  echo "--rw=write --bs=4k --zonemode=strided --zonesize=4k --zonerange=64k --iodepth=1 --io_size=128m" ;;
     *) return 1 ;;
     esac
 }
@@ -148,6 +152,10 @@ start_server() {
         rm -f "$tmp/bench.bitmap"
         "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
             --bitmap "$tmp/bench.bitmap" >"$log" 2>&1 & ;;
+    cbt-bitmap-warm)
+        rm -f "$tmp/bench.bitmap"
+        "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
+            --bitmap "$tmp/bench.bitmap" >"$log" 2>&1 & ;;
     cbt-lazy)
         rm -f "$tmp/bench.bitmap"
         "$filterd" --image "$img" --format raw --socket "$sock" --pid-file "$server_pidfile" \
@@ -173,7 +181,14 @@ start_server() {
     esac
     server_pid=$!
     for _ in $(seq 100); do
-        [[ -S $sock && -s $server_pidfile ]] && return 0
+        if [[ -S $sock && -s $server_pidfile ]]; then
+            [[ $name == cbt-bitmap-warm ]] || return 0
+            # Dirty (and commit) every granule before the measured run.
+            fio --name=warm --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+                $(workload_args firstwrite4k-qd32) --size="$size_bytes" \
+                --output="$tmp/warm.out" >/dev/null 2>&1 || die "warming $name failed"
+            return 0
+        fi
         if ! kill -0 "$server_pid" 2>/dev/null && [[ ! -s $server_pidfile ]]; then
             cat "$log" >&2
             die "$name exited before it listened on $sock"
@@ -267,7 +282,8 @@ for w in workloads:
 pairs = [(a, b) for a, b in [("cbt", "nbdkit-file"), ("cbt", "qemu-nbd"),
                              ("cbt", "nbdkit-null"), ("cbt-none", "qemu-nbd-none"),
                              ("cbt-bitmap", "cbt"), ("cbt-lazy", "cbt"),
-                             ("cbt-bitmap", "cbt-lazy"), ("cbt-bitmap", "nbdkit-file"),
+                             ("cbt-bitmap", "cbt-lazy"), ("cbt-bitmap-warm", "cbt"),
+                             ("cbt-bitmap", "nbdkit-file"),
                              ("cbt-bitmap", "qemu-nbd"), ("cbt-qcow2", "qemu-nbd-qcow2")]
          if a in servers and b in servers]
 ratios = {w: {f"{a}/{b}": results[w][a]["median"]["iops"] / results[w][b]["median"]["iops"]
