@@ -335,7 +335,6 @@ restore(const char *dir, const char *at, const char *out, GError **error)
   g_autoptr(repo) r = NULL;
   g_autoptr(cbt_image) img = NULL;
   g_autofree char *path = NULL;
-  g_autofree char *why = NULL;
   g_autofree uint8_t *buf = NULL;
   struct sink s = { .fd = -1 };
   const repo_backup *b = NULL;
