@@ -140,18 +140,40 @@ run_waiter(void *arg)
   g_free(fw);
 }
 
-/* Hand each waiter of @batch its result on its worker; commits that
- * succeeded first record their bits as durable. */
+/* Run every waiter of a GPtrArray posted to one worker. */
+static void
+run_waiters(void *arg)
+{
+  GPtrArray *list = arg;
+
+  for (guint i = 0; i < list->len; i++)
+    run_waiter(list->pdata[i]);
+  g_ptr_array_unref(list);
+}
+
+/* Hand each waiter of @batch its result on its worker, one message per
+ * worker; commits that succeeded first record their bits as durable. */
 static void
 finish_batch(struct tracking *t, GPtrArray *batch, int r)
 {
-  for (guint i = 0; i < batch->len; i++) {
-    struct flush_waiter *fw = batch->pdata[i];
+  while (batch->len > 0) {
+    struct worker *w = ((struct flush_waiter *)batch->pdata[0])->w;
+    GPtrArray *mine = g_ptr_array_new();
 
-    if (r == 0 && fw->len > 0)
-      cbt_bitmap_set_range(&t->durable, fw->offset, fw->len);
-    fw->res = r;
-    worker_post(fw->w, run_waiter, fw);
+    for (guint i = 0; i < batch->len;) {
+      struct flush_waiter *fw = batch->pdata[i];
+
+      if (fw->w != w) {
+        i++;
+        continue;
+      }
+      if (r == 0 && fw->len > 0)
+        cbt_bitmap_set_range(&t->durable, fw->offset, fw->len);
+      fw->res = r;
+      g_ptr_array_add(mine, fw);
+      g_ptr_array_remove_index_fast(batch, i);
+    }
+    worker_post(w, run_waiters, mine);
   }
 }
 
