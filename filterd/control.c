@@ -16,8 +16,11 @@
  * Each control connection gets a thread with blocking I/O, like the NBD
  * negotiation: requests are rare and the operations (bitmap file writes
  * and fdatasync) are blocking anyway.  Lines are capped at 64 KiB and at
- * most MAX_CONTROL clients are served at once; a malformed request gets an
- * error reply and the connection stays open, an over-long line closes it.
+ * most MAX_CONTROL clients are served at once; a client gets IDLE_TIMEOUT
+ * seconds for each request (counted from its connection or its last
+ * reply), so clients that hang cannot lock the backups out for long.  A
+ * malformed request gets an error reply and the connection stays open, an
+ * over-long line closes it.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -30,8 +33,9 @@
 
 #include "internal.h"
 
-#define MAX_CONTROL   16
+#define MAX_CONTROL   64
 #define MAX_LINE      (64 * 1024)
+#define IDLE_TIMEOUT  30            /* seconds a client may take per request */
 
 static struct client_threads controls = {
   .what = "control clients",
@@ -60,16 +64,22 @@ hex_id(uint64_t id)
   return g_strdup_printf("%016" PRIx64, id);
 }
 
+/* Exactly 16 hex digits: no sign, no blanks, no 0x (strtoull takes all
+ * of those). */
 static bool
 parse_id(const char *s, uint64_t *out)
 {
-  char *end;
+  uint64_t v = 0;
 
   if (!s || strlen(s) != 16)
     return false;
-  errno = 0;
-  *out = g_ascii_strtoull(s, &end, 16);
-  return errno == 0 && *end == '\0';
+  for (int i = 0; i < 16; i++) {
+    if (!g_ascii_isxdigit(s[i]))
+      return false;
+    v = v << 4 | (uint64_t)g_ascii_xdigit_value(s[i]);
+  }
+  *out = v;
+  return true;
 }
 
 static void
@@ -323,19 +333,43 @@ send_all(int fd, const char *s)
   return true;
 }
 
+/* Before each receive: the time left of the client's IDLE_TIMEOUT for
+ * the current request (since the last reply), as the socket's timeout;
+ * false once it is over. */
+static bool
+arm_deadline(int fd, gint64 deadline)
+{
+  gint64 left = deadline - g_get_monotonic_time();
+  struct timeval tv;
+
+  if (left <= 0)
+    return false;
+  tv.tv_sec = left / G_USEC_PER_SEC;
+  tv.tv_usec = left % G_USEC_PER_SEC;
+  return setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0;
+}
+
 static void *
 ctl_thread(void *arg)
 {
   int fd = GPOINTER_TO_INT(arg);
   g_autofree char *buf = g_malloc(MAX_LINE + 1);
+  gint64 deadline = g_get_monotonic_time() + IDLE_TIMEOUT * G_USEC_PER_SEC;
   size_t have = 0;
 
   for (;;) {
     char *nl;
-    ssize_t r = recv(fd, buf + have, MAX_LINE - have, 0);
+    ssize_t r;
 
+    if (!arm_deadline(fd, deadline)) {
+      debug("control: client idle for %d s; closing", IDLE_TIMEOUT);
+      break;
+    }
+    r = recv(fd, buf + have, MAX_LINE - have, 0);
     if (r < 0 && errno == EINTR)
       continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+      continue;                      /* the deadline check closes it */
     if (r <= 0)
       break;
     have += (size_t)r;
@@ -345,12 +379,20 @@ ctl_thread(void *arg)
 
       *nl = '\0';
       if (n > 0 && buf[n - 1] == '\r')
-        buf[n - 1] = '\0';
-      reply = buf[0] ? handle_line(buf) : NULL;
-      memmove(buf, nl + 1, have - n - 1);
-      have -= n + 1;
+        buf[--n] = '\0';
+      if (n == 0)
+        reply = NULL;                /* blank lines are ignored */
+      else if (memchr(buf, '\0', n))
+        reply = g_strdup("{\"error\": {\"class\": \"BadRequest\", "
+                         "\"desc\": \"request contains a NUL byte\"}}\n");
+      else
+        reply = handle_line(buf);
+      memmove(buf, nl + 1, have - (size_t)(nl + 1 - buf));
+      have -= (size_t)(nl + 1 - buf);
       if (reply && !send_all(fd, reply))
         goto out;
+      if (reply)
+        deadline = g_get_monotonic_time() + IDLE_TIMEOUT * G_USEC_PER_SEC;
     }
     if (have == MAX_LINE) {
       send_all(fd, "{\"error\": {\"class\": \"BadRequest\", \"desc\": \"request longer than 64 KiB\"}}\n");
@@ -365,8 +407,14 @@ out:
 void
 control_start(int fd)
 {
-  if (!client_threads_start(&controls, fd, "control", ctl_thread, GINT_TO_POINTER(fd)))
+  if (!client_threads_start(&controls, fd, "control", ctl_thread, GINT_TO_POINTER(fd))) {
+    /* Say why before closing; never wait for a client that does not read. */
+    static const char msg[] = "{\"error\": {\"class\": \"GenericError\", \"desc\": "
+                              "\"too many control clients at once\"}}\n";
+
+    (void)!send(fd, msg, sizeof msg - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
     close(fd);
+  }
 }
 
 void

@@ -1,8 +1,8 @@
 /* Fixed newstyle negotiation, one thread per new connection.
  *
  * Negotiation is short, rare and strictly sequential, so it is written as
- * plain blocking code in its own thread with a receive/send timeout
- * (--handshake-timeout, default 10 s) instead of a state machine on the
+ * plain blocking code in its own thread with a deadline for the whole
+ * negotiation (--handshake-timeout, default 10 s) instead of a state machine on the
  * workers' rings.  At most MAX_HANDSHAKES run at once; more are refused,
  * so a flood of idle connections cannot exhaust threads.  When negotiation
  * reaches transmission (EXPORT_NAME or GO) the socket and what was
@@ -31,6 +31,7 @@
 struct hs {
   int fd;
   bool no_zeroes;
+  gint64 deadline;                   /* the whole negotiation's end */
   struct conn_params p;
 };
 
@@ -40,13 +41,37 @@ static struct client_threads negotiations = {
 };
 
 
+/* --handshake-timeout bounds the whole negotiation, not each receive: a
+ * client trickling one byte at a time gets no more time than a silent
+ * one.  Before each receive or send the socket's timeouts are set to what
+ * is left; false when nothing is. */
+static bool
+arm_deadline(struct hs *h)
+{
+  gint64 left = h->deadline - g_get_monotonic_time();
+  struct timeval tv;
+
+  if (left <= 0)
+    return false;
+  tv.tv_sec = left / G_USEC_PER_SEC;
+  tv.tv_usec = left % G_USEC_PER_SEC;
+  return setsockopt(h->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0 &&
+         setsockopt(h->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0;
+}
+
 static bool
 read_full(struct hs *h, void *buf, size_t len)
 {
   size_t done = 0;
 
   while (done < len) {
-    ssize_t r = recv(h->fd, (char *)buf + done, len - done, 0);
+    ssize_t r;
+
+    if (!arm_deadline(h)) {
+      log_error("%s: negotiation timed out", h->p.peer);
+      return false;
+    }
+    r = recv(h->fd, (char *)buf + done, len - done, 0);
     if (r < 0 && errno == EINTR)
       continue;
     if (r <= 0) {
@@ -69,7 +94,13 @@ write_full(struct hs *h, const void *buf, size_t len)
   size_t done = 0;
 
   while (done < len) {
-    ssize_t r = send(h->fd, (const char *)buf + done, len - done, MSG_NOSIGNAL);
+    ssize_t r;
+
+    if (!arm_deadline(h)) {
+      log_error("%s: negotiation timed out", h->p.peer);
+      return false;
+    }
+    r = send(h->fd, (const char *)buf + done, len - done, MSG_NOSIGNAL);
     if (r < 0 && errno == EINTR)
       continue;
     if (r <= 0) {
@@ -520,6 +551,7 @@ handshake_start(int fd, const char *peer)
   struct hs *h = g_new0(struct hs, 1);
 
   h->fd = fd;
+  h->deadline = g_get_monotonic_time() + (gint64)srv.handshake_timeout * G_USEC_PER_SEC;
   g_strlcpy(h->p.peer, peer, sizeof h->p.peer);
   set_timeout(fd, srv.handshake_timeout);
   if (!client_threads_start(&negotiations, fd, peer, hs_thread, h)) {

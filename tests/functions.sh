@@ -373,3 +373,10 @@ scratch_files_of()
 {
     ls -l "/proc/$1/fd" 2>/dev/null | grep -c -e '(deleted)' || true
 }
+
+# json_true FILTER TEXT: TEXT is JSON and FILTER is true of it.  (jq 1.6's
+# -e exits 0 on empty input, so a missing reply would pass a bare jq -e.)
+json_true()
+{
+    [ -n "$2" ] && jq -e "$1" <<<"$2" >/dev/null
+}

@@ -43,7 +43,7 @@ frozen_backup()
     bp=$!
     stop_at_checkpoint "$csock" "$bp"
     overwrite_all "$uri" "$size" "$1"
-    view_status "$csock" | jq -e '."scratch-bytes" > 0' >/dev/null ||
+    json_true '."scratch-bytes" > 0' "$(view_status "$csock")" ||
         die "the view holds no copies"
 }
 

@@ -30,8 +30,8 @@ backup_over_limit()
     stop_at_checkpoint "$csock" "$bp"
     overwrite_all "$uri" "$size" "$2"
     v=$(view_status "$csock")
-    jq -e '.failed != null and (.failed | test("scratch limit")) and
-           ."scratch-peak" <= 4194304' <<<"$v" >/dev/null ||
+    json_true '.failed != null and (.failed | test("scratch limit")) and
+               ."scratch-peak" <= 4194304' "$v" ||
         die "$1: the view did not fail at the limit: $v"
     kill -CONT "$bp"
     rc=0; wait "$bp" || rc=$?
@@ -41,7 +41,7 @@ backup_over_limit()
     has "scratch limit"
     has "aborted"
     # The checkpoint is gone, the view too, and the guest's writes landed.
-    ctl "$csock" '{"execute":"status"}' | jq -e '.return.checkpoint == null' >/dev/null ||
+    json_true '.return.checkpoint == null' "$(ctl "$csock" '{"execute":"status"}')" ||
         die "$1: the checkpoint was not aborted"
     [ "$(scratch_files_of "$pid")" -eq 0 ] || die "$1: scratch file still held"
     qio -f raw "$uri" -c "read -P $2 0 512M"

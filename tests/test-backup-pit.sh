@@ -38,8 +38,8 @@ run_format()
     overwrite_all "$uri" "$size" 0xbb
     qio -f raw "$uri" -c "write -z 8M 8M" -c "discard 32M 8M" -c "write -z 250M 2M"
     v=$(view_status "$csock")
-    jq -e '.mode == "full" and ."copied-bytes" > 0 and .failed == null' <<<"$v" \
-        >/dev/null || die "$fmt: the view saved nothing while the guest wrote: $v"
+    json_true '.mode == "full" and ."copied-bytes" > 0 and .failed == null' "$v" ||
+        die "$fmt: the view saved nothing while the guest wrote: $v"
     kill -CONT "$bp"
     rc=0; wait "$bp" || rc=$?
     [ $rc -eq 0 ] || { cat "$tmp/backup1.out" >&2; die "$fmt: full backup: exit $rc"; }
@@ -61,7 +61,7 @@ run_format()
     stop_at_checkpoint "$csock" "$bp"
     overwrite_all "$uri" "$size" 0xcc
     v=$(view_status "$csock")
-    jq -e '.mode == "incremental" and ."copied-bytes" > 0' <<<"$v" >/dev/null ||
+    json_true '.mode == "incremental" and ."copied-bytes" > 0' "$v" ||
         die "$fmt: incremental view saved nothing: $v"
     kill -CONT "$bp"
     rc=0; wait "$bp" || rc=$?

@@ -51,9 +51,9 @@ crash()
 after_crash()
 {
     daemon
-    ctl "$csock" '{"execute":"status"}' |
-        jq -e '.return.bitmap.trusted and .return.bitmap."crash-safe-at-start"' >/dev/null ||
-        die "$1: bitmap not trusted after the crash: $(ctl "$csock" '{"execute":"status"}')"
+    st=$(ctl "$csock" '{"execute":"status"}')
+    json_true '.return.bitmap.trusted and .return.bitmap."crash-safe-at-start"' "$st" ||
+        die "$1: bitmap not trusted after the crash: $st"
     expect_rc 0 cbt backup --socket "$sock" --control "$csock" --repo "$repo" --incremental
     rm -f "$tmp/r.raw"
     cbt restore --repo "$repo" --output "$tmp/r.raw" >/dev/null 2>&1 || die "$1: restore failed"
