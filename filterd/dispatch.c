@@ -48,18 +48,6 @@ add_iov(struct request *req, void *base, size_t len)
 }
 
 static bool
-is_zero(const uint8_t *p, size_t len)
-{
-  /* Most data blocks fail on the first bytes; for the rest compare the
-   * buffer with itself shifted by 16 (all zero iff first 16 are zero). */
-  static const uint8_t zero[16];
-
-  if (len <= 16)
-    return memcmp(p, zero, len) == 0;
-  return memcmp(p, zero, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
-}
-
-static bool
 uses_structured(const struct request *req)
 {
   return conn_params(req->c)->structured &&
@@ -154,7 +142,7 @@ reply_read(struct request *req)
     if (step > len - pos)
       step = len - pos;
     /* A partial grain at either end is never worth a hole chunk. */
-    hole = step == HOLE_GRAIN && is_zero(buf + pos, step);
+    hole = step == HOLE_GRAIN && cbt_is_zero(buf + pos, step);
     if (pos == 0) {
       run_hole = hole;
     } else if (hole != run_hole) {
@@ -297,6 +285,22 @@ read_empty(struct request *req)
   return true;
 }
 
+/* Start of every READ: a zero-length one is answered here (true), else
+ * the buffer is allocated (false to go on; true if it failed and the
+ * error reply is sent). */
+static bool
+read_prepare(struct request *req)
+{
+  if (read_empty(req))
+    return true;
+  if (!request_alloc_buf(req, req->hdr.length)) {
+    req->error = NBD_ENOMEM;
+    reply_error(req);
+    return true;
+  }
+  return false;
+}
+
 /* A request on the @checkpoint export (snapshot.c): reads of the
  * point-in-time view, TRIM to release what the backup has stored. */
 static void
@@ -308,13 +312,8 @@ dispatch_snapshot(struct request *req)
 
   switch (h->type) {
   case NBD_CMD_READ:
-    if (read_empty(req))
+    if (read_prepare(req))
       return;
-    if (!request_alloc_buf(req, h->length)) {
-      req->error = NBD_ENOMEM;
-      reply_error(req);
-      return;
-    }
     snapshot_read(snap, conn_worker(req->c), h->offset, h->length, req->buf,
                   snap_read_done, req);
     return;
@@ -417,13 +416,8 @@ dispatch_request(struct request *req)
 
   switch (h->type) {
   case NBD_CMD_READ:
-    if (read_empty(req))
+    if (read_prepare(req))
       return;
-    if (!request_alloc_buf(req, h->length)) {
-      req->error = NBD_ENOMEM;
-      reply_error(req);
-      return;
-    }
     io->type = CBT_IO_READ;
     io->buf = req->buf;
     break;

@@ -214,16 +214,6 @@ gran_len(const struct snapshot *s, uint64_t g)
   return MIN((uint64_t)s->gran, s->size - base);
 }
 
-static bool
-all_zero(const uint8_t *p, size_t len)
-{
-  static const uint8_t zero[16];
-
-  if (len <= 16)
-    return memcmp(p, zero, len) == 0;
-  return memcmp(p, zero, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
-}
-
 static void
 run_wait(void *arg)
 {
@@ -478,7 +468,7 @@ copy_read_done(struct cbt_image_io *io, int res)
     copy_finish(j, res);
     return;
   }
-  if (!j->rec->has_data && all_zero(j->buf, j->clen)) {
+  if (!j->rec->has_data && cbt_is_zero(j->buf, j->clen)) {
     /* Zeros before the first data need no slot; reads fill them in. */
     j->pos += j->clen;
     j->rec->data_from = j->pos;

@@ -190,17 +190,6 @@ data_length_for(uint64_t size, uint32_t gran)
   return (bits + 63) / 64 * 8;
 }
 
-static bool
-all_zero(const void *buf, size_t len)
-{
-  const uint8_t *p = buf;
-
-  for (size_t i = 0; i < len; i++)
-    if (p[i])
-      return false;
-  return true;
-}
-
 /* --- encode / decode --------------------------------------------------- */
 
 static void
@@ -472,12 +461,12 @@ validate_header(const struct bmf_header *h, const uint8_t *page, char **why)
                 "0x%" PRIx32 " set", s, h->state_flags & ~BMF_STATE_CLEAN);
   if (h->reserved0 || h->reserved1)
     return cbt_fail(why, -EBADMSG, "header copy %u: reserved field not zero", s);
-  if (!all_zero(page + h->header_size, BMF_PAGE - h->header_size))
+  if (!cbt_is_zero(page + h->header_size, BMF_PAGE - h->header_size))
     return cbt_fail(why, -EBADMSG, "header copy %u: padding after header not zero", s);
   if (h->image_size == 0 || h->image_size > CBT_BITMAP_MAX_SIZE)
     return cbt_fail(why, -EBADMSG, "header copy %u: bad image_size %" PRIu64, s,
                 h->image_size);
-  if (all_zero(h->uuid, sizeof h->uuid))
+  if (cbt_is_zero(h->uuid, sizeof h->uuid))
     return cbt_fail(why, -EBADMSG, "header copy %u: file_uuid is all zeros", s);
   if (h->dir_entry_size != BMF_ENTRY_SIZE)
     return cbt_fail(why, -EBADMSG, "header copy %u: bad dir_entry_size %" PRIu32
@@ -545,7 +534,7 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
     uint64_t expect;
 
     if (i >= h->nb_entries) {
-      if (!all_zero(raw, BMF_ENTRY_SIZE))
+      if (!cbt_is_zero(raw, BMF_ENTRY_SIZE))
         return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                     " is past nb_entries but not zero", i);
       continue;
@@ -557,7 +546,7 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
     if (len == sizeof d.name)
       return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                   ": name not terminated", i);
-    if (!all_zero(d.name + len, sizeof d.name - len))
+    if (!cbt_is_zero(d.name + len, sizeof d.name - len))
       return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                   ": bytes after the name not zero", i);
     if (!name_ok(d.name))
@@ -569,7 +558,7 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
     if (!gran_ok(d.granularity))
       return cbt_fail(why, -EBADMSG, "bitmap '%s': bad granularity %" PRIu32
                   " (must be a power of two >= 512)", d.name, d.granularity);
-    if (d.reserved0 || !all_zero(d.reserved1, sizeof d.reserved1))
+    if (d.reserved0 || !cbt_is_zero(d.reserved1, sizeof d.reserved1))
       return cbt_fail(why, -EBADMSG, "bitmap '%s': reserved field not zero", d.name);
     if (d.data_offset % BMF_PAGE || d.data_offset < mend)
       return cbt_fail(why, -EBADMSG, "bitmap '%s': bad data_offset %" PRIu64

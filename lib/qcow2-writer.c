@@ -189,12 +189,6 @@ header_area_bytes(const char *backing_file, const char *backing_format)
   return n;
 }
 
-static bool
-buffer_is_zero(const uint8_t *p, size_t n)
-{
-  return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
-}
-
 /* --- entries (all under w->lock) -------------------------------------- */
 
 enum entry_kind { KIND_NONE, KIND_DATA, KIND_ZERO };
@@ -459,7 +453,7 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
 
   /* Outside the lock: which clusters are all zero. */
   for (uint64_t i = 0; i < n; i++) {
-    c[i].zero = buffer_is_zero(p + i * cs, MIN(cs, len - i * cs));
+    c[i].zero = cbt_is_zero(p + i * cs, MIN(cs, len - i * cs));
     new_data += !c[i].zero;
   }
 

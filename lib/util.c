@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -62,4 +63,15 @@ cbt_open_regular(const char *path, int flags, struct stat *st, char **why)
     return cbt_fail(why, -err, "%s: fcntl: %s", path, g_strerror(err));
   }
   return fd;
+}
+
+bool
+cbt_is_zero(const void *buf, size_t len)
+{
+  static const uint8_t zero[16];
+  const uint8_t *p = buf;
+
+  if (len <= 16)
+    return memcmp(p, zero, len) == 0;
+  return memcmp(p, zero, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
 }

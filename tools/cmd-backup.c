@@ -140,16 +140,12 @@ settle_leftover(struct backup *b, GError **error)
   return control_execute(b->ctl, "checkpoint-abort", id, &b->st, error);
 }
 
-/* After an incremental begin turned out unusable: abort it and begin a
- * checkpoint whose view protects the whole disk. */
+/* checkpoint-begin with a point-in-time view for a @mode backup; from
+ * here on a failure must abort it (b->begun). */
 static bool
-restart_full(struct backup *b, GError **error)
+begin_checkpoint(struct backup *b, const char *mode, GError **error)
 {
-  if (!control_execute(b->ctl, "checkpoint-abort", b->cp_id, NULL, error))
-    return false;
-  b->begun = false;
-  g_clear_pointer(&b->cp_id, g_free);
-  if (!control_begin(b->ctl, "full", &b->st, error))
+  if (!control_begin(b->ctl, mode, &b->st, error))
     return false;
   if (!b->st.in_progress) {
     g_set_error(error, CONTROL_ERROR, CONTROL_ERR_PROTOCOL,
@@ -159,6 +155,18 @@ restart_full(struct backup *b, GError **error)
   b->begun = true;
   b->cp_id = g_strdup(b->st.cp_id);
   return true;
+}
+
+/* After an incremental begin turned out unusable: abort it and begin a
+ * checkpoint whose view protects the whole disk. */
+static bool
+restart_full(struct backup *b, GError **error)
+{
+  if (!control_execute(b->ctl, "checkpoint-abort", b->cp_id, NULL, error))
+    return false;
+  b->begun = false;
+  g_clear_pointer(&b->cp_id, g_free);
+  return begin_checkpoint(b, "full", error);
 }
 
 /* A copy failed: if the daemon's view failed (scratch limit, scratch I/O
@@ -304,15 +312,8 @@ run(struct backup *b, GError **error)
 
   /* Step 4. */
   if (b->st.has_bitmap) {
-    if (!control_begin(b->ctl, incremental ? "incremental" : "full", &b->st, error))
+    if (!begin_checkpoint(b, incremental ? "incremental" : "full", error))
       return false;
-    if (!b->st.in_progress) {
-      g_set_error(error, CONTROL_ERROR, CONTROL_ERR_PROTOCOL,
-                  "checkpoint-begin returned no checkpoint");
-      return false;
-    }
-    b->begun = true;
-    b->cp_id = g_strdup(b->st.cp_id);
     if (incremental &&
         (!b->st.cp_trusted || !b->st.cp_previous ||
          strcmp(b->st.cp_previous, b->newest->checkpoint) != 0)) {

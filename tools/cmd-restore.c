@@ -39,6 +39,7 @@
 #include "cbt/qcow2.h"
 #include "cbt/qcow2-writer.h"
 #include "cbt/uring-io.h"
+#include "cbt/util.h"
 #include "cli.h"
 
 #define WINDOW   (UINT64_C(4) << 20)
@@ -59,12 +60,6 @@ struct sink {
   uint64_t written;               /* data bytes written */
   bool created;                   /* a file we must remove on failure */
 };
-
-static bool
-is_zero(const uint8_t *p, size_t n)
-{
-  return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
-}
 
 static bool
 sink_open(struct sink *s, const char *out, uint64_t size, GError **error)
@@ -176,7 +171,7 @@ sink_write(struct sink *s, uint64_t off, const uint8_t *buf, uint64_t len, GErro
     for (uint64_t p = 0; p < len; p += PIECE) {
       uint64_t n = MIN(PIECE, len - p);
 
-      if (is_zero(buf + p, (size_t)n)) {
+      if (cbt_is_zero(buf + p, (size_t)n)) {
         if (!sink_zero(s, off + p, n, error))
           return false;
         continue;

@@ -3,6 +3,7 @@
 #define CBT_UTIL_H
 
 #include <endian.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -30,6 +31,11 @@ struct stat;
  * be NULL) gets its fstat.  Returns the descriptor or -errno with *@why
  * set as cbt_fail does ("PATH: reason"). */
 int cbt_open_regular(const char *path, int flags, struct stat *st, char **why);
+
+/* Are all @len bytes at @p zero?  (True for @len 0.)  Fast on data:
+ * most blocks fail on the first bytes, and the rest compares the buffer
+ * with itself shifted by 16 bytes once the first 16 are known zero. */
+bool cbt_is_zero(const void *p, size_t len);
 
 /* For lib/ functions that return -errno and explain through a
  * `char **why` out-parameter: if @why is non-NULL and still NULL, set
