@@ -32,6 +32,7 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "cbt/qcow2.h"
 #include "cbt/util.h"
 #include "internal.h"
 
@@ -162,6 +163,19 @@ reply_read(struct request *req)
   conn_reply(req);
 }
 
+/* A qcow2 image that refused a write as corrupt says why, once. */
+static void
+log_corrupt_once(void)
+{
+  static atomic_bool said;
+  const char *why = cbt_image_qcow2_corrupt(srv.image);
+
+  if (why && !atomic_exchange(&said, true))
+    log_error("%s: image marked corrupt, writes are refused from now on: %s "
+              "(serve it --read-only to rescue data; qemu-img check -r all repairs it)",
+              srv.image_path, why);
+}
+
 static bool
 changes_data(uint16_t type)
 {
@@ -198,6 +212,8 @@ io_complete(struct cbt_image_io *io, int res)
       log_error("%s: %s offset %" PRIu64 " length %" PRIu32 ": %s",
                 conn_params(req->c)->peer, cbt_nbd_cmd_name(req->hdr.type),
                 req->hdr.offset, req->hdr.length, g_strerror(-res));
+    if (res == -EIO && changes_data(req->hdr.type))
+      log_corrupt_once();
     reply_error(req);
     return;
   }
