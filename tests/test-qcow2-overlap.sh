@@ -138,6 +138,8 @@ overlap_case()
     qio_fails "Input/output error" -f raw "$uri" -c 'write -P 0x99 4096 4096'
     [ "$(cluster_sum "$img" "$toff")" = "$sum" ] ||
         die "$name: guest data landed on $target"
+    grep -q "image marked corrupt.*$target\|image marked corrupt" "$log" ||
+        die "$name: the daemon did not say why the image is corrupt"
     # The image is corrupt now: healthy clusters refuse writes as well.
     qio_fails "Input/output error" -f raw "$uri" -c 'write -P 0x98 1M 4096'
     qio_fails "Input/output error" -f raw "$uri" -c 'write -P 0x97 0 4096'
