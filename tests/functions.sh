@@ -324,6 +324,8 @@ dirty_map()
 # backup holds its point-in-time view.  Fails if PID exits first.
 stop_at_checkpoint()
 {
+    # A test that dies while the backup is stopped must not leave it behind.
+    cleanup_fn _kill_quietly "$2"
     "$PYTHON" - "$1" "$2" <<'PYEOF' || die "no checkpoint began while backup $2 ran"
 import json, os, signal, socket, sys, time
 path, pid = sys.argv[1], int(sys.argv[2])
@@ -349,6 +351,8 @@ while time.monotonic() < deadline:
 sys.exit(1)
 PYEOF
 }
+
+_kill_quietly() { kill -KILL "$1" 2>/dev/null || true; }
 
 # view_status CSOCK: the point-in-time view's status object (JSON), or null.
 view_status()
