@@ -29,7 +29,7 @@ static char *opt_scratch_limit;
 static char *opt_tracking;
 
 static GOptionEntry entries[] = {
-  { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve", "PATH" },
+  { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve, or memory:SIZE (an empty disk in RAM, e.g. memory:64M)", "PATH" },
   { "format", 'f', 0, G_OPTION_ARG_STRING, &srv.format, "Image format: raw, qcow2 or auto (default auto)", "FMT" },
   { "socket", 's', 0, G_OPTION_ARG_FILENAME, &srv.socket_path, "Listen on a unix socket", "PATH" },
   { "listen", 'l', 0, G_OPTION_ARG_STRING, &srv.listen_addr, "Listen on TCP", "HOST:PORT" },

@@ -661,6 +661,14 @@ open_or_create(struct tracking *t, const struct tracking_config *cfg,
   struct stat st;
   int r;
 
+  if (strcmp(srv.image->format, "memory") == 0 && stat(cfg->path, &st) == 0) {
+    /* The disk starts empty at every run: an earlier run's bits would
+     * claim that only some of it changed. */
+    g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_EXIST,
+                "%s: exists, but %s starts empty at every run; give a bitmap "
+                "path that does not exist yet", cfg->path, srv.image_path);
+    return false;
+  }
   if (stat(cfg->path, &st) < 0 && errno == ENOENT) {
     if (cfg->read_only) {
       g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_NOENT,

@@ -100,6 +100,9 @@ cbt_image_open(const char *path, const char *format, bool read_only,
 {
   int r;
 
+  if (g_str_has_prefix(path, "memory:") &&
+      (!format || strcmp(format, "auto") == 0 || strcmp(format, "memory") == 0))
+    return cbt_image_open_memory(path + strlen("memory:"), read_only, out, why);
   if (!format || strcmp(format, "auto") == 0) {
     r = cbt_image_detect_format(path, &format, why);
     if (r < 0)

@@ -96,8 +96,14 @@ struct cbt_image {
 int cbt_image_open_raw(const char *path, bool read_only, bool direct,
                        struct cbt_image **out, char **why);
 
+/* A sparse disk in memory of the size @spec says ("64M", "10G", "1T" or
+ * bytes), empty at every start (lib/image-memory.c).  Its ino is 0. */
+int cbt_image_open_memory(const char *spec, bool read_only,
+                          struct cbt_image **out, char **why);
+
 /* Open @path as @format ("raw", "qcow2", or "auto"/NULL to detect by
- * magic).  Returns 0 or -errno with *why set (g_free). */
+ * magic); a @path "memory:SIZE" with format auto/NULL/"memory" is a
+ * memory disk.  Returns 0 or -errno with *why set (g_free). */
 int cbt_image_open(const char *path, const char *format, bool read_only,
                    bool direct, struct cbt_image **out, char **why);
 int cbt_image_detect_format(const char *path, const char **format, char **why);
