@@ -384,3 +384,21 @@ json_true()
 {
     [ -n "$2" ] && jq -e "$1" <<<"$2" >/dev/null
 }
+
+# jq: as jq, except that with -e empty standard input fails (jq 1.6 exits
+# 0 there, so a test checking a reply that never came would pass).  Input
+# from a file named last is left to jq.
+jq()
+{
+    local a in
+    [ -f "${*: -1}" ] && { command jq "$@"; return; }
+    for a in "$@"; do
+        if [ "$a" = -e ]; then
+            in=$(cat)
+            [ -n "$in" ] || { echo "jq -e: empty input" >&2; return 4; }
+            command jq "$@" <<<"$in"
+            return
+        fi
+    done
+    command jq "$@"
+}
