@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cbt/util.h"
 #include "internal.h"
 
 struct server srv;
@@ -57,16 +58,9 @@ static uint32_t granularity;
 static bool
 parse_granularity(const char *s, uint32_t *out, GError **error)
 {
-  char *end;
-  guint64 v = g_ascii_strtoull(s, &end, 10);
+  uint64_t v;
 
-  if (end != s) {
-    if (g_ascii_toupper(*end) == 'K') { v <<= 10; end++; }
-    else if (g_ascii_toupper(*end) == 'M') { v <<= 20; end++; }
-    if (*end == 'i' || *end == 'B') end++;
-    if (*end == 'B') end++;
-  }
-  if (end == s || *end != '\0' || v < 512 || v > (1u << 30) || (v & (v - 1)) != 0) {
+  if (cbt_parse_size(s, &v) < 0 || v < 512 || v > (1u << 30) || (v & (v - 1)) != 0) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
                 "--granularity %s: expected a power of two from 512 to 1G", s);
     return false;
@@ -79,32 +73,11 @@ parse_granularity(const char *s, uint32_t *out, GError **error)
 static bool
 parse_size(const char *opt, const char *s, uint64_t *out, GError **error)
 {
-  char *end;
-  guint64 v;
-  unsigned shift = 0;
-
-  errno = 0;
-  v = g_ascii_strtoull(s, &end, 10);
-  if (end != s && errno == 0) {
-    switch (g_ascii_toupper(*end)) {
-    case 'K': shift = 10; end++; break;
-    case 'M': shift = 20; end++; break;
-    case 'G': shift = 30; end++; break;
-    case 'T': shift = 40; end++; break;
-    default: break;
-    }
-    if (shift && *end == 'i')
-      end++;
-    if (*end == 'B')
-      end++;
-  }
-  if (end == s || errno != 0 || *end != '\0' || (shift && v > (UINT64_MAX >> shift)) ||
-      (v << shift) < (1u << 20)) {
+  if (cbt_parse_size(s, out) < 0 || *out < (1u << 20)) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
                 "%s %s: expected a size of at least 1M (e.g. 512M, 20G)", opt, s);
     return false;
   }
-  *out = v << shift;
   return true;
 }
 

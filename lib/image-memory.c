@@ -172,23 +172,9 @@ cbt_image_open_memory(const char *spec, bool read_only, struct cbt_image **out,
                       char **why)
 {
   struct mem_image *m;
-  char *end;
-  guint64 v;
-  unsigned shift = 0;
+  uint64_t v;
 
-  errno = 0;
-  v = g_ascii_strtoull(spec, &end, 10);
-  if (end != spec && errno == 0) {
-    switch (g_ascii_toupper(*end)) {
-    case 'K': shift = 10; end++; break;
-    case 'M': shift = 20; end++; break;
-    case 'G': shift = 30; end++; break;
-    case 'T': shift = 40; end++; break;
-    default: break;
-    }
-  }
-  if (end == spec || errno != 0 || *end != '\0' || v == 0 ||
-      v > (CBT_BITMAP_MAX_SIZE >> shift))
+  if (cbt_parse_size(spec, &v) < 0 || v == 0 || v > CBT_BITMAP_MAX_SIZE)
     return cbt_fail(why, -EINVAL, "memory:%s: expected a size such as 64M or 10G "
                     "(at most 1 EiB)", spec);
   m = g_new0(struct mem_image, 1);
@@ -196,7 +182,7 @@ cbt_image_open_memory(const char *spec, bool read_only, struct cbt_image **out,
   m->chunks = g_hash_table_new_full(g_int64_hash, g_int64_equal, NULL, g_free);
   m->img.ops = &mem_ops;
   m->img.format = "memory";
-  m->img.size = v << shift;
+  m->img.size = v;
   m->img.ino = 0;
   m->img.read_only = read_only;
   *out = &m->img;

@@ -75,3 +75,41 @@ cbt_is_zero(const void *buf, size_t len)
     return memcmp(p, zero, len) == 0;
   return memcmp(p, zero, 16) == 0 && memcmp(p, p + 16, len - 16) == 0;
 }
+
+int
+cbt_parse_size(const char *s, uint64_t *out)
+{
+  const char *p = s;
+  uint64_t v = 0;
+  unsigned shift = 0;
+
+  if (!g_ascii_isdigit(*p))
+    return -EINVAL;
+  for (; g_ascii_isdigit(*p); p++) {
+    uint64_t d = (uint64_t)(*p - '0');
+
+    if (v > UINT64_MAX / 10 || (v == UINT64_MAX / 10 && d > UINT64_MAX % 10))
+      return -ERANGE;
+    v = v * 10 + d;
+  }
+  switch (g_ascii_toupper(*p)) {
+  case 'K': shift = 10; break;
+  case 'M': shift = 20; break;
+  case 'G': shift = 30; break;
+  case 'T': shift = 40; break;
+  default: break;
+  }
+  if (shift) {
+    p++;
+    if (*p == 'i')
+      p++;
+  }
+  if (*p == 'B')
+    p++;
+  if (*p != '\0')
+    return -EINVAL;
+  if (shift && v > (UINT64_MAX >> shift))
+    return -ERANGE;
+  *out = v << shift;
+  return 0;
+}

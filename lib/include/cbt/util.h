@@ -32,6 +32,12 @@ struct stat;
  * set as cbt_fail does ("PATH: reason"). */
 int cbt_open_regular(const char *path, int flags, struct stat *st, char **why);
 
+/* A size as users write it: digits, then optionally K, M, G or T (powers
+ * of 1024), "i" after the unit and a final "B": "65536", "64K", "512MiB",
+ * "10G".  No sign, no blanks.  0, or -EINVAL when @s is not a size and
+ * -ERANGE when it does not fit 64 bits.  Bounds are the caller's. */
+int cbt_parse_size(const char *s, uint64_t *out);
+
 /* Are all @len bytes at @p zero?  (True for @len 0.)  Fast on data:
  * most blocks fail on the first bytes, and the rest compares the buffer
  * with itself shifted by 16 bytes once the first 16 are known zero. */
