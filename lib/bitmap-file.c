@@ -1167,6 +1167,37 @@ any_dirty(const struct cbt_bmfile *f, bool only_on_disk)
   return false;
 }
 
+/* f->lock held: write every changed data page and make it durable, first
+ * making "not clean" durable if the file is CLEAN on disk.  Returns the
+ * number of pages written or -errno. */
+static int64_t
+write_data_durably(struct cbt_bmfile *f, char **why)
+{
+  int64_t n;
+  int r;
+
+  /* Rule 2: bits of a bitmap the durable metadata references change on
+   * disk only under a durable "not clean". */
+  if (f->disk_clean && any_dirty(f, true)) {
+    r = write_meta(f, false, why);
+    if (r < 0)
+      return r;
+  }
+  n = write_data(f, why);
+  if (n <= 0)
+    return n;
+  /* Rule 4 (and 6): data is durable before the metadata that describes
+   * it, and before the writes its bits cover. */
+  r = cbt_io_fdatasync(f->fd);
+  if (r < 0) {
+    /* The page cache may have dropped the pages: write all again. */
+    for (unsigned i = 0; i < f->nentries; i++)
+      mark_all_pages(f->entries[i]);
+    return cbt_fail(why, r, "fdatasync after data write: %s", g_strerror(-r));
+  }
+  return n;
+}
+
 /* The sync engine, f->lock held.  See the write rules in
  * bitmap-format.md; each step below says which one it keeps. */
 static int
@@ -1176,31 +1207,10 @@ sync_locked(struct cbt_bmfile *f, bool make_clean, char **why)
     return cbt_fail(why, -EROFS, "opened read-only");
 
   for (int pass = 0; pass < 8; pass++) {
-    int64_t n;
-    int r;
+    int64_t n = write_data_durably(f, why);
 
-    /* Rule 2: bits of a bitmap the durable metadata references change on
-     * disk only under a durable "not clean". */
-    if (f->disk_clean && any_dirty(f, true)) {
-      r = write_meta(f, false, why);
-      if (r < 0)
-        return r;
-    }
-
-    n = write_data(f, why);
     if (n < 0)
       return (int)n;
-    /* Rule 4: data is durable before the metadata that describes it. */
-    if (n > 0) {
-      r = cbt_io_fdatasync(f->fd);
-      if (r < 0) {
-        /* The page cache may have dropped the pages: write all again. */
-        for (unsigned i = 0; i < f->nentries; i++)
-          mark_all_pages(f->entries[i]);
-        return cbt_fail(why, r, "fdatasync after data write: %s", g_strerror(-r));
-      }
-    }
-
     if (!make_clean) {
       if (n > 0 || f->meta_dirty)
         return write_meta(f, f->disk_clean, why);
@@ -1231,35 +1241,12 @@ int
 cbt_bmfile_sync_data(cbt_bmfile *f, char **why)
 {
   int64_t n;
-  int r = 0;
 
   g_mutex_lock(&f->lock);
-  if (!f->writable) {
-    r = cbt_fail(why, -EROFS, "opened read-only");
-    goto out;
-  }
-  /* Rule 2 still holds: bits change on disk only under "not clean". */
-  if (f->disk_clean && any_dirty(f, true)) {
-    r = write_meta(f, false, why);
-    if (r < 0)
-      goto out;
-  }
-  n = write_data(f, why);
-  if (n < 0) {
-    r = (int)n;
-    goto out;
-  }
-  if (n > 0) {
-    r = cbt_io_fdatasync(f->fd);
-    if (r < 0) {
-      for (unsigned i = 0; i < f->nentries; i++)
-        mark_all_pages(f->entries[i]);
-      r = cbt_fail(why, r, "fdatasync after data write: %s", g_strerror(-r));
-    }
-  }
-out:
+  n = f->writable ? write_data_durably(f, why)
+                  : cbt_fail(why, -EROFS, "opened read-only");
   g_mutex_unlock(&f->lock);
-  return r;
+  return n < 0 ? (int)n : 0;
 }
 
 void
