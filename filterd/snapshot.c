@@ -627,7 +627,6 @@ struct overlay {
 
 struct snap_read {
   struct snapshot *s;
-  struct worker *w;
   struct io_uring *ring;
   uint64_t off;
   uint32_t len;
@@ -785,7 +784,6 @@ snapshot_read(struct snapshot *s, struct worker *w, uint64_t offset,
   struct snap_read *rd = g_new0(struct snap_read, 1);
 
   rd->s = snap_ref(s);
-  rd->w = w;
   rd->ring = worker_ring(w);
   rd->off = offset;
   rd->len = len;

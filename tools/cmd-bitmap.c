@@ -142,14 +142,6 @@ format_uuid(const cbt_bmfile *f)
                          u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
 }
 
-/* Whether the bits of entry @idx may be used for an incremental backup
- * (bitmap-format.md decides; *why, if not NULL, says why). */
-static bool
-entry_trusted(cbt_bmfile *f, unsigned idx, const char **why)
-{
-  return cbt_bmfile_entry_trusted(f, idx, why);
-}
-
 static const struct {
   uint32_t bit;
   const char *name;
@@ -274,7 +266,7 @@ entry_json(cbt_bmfile *f, unsigned idx)
   {
     const char *why = NULL;
 
-    cli_json_add_bool(e, "trusted", entry_trusted(f, idx, &why));
+    cli_json_add_bool(e, "trusted", cbt_bmfile_entry_trusted(f, idx, &why));
     cli_json_add_str(e, "trusted_why", why);
   }
   if (cbt_bmfile_entry_checkpoint(f, idx)) {
@@ -363,7 +355,7 @@ info_human(cbt_bmfile *f, GError **error)
     {
       const char *why = NULL;
 
-      if (!entry_trusted(f, i, &why))
+      if (!cbt_bmfile_entry_trusted(f, i, &why))
         printf("  trusted:         no (%s): the next backup from it will be full\n", why);
       else
         printf("  trusted:         yes (%s)\n", why);
@@ -427,7 +419,7 @@ do_dump(cbt_bmfile *f, const char *name, GError **error)
   bm = cbt_bmfile_entry_bitmap(f, idx);
   if (!cbt_bmfile_found_clean(f) && !cbt_bmfile_found_crash_safe(f))
     cli_note("%s: not clean: " NOT_CLEAN_MEANING, cbt_bmfile_path(f));
-  else if (!entry_trusted(f, idx, NULL))
+  else if (!cbt_bmfile_entry_trusted(f, idx, NULL))
     cli_note("%s: bitmap '%s' is inconsistent: its bits are untrusted and "
              "the next backup from it will be full", cbt_bmfile_path(f), name);
 
