@@ -40,6 +40,7 @@
 #define MAX_REQ      (2u << 20)   /* bytes per read */
 #define DEPTH        8            /* reads in flight per connection */
 #define BS_MAX       (UINT64_C(1) << 30)   /* bytes per block status query */
+#define MAX_TRIM     (UINT64_C(1) << 30)   /* bytes per release (TRIM) */
 #define BASE_ALLOC   "base:allocation"
 #define NBD_DIRTY    1u           /* the dirty flag of a dirty-bitmap context */
 
@@ -335,7 +336,7 @@ make_plan(struct pull *p, struct nbd_handle *h, struct pull_stats *st, GError **
 /* A full backup reads only what the plan lists: release the rest of the
  * view at once (an incremental's view protects only what it reads).
  * Queued on the first worker, issued when it starts. */
-static void release_range(struct worker *w, uint64_t off, uint64_t len);
+static void want_release(struct worker *w, uint64_t off, uint64_t len);
 
 static void
 release_skipped(struct pull *p)
@@ -349,7 +350,7 @@ release_skipped(struct pull *p)
                                       : p->o->size;
 
     if (next > pos)
-      release_range(&p->w[0], pos, next - pos);
+      want_release(&p->w[0], pos, next - pos);
     if (i < p->items->len)
       pos = next + g_array_index(p->items, struct item, i).len;
   }
@@ -364,16 +365,23 @@ release_skipped(struct pull *p)
 static void
 want_release(struct worker *w, uint64_t off, uint64_t len)
 {
-  struct extent e = { off, len, 0 };
+  while (len > 0) {
+    struct extent *last = w->releases->len == 0 ? NULL
+      : &g_array_index(w->releases, struct extent, w->releases->len - 1);
+    uint64_t n;
 
-  if (w->releases->len > 0) {
-    struct extent *last = &g_array_index(w->releases, struct extent, w->releases->len - 1);
-    if (last->off + last->len == off && last->len + len <= UINT32_MAX) {
-      last->len += len;
-      return;
+    if (last && last->off + last->len == off && last->len < MAX_TRIM) {
+      n = MIN(len, MAX_TRIM - last->len);
+      last->len += n;
+    } else {
+      struct extent e = { off, MIN(len, MAX_TRIM), 0 };
+
+      n = e.len;
+      g_array_append_val(w->releases, e);
     }
+    off += n;
+    len -= n;
   }
-  g_array_append_val(w->releases, e);
 }
 
 static int
@@ -387,19 +395,6 @@ trim_done(void *opaque, int *error)
               "protecting them until the checkpoint ends", where(w->p->o),
               g_strerror(*error));
   return 1;
-}
-
-/* Queue [off, off+len) for release in pieces the wire can carry. */
-static void
-release_range(struct worker *w, uint64_t off, uint64_t len)
-{
-  while (len > 0) {
-    uint64_t n = MIN(len, UINT64_C(1) << 30);
-
-    want_release(w, off, n);
-    off += n;
-    len -= n;
-  }
 }
 
 static void
@@ -483,7 +478,7 @@ worker_main(gpointer opaque)
                                    " in the backup file: %s", it.off, it.len,
                                    g_strerror(-r)));
         else if (atomic_load(&p->release))
-          release_range(w, it.off, it.len);
+          want_release(w, it.off, it.len);
         continue;
       }
       s->busy = true;
