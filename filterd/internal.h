@@ -245,8 +245,6 @@ struct tracking_status {
 };
 void tracking_get_status(struct tracking *t, struct tracking_status *st);
 
-uint64_t tracking_default_scratch_limit(uint64_t size);
-
 /* Control errors (class names in control.c). */
 #define CTL_ERROR ctl_error_quark()
 GQuark ctl_error_quark(void);

@@ -398,8 +398,8 @@ new_checkpoint_id(void)
 
 /* --scratch-limit's default: a quarter of the disk, at least 1 GiB, never
  * more than the disk (the view never needs more than one copy of it). */
-uint64_t
-tracking_default_scratch_limit(uint64_t size)
+static uint64_t
+default_scratch_limit(uint64_t size)
 {
   uint64_t lim = MAX(size / 4, UINT64_C(1) << 30);
 
@@ -411,7 +411,7 @@ new_view(struct tracking *t, enum snapshot_mode mode, GError **error)
 {
   g_autofree char *dir = NULL;
   uint64_t limit = srv.scratch_limit ? srv.scratch_limit
-                                     : tracking_default_scratch_limit(srv.image->size);
+                                     : default_scratch_limit(srv.image->size);
 
   if (srv.scratch_dir) {
     dir = g_canonicalize_filename(srv.scratch_dir, NULL);
