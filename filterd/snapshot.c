@@ -1031,7 +1031,8 @@ snapshot_end(void)
   s->ended = true;
   stop_protecting(s);
   log_info("point-in-time view ended: %" PRIu64 " granules saved before being "
-           "overwritten, scratch peak %" PRIu64 " bytes", s->copies, s->peak);
+           "overwritten, scratch peak %" PRIu64 " bytes, %" PRIu64 " bytes released "
+           "by the reader", s->copies, s->peak, s->released_bytes);
   g_mutex_unlock(&s->lock);
   snapshot_unref(s);
 }

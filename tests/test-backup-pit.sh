@@ -44,6 +44,9 @@ run_format()
     rc=0; wait "$bp" || rc=$?
     [ $rc -eq 0 ] || { cat "$tmp/backup1.out" >&2; die "$fmt: full backup: exit $rc"; }
     grep -q "point in time" "$tmp/backup1.out" || die "$fmt: summary does not say point in time"
+    # cbt backup released the whole view: what it stored and what it skipped.
+    grep -q "bytes, $size bytes released by the reader" "$log" ||
+        die "$fmt: the full backup did not release the whole view: $(grep 'view ended' "$log")"
     cbt restore --repo "$repo" --output "$tmp/r1.raw" >/dev/null 2>&1 || die "$fmt: restore 1"
     cmp "$tmp/at-begin-1.raw" "$tmp/r1.raw" ||
         die "$fmt: the full backup is not the disk as it was at checkpoint-begin"
