@@ -84,6 +84,7 @@
 #include <unistd.h>
 
 #include "cbt/bitmap.h"
+#include "cbt/fault-inject.h"
 #include "cbt/nbd-proto.h"
 #include "cbt/util.h"
 #include "internal.h"
@@ -454,6 +455,7 @@ scratch_write(struct copy_job *j)
                       (j->rec->slot << j->s->shift) + j->pos + j->wdone);
   j->op.done = scratch_write_done;
   io_uring_sqe_set_data(sqe, &j->op);
+  cbt_fi_sqe(CBT_FI_SCRATCH, sqe);     /* tests: may fail it */
 }
 
 static void
@@ -718,6 +720,7 @@ overlay_submit(struct overlay *o)
                      o->foff + o->done);
   o->op.done = overlay_done;
   io_uring_sqe_set_data(sqe, &o->op);
+  cbt_fi_sqe(CBT_FI_SCRATCH, sqe);     /* tests: may fail it */
 }
 
 static void

@@ -73,6 +73,7 @@
 #include <sys/stat.h>
 
 #include "cbt/bitmap-file.h"
+#include "cbt/fault-inject.h"
 #include "cbt/uring-io.h"
 #include "internal.h"
 
@@ -826,6 +827,8 @@ tracking_open(const struct tracking_config *cfg, GError **error)
     log_error("%s: bitmap '%s' is untrusted: it reports every block dirty "
               "until a full backup starts a fresh one", cfg->path, cfg->name);
   if (!cfg->read_only) {
+    /* Tests: the bitmap's I/O from here on may be made to fail. */
+    cbt_fi_tag_path(cfg->path, CBT_FI_BITMAP);
     r = pthread_create(&t->syncer, NULL, syncer_main, t);
     if (r != 0) {
       g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(r),

@@ -90,6 +90,7 @@
 #include <glib.h>
 #include <zlib.h>
 
+#include "cbt/fault-inject.h"
 #include "cbt/image.h"
 #include "cbt/nbd-proto.h"
 #include "cbt/qcow2.h"
@@ -1481,6 +1482,7 @@ fast_step(struct q2 *q, struct cbt_image_io *io)
                           (unsigned)n, m.host_offset + in);
     io->op.done = fast_done;
     io_uring_sqe_set_data(sqe, &io->op);
+    cbt_fi_sqe(CBT_FI_IMAGE, sqe);     /* tests: may fail it */
     return;
   }
   if (io->type == CBT_IO_WRITE && (io->flags & CBT_IO_FUA)) {
@@ -1999,6 +2001,8 @@ open_q2(const char *path, bool read_only, bool direct,
     *why = g_strdup_printf("%s: cannot start the metadata thread", path);
     goto fail;
   }
+  /* Tests: the metadata thread's synchronous I/O is image I/O too. */
+  cbt_fi_tag_fd(q->fd, CBT_FI_IMAGE);
   *out = &q->pub;
   return 0;
 

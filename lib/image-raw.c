@@ -26,6 +26,7 @@
 
 #include <glib.h>
 
+#include "cbt/fault-inject.h"
 #include "cbt/image.h"
 #include "cbt/nbd-proto.h"
 #include "cbt/util.h"
@@ -150,6 +151,7 @@ raw_queue(struct raw_image *r, struct cbt_image_io *io)
   }
   io->op.done = raw_done;
   io_uring_sqe_set_data(sqe, &io->op);
+  cbt_fi_sqe(CBT_FI_IMAGE, sqe);       /* tests: may fail it */
   return 0;
 }
 

@@ -52,6 +52,7 @@
 
 #include <glib.h>
 
+#include "cbt/fault-inject.h"
 #include "cbt/qcow2-writer.h"
 #include "cbt/qcow2.h"
 #include "cbt/uring-io.h"
@@ -365,6 +366,7 @@ cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
   w->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (w->fd < 0)
     return cbt_fail(why, -errno, "cannot create: %s", g_strerror(errno));
+  cbt_fi_tag_fd(w->fd, CBT_FI_REPO);   /* tests: may fail its I/O */
 
   *out = g_steal_pointer(&w);
   return 0;

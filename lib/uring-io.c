@@ -3,6 +3,10 @@
  * The ring is created on first use in each thread and kept for the life of
  * the thread.  Calls are strictly one at a time per thread, so the ring
  * never holds more than one operation and the cqe we reap is ours.
+ *
+ * Test builds (fault injection) decide before each submission whether the
+ * operation fails, or transfers short, instead (cbt_fi_io); the result
+ * then goes through the same handling as one from the kernel.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -14,7 +18,7 @@
 #include <liburing.h>
 
 #include "cbt/uring-io.h"
-#include "fault-inject.h"
+#include "cbt/fault-inject.h"
 
 static __thread struct io_uring tls_ring;
 static __thread bool tls_ring_ready;
@@ -74,18 +78,21 @@ rw_full(enum rw dir, int fd, void *buf, size_t len, uint64_t offset)
   if (!ring)
     return err;
   while (done < len) {
-    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
     /* One read or write is capped at 1 GiB so the result fits an int. */
     size_t n = len - done > (1u << 30) ? (1u << 30) : len - done;
-    int r;
+    int r = cbt_fi_io(fd, dir == RW_READ ? CBT_FI_READ : CBT_FI_WRITE, offset + done, &n);
 
-    if (!sqe)
-      return -EBUSY;
-    if (dir == RW_READ)
-      io_uring_prep_read(sqe, fd, (char *)buf + done, n, offset + done);
-    else
-      io_uring_prep_write(sqe, fd, (char *)buf + done, n, offset + done);
-    r = submit_wait(ring);
+    if (r == 0) {
+      struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+
+      if (!sqe)
+        return -EBUSY;
+      if (dir == RW_READ)
+        io_uring_prep_read(sqe, fd, (char *)buf + done, n, offset + done);
+      else
+        io_uring_prep_write(sqe, fd, (char *)buf + done, n, offset + done);
+      r = submit_wait(ring);
+    }
     if (r == -EINTR || r == -EAGAIN)
       continue;
     if (r < 0)
@@ -135,6 +142,9 @@ run_one(const struct one_op *o)
   if (!ring)
     return err;
   do {
+    r = cbt_fi_io(o->fd, o->kind == ONE_FSYNC ? CBT_FI_SYNC : CBT_FI_WRITE, o->offset, NULL);
+    if (r < 0)
+      continue;
     sqe = io_uring_get_sqe(ring);
     if (!sqe)
       return -EBUSY;

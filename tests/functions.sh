@@ -402,3 +402,81 @@ jq()
     done
     command jq "$@"
 }
+
+# requires_fault_injection: skip unless the daemon and the CLI were built
+# with meson -Dfault_injection=true (they then know CBT_FI_FAIL, see
+# lib/fault-inject.c); without it they ignore the variable.
+requires_fault_injection()
+{
+    local b
+    for b in "$CBT_FILTERD" "$CBT_CLI"; do
+        [ -x "$b" ] || die "$b not found (build it: ninja -C build)"
+        grep -qa CBT_FI_FAIL "$b" ||
+            skip "$b was built without -Dfault_injection=true"
+    done
+}
+
+# start_filterd_fi RULES ARGS...: start_filterd ARGS with
+# CBT_FI_FAIL=RULES (lib/fault-inject.c) in the daemon's environment.
+start_filterd_fi()
+{
+    local rules=$1
+    shift
+    FILTERD_PREFIX="env CBT_FI_FAIL=$rules" start_filterd "$@"
+}
+
+# injected FILE FAULT: FILE (a daemon log, a saved output) says that FAULT
+# ("image write 2: EIO") was injected, so the test did what it meant to.
+injected()
+{
+    grep -qF "cbt fault injection: $2" "$1" || {
+        _show_log "$1"
+        die "fault '$2' was not injected (see $1 above)"
+    }
+}
+
+# nbd_expect URI STEP...: run STEPs in order on one libnbd connection and
+# require each to have its expected outcome.  A STEP is "OP OFFSET LENGTH
+# BYTE WANT": OP write (BYTE repeated), read (must return BYTE repeated),
+# zero, trim or flush (OFFSET LENGTH BYTE ignored), each optionally with
+# "+fua"; WANT ok or the errno name libnbd reports (EIO, ENOSPC, ...).
+# NBD_EXPECT_NO_SR=1 refuses structured replies (simple error replies).
+nbd_expect()
+{
+    "$PYTHON" - "$@" <<'PYEOF'
+import os, sys
+import nbd
+h = nbd.NBD()
+if os.environ.get("NBD_EXPECT_NO_SR") == "1":
+    h.set_request_structured_replies(False)
+h.connect_uri(sys.argv[1])
+for step in sys.argv[2:]:
+    op, off, ln, byte, want = step.split()
+    off, ln, byte = int(off, 0), int(ln, 0), int(byte, 0)
+    flags = 0
+    if op.endswith("+fua"):
+        op, flags = op[:-4], nbd.CMD_FLAG_FUA
+    got = "ok"
+    try:
+        if op == "write":
+            h.pwrite(bytes([byte]) * ln, off, flags)
+        elif op == "read":
+            data = h.pread(ln, off)
+            if data != bytes([byte]) * ln:
+                bad = next(i for i in range(ln) if data[i] != byte)
+                got = "wrong data at %d (0x%02x)" % (off + bad, data[bad])
+        elif op == "zero":
+            h.zero(ln, off, flags)
+        elif op == "trim":
+            h.trim(ln, off, flags)
+        elif op == "flush":
+            h.flush()
+        else:
+            sys.exit("nbd_expect: unknown step " + step)
+    except nbd.Error as e:
+        got = str(e.errno) if e.errno else "error (%s)" % e
+    if got != want:
+        sys.exit("nbd_expect: %s: got %s, expected %s" % (step, got, want))
+h.shutdown()
+PYEOF
+}

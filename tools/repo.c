@@ -55,6 +55,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cbt/fault-inject.h"
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
 #include "cli.h"
@@ -781,7 +782,9 @@ fsync_dir(const char *dir, GError **error)
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", dir, g_strerror(errno));
     return false;
   }
+  cbt_fi_tag_fd(fd, CBT_FI_MANIFEST);  /* tests: this sync is the manifest's */
   r = cbt_io_fsync(fd);
+  cbt_fi_untag_fd(fd);
   close(fd);
   if (r < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: fsync: %s", dir, g_strerror(-r));
@@ -809,6 +812,7 @@ write_atomic(const char *dir, const char *name, const char *text, GError **error
   }
   if (fchmod(fd, 0644) < 0)
     cli_debug("%s: fchmod: %s", tmp, g_strerror(errno));
+  cbt_fi_tag_fd(fd, CBT_FI_MANIFEST);  /* tests: may fail its I/O */
   r = cbt_io_pwrite(fd, text, len, 0);
   if (r == 0)
     r = cbt_io_fsync(fd);
