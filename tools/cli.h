@@ -173,6 +173,14 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(repo, repo_free)
  * without, both are errors.  A malformed manifest is CLI_EXIT_DAMAGED. */
 bool repo_open(const char *dir, enum repo_lock lock, bool create, repo **out,
                GError **error);
+/* Parse the manifest text in @text (@len bytes, NUL-terminated or not),
+ * named @where in messages, into r->backups and r->next_seq (replaced
+ * only on success).  Every entry is checked (names, kinds, the chain,
+ * checksum counts); a malformed manifest is CLI_EXIT_DAMAGED.  repo_open
+ * uses it on DIR/manifest.json; the fuzz target fuzz/fuzz-manifest.c on
+ * arbitrary bytes. */
+bool repo_parse_manifest(repo *r, const char *text, size_t len, const char *where,
+                         GError **error);
 /* DIR/@file.  Caller frees. */
 char *repo_path(const repo *r, const char *file);
 /* Open the repository's file @file (a plain name from the manifest)

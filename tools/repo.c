@@ -438,16 +438,79 @@ read_manifest(const char *path, char **text, gsize *len, GError **error)
   return 0;
 }
 
+bool
+repo_parse_manifest(repo *r, const char *text, size_t len, const char *where,
+                    GError **error)
+{
+  g_autoptr(GPtrArray) backups =
+      g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
+  g_autoptr(json_object) root = NULL;
+  json_tokener *tok;
+  json_object *v = NULL, *list = NULL;
+  uint64_t next = 0, version = 0;
+
+  if (len > MANIFEST_MAX) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: larger than %u MiB", where,
+                MANIFEST_MAX >> 20);
+    return false;
+  }
+  tok = json_tokener_new();
+  root = json_tokener_parse_ex(tok, text, (int)len);
+  if (!root || json_tokener_get_error(tok) != json_tokener_success) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: not valid JSON: %s", where,
+                json_tokener_error_desc(json_tokener_get_error(tok)));
+    json_tokener_free(tok);
+    return false;
+  }
+  json_tokener_free(tok);
+  if (!json_object_is_type(root, json_type_object) ||
+      !json_object_object_get_ex(root, "format", &v) || !v ||
+      !json_object_is_type(v, json_type_string) ||
+      strcmp(json_object_get_string(v), MANIFEST_FORMAT) != 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                "%s: not a cbt manifest (\"format\" is not \"" MANIFEST_FORMAT "\")", where);
+    return false;
+  }
+  if (!get_u64(root, "version", &version, where, error))
+    return false;
+  if (version != MANIFEST_VERSION) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                "%s: manifest version %" PRIu64 " is not supported (expected %d)", where,
+                version, MANIFEST_VERSION);
+    return false;
+  }
+  if (!get_u64(root, "next-seq", &next, where, error) ||
+      !get_member(root, "backups", json_type_array, false, &list, where, error))
+    return false;
+  for (size_t i = 0; i < json_object_array_length(list); i++) {
+    repo_backup *prev = backups->len ? g_ptr_array_index(backups, backups->len - 1)
+                                     : NULL;
+    repo_backup *b = NULL;
+
+    if (!parse_entry(json_object_array_get_idx(list, i), prev, &b, where, error))
+      return false;
+    g_ptr_array_add(backups, b);
+  }
+  if (next == 0 || next > UINT32_MAX ||
+      (backups->len &&
+       next <= ((repo_backup *)g_ptr_array_index(backups, backups->len - 1))->seq)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: \"next-seq\" %" PRIu64
+                " is not past the newest backup", where, next);
+    return false;
+  }
+  if (r->backups)
+    g_ptr_array_unref(r->backups);
+  r->backups = g_steal_pointer(&backups);
+  r->next_seq = (unsigned)next;
+  return true;
+}
+
 static bool
 load_manifest(repo *r, bool create, GError **error)
 {
   g_autofree char *path = repo_path(r, REPO_MANIFEST);
   g_autofree char *text = NULL;
-  g_autoptr(json_object) root = NULL;
-  json_tokener *tok;
-  json_object *v = NULL, *list = NULL;
   gsize len = 0;
-  uint64_t next = 0, version = 0;
   int rc;
 
   r->backups = g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
@@ -462,51 +525,7 @@ load_manifest(repo *r, bool create, GError **error)
   }
   if (rc < 0)
     return false;
-  tok = json_tokener_new();
-  root = json_tokener_parse_ex(tok, text, (int)len);
-  if (!root || json_tokener_get_error(tok) != json_tokener_success) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: not valid JSON: %s", path,
-                json_tokener_error_desc(json_tokener_get_error(tok)));
-    json_tokener_free(tok);
-    return false;
-  }
-  json_tokener_free(tok);
-  if (!json_object_is_type(root, json_type_object) ||
-      !json_object_object_get_ex(root, "format", &v) || !v ||
-      !json_object_is_type(v, json_type_string) ||
-      strcmp(json_object_get_string(v), MANIFEST_FORMAT) != 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
-                "%s: not a cbt manifest (\"format\" is not \"" MANIFEST_FORMAT "\")", path);
-    return false;
-  }
-  if (!get_u64(root, "version", &version, path, error))
-    return false;
-  if (version != MANIFEST_VERSION) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
-                "%s: manifest version %" PRIu64 " is not supported (expected %d)", path,
-                version, MANIFEST_VERSION);
-    return false;
-  }
-  if (!get_u64(root, "next-seq", &next, path, error) ||
-      !get_member(root, "backups", json_type_array, false, &list, path, error))
-    return false;
-  for (size_t i = 0; i < json_object_array_length(list); i++) {
-    repo_backup *prev = r->backups->len ? g_ptr_array_index(r->backups, r->backups->len - 1)
-                                        : NULL;
-    repo_backup *b = NULL;
-
-    if (!parse_entry(json_object_array_get_idx(list, i), prev, &b, path, error))
-      return false;
-    g_ptr_array_add(r->backups, b);
-  }
-  if (next == 0 || next > UINT32_MAX ||
-      (r->backups->len && next <= ((repo_backup *)repo_newest(r))->seq)) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: \"next-seq\" %" PRIu64
-                " is not past the newest backup", path, next);
-    return false;
-  }
-  r->next_seq = (unsigned)next;
-  return true;
+  return repo_parse_manifest(r, text, len, path, error);
 }
 
 bool
