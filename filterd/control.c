@@ -317,6 +317,19 @@ handle_line(const char *line)
   return out;
 }
 
+char *
+control_reply(char *line, size_t len)
+{
+  if (len > 0 && line[len - 1] == '\r')
+    line[--len] = '\0';
+  if (len == 0)
+    return NULL;                     /* blank lines are ignored */
+  if (memchr(line, '\0', len))
+    return g_strdup("{\"error\": {\"class\": \"BadRequest\", "
+                    "\"desc\": \"request contains a NUL byte\"}}\n");
+  return handle_line(line);
+}
+
 static bool
 send_all(int fd, const char *s)
 {
@@ -378,15 +391,7 @@ ctl_thread(void *arg)
       size_t n = (size_t)(nl - buf);
 
       *nl = '\0';
-      if (n > 0 && buf[n - 1] == '\r')
-        buf[--n] = '\0';
-      if (n == 0)
-        reply = NULL;                /* blank lines are ignored */
-      else if (memchr(buf, '\0', n))
-        reply = g_strdup("{\"error\": {\"class\": \"BadRequest\", "
-                         "\"desc\": \"request contains a NUL byte\"}}\n");
-      else
-        reply = handle_line(buf);
+      reply = control_reply(buf, n);
       memmove(buf, nl + 1, have - (size_t)(nl + 1 - buf));
       have -= (size_t)(nl + 1 - buf);
       if (reply && !send_all(fd, reply))
@@ -400,7 +405,7 @@ ctl_thread(void *arg)
     }
   }
 out:
-  client_threads_done(&controls, fd, NULL, NULL);
+  client_threads_done(&controls, fd);
   return NULL;
 }
 

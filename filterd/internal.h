@@ -120,6 +120,12 @@ void client_threads_stop_all(struct client_threads *ct);
 void control_start(int fd);
 /* Close every control connection and wait for their threads. */
 void control_stop_all(void);
+/* The reply to one request line: @line holds @len bytes and a NUL where
+ * its '\n' was (a trailing '\r' is dropped in place).  Returns the reply
+ * line with its '\n' (g_free), or NULL for a blank line, which gets none.
+ * Runs the command, as a control client's thread does (also the entry
+ * point of fuzz/fuzz-control.c). */
+char *control_reply(char *line, size_t len);
 
 /* ---- meta.c ---- */
 #define META_ID_BASE_ALLOCATION 1
