@@ -691,6 +691,27 @@ alloc_run(struct q2 *q, uint64_t k, uint64_t *host)
   return 0;
 }
 
+/* Give back @k clusters at @host that alloc_run just handed out when their
+ * data write failed: nothing references them (no L2 entry was set, no
+ * worker can have looked them up, and no writeback ran in between on this
+ * thread), so they are free at once.  Without this every failed write of
+ * new data -- a guest retrying on ENOSPC -- would leak its clusters. */
+static void
+alloc_undo(struct q2 *q, uint64_t host, uint64_t k)
+{
+  uint64_t c0 = host >> q->cbits;
+
+  for (uint64_t c = c0; c < c0 + k; c++) {
+    struct q2_table *t;
+
+    /* Loaded by alloc_run a moment ago, so no I/O here. */
+    if (rb_get(q, c / q->rb_entries, &t) == 0 && t)
+      rc_set(t, c % q->rb_entries, 0);
+  }
+  if (c0 < q->free_cursor)
+    q->free_cursor = c0;
+}
+
 /* Remember that the clusters behind @m lose one reference once the L2
  * change that drops it is durable (writeback step 5). */
 static void
@@ -1169,8 +1190,10 @@ write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
       if (r < 0)
         return r;
       r = cbt_io_pwrite(q->fd, data, n, host);
-      if (r < 0)
+      if (r < 0) {
+        alloc_undo(q, host, k);
         return r;
+      }
       for (uint64_t i = 0; i < k; i++) {
         r = set_l2(q, vcl + i, cbt_qcow2_l2_encode(host + (i << q->cbits), false));
         if (r < 0)
@@ -1198,8 +1221,11 @@ write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
           return r;
       }
       r = cbt_io_pwrite(q->fd, src, src == data ? n : q->csize, host);
-      if (r < 0)
+      if (r < 0) {
+        if (!reuse)
+          alloc_undo(q, host, 1);
         return r;
+      }
       r = set_l2(q, vcl, cbt_qcow2_l2_encode(host, false));
       if (r < 0)
         return r;
