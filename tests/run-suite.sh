@@ -7,8 +7,11 @@
 #   3. build-asan  gcc, ASan + UBSan, --werror         -> meson test
 #      (both with -Dfault_injection=true: the simulated power cuts)
 #   4. build-clang clang, --werror, compile only (keeps clang warning-clean)
-#   5. one closing line: "N passed, N failed, N skipped", summed over the
-#      two test runs; a failed build step counts as one failure.
+#   5. build-fuzz  clang, -Dfuzzing=true, ASan + UBSan, --werror: every
+#      libFuzzer target (fuzz/) runs CBT_FUZZ_SECONDS on a copy of its
+#      seed corpus; each clean run counts as passed, each crash as failed
+#   6. one closing line: "N passed, N failed, N skipped", summed over the
+#      test runs and fuzz runs; a failed build step counts as one failure.
 #
 # Existing build directories are reused (meson setup --reconfigure), so a
 # second run only rebuilds what changed.
@@ -16,6 +19,8 @@
 # Environment:
 #   CBT_SKIP_ASAN=1   skip the sanitizer build (quick local runs)
 #   CBT_SKIP_CLANG=1  skip the clang compile check
+#   CBT_SKIP_FUZZ=1   skip the fuzz build and runs
+#   CBT_FUZZ_SECONDS  how long each fuzz target runs (default 30)
 #   MESON_TEST_ARGS   extra arguments for both `meson test` runs,
 #                     e.g. "--suite unit" or a test name
 #   ASAN_OPTIONS      default detect_leaks=1:abort_on_error=1
@@ -117,6 +122,38 @@ run_tests() {
     fi
 }
 
+# run_fuzzers DIR: run every fuzz target of DIR for CBT_FUZZ_SECONDS on a
+# private copy of its seeds (new inputs go there, never into the tree:
+# the tree's corpus is the second, read-only directory); a crash leaves
+# its reproducer in DIR/fuzz-artifacts/.
+run_fuzzers() {
+    local dir=$1 secs=${CBT_FUZZ_SECONDS:-30} exe name work rc args
+    mkdir -p "$dir/fuzz-artifacts"
+    for exe in "$dir"/fuzz/fuzz-*; do
+        [[ -f $exe && -x $exe ]] || continue
+        name=${exe##*/fuzz-}
+        step "fuzz $name for ${secs} s"
+        work=$(mktemp -d "${TMPDIR:-/tmp}/cbt-fuzz-$name.XXXXXX")
+        args=(-max_total_time="$secs" -timeout=30 -rss_limit_mb=4096
+              -artifact_prefix="$src/$dir/fuzz-artifacts/$name-")
+        [[ -f fuzz/dict/$name.dict ]] && args+=(-dict="fuzz/dict/$name.dict")
+        rc=0
+        timeout $((secs + 120)) "$exe" "${args[@]}" "$work" "fuzz/corpus/$name" \
+            >"$work.log" 2>&1 || rc=$?
+        grep -E '^#[0-9]+.*DONE' "$work.log" | tail -n 1
+        if (( rc == 0 )); then
+            passed=$((passed + 1))
+            rm -f "$work.log"
+        else
+            tail -n 40 "$work.log"
+            mv "$work.log" "$dir/fuzz-artifacts/$name.log"
+            failed=$((failed + 1))
+            problems+=("fuzz-$name: exited $rc; log and reproducer in $src/$dir/fuzz-artifacts/")
+        fi
+        rm -rf "$work"
+    done
+}
+
 step "install dependencies"
 if ! bash tests/install-deps.sh; then
     echo "run-suite: tests/install-deps.sh failed" >&2
@@ -145,6 +182,13 @@ if [[ ${CBT_SKIP_CLANG:-} == 1 ]]; then
     step "skip build-clang (CBT_SKIP_CLANG=1)"
 else
     build build-clang clang --werror -Dbuildtype=debugoptimized -Dfault_injection=true || true
+fi
+
+if [[ ${CBT_SKIP_FUZZ:-} == 1 ]]; then
+    step "skip build-fuzz (CBT_SKIP_FUZZ=1)"
+elif build build-fuzz clang --werror -Dbuildtype=debugoptimized -Dfuzzing=true \
+           -Db_sanitize=address,undefined -Db_lundef=false -Dtests=false; then
+    run_fuzzers build-fuzz
 fi
 
 step "summary"
