@@ -46,6 +46,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <math.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -317,9 +318,25 @@ parse_entry(json_object *e, repo_backup *prev, repo_backup **out,
       !get_u64(e, "chunk-size", &b->chunk_size, where, error) ||
       !get_member(e, "sha256", json_type_array, false, &sums, where, error))
     return false;
+  /* Written back with json_object_new_int64 (repo_add): a larger value
+   * would come back negative and make the whole manifest unreadable. */
+  if (t > INT64_MAX) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: \"time-unix\" out of range",
+                where);
+    return false;
+  }
   b->time_unix = (int64_t)t;
-  if (json_object_object_get_ex(e, "seconds", &v) && v)
+  if (json_object_object_get_ex(e, "seconds", &v) && v) {
+    /* A number we can write back: "inf" or "nan" is not JSON. */
     b->seconds = json_object_get_double(v);
+    if ((!json_object_is_type(v, json_type_double) &&
+         !json_object_is_type(v, json_type_int)) ||
+        !isfinite(b->seconds) || b->seconds < 0) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                  "%s: \"seconds\" is not a duration", where);
+      return false;
+    }
+  }
 
   if (!plain_name(b->file) || !g_str_has_suffix(b->file, ".qcow2")) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: bad file name \"%s\"", where,
