@@ -120,7 +120,14 @@ why_not_incremental(const struct backup *b)
   return NULL;
 }
 
-/* Step 2: settle a checkpoint left in progress by an earlier run. */
+/* Step 2: settle a checkpoint left in progress by an earlier run.  Commit
+ * it only if the newest backup ends at it.  The id of a checkpoint in
+ * progress is the one its begin gave the active bitmap; a begin that
+ * could not record that id (a bitmap write failed, or the daemon died
+ * before the write was durable) leaves the active bitmap with the id it
+ * had, which is the frozen bitmap's "previous" and also where the newest
+ * backup ends: committing that would drop the frozen changes, so such a
+ * checkpoint is aborted (its bits merge back). */
 static bool
 settle_leftover(struct backup *b, GError **error)
 {
@@ -130,6 +137,12 @@ settle_leftover(struct backup *b, GError **error)
     return true;
   /* A copy: control_execute clears b->st before it sends the request. */
   id = g_strdup(b->st.cp_id);
+  if (b->st.cp_previous && strcmp(b->st.cp_previous, id) == 0) {
+    cli_note("checkpoint %s was left in progress by a backup whose checkpoint-begin "
+             "was never fully recorded: aborting it (its changes merge back into the "
+             "bitmap)", id);
+    return control_execute(b->ctl, "checkpoint-abort", id, &b->st, error);
+  }
   if (b->newest && b->newest->checkpoint && strcmp(b->newest->checkpoint, id) == 0) {
     cli_note("checkpoint %s is still in progress, but backup %s that began it completed: "
              "committing it", id, b->newest->file);
