@@ -511,6 +511,10 @@ tracking_checkpoint_begin(struct tracking *t, enum snapshot_mode mode,
     log_error("%s: checkpoint begun but not fully recorded: %s", t->path,
               why ? why : g_strerror(-r));
     file_error(error, r, "cannot record the new interval", why);
+    /* The backup that asked gives up and will not read the view, and the
+     * next one aborts this checkpoint (cmd-backup.c): protecting the disk
+     * until then would only fill the scratch file. */
+    snapshot_end();
     goto out;
   }
   /* Every write from now on is in the active bitmap. */

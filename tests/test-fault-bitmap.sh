@@ -175,6 +175,9 @@ expect_rc 1 cbt backup --socket "$sock" --control "$csock" --repo "$repo"
 has "cannot record the new interval"
 grep -q "checkpoint begun but not fully recorded" "$log" ||
     { _show_log "$log"; die "the fault did not hit the write of the new interval"; }
+# The checkpoint waits for the next backup, its view (nobody reads it) not.
+status_is '.return.checkpoint != null and .return.checkpoint."point-in-time" == null' \
+    "after a checkpoint-begin that could not record the new interval"
 nbd_expect "$uri" "write $M $K 0x22 ok"
 crash
 daemon
