@@ -831,7 +831,9 @@ fsync_dir(const char *dir, GError **error)
 
 /* Write @text to @dir/@name atomically: a temp file in the same directory
  * is written and fsynced, renamed over @name, and the directory fsynced, so
- * after a crash @name is either the old or the new content, never a mix. */
+ * after a crash @name is either the old or the new content, never a mix.
+ * Fails (and @name is unchanged) unless the rename happened; a failure to
+ * fsync the directory after it is only a warning. */
 static bool
 write_atomic(const char *dir, const char *name, const char *text, GError **error)
 {
@@ -864,7 +866,18 @@ write_atomic(const char *dir, const char *name, const char *text, GError **error
     unlink(tmp);
     return false;
   }
-  return fsync_dir(dir, error);
+  /* Readers see the new content from here on, so this is no failure to
+   * undo (a caller that did would remove what the new content lists):
+   * only a crash may still bring the old content back, which every
+   * reader of @name has to survive anyway. */
+  {
+    g_autoptr(GError) err = NULL;
+
+    if (!fsync_dir(dir, &err))
+      cli_error("warning: %s: %s is replaced but may not survive a crash", err->message,
+                path);
+  }
+  return true;
 }
 
 bool
