@@ -10,14 +10,17 @@
  * The file is written to the process's private directory (fuzz-util.h).
  *
  * Each input: a read-only open (all of the validation on load), then
- * every entry's accessors and bits, and the identity check.  With bit 1,
- * a writable open and what the daemon and `cbt bitmap` do with one:
- * mark_dirty, bits set, sync, a checkpoint entry added, stamped and
- * removed, entry 0 reset, close_clean; then an offline resize to twice
- * the image size.  After each of close_clean and resize succeeded the file
- * must open again (and be clean after close_clean): a file our writer
- * produced that our reader refuses aborts.
+ * every entry's accessors and bits, and the identity check; the same file
+ * through cbt_bmfile_open_image with its own identity (must open) and
+ * another image size (must be -ESTALE).  With bit 1, a writable open and
+ * what the daemon and `cbt bitmap` do with one: mark_dirty, bits set,
+ * sync, a checkpoint entry added, stamped and removed, entry 0 marked
+ * INCONSISTENT and reset, close_clean; then an offline resize to twice
+ * the image size.  After each of close_clean and resize succeeded the
+ * file must open again (and be clean after close_clean): a file our
+ * writer produced that our reader refuses aborts.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,7 +144,52 @@ reader(void)
       off += len;
     }
   }
-  cbt_bmfile_check_image(f, cbt_bmfile_image_size(f), cbt_bmfile_image_inode(f), &why2);
+  /* What `cbt bitmap info` shows. */
+  (void)cbt_bmfile_path(f);
+  (void)cbt_bmfile_version(f);
+  (void)cbt_bmfile_generation(f);
+  (void)cbt_bmfile_clean(f);
+  (void)cbt_bmfile_header_crc(f);
+  (void)cbt_bmfile_dir_crc(f);
+  for (unsigned i = 0; i < cbt_bmfile_entry_count(f); i++) {
+    (void)cbt_bmfile_entry_flags(f, i);
+    (void)cbt_bmfile_entry_data_crc(f, i);
+  }
+  if (cbt_bmfile_check_image(f, cbt_bmfile_image_size(f), cbt_bmfile_image_inode(f),
+                             &why2) < 0) {
+    fprintf(stderr, "fuzz-bitmap-file: the file's own identity does not match: %s\n", why2);
+    abort();
+  }
+}
+
+/* cbt_bmfile_open_image, as the daemon opens it: with the file's own
+ * identity (when the plain open told it) and with another size. */
+static void
+reader_for_image(void)
+{
+  g_autoptr(cbt_bmfile) f = NULL, g = NULL, h = NULL;
+  g_autofree char *why = NULL, *why2 = NULL, *why3 = NULL;
+  uint64_t size, ino;
+
+  if (cbt_bmfile_open(path, false, &f, &why) < 0) {
+    /* Must be refused before (or as) the identity is compared. */
+    if (cbt_bmfile_open_image(path, false, 1 << 20, 0, &g, &why2) == 0) {
+      fprintf(stderr, "fuzz-bitmap-file: open_image accepts what open refused: %s\n", why);
+      abort();
+    }
+    return;
+  }
+  size = cbt_bmfile_image_size(f);
+  ino = cbt_bmfile_image_inode(f);
+  if (cbt_bmfile_open_image(path, false, size, ino, &g, &why2) < 0) {
+    fprintf(stderr, "fuzz-bitmap-file: open_image refuses the file's own identity: %s\n",
+            why2);
+    abort();
+  }
+  if (cbt_bmfile_open_image(path, false, size + 1, ino, &h, &why3) != -ESTALE) {
+    fprintf(stderr, "fuzz-bitmap-file: open_image accepts another image size\n");
+    abort();
+  }
 }
 
 /* The file must open again after a write that succeeded. */
@@ -189,6 +237,7 @@ writer(void)
     cbt_bmfile_set_checkpoint(f, (unsigned)idx, 0x0123456789abcdef, NULL);
     cbt_bmfile_remove(f, "fuzz-checkpoint", NULL);
   }
+  cbt_bmfile_set_flags(f, 0, cbt_bmfile_entry_flags(f, 0) | CBT_BMF_INCONSISTENT, NULL);
   cbt_bmfile_reset_entry(f, 0, NULL);
   cbt_bitmap_set_range(bm, 0, bm->size);
   if (cbt_bmfile_close_clean(f, NULL) < 0)
@@ -217,6 +266,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fix_checksums(file, size - 1);
   fuzz_write_file(path, file, size - 1);
   reader();
+  reader_for_image();
   if (mode & 2)
     writer();
   return 0;

@@ -16,6 +16,8 @@
  *   2. a read-only open through cbt_image_open (L1 and refcount tables,
  *      the backing chain): block status over the disk, and reads that
  *      walk L2 tables, compressed and zero clusters and the backing file;
+ *      the same through cbt_image_open_qcow2_link, as cbt restore opens
+ *      a chain (1.qcow2, if given, opened by the caller);
  *   3. a read-write open of the same file (metadata overlap checks):
  *      a write, read back at once (the bytes must match unless the image
  *      found itself corrupt), a flush, a write-zeroes and a trim
@@ -27,9 +29,11 @@
  * unopenable result of step 4.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <glib.h>
 
@@ -183,17 +187,11 @@ read_at(struct cbt_image *img, uint64_t off, uint64_t len)
   cbt_image_run_sync(img, CBT_IO_READ, 0, off, len, buf);
 }
 
-/* 2. */
 static void
-read_session(const char *path)
+exercise_reads(struct cbt_image *img)
 {
-  struct cbt_image *img = NULL;
-  g_autofree char *why = NULL;
-  uint64_t size;
+  uint64_t size = img->size;
 
-  if (cbt_image_open(path, "qcow2", true, false, &img, &why) < 0)
-    return;
-  size = img->size;
   check_status(img);
   if (size <= READ_MAX) {
     read_at(img, 0, size);
@@ -203,6 +201,46 @@ read_session(const char *path)
       read_at(img, size / 8 * i + 777, 4096);
     read_at(img, size - 64 * 1024, 64 * 1024);
   }
+}
+
+/* 2. */
+static void
+read_session(const char *path)
+{
+  struct cbt_image *img = NULL;
+  g_autofree char *why = NULL;
+
+  if (cbt_image_open(path, "qcow2", true, false, &img, &why) < 0)
+    return;
+  exercise_reads(img);
+  cbt_image_close(img);
+}
+
+/* 2b. As cbt restore opens a chain: the image from a descriptor, its
+ * header required to name 1.qcow2 (or nothing, for a single file), whose
+ * image the caller opened itself. */
+static void
+link_session(const char *path, bool with_backing)
+{
+  g_autofree char *bpath = fuzz_path("1.qcow2");
+  g_autofree char *why = NULL, *bwhy = NULL;
+  struct cbt_qcow2_link link = { .fd = -1 };
+  struct cbt_image *img = NULL;
+
+  if (with_backing) {
+    if (cbt_image_open(bpath, "auto", true, false, &link.backing, &bwhy) < 0)
+      return;
+    link.backing_name = "1.qcow2";
+  }
+  link.fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (link.fd < 0) {
+    cbt_image_close(link.backing);
+    return;
+  }
+  /* The descriptor and the backing image are the callee's now. */
+  if (cbt_image_open_qcow2_link(path, &link, &img, &why) < 0)
+    return;
+  exercise_reads(img);
   cbt_image_close(img);
 }
 
@@ -269,6 +307,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fuzz_write_file(path, parts[i].p, parts[i].len);
   }
   read_session(top);
+  link_session(top, n > 1);
   write_session(top);
   return 0;
 }
