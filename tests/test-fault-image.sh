@@ -9,7 +9,8 @@
 #   3. short writes and reads (the rest resubmitted until complete);
 #   4. qcow2: EIO and ENOSPC on a data write that allocates clusters
 #      (metadata thread) and on an in-place write (worker ring); the
-#      clusters of a failed allocation are free again (qemu-img check).
+#      clusters of a failed allocation are free again (qemu-img check);
+#      short transfers on both paths are completed.
 
 source "$(dirname "$0")/functions.sh"
 requires_fault_injection
@@ -150,4 +151,20 @@ out=$(qemu-img check "$qcow" 2>&1) || { echo "$out" >&2; die "qemu-img check $qc
 start_filterd --image "$qcow" --bitmap "$bm"
 nbd_expect "$uri" "read 0 $K 0x44 ok" "read $((2 * M)) 4096 0x55 ok"
 stop_filterd
+
+# Every qcow2 transfer short (halved until one byte is left): allocating
+# writes (metadata thread), in-place writes and reads (worker ring).
+start_filterd_fi "image:write:1+*:short" --image "$qcow" --bitmap "$bm"
+nbd_expect "$uri" \
+    "write $((4 * M)) $K 0x66 ok" \
+    "write 0 $K 0x77 ok"
+injected "$log" "image write 2: short"
+stop_filterd
+start_filterd_fi "image:read:1+*:short" --image "$qcow" --bitmap "$bm"
+nbd_expect "$uri" \
+    "read $((4 * M)) $K 0x66 ok" \
+    "read 0 $K 0x77 ok"
+injected "$log" "image read 2: short"
+stop_filterd
+out=$(qemu-img check "$qcow" 2>&1) || { echo "$out" >&2; die "qemu-img check $qcow"; }
 echo "image I/O errors: error replies, dirty bits kept, short transfers finished"
