@@ -1,12 +1,10 @@
 /* Short-lived threads that each serve one client socket with blocking I/O
- * (NBD negotiation, control connections).
+ * (control connections).
  *
  * A set caps how many run at once, refuses new ones while the daemon
  * stops, and can break and await them all: stop_all shuts every socket
  * down, which wakes any blocked recv/send, then waits for the threads to
- * say they are done.  A thread's last act, under the set's lock, may hand
- * its socket to someone else (a worker); since stop_all waits under the
- * same lock, nothing is handed over after the daemon began to stop.
+ * say they are done.
  */
 #include <errno.h>
 #include <sys/socket.h>
@@ -59,13 +57,11 @@ client_threads_start(struct client_threads *ct, int fd, const char *peer,
 }
 
 void
-client_threads_done(struct client_threads *ct, int fd,
-                    bool (*handoff)(int fd, void *arg), void *arg)
+client_threads_done(struct client_threads *ct, int fd)
 {
   g_mutex_lock(&ct->lock);
   forget_fd(ct, fd);
-  if (!handoff || atomic_load(&srv.stopping) || !handoff(fd, arg))
-    close(fd);
+  close(fd);
   ct->count--;
   g_cond_broadcast(&ct->cond);
   g_mutex_unlock(&ct->lock);

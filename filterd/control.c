@@ -405,7 +405,7 @@ ctl_thread(void *arg)
     }
   }
 out:
-  client_threads_done(&controls, fd, NULL, NULL);
+  client_threads_done(&controls, fd);
   return NULL;
 }
 

@@ -1,567 +1,360 @@
-/* Fixed newstyle negotiation, one thread per new connection.
+/* The negotiation loop: every connection still negotiating, on one thread
+ * and one io_uring, with no thread and no fixed slot per client.
  *
- * Negotiation is short, rare and strictly sequential, so it is written as
- * plain blocking code in its own thread with a deadline for the whole
- * negotiation (--handshake-timeout, default 10 s) instead of a state machine on the
- * workers' rings.  At most MAX_HANDSHAKES run at once; more are refused,
- * so a flood of idle connections cannot exhaust threads.  When negotiation
- * reaches transmission (EXPORT_NAME or GO) the socket and what was
- * negotiated go to a worker.
+ * The protocol itself is negotiate.c's state machine; this file only
+ * moves its bytes.  Each connection has at most one operation in flight:
+ * a send of the replies the machine queued, or, when none is queued, a
+ * receive of exactly the bytes the machine asks for next.  An idle
+ * client therefore costs a pending receive and a few hundred bytes, and
+ * thousands of them cannot keep a new client (QEMU reconnecting) from
+ * being served at once.  How many clients may be connected at all is
+ * --max-clients, checked where connections are accepted (main-loop.c).
  *
- * Every length from the client is checked before use and options are read
- * into a buffer capped at CBT_NBD_MAX_OPTION_LEN; longer options are
- * skipped (NBD_REP_ERR_TOO_BIG) without allocating, up to 16 MiB, beyond
- * which the client is dropped.
+ * Deadlines: --handshake-timeout bounds the whole negotiation.  Since
+ * every connection gets the same timeout from the moment it arrives,
+ * the list of connections in arrival order is also in deadline order;
+ * the loop sleeps until the first deadline (at most a second) and shuts
+ * down the sockets whose time is up.  shutdown() completes their pending
+ * operation, and a connection is freed only once nothing of it is in
+ * flight.
+ *
+ * Connections arrive from the main thread through a locked list and an
+ * eventfd.  A negotiation that reaches transmission hands its socket to a
+ * worker from this thread; handshake_stop_all() stops the loop and joins
+ * it, so nothing is handed over once the workers begin to stop.
  */
-#include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
-#include "cbt/util.h"
 #include "internal.h"
 
-#define MAX_HANDSHAKES   64
-#define MAX_OPTIONS      4096         /* options in one negotiation */
-#define MAX_SKIP_LEN     (16u * 1024 * 1024)
+#define LOOP_ENTRIES    256
+#define LOOP_CQ_ENTRIES 4096
 
 struct hs {
   int fd;
-  bool no_zeroes;
+  struct nego *n;
   gint64 deadline;                   /* the whole negotiation's end */
-  struct conn_params p;
+  bool busy;                         /* a send or receive is in flight */
+  bool sending;                      /* ... and it is a send */
+  bool dead;                         /* cut: free once nothing is in flight */
+  GList link;                        /* in loop.alive, by deadline */
 };
 
-static struct client_threads negotiations = {
-  .what = "connections negotiating",
-  .max = MAX_HANDSHAKES,
-};
+static struct {
+  GMutex lock;                       /* protects pending */
+  GQueue pending;                    /* struct hs, not yet seen by the loop */
+  int efd;                           /* wakes the loop: new work or stop */
+  uint64_t efd_val;
+  pthread_t thread;
+  bool started;
+  atomic_bool stop;
+  atomic_uint count;                 /* connections negotiating */
+  GQueue alive;                      /* loop thread only */
+  struct io_uring ring;
+} loop = { .efd = -1 };
 
-
-/* --handshake-timeout bounds the whole negotiation, not each receive: a
- * client trickling one byte at a time gets no more time than a silent
- * one.  Before each receive or send the socket's timeouts are set to what
- * is left; false when nothing is. */
-static bool
-arm_deadline(struct hs *h)
+static void
+free_hs(struct hs *h, bool close_fd)
 {
-  gint64 left = h->deadline - g_get_monotonic_time();
-  struct timeval tv;
-
-  if (left <= 0)
-    return false;
-  tv.tv_sec = left / G_USEC_PER_SEC;
-  tv.tv_usec = left % G_USEC_PER_SEC;
-  return setsockopt(h->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0 &&
-         setsockopt(h->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0;
+  if (close_fd && h->fd >= 0)
+    close(h->fd);
+  nego_free(h->n);
+  g_queue_unlink(&loop.alive, &h->link);
+  g_free(h);
+  atomic_fetch_sub(&loop.count, 1);
 }
 
-static bool
-read_full(struct hs *h, void *buf, size_t len)
+/* Stop a connection: its operation in flight (if any) completes soon,
+ * and the connection is freed then. */
+static void
+cut(struct hs *h)
 {
-  size_t done = 0;
-
-  while (done < len) {
-    ssize_t r;
-
-    if (!arm_deadline(h)) {
-      log_error("%s: negotiation timed out", h->p.peer);
-      return false;
-    }
-    r = recv(h->fd, (char *)buf + done, len - done, 0);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r <= 0) {
-      if (r == 0)
-        debug("%s: client closed the connection during negotiation", h->p.peer);
-      else if (errno == EAGAIN || errno == EWOULDBLOCK)
-        log_error("%s: negotiation timed out", h->p.peer);
-      else
-        debug("%s: negotiation: %s", h->p.peer, g_strerror(errno));
-      return false;
-    }
-    done += (size_t)r;
-  }
-  return true;
-}
-
-static bool
-write_full(struct hs *h, const void *buf, size_t len)
-{
-  size_t done = 0;
-
-  while (done < len) {
-    ssize_t r;
-
-    if (!arm_deadline(h)) {
-      log_error("%s: negotiation timed out", h->p.peer);
-      return false;
-    }
-    r = send(h->fd, (const char *)buf + done, len - done, MSG_NOSIGNAL);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r <= 0) {
-      debug("%s: negotiation: %s", h->p.peer, g_strerror(errno));
-      return false;
-    }
-    done += (size_t)r;
-  }
-  return true;
-}
-
-static bool
-skip(struct hs *h, size_t len)
-{
-  char junk[4096];
-
-  while (len > 0) {
-    size_t n = len < sizeof junk ? len : sizeof junk;
-    if (!read_full(h, junk, n))
-      return false;
-    len -= n;
-  }
-  return true;
-}
-
-static bool
-reply(struct hs *h, uint32_t option, uint32_t type, const void *data,
-      uint32_t len)
-{
-  uint8_t hdr[NBD_OPT_REPLY_HEADER_SIZE];
-
-  cbt_nbd_opt_reply_encode(hdr, option, type, len);
-  return write_full(h, hdr, sizeof hdr) && (len == 0 || write_full(h, data, len));
-}
-
-/* An error reply with a human-readable message, as the spec allows. */
-static bool
-reply_err(struct hs *h, uint32_t option, uint32_t type, const char *fmt, ...)
-  G_GNUC_PRINTF(4, 5);
-
-static bool
-reply_err(struct hs *h, uint32_t option, uint32_t type, const char *fmt, ...)
-{
-  g_autofree char *msg = NULL;
-  va_list ap;
-
-  va_start(ap, fmt);
-  msg = g_strdup_vprintf(fmt, ap);
-  va_end(ap);
-  debug("%s: option %" PRIu32 ": %s", h->p.peer, option, msg);
-  return reply(h, option, type, msg, (uint32_t)strlen(msg));
-}
-
-uint16_t
-export_flags(bool structured, bool view)
-{
-  uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE |
-               NBD_FLAG_CAN_MULTI_CONN;
-
-  if (structured)
-    f |= NBD_FLAG_SEND_DF;
-  if (view)
-    /* Reads, and TRIM to release what a backup has stored; WRITE gets
-     * EPERM.  Not flagged read-only, which would forbid the TRIM. */
-    f |= NBD_FLAG_SEND_TRIM;
-  else if (srv.read_only)
-    f |= NBD_FLAG_READ_ONLY;
+  h->dead = true;
+  if (h->busy)
+    shutdown(h->fd, SHUT_RDWR);
   else
-    f |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES |
-         NBD_FLAG_SEND_FAST_ZERO;
-  return f;
-}
-
-static bool
-name_matches(const uint8_t *name, uint32_t len)
-{
-  return strlen(srv.export_name) == len && memcmp(name, srv.export_name, len) == 0;
-}
-
-/* NAME@checkpoint: the point-in-time view of a checkpoint in progress. */
-static bool
-snapshot_name_matches(const uint8_t *name, uint32_t len)
-{
-  size_t n = strlen(srv.export_name), k = strlen(SNAPSHOT_SUFFIX);
-
-  return len == n + k && memcmp(name, srv.export_name, n) == 0 &&
-         memcmp(name + n, SNAPSHOT_SUFFIX, k) == 0;
-}
-
-/* Which export @name is: 0 the main one, 1 the view (a reference to it
- * is put in *snap), -1 none (the reason in *why). */
-static int
-find_export(const uint8_t *name, uint32_t len, struct snapshot **snap,
-            const char **why)
-{
-  *snap = NULL;
-  if (name_matches(name, len))
-    return 0;
-  if (snapshot_name_matches(name, len)) {
-    *snap = snapshot_get();
-    if (*snap)
-      return 1;
-    *why = "no checkpoint with a point-in-time view is in progress";
-    return -1;
-  }
-  *why = "no such export";
-  return -1;
-}
-
-static bool
-send_info(struct hs *h, uint32_t option, uint16_t type, bool snap)
-{
-  uint8_t buf[2 + CBT_NBD_MAX_NAME_LEN + sizeof SNAPSHOT_SUFFIX];
-  size_t len = 2;
-
-  cbt_put_be16(buf, type);
-  switch (type) {
-  case NBD_INFO_EXPORT:
-    cbt_put_be64(buf + 2, srv.image->size);
-    cbt_put_be16(buf + 10, export_flags(h->p.structured, snap));
-    len = 12;
-    break;
-  case NBD_INFO_NAME:
-    len += strlen(srv.export_name);
-    memcpy(buf + 2, srv.export_name, len - 2);
-    if (snap) {
-      memcpy(buf + len, SNAPSHOT_SUFFIX, strlen(SNAPSHOT_SUFFIX));
-      len += strlen(SNAPSHOT_SUFFIX);
-    }
-    break;
-  case NBD_INFO_DESCRIPTION:
-    if (!srv.description)
-      return true;
-    len += MIN(strlen(srv.description), CBT_NBD_MAX_NAME_LEN);
-    memcpy(buf + 2, srv.description, len - 2);
-    break;
-  case NBD_INFO_BLOCK_SIZE:
-    cbt_put_be32(buf + 2, CBT_NBD_MIN_BLOCK);
-    cbt_put_be32(buf + 6, CBT_NBD_PREF_BLOCK);
-    cbt_put_be32(buf + 10, CBT_NBD_MAX_BLOCK);
-    len = 14;
-    break;
-  default:
-    return true;                     /* unknown requests are ignored */
-  }
-  return reply(h, option, NBD_REP_INFO, buf, (uint32_t)len);
-}
-
-/* NBD_OPT_INFO / NBD_OPT_GO.  Returns false if the connection broke;
- * *go is set when transmission starts. */
-static bool
-opt_info(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len, bool *go)
-{
-  g_autoptr(snapshot) snap = NULL;
-  const char *why = NULL;
-  uint32_t namelen;
-  uint16_t nreq;
-  bool sent_name = false;
-
-  if (len < 6 || (namelen = cbt_get_be32(d)) > len - 6) {
-    return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed INFO/GO request");
-  }
-  nreq = cbt_get_be16(d + 4 + namelen);
-  if ((uint64_t)4 + namelen + 2 + 2 * (uint64_t)nreq != len)
-    return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed INFO/GO request");
-  if (find_export(d + 4, namelen, &snap, &why) < 0)
-    return reply_err(h, option, NBD_REP_ERR_UNKNOWN, "export '%.*s': %s",
-                     (int)namelen, (const char *)d + 4, why);
-
-  if (!send_info(h, option, NBD_INFO_EXPORT, snap))
-    return false;
-  for (uint16_t i = 0; i < nreq; i++) {
-    uint16_t type = cbt_get_be16(d + 6 + namelen + 2 * i);
-    if (type == NBD_INFO_EXPORT || type == NBD_INFO_BLOCK_SIZE)
-      continue;                      /* always sent */
-    if (type == NBD_INFO_NAME) {
-      if (sent_name)
-        continue;
-      sent_name = true;
-    }
-    if (!send_info(h, option, type, snap))
-      return false;
-  }
-  if (!send_info(h, option, NBD_INFO_BLOCK_SIZE, snap) ||
-      !reply(h, option, NBD_REP_ACK, NULL, 0))
-    return false;
-  *go = option == NBD_OPT_GO;
-  if (*go) {
-    snapshot_unref(h->p.snap);
-    h->p.snap = g_steal_pointer(&snap);
-  }
-  return true;
-}
-
-static bool
-send_meta(struct hs *h, uint32_t option, const struct meta_context *m)
-{
-  uint8_t buf[4 + sizeof m->name];
-  size_t n = strlen(m->name);
-
-  cbt_put_be32(buf, m->id);
-  memcpy(buf + 4, m->name, n);
-  return reply(h, option, NBD_REP_META_CONTEXT, buf, (uint32_t)(4 + n));
-}
-
-/* NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT. */
-static bool
-opt_meta(struct hs *h, uint32_t option, const uint8_t *d, uint32_t len)
-{
-  bool list = option == NBD_OPT_LIST_META_CONTEXT;
-  struct meta_context avail[MAX_META_SELECTED];
-  g_autoptr(snapshot) snap = NULL;
-  const char *why = NULL;
-  size_t n_avail, pos;
-  uint32_t namelen, nq;
-
-  if (!list && !h->p.structured)
-    return reply_err(h, option, NBD_REP_ERR_INVALID,
-                     "SET_META_CONTEXT needs structured replies first");
-  if (len < 8 || (namelen = cbt_get_be32(d)) > len - 8)
-    return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed meta context request");
-  nq = cbt_get_be32(d + 4 + namelen);
-  pos = 8 + (size_t)namelen;
-  /* Check the whole query list before acting on any of it. */
-  for (uint32_t i = 0, p = (uint32_t)pos; i < nq; i++) {
-    uint32_t qlen;
-    if (len - p < 4 || (qlen = cbt_get_be32(d + p)) > len - p - 4 ||
-        qlen > CBT_NBD_MAX_NAME_LEN)
-      return reply_err(h, option, NBD_REP_ERR_INVALID, "malformed meta context query");
-    p += 4 + qlen;
-    if (i + 1 == nq && p != len)
-      return reply_err(h, option, NBD_REP_ERR_INVALID, "trailing bytes after queries");
-  }
-  if (nq == 0 && pos != len)
-    return reply_err(h, option, NBD_REP_ERR_INVALID, "trailing bytes after queries");
-  if (find_export(d + 4, namelen, &snap, &why) < 0)
-    return reply_err(h, option, NBD_REP_ERR_UNKNOWN, "export '%.*s': %s",
-                     (int)namelen, (const char *)d + 4, why);
-
-  n_avail = meta_list(avail, G_N_ELEMENTS(avail), snap != NULL);
-  if (!list)
-    h->p.n_meta = 0;
-  if (list && nq == 0) {
-    for (size_t j = 0; j < n_avail; j++)
-      if (!send_meta(h, option, &avail[j]))
-        return false;
-  }
-  for (uint32_t i = 0; i < nq; i++) {
-    uint32_t qlen = cbt_get_be32(d + pos);
-    g_autofree char *q = g_strndup((const char *)d + pos + 4, qlen);
-
-    pos += 4 + qlen;
-    for (size_t j = 0; j < n_avail; j++) {
-      bool dup = false;
-      if (!meta_query_matches(q, avail[j].name, list))
-        continue;
-      if (!list) {
-        for (unsigned k = 0; k < h->p.n_meta; k++)
-          dup |= h->p.meta_ids[k] == avail[j].id;
-        if (dup || h->p.n_meta == MAX_META_SELECTED)
-          continue;
-        h->p.meta_ids[h->p.n_meta++] = avail[j].id;
-      }
-      if (!send_meta(h, option, &avail[j]))
-        return false;
-    }
-  }
-  return reply(h, option, NBD_REP_ACK, NULL, 0);
-}
-
-static bool
-list_one(struct hs *h, const char *name, const char *suffix)
-{
-  size_t n = strlen(name), k = strlen(suffix);
-  g_autofree uint8_t *buf = g_malloc(4 + n + k);
-
-  cbt_put_be32(buf, (uint32_t)(n + k));
-  memcpy(buf + 4, name, n);
-  memcpy(buf + 4 + n, suffix, k);
-  return reply(h, NBD_OPT_LIST, NBD_REP_SERVER, buf, (uint32_t)(4 + n + k));
-}
-
-static bool
-opt_list(struct hs *h, uint32_t len)
-{
-  g_autoptr(snapshot) snap = NULL;
-
-  if (len != 0)
-    return reply_err(h, NBD_OPT_LIST, NBD_REP_ERR_INVALID, "LIST takes no data");
-  snap = snapshot_get();
-  return list_one(h, srv.export_name, "") &&
-         (!snap || list_one(h, srv.export_name, SNAPSHOT_SUFFIX)) &&
-         reply(h, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
-}
-
-/* Runs the whole negotiation.  True when the client entered transmission. */
-static bool
-negotiate(struct hs *h)
-{
-  uint8_t greet[18];
-  uint8_t cflags_b[4];
-  uint32_t cflags;
-
-  cbt_put_be64(greet, NBD_MAGIC);
-  cbt_put_be64(greet + 8, NBD_IHAVEOPT);
-  cbt_put_be16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-  if (!write_full(h, greet, sizeof greet) || !read_full(h, cflags_b, 4))
-    return false;
-  cflags = cbt_get_be32(cflags_b);
-  if (cflags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
-    log_error("%s: unknown client flags 0x%" PRIx32 "; dropping", h->p.peer, cflags);
-    return false;
-  }
-  if (!(cflags & NBD_FLAG_C_FIXED_NEWSTYLE)) {
-    log_error("%s: client does not speak fixed newstyle; dropping", h->p.peer);
-    return false;
-  }
-  h->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
-
-  for (unsigned count = 0; count < MAX_OPTIONS; count++) {
-    uint8_t oh[NBD_OPT_HEADER_SIZE];
-    g_autofree uint8_t *data = NULL;
-    uint32_t option, len;
-    bool go = false;
-
-    if (!read_full(h, oh, sizeof oh))
-      return false;
-    if (cbt_get_be64(oh) != NBD_IHAVEOPT) {
-      log_error("%s: bad option magic; dropping", h->p.peer);
-      return false;
-    }
-    option = cbt_get_be32(oh + 8);
-    len = cbt_get_be32(oh + 12);
-    if (len > CBT_NBD_MAX_OPTION_LEN) {
-      if (len > MAX_SKIP_LEN || option == NBD_OPT_EXPORT_NAME) {
-        log_error("%s: option %" PRIu32 " of %" PRIu32 " bytes is too large; dropping",
-                  h->p.peer, option, len);
-        return false;
-      }
-      if (!skip(h, len) ||
-          !reply_err(h, option, NBD_REP_ERR_TOO_BIG, "option too large"))
-        return false;
-      continue;
-    }
-    data = g_malloc(len + 1);
-    if (!read_full(h, data, len))
-      return false;
-    data[len] = 0;
-
-    switch (option) {
-    case NBD_OPT_EXPORT_NAME: {
-      uint8_t out[10 + 124] = { 0 };
-      struct snapshot *snap = NULL;
-      const char *why = NULL;
-
-      if (find_export(data, len, &snap, &why) < 0) {
-        /* This option has no error reply: all we can do is close. */
-        log_error("%s: export '%.*s': %s; dropping", h->p.peer, (int)len,
-                  (const char *)data, why);
-        return false;
-      }
-      snapshot_unref(h->p.snap);
-      h->p.snap = snap;
-      cbt_put_be64(out, srv.image->size);
-      cbt_put_be16(out + 8, export_flags(h->p.structured, snap != NULL));
-      return write_full(h, out, h->no_zeroes ? 10 : sizeof out);
-    }
-    case NBD_OPT_ABORT:
-      reply(h, option, NBD_REP_ACK, NULL, 0);
-      debug("%s: client aborted negotiation", h->p.peer);
-      return false;
-    case NBD_OPT_LIST:
-      if (!opt_list(h, len))
-        return false;
-      break;
-    case NBD_OPT_INFO:
-    case NBD_OPT_GO:
-      if (!opt_info(h, option, data, len, &go))
-        return false;
-      if (go)
-        return true;
-      break;
-    case NBD_OPT_STRUCTURED_REPLY:
-      if (len != 0) {
-        if (!reply_err(h, option, NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data"))
-          return false;
-        break;
-      }
-      h->p.structured = true;
-      if (!reply(h, option, NBD_REP_ACK, NULL, 0))
-        return false;
-      break;
-    case NBD_OPT_LIST_META_CONTEXT:
-    case NBD_OPT_SET_META_CONTEXT:
-      if (!opt_meta(h, option, data, len))
-        return false;
-      break;
-    default:
-      if (!reply_err(h, option, NBD_REP_ERR_UNSUP, "option %" PRIu32 " not supported",
-                     option))
-        return false;
-      break;
-    }
-  }
-  log_error("%s: too many options; dropping", h->p.peer);
-  return false;
+    free_hs(h, true);
 }
 
 static void
-set_timeout(int fd, unsigned seconds)
+hand_to_worker(struct hs *h)
 {
-  struct timeval tv = { .tv_sec = seconds };
+  struct conn_params *p = nego_params(h->n);
 
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  p->fd = h->fd;
+  debug("%s: negotiated (%s, structured replies %s, %u meta contexts)",
+        p->peer, p->snap ? "point-in-time view" : "main export",
+        p->structured ? "on" : "off", p->n_meta);
+  workers_add_conn(p);
+  p->snap = NULL;                    /* the connection owns the reference now */
+  h->fd = -1;
+  free_hs(h, false);
 }
 
-/* Under the thread set's lock: give the negotiated socket to a worker. */
-static bool
-hand_to_worker(int fd, void *arg)
+/* Start the next operation of @h, or finish it. */
+static void
+kick(struct hs *h)
 {
-  struct hs *h = arg;
+  struct io_uring_sqe *sqe;
+  const void *out;
+  size_t len;
+  void *in;
 
-  set_timeout(fd, 0);
-  h->p.fd = fd;
-  debug("%s: negotiated (%s, structured replies %s, %u meta contexts)",
-        h->p.peer, h->p.snap ? "point-in-time view" : "main export",
-        h->p.structured ? "on" : "off", h->p.n_meta);
-  workers_add_conn(&h->p);
-  h->p.snap = NULL;                  /* the connection owns the reference now */
-  return true;
+  if (h->dead) {
+    if (!h->busy)
+      free_hs(h, true);
+    return;
+  }
+  out = nego_output(h->n, &len);
+  if (len == 0) {
+    switch (nego_state(h->n)) {
+    case NEGO_DONE:
+      if (atomic_load(&loop.stop))
+        free_hs(h, true);
+      else
+        hand_to_worker(h);
+      return;
+    case NEGO_CLOSE:
+      free_hs(h, true);
+      return;
+    case NEGO_RUNNING:
+      break;
+    }
+  }
+  sqe = cbt_ring_get_sqe(&loop.ring);
+  if (!sqe) {
+    log_error("%s: negotiation: cannot queue an io_uring operation", nego_params(h->n)->peer);
+    free_hs(h, true);
+    return;
+  }
+  if (len > 0) {
+    io_uring_prep_send(sqe, h->fd, out, len, MSG_NOSIGNAL);
+    h->sending = true;
+  } else {
+    in = nego_recv_buf(h->n, &len);
+    io_uring_prep_recv(sqe, h->fd, in, len, 0);
+    h->sending = false;
+  }
+  io_uring_sqe_set_data(sqe, h);
+  h->busy = true;
+}
+
+static void
+completed(struct hs *h, int res)
+{
+  const char *peer = nego_params(h->n)->peer;
+
+  h->busy = false;
+  if (h->dead) {
+    kick(h);
+    return;
+  }
+  if (res == -EINTR || res == -EAGAIN) {
+    kick(h);
+    return;
+  }
+  if (res < 0 || (res == 0 && !h->sending)) {
+    if (res == 0)
+      debug("%s: client closed the connection during negotiation", peer);
+    else
+      debug("%s: negotiation: %s", peer, g_strerror(-res));
+    free_hs(h, true);
+    return;
+  }
+  if (h->sending)
+    nego_sent(h->n, (size_t)res);
+  else
+    nego_received(h->n, (size_t)res);
+  kick(h);
+}
+
+static void
+post_wakeup(void)
+{
+  struct io_uring_sqe *sqe = cbt_ring_get_sqe(&loop.ring);
+
+  if (!sqe) {
+    log_error("negotiation loop: cannot queue an io_uring operation");
+    abort();
+  }
+  io_uring_prep_read(sqe, loop.efd, &loop.efd_val, sizeof loop.efd_val, 0);
+  io_uring_sqe_set_data(sqe, &loop);
+}
+
+static void
+adopt_pending(void)
+{
+  GQueue q = G_QUEUE_INIT;
+  struct hs *h;
+
+  g_mutex_lock(&loop.lock);
+  q = loop.pending;
+  g_queue_init(&loop.pending);
+  g_mutex_unlock(&loop.lock);
+  while ((h = g_queue_pop_head(&q))) {
+    h->link.data = h;
+    g_queue_push_tail_link(&loop.alive, &h->link);
+    if (atomic_load(&loop.stop))
+      cut(h);
+    else
+      kick(h);
+  }
+}
+
+/* Cut the negotiations whose time is up; returns the microseconds until
+ * the next deadline, at most a second. */
+static gint64
+expire(void)
+{
+  gint64 now = g_get_monotonic_time();
+
+  for (GList *l = loop.alive.head; l; ) {
+    struct hs *h = l->data;
+
+    l = l->next;
+    if (h->dead)
+      continue;
+    if (h->deadline > now)
+      return MIN(h->deadline - now, G_USEC_PER_SEC);
+    log_error("%s: negotiation timed out", nego_params(h->n)->peer);
+    cut(h);
+  }
+  return G_USEC_PER_SEC;
 }
 
 static void *
-hs_thread(void *arg)
+loop_thread(void *arg)
 {
-  g_autofree struct hs *h = arg;
-  bool ok = negotiate(h);
+  bool stopping = false;
 
-  client_threads_done(&negotiations, h->fd, ok ? hand_to_worker : NULL, h);
-  snapshot_unref(h->p.snap);         /* not handed over */
+  (void)arg;
+  post_wakeup();
+  for (;;) {
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts;
+    gint64 wait = expire();
+    int r;
+
+    if (stopping && g_queue_is_empty(&loop.alive))
+      break;
+    ts.tv_sec = wait / G_USEC_PER_SEC;
+    ts.tv_nsec = (wait % G_USEC_PER_SEC) * 1000;
+    r = io_uring_submit_and_wait_timeout(&loop.ring, &cqe, 1, &ts, NULL);
+    if (r < 0 && r != -ETIME && r != -EINTR && r != -EAGAIN) {
+      log_error("negotiation loop: %s", g_strerror(-r));
+      g_usleep(10 * 1000);
+    }
+    while (io_uring_peek_cqe(&loop.ring, &cqe) == 0) {
+      void *data = io_uring_cqe_get_data(cqe);
+      int res = cqe->res;
+
+      io_uring_cqe_seen(&loop.ring, cqe);
+      if (data == &loop) {
+        adopt_pending();
+        if (atomic_load(&loop.stop) && !stopping) {
+          stopping = true;
+          for (GList *l = loop.alive.head; l; ) {
+            struct hs *h = l->data;
+            l = l->next;
+            if (!h->dead)
+              cut(h);
+          }
+        }
+        if (!stopping)
+          post_wakeup();
+      } else {
+        completed(data, res);
+      }
+    }
+  }
   return NULL;
+}
+
+static void
+wake(void)
+{
+  uint64_t one = 1;
+
+  if (write(loop.efd, &one, sizeof one) < 0 && errno != EAGAIN)
+    log_error("negotiation loop: eventfd: %s", g_strerror(errno));
+}
+
+bool
+handshake_init(GError **error)
+{
+  struct io_uring_params params = { .flags = IORING_SETUP_CQSIZE,
+                                    .cq_entries = LOOP_CQ_ENTRIES };
+  int r;
+
+  loop.efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (loop.efd < 0) {
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(errno),
+                "eventfd: %s", g_strerror(errno));
+    return false;
+  }
+  r = io_uring_queue_init_params(LOOP_ENTRIES, &loop.ring, &params);
+  if (r < 0) {
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(-r),
+                "cannot set up io_uring: %s", g_strerror(-r));
+    goto fail;
+  }
+  r = pthread_create(&loop.thread, NULL, loop_thread, NULL);
+  if (r != 0) {
+    io_uring_queue_exit(&loop.ring);
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(r),
+                "cannot start the negotiation thread: %s", g_strerror(r));
+    goto fail;
+  }
+  loop.started = true;
+  return true;
+
+fail:
+  close(loop.efd);
+  loop.efd = -1;
+  return false;
 }
 
 void
 handshake_start(int fd, const char *peer)
 {
-  struct hs *h = g_new0(struct hs, 1);
+  struct hs *h;
 
-  h->fd = fd;
-  h->deadline = g_get_monotonic_time() + (gint64)srv.handshake_timeout * G_USEC_PER_SEC;
-  g_strlcpy(h->p.peer, peer, sizeof h->p.peer);
-  set_timeout(fd, srv.handshake_timeout);
-  if (!client_threads_start(&negotiations, fd, peer, hs_thread, h)) {
+  if (!loop.started || atomic_load(&loop.stop)) {
     close(fd);
-    g_free(h);
+    return;
   }
+  h = g_new0(struct hs, 1);
+  h->fd = fd;
+  h->n = nego_new(peer);
+  h->deadline = g_get_monotonic_time() + (gint64)srv.handshake_timeout * G_USEC_PER_SEC;
+  atomic_fetch_add(&loop.count, 1);
+  g_mutex_lock(&loop.lock);
+  g_queue_push_tail(&loop.pending, h);
+  g_mutex_unlock(&loop.lock);
+  wake();
+}
+
+unsigned
+handshake_count(void)
+{
+  return atomic_load(&loop.count);
 }
 
 void
 handshake_stop_all(void)
 {
-  client_threads_stop_all(&negotiations);
+  if (!loop.started)
+    return;
+  atomic_store(&loop.stop, true);
+  wake();
+  pthread_join(loop.thread, NULL);
+  io_uring_queue_exit(&loop.ring);
+  close(loop.efd);
+  loop.efd = -1;
+  loop.started = false;
 }

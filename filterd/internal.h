@@ -4,9 +4,9 @@
  * Threads:
  *   main thread   main-loop.c: accepts connections, signals, timers, the
  *                 control socket; never touches the data path.
- *   handshake     handshake.c: one short-lived thread per new connection
- *                 runs the option negotiation with plain blocking I/O and a
- *                 timeout, then hands the socket to a worker.
+ *   negotiation   handshake.c: one thread and io_uring running every
+ *                 option negotiation (negotiate.c's state machine) with a
+ *                 deadline each, then handing the socket to a worker.
  *   workers       worker.c: N threads, each owning one io_uring that carries
  *                 socket receives and sends and all image I/O of the
  *                 connections assigned to it.  A connection lives on one
@@ -52,6 +52,7 @@ struct server {
   enum cache_mode cache;
   unsigned n_workers;
   unsigned handshake_timeout;    /* seconds */
+  unsigned max_clients;          /* NBD clients at once (--max-clients) */
 
   const char *scratch_dir;       /* --scratch, default: the bitmap's directory */
   uint64_t scratch_limit;        /* --scratch-limit, 0: default */
@@ -87,17 +88,43 @@ struct conn_params {
   uint32_t meta_ids[MAX_META_SELECTED];
   char peer[64];
 };
-/* Start negotiating on @fd in a new thread; takes ownership of @fd. */
+/* Start the negotiation loop's thread (before any handshake_start). */
+bool handshake_init(GError **error);
+/* Negotiate on @fd (takes ownership); called by the main thread. */
 void handshake_start(int fd, const char *peer);
-/* Break every negotiation still running and wait for their threads. */
+/* Connections negotiating now. */
+unsigned handshake_count(void);
+/* Cut every negotiation still running and stop the loop. */
 void handshake_stop_all(void);
+
+/* ---- negotiate.c ---- */
+/* The negotiation state machine, without I/O (see the file's comment). */
+struct nego;
+enum nego_state {
+  NEGO_RUNNING,
+  NEGO_DONE,                     /* send the output, then transmission */
+  NEGO_CLOSE,                    /* send the output, then close */
+};
+/* A negotiation with @peer (for messages); the greeting is queued. */
+struct nego *nego_new(const char *peer);
+void nego_free(struct nego *n);
+enum nego_state nego_state(const struct nego *n);
+/* Where the next client bytes go, and at most how many (0: none wanted). */
+void *nego_recv_buf(struct nego *n, size_t *len);
+/* @got bytes (at most what nego_recv_buf allowed) were received there. */
+void nego_received(struct nego *n, size_t got);
+/* Replies queued for sending, and how many of them were sent. */
+const void *nego_output(const struct nego *n, size_t *len);
+void nego_sent(struct nego *n, size_t len);
+/* What was negotiated (fd is -1; the driver sets it). */
+struct conn_params *nego_params(struct nego *n);
 uint16_t export_flags(bool structured, bool view);
 
 /* ---- client-threads.c ---- */
 /* A set of threads each serving one socket; static zero-initialised
  * storage is ready to use (GMutex/GCond need no init when static). */
 struct client_threads {
-  const char *what;              /* for messages: "negotiations" */
+  const char *what;              /* for messages: "control connections" */
   unsigned max;
   GMutex lock;
   GCond cond;
@@ -108,10 +135,8 @@ struct client_threads {
  * many, stopping, no thread): the caller still owns @fd and @arg. */
 bool client_threads_start(struct client_threads *ct, int fd, const char *peer,
                           void *(*fn)(void *), void *arg);
-/* The thread's last call: @handoff(@fd, @arg) may take the socket (return
- * true) unless the daemon is stopping; otherwise @fd is closed. */
-void client_threads_done(struct client_threads *ct, int fd,
-                         bool (*handoff)(int fd, void *arg), void *arg);
+/* The thread's last call: forgets and closes @fd. */
+void client_threads_done(struct client_threads *ct, int fd);
 /* Shut every socket of the set down and wait for all its threads. */
 void client_threads_stop_all(struct client_threads *ct);
 

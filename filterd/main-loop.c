@@ -2,7 +2,8 @@
  * periodic work, on a small io_uring of its own.
  *
  * Nothing here touches the data path.  Accepted sockets go to
- * handshake_start(), control clients to control_start(); SIGTERM/SIGINT (read from a signalfd, the signals
+ * handshake_start() unless --max-clients are connected already (then the
+ * newest is closed and logged), control clients to control_start(); SIGTERM/SIGINT (read from a signalfd, the signals
  * being blocked in every thread) end the loop; a timer fires once a second
  * for periodic jobs (writing the dirty bitmap out).
  */
@@ -80,6 +81,28 @@ describe_peer(const struct loop_op *op, char *buf, size_t len)
   }
 }
 
+/* --max-clients is reached: close the newest connection.  The first
+ * refusal is logged at once, later ones once a second with a count, so a
+ * flood of connections cannot flood the log. */
+static void
+refuse(const char *peer)
+{
+  static gint64 last_log;
+  static unsigned quiet;
+  gint64 now = g_get_monotonic_time();
+
+  if (now - last_log < G_USEC_PER_SEC) {
+    quiet++;
+    return;
+  }
+  log_error("%s: refused: %u clients connected, the most --max-clients allows",
+            peer, srv.max_clients);
+  if (quiet)
+    log_error("(%u more connections refused in the last second)", quiet);
+  last_log = now;
+  quiet = 0;
+}
+
 static void
 on_accept(struct loop_op *op, int res)
 {
@@ -95,6 +118,11 @@ on_accept(struct loop_op *op, int res)
     return;
   }
   describe_peer(op, peer, sizeof peer);
+  if (handshake_count() + workers_conn_count() >= srv.max_clients) {
+    refuse(peer);
+    close(res);
+    return;
+  }
   if (op->addr.ss_family == AF_INET || op->addr.ss_family == AF_INET6) {
     int one = 1;
     setsockopt(res, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);

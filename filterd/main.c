@@ -13,10 +13,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "cbt/util.h"
 #include "internal.h"
+
+#define DEFAULT_MAX_CLIENTS 1024
+#define NOFILE_RESERVE      64   /* descriptors for images, rings, logs */
 
 struct server srv;
 
@@ -26,6 +30,7 @@ static char *opt_bitmap_name;
 static char *opt_granularity;
 static int opt_threads;
 static int opt_timeout = 10;
+static int opt_max_clients = DEFAULT_MAX_CLIENTS;
 static char *opt_scratch_limit;
 static char *opt_tracking;
 
@@ -40,6 +45,7 @@ static GOptionEntry entries[] = {
   { "cache", 0, 0, G_OPTION_ARG_STRING, &opt_cache, "writeback (default) or none (O_DIRECT)", "MODE" },
   { "threads", 't', 0, G_OPTION_ARG_INT, &opt_threads, "Worker threads (default: online CPUs)", "N" },
   { "handshake-timeout", 0, 0, G_OPTION_ARG_INT, &opt_timeout, "Seconds a client may take to negotiate (default 10)", "S" },
+  { "max-clients", 0, 0, G_OPTION_ARG_INT, &opt_max_clients, "Most NBD clients connected at once, negotiating or not (default 1024); more are refused and logged", "N" },
   { "bitmap", 'b', 0, G_OPTION_ARG_FILENAME, &opt_bitmap, "Dirty bitmap file (created if missing)", "PATH" },
   { "bitmap-name", 0, 0, G_OPTION_ARG_STRING, &opt_bitmap_name, "Name of the active bitmap (default cbt)", "NAME" },
   { "granularity", 'g', 0, G_OPTION_ARG_STRING, &opt_granularity, "Bitmap granularity when creating (default 64K)", "SIZE" },
@@ -124,6 +130,12 @@ parse_args(int argc, char **argv, GError **error)
     return false;
   }
   srv.handshake_timeout = (unsigned)opt_timeout;
+  if (opt_max_clients < 1 || opt_max_clients > 1000000) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--max-clients %d: expected 1 to 1000000", opt_max_clients);
+    return false;
+  }
+  srv.max_clients = (unsigned)opt_max_clients;
   if ((opt_bitmap_name || opt_granularity) && !opt_bitmap) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
                 "--bitmap-name and --granularity need --bitmap");
@@ -187,6 +199,32 @@ write_pid_file(GError **error)
   return g_file_set_contents(srv.pid_file, s, -1, error);
 }
 
+/* Every client holds a descriptor: raise the soft limit on open files to
+ * the hard one (systemd's default soft limit is 1024), and say so when
+ * --max-clients cannot be reached even then. */
+static void
+raise_nofile_limit(void)
+{
+  struct rlimit rl;
+
+  if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+    return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rlim_t old = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+      rl.rlim_cur = old;
+  }
+  if (rl.rlim_cur != RLIM_INFINITY &&
+      (uint64_t)srv.max_clients + NOFILE_RESERVE > rl.rlim_cur)
+    log_error("warning: the limit of %llu open files leaves room for about %llu "
+              "clients, fewer than --max-clients %u",
+              (unsigned long long)rl.rlim_cur,
+              (unsigned long long)(rl.rlim_cur > NOFILE_RESERVE ?
+                                   rl.rlim_cur - NOFILE_RESERVE : 0),
+              srv.max_clients);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -212,6 +250,7 @@ main(int argc, char **argv)
   sigaddset(&mask, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &mask, NULL);
   signal(SIGPIPE, SIG_IGN);
+  raise_nofile_limit();
 
   if (!open_image(&error))
     goto fail;
@@ -247,6 +286,8 @@ main(int argc, char **argv)
   if (!workers_start(srv.n_workers, &error))
     goto fail;
   workers_started = true;
+  if (!handshake_init(&error))
+    goto fail;
   if (!write_pid_file(&error))
     goto fail;
 
