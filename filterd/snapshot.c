@@ -731,6 +731,9 @@ read_image_done(struct cbt_image_io *io, int res)
   uint64_t end = rd->off + rd->len;
 
   if (res < 0) {
+    /* The disk failed, not the view: say so, as for the main export. */
+    log_error("reading the image at offset %" PRIu64 " length %" PRIu32
+              " for the point-in-time view: %s", rd->off, rd->len, g_strerror(-res));
     read_finish(rd, res);
     return;
   }

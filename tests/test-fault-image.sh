@@ -10,7 +10,9 @@
 #   4. qcow2: EIO and ENOSPC on a data write that allocates clusters
 #      (metadata thread) and on an in-place write (worker ring); the
 #      clusters of a failed allocation are free again (qemu-img check);
-#      short transfers on both paths are completed.
+#      short transfers on both paths are completed;
+#   5. EIO reading the disk for a running backup: the backup fails cleanly
+#      and the daemon logs why.
 
 source "$(dirname "$0")/functions.sh"
 requires_fault_injection
@@ -167,4 +169,26 @@ nbd_expect "$uri" \
 injected "$log" "image read 2: short"
 stop_filterd
 out=$(qemu-img check "$qcow" 2>&1) || { echo "$out" >&2; die "qemu-img check $qcow"; }
+# --- 5. a read error under a running backup ---------------------------------
+# The backup fails naming the error, its checkpoint is aborted, the daemon
+# says that the image failed; the next backup restores to the disk.  The
+# disk holds 1 MiB of data, so the backup's one read is image read 1.
+fresh_raw
+csock=$tmp/ctl.sock
+repo=$tmp/repo
+start_filterd_fi "image:read:1:EIO" --image "$disk" --bitmap "$bm" --control "$csock"
+nbd_expect "$uri" "write $M $M 0x12 ok"
+expect_rc 1 cbt backup --socket "$sock" --control "$csock" --repo "$repo"
+has "Input/output error"
+has "aborted"
+injected "$log" "image read 1: EIO"
+grep -q "reading the image at offset $M length $M for the point-in-time view: Input/output error" \
+    "$log" || { _show_log "$log"; die "the daemon did not log the image read error"; }
+json_true '.return.checkpoint == null' "$(ctl "$csock" '{"execute":"status"}')" ||
+    die "the checkpoint of the failed backup was not aborted"
+expect_rc 0 cbt backup --socket "$sock" --control "$csock" --repo "$repo"
+rm -f "$tmp/r.raw"
+cbt restore --repo "$repo" --output "$tmp/r.raw" >/dev/null 2>&1 || die "restore failed"
+cmp "$disk" "$tmp/r.raw" || die "the backup after a failed one differs from the disk"
+stop_filterd
 echo "image I/O errors: error replies, dirty bits kept, short transfers finished"
