@@ -4,6 +4,12 @@
  * (32 MiB).  Freed buffers go on a per-class free list, capped so a burst
  * of large requests does not pin memory forever.  Page alignment lets the
  * same buffer be used with O_DIRECT.  One pool per worker thread: no lock.
+ *
+ * Idle memory goes back: bufpool_trim, called about once a second, frees
+ * as many buffers of each class as stayed unused on its free list for the
+ * whole time since the previous trim (the lowest the list got).  A
+ * steady load keeps what it uses; a burst's buffers are gone a second or
+ * two after it.
  */
 #include <stdlib.h>
 
@@ -21,6 +27,7 @@ struct free_buf {
 struct bufpool {
   struct free_buf *free[N_CLASSES];
   unsigned count[N_CLASSES];
+  unsigned low[N_CLASSES];           /* lowest count since the last trim */
 };
 
 _Static_assert(CBT_NBD_MAX_BLOCK == (1u << MAX_SHIFT), "pool covers max block");
@@ -67,6 +74,8 @@ bufpool_get(struct bufpool *p, size_t len)
     struct free_buf *b = p->free[c];
     p->free[c] = b->next;
     p->count[c]--;
+    if (p->count[c] < p->low[c])
+      p->low[c] = p->count[c];
     return b;
   }
   if (posix_memalign(&buf, 4096, (size_t)1 << (c + MIN_SHIFT)) != 0)
@@ -90,4 +99,22 @@ bufpool_put(struct bufpool *p, void *buf, size_t len)
   ((struct free_buf *)buf)->next = p->free[c];
   p->free[c] = buf;
   p->count[c]++;
+}
+
+size_t
+bufpool_trim(struct bufpool *p)
+{
+  size_t freed = 0;
+
+  for (unsigned c = 0; c < N_CLASSES; c++) {
+    for (unsigned n = p->low[c]; n > 0 && p->free[c]; n--) {
+      struct free_buf *b = p->free[c];
+      p->free[c] = b->next;
+      p->count[c]--;
+      free(b);
+      freed += (size_t)1 << (c + MIN_SHIFT);
+    }
+    p->low[c] = p->count[c];
+  }
+  return freed;
 }

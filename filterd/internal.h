@@ -53,6 +53,7 @@ struct server {
   unsigned n_workers;
   unsigned handshake_timeout;    /* seconds */
   unsigned max_clients;          /* NBD clients at once (--max-clients) */
+  uint64_t max_memory;           /* request buffers, daemon-wide (--max-memory) */
 
   const char *scratch_dir;       /* --scratch, default: the bitmap's directory */
   uint64_t scratch_limit;        /* --scratch-limit, 0: default */
@@ -178,6 +179,24 @@ struct bufpool *bufpool_new(void);
 void bufpool_free(struct bufpool *p);
 void *bufpool_get(struct bufpool *p, size_t len);
 void bufpool_put(struct bufpool *p, void *buf, size_t len);
+/* Free the buffers that stayed idle since the last trim; bytes freed. */
+size_t bufpool_trim(struct bufpool *p);
+
+/* ---- memcap.c ---- */
+/* The daemon-wide budget of request buffers (--max-memory). */
+/* Take @len bytes if the budget allows; false if not (nothing taken). */
+bool memcap_take(size_t len);
+/* Take @len bytes even past the budget (small, bounded buffers). */
+void memcap_charge(size_t len);
+/* Give back what was taken or charged; wakes the workers whose
+ * connections wait for memory. */
+void memcap_give(size_t len);
+/* A connection starts / stops waiting for memory. */
+void memcap_wait(void);
+void memcap_unwait(void);
+/* Does any connection wait for memory? */
+bool memcap_pressure(void);
+uint64_t memcap_used(void);
 
 /* ---- worker.c ---- */
 struct worker;
@@ -191,6 +210,7 @@ struct request {
   uint32_t error;                /* NBD error for the reply */
   void *buf;                     /* READ/WRITE data or reply payload */
   size_t buf_len;                /* as passed to bufpool_get */
+  size_t charged;                /* bytes taken from memcap.c for it */
   uint32_t have;                 /* WRITE payload bytes received */
   struct cbt_image_io io;
 
@@ -216,6 +236,11 @@ struct io_uring *worker_ring(struct worker *w);
 void worker_hold(struct worker *w);
 void worker_unhold(struct worker *w);
 unsigned workers_conn_count(void);
+/* memcap.c: buffers were given back; wake connections waiting for them. */
+void workers_memory_freed(void);
+/* From the main loop about once a second: return idle pooled memory;
+ * under memory pressure, close clients that stopped reading replies. */
+void workers_tick(void);
 
 /* Called by dispatch.c. */
 struct bufpool *conn_pool(struct conn *c);

@@ -210,6 +210,7 @@ main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
       case OP_TIMER:
         if (srv.tracking)
           tracking_tick(srv.tracking);
+        workers_tick();
         break;
       }
       post(&ring, op);

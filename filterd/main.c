@@ -21,6 +21,9 @@
 
 #define DEFAULT_MAX_CLIENTS 1024
 #define NOFILE_RESERVE      64   /* descriptors for images, rings, logs */
+#define DEFAULT_MAX_MEMORY  (UINT64_C(512) << 20)
+/* Two of the largest requests, so one client can always make progress. */
+#define MIN_MAX_MEMORY      (UINT64_C(64) << 20)
 
 struct server srv;
 
@@ -31,6 +34,7 @@ static char *opt_granularity;
 static int opt_threads;
 static int opt_timeout = 10;
 static int opt_max_clients = DEFAULT_MAX_CLIENTS;
+static char *opt_max_memory;
 static char *opt_scratch_limit;
 static char *opt_tracking;
 
@@ -46,6 +50,7 @@ static GOptionEntry entries[] = {
   { "threads", 't', 0, G_OPTION_ARG_INT, &opt_threads, "Worker threads (default: online CPUs)", "N" },
   { "handshake-timeout", 0, 0, G_OPTION_ARG_INT, &opt_timeout, "Seconds a client may take to negotiate (default 10)", "S" },
   { "max-clients", 0, 0, G_OPTION_ARG_INT, &opt_max_clients, "Most NBD clients connected at once, negotiating or not (default 1024); more are refused and logged", "N" },
+  { "max-memory", 0, 0, G_OPTION_ARG_STRING, &opt_max_memory, "Most memory for request buffers of all clients together (default 512M, at least 64M); past it clients wait", "SIZE" },
   { "bitmap", 'b', 0, G_OPTION_ARG_FILENAME, &opt_bitmap, "Dirty bitmap file (created if missing)", "PATH" },
   { "bitmap-name", 0, 0, G_OPTION_ARG_STRING, &opt_bitmap_name, "Name of the active bitmap (default cbt)", "NAME" },
   { "granularity", 'g', 0, G_OPTION_ARG_STRING, &opt_granularity, "Bitmap granularity when creating (default 64K)", "SIZE" },
@@ -136,6 +141,14 @@ parse_args(int argc, char **argv, GError **error)
     return false;
   }
   srv.max_clients = (unsigned)opt_max_clients;
+  srv.max_memory = DEFAULT_MAX_MEMORY;
+  if (opt_max_memory &&
+      (cbt_parse_size(opt_max_memory, &srv.max_memory) < 0 ||
+       srv.max_memory < MIN_MAX_MEMORY)) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--max-memory %s: expected a size of at least 64M", opt_max_memory);
+    return false;
+  }
   if ((opt_bitmap_name || opt_granularity) && !opt_bitmap) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
                 "--bitmap-name and --granularity need --bitmap");

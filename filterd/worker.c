@@ -21,7 +21,14 @@
  *     where they stopped.
  *   - Back-pressure: a connection stops reading when it has 512 requests or
  *     64 MiB of buffers in flight, so no client can make us allocate
- *     without bound.
+ *     without bound; and all of them together stop at --max-memory
+ *     (memcap.c): a READ or WRITE header is consumed only once its
+ *     payload's bytes are taken from that budget, else the connection
+ *     waits (reads nothing) until some worker gives memory back.  While
+ *     any connection waits, a client that has not taken a byte of its
+ *     replies for SEND_STALL seconds is closed: it would hold memory
+ *     others need for as long as it likes.  Idle pooled buffers are freed
+ *     once a second (workers_tick).
  * The ring is created with SINGLE_ISSUER|DEFER_TASKRUN where the kernel
  * has them (completion work runs only when we wait), else plain.
  *
@@ -51,6 +58,7 @@
 #define MAX_FREE_REQS      1024
 #define RING_ENTRIES       512
 #define STOP_GRACE         10                 /* seconds */
+#define SEND_STALL         30                 /* seconds, under memory pressure */
 
 struct conn {
   struct worker *w;
@@ -79,6 +87,8 @@ struct conn {
 
   unsigned inflight;                 /* requests allocated, not yet freed */
   size_t inflight_bytes;
+  bool mem_wait;                     /* waits for memcap before parsing on */
+  gint64 send_progress;              /* when a send last moved bytes */
   bool closing;                      /* read no more; close when drained */
   bool dead;                         /* socket broken: drop replies */
 };
@@ -104,6 +114,8 @@ struct worker {
 
   struct conn *conns;
   unsigned nconns;
+  atomic_uint mem_waiters;           /* connections with mem_wait */
+  atomic_bool mem_wake_posted;
   unsigned holds;                    /* worker_hold(): I/O of no connection */
   bool stopping;
   struct cbt_aio_op grace_op;
@@ -173,6 +185,8 @@ request_release_buf(struct request *req)
     req->buf = NULL;
     req->buf_len = 0;
   }
+  memcap_give(req->charged);
+  req->charged = 0;
 }
 
 static void
@@ -192,6 +206,8 @@ request_free(struct request *req)
   }
 }
 
+/* The buffer is paid for by what was taken when the header was read
+ * (conn_reserve); a larger one (a block status reply) is charged. */
 bool
 request_alloc_buf(struct request *req, size_t len)
 {
@@ -200,6 +216,10 @@ request_alloc_buf(struct request *req, size_t len)
     return false;
   req->buf_len = len;
   req->c->inflight_bytes += len;
+  if (len > req->charged) {
+    memcap_charge(len - req->charged);
+    req->charged = len;
+  }
   return true;
 }
 
@@ -254,6 +274,8 @@ conn_send(struct conn *c)
   c->msg.msg_iov = c->siov;
   c->msg.msg_iovlen = n;
   io_uring_prep_sendmsg(sqe, c->p.fd, &c->msg, MSG_NOSIGNAL);
+  if (c->send_progress == 0)
+    c->send_progress = g_get_monotonic_time();
   c->send_op.done = send_done;
   io_uring_sqe_set_data(sqe, &c->send_op);
   c->send_pending = true;
@@ -287,6 +309,7 @@ send_done(struct cbt_aio_op *op, int res)
 
   /* Consume @res bytes from the head of the queue; whole replies are
    * freed, a partly sent one keeps its position. */
+  c->send_progress = 0;              /* the next send starts the clock */
   bytes = (size_t)res;
   while (bytes > 0 && c->sendq_head) {
     struct request *r = c->sendq_head;
@@ -324,7 +347,8 @@ send_done(struct cbt_aio_op *op, int res)
 static bool
 conn_throttled(const struct conn *c)
 {
-  return c->inflight >= MAX_INFLIGHT || c->inflight_bytes >= MAX_INFLIGHT_BYTES;
+  return c->inflight >= MAX_INFLIGHT || c->inflight_bytes >= MAX_INFLIGHT_BYTES ||
+         c->mem_wait;
 }
 
 static void recv_done(struct cbt_aio_op *op, int res);
@@ -410,11 +434,12 @@ conn_refuse(struct conn *c, struct request *req)
 
 /* A request header was read: validate it and start it. */
 static void
-conn_handle_header(struct conn *c, const struct cbt_nbd_request *hdr)
+conn_handle_header(struct conn *c, const struct cbt_nbd_request *hdr, size_t charged)
 {
   struct request *req = request_new(c);
 
   req->hdr = *hdr;
+  req->charged = charged;
   req->error = cbt_nbd_request_validate(hdr, &c->caps);
   if (req->error != NBD_SUCCESS) {
     debug("%s: %s offset %" PRIu64 " length %" PRIu32 " flags 0x%x: %s",
@@ -433,6 +458,50 @@ conn_handle_header(struct conn *c, const struct cbt_nbd_request *hdr)
     return;
   }
   dispatch_request(req);
+}
+
+/* The budget a request's header must take before it is read: the
+ * payload of a READ or WRITE that may be valid (a longer one is refused
+ * without a buffer). */
+static size_t
+payload_budget(const struct cbt_nbd_request *hdr)
+{
+  if ((hdr->type == NBD_CMD_READ || hdr->type == NBD_CMD_WRITE) &&
+      hdr->length <= CBT_NBD_MAX_BLOCK)
+    return hdr->length;
+  return 0;
+}
+
+static void
+conn_unwait(struct conn *c)
+{
+  if (!c->mem_wait)
+    return;
+  c->mem_wait = false;
+  atomic_fetch_sub(&c->w->mem_waiters, 1);
+  memcap_unwait();
+}
+
+/* Take @need bytes from the budget, or make @c wait for them.  Waiting is
+ * announced before the second try, so memory given back in between
+ * always finds a waiter to wake. */
+static bool
+conn_reserve(struct conn *c, size_t need)
+{
+  if (memcap_take(need)) {
+    conn_unwait(c);
+    return true;
+  }
+  if (!c->mem_wait) {
+    c->mem_wait = true;
+    atomic_fetch_add(&c->w->mem_waiters, 1);
+    memcap_wait();
+  }
+  if (memcap_take(need)) {
+    conn_unwait(c);
+    return true;
+  }
+  return false;
 }
 
 /* Consume what the receive buffer holds; then read more if allowed. */
@@ -469,8 +538,8 @@ conn_parse(struct conn *c)
       break;
 
     struct cbt_nbd_request hdr;
+    size_t need;
     cbt_nbd_request_decode(c->rbuf + c->rpos, &hdr);
-    c->rpos += NBD_REQUEST_SIZE;
     if (hdr.magic != NBD_REQUEST_MAGIC) {
       log_error("%s: bad request magic 0x%08" PRIx32 "; closing connection",
                 c->p.peer, hdr.magic);
@@ -479,10 +548,15 @@ conn_parse(struct conn *c)
     }
     if (hdr.type == NBD_CMD_DISC) {
       debug("%s: client sent DISC", c->p.peer);
+      c->rpos += NBD_REQUEST_SIZE;
       conn_start_close(c);
       break;
     }
-    conn_handle_header(c, &hdr);
+    need = payload_budget(&hdr);
+    if (!conn_reserve(c, need))
+      break;                         /* the header stays; woken later */
+    c->rpos += NBD_REQUEST_SIZE;
+    conn_handle_header(c, &hdr, need);
   }
   if (!c->closing && !conn_throttled(c))
     conn_post_recv(c);
@@ -529,6 +603,7 @@ conn_maybe_finish(struct conn *c)
     return;                          /* flush_sends() calls us again */
 
   debug("%s: connection closed", c->p.peer);
+  conn_unwait(c);
   close(c->p.fd);
   if (c->prev)
     c->prev->next = c->next;
@@ -700,6 +775,64 @@ worker_stop_fn(void *arg)
     conn_start_close(c);
     conn_maybe_finish(c);
   }
+}
+
+/* ---- memory ---- */
+
+/* On @w: memory was given back; let its waiting connections try again. */
+static void
+mem_wake_fn(void *arg)
+{
+  struct worker *w = arg;
+
+  atomic_store(&w->mem_wake_posted, false);
+  for (struct conn *c = w->conns, *next; c; c = next) {
+    next = c->next;
+    if (c->mem_wait && !c->closing) {
+      conn_unwait(c);
+      conn_parse(c);                 /* may wait again, or free @c */
+    }
+  }
+}
+
+void
+workers_memory_freed(void)
+{
+  for (unsigned i = 0; i < n_workers; i++) {
+    struct worker *w = &workers[i];
+    if (atomic_load(&w->mem_waiters) > 0 &&
+        !atomic_exchange(&w->mem_wake_posted, true))
+      worker_post(w, mem_wake_fn, w);
+  }
+}
+
+static void
+worker_tick_fn(void *arg)
+{
+  struct worker *w = arg;
+  gint64 now = g_get_monotonic_time();
+
+  bufpool_trim(w->pool);
+  if (!memcap_pressure())
+    return;
+  for (struct conn *c = w->conns; c; c = c->next) {
+    if (c->send_pending && c->send_progress &&
+        now - c->send_progress >= (gint64)SEND_STALL * G_USEC_PER_SEC &&
+        !c->dead) {
+      log_error("%s: has not taken a byte of its replies for %d s while other "
+                "clients wait for memory (--max-memory); closing", c->p.peer,
+                SEND_STALL);
+      shutdown(c->p.fd, SHUT_RDWR);
+      c->send_progress = 0;
+    }
+  }
+}
+
+void
+workers_tick(void)
+{
+  for (unsigned i = 0; i < n_workers; i++)
+    worker_post(&workers[i], worker_tick_fn, &workers[i]);
 }
 
 /* ---- the loop ---- */
