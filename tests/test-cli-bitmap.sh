@@ -239,6 +239,18 @@ truncate -s 100 "$tmp/trunc.bm"
 expect_rc 4 cbt bitmap check "$tmp/trunc.bm"
 refused "$tmp/trunc.bm" "$tmp/trunc.bm"
 
+# Garbage: random bytes of a few sizes, and the good file's header on
+# random bytes; each is refused, never taken for a bitmap.
+for size in 1 4096 24576 1048576; do
+    head -c "$size" /dev/urandom >"$tmp/garbage.bm"
+    expect_rc 4 cbt bitmap check "$tmp/garbage.bm"
+    refused "$tmp/garbage.bm" "$tmp/garbage.bm"
+done
+head -c 4096 "$tmp/good.bm" >"$tmp/garbage.bm"
+head -c 65536 /dev/urandom >>"$tmp/garbage.bm"
+expect_rc 4 cbt bitmap check "$tmp/garbage.bm"
+refused "$tmp/garbage.bm" "$tmp/garbage.bm"
+
 # ---- a bitmap made for another image --------------------------------------
 other=$tmp/other.img
 truncate -s $(stat -c %s "$disk") "$other"
