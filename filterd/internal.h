@@ -30,6 +30,7 @@
 
 /* ---- log.c ---- */
 extern bool log_verbose;
+extern bool log_quiet;                 /* fuzz targets: format, print nothing */
 void log_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
 void log_info(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
 void log_debug(const char *fmt, ...) G_GNUC_PRINTF(1, 2);

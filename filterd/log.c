@@ -5,6 +5,7 @@
 #include "internal.h"
 
 bool log_verbose;
+bool log_quiet;
 
 static void vlog(const char *level, const char *fmt, va_list ap) G_GNUC_PRINTF(2, 0);
 
@@ -14,6 +15,8 @@ vlog(const char *level, const char *fmt, va_list ap)
   char line[1024];
 
   vsnprintf(line, sizeof line, fmt, ap);
+  if (log_quiet)
+    return;                          /* formatted all the same (fuzzing) */
   /* One fprintf so lines from several threads do not interleave. */
   fprintf(stderr, "cbt-filterd: %s%s\n", level, line);
 }

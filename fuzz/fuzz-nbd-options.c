@@ -43,6 +43,7 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 
   (void)argc;
   (void)argv;
+  log_quiet = true;                  /* a line per refused input is noise */
   bitmap_path = fuzz_path("fuzz.bitmap");
   tc.path = bitmap_path;
   srv.image_path = "memory:64M";
