@@ -122,6 +122,17 @@ kick(struct hs *h)
     case NEGO_CLOSE:
       free_hs(h, true);
       return;
+    case NEGO_STARTTLS:
+      /* The ACK is out; from here the client speaks TLS, and we go on
+       * with the plaintext end of tls.c's pump. */
+      h->fd = tls_start(h->fd, nego_params(h->n)->peer, h->deadline);
+      if (h->fd < 0) {
+        free_hs(h, false);
+        return;
+      }
+      nego_tls_started(h->n);
+      kick(h);
+      return;
     case NEGO_RUNNING:
       break;
     }

@@ -55,6 +55,10 @@ struct server {
   unsigned handshake_timeout;    /* seconds */
   unsigned max_clients;          /* NBD clients at once (--max-clients) */
   uint64_t max_memory;           /* request buffers, daemon-wide (--max-memory) */
+  enum tls_mode { TLS_OFF, TLS_ON, TLS_REQUIRE } tls_mode;   /* --tls */
+  const char *tls_certificates;  /* --tls-certificates DIR */
+  const char *tls_psk;           /* --tls-psk FILE */
+  bool tls_verify_peer;          /* --tls-verify-peer */
 
   const char *scratch_dir;       /* --scratch, default: the bitmap's directory */
   uint64_t scratch_limit;        /* --scratch-limit, 0: default */
@@ -99,6 +103,17 @@ unsigned handshake_count(void);
 /* Cut every negotiation still running and stop the loop. */
 void handshake_stop_all(void);
 
+/* ---- tls.c ---- */
+/* Load the credentials --tls asks for (nothing when TLS is off). */
+bool tls_init(GError **error);
+void tls_deinit(void);
+/* STARTTLS was acknowledged on @net (taken over): run the handshake
+ * within @deadline and the record layer from now on; returns the
+ * plaintext socket the daemon goes on with, or -1. */
+int tls_start(int net, const char *peer, gint64 deadline);
+/* Shut every TLS client down and wait for their threads. */
+void tls_stop_all(void);
+
 /* ---- negotiate.c ---- */
 /* The negotiation state machine, without I/O (see the file's comment). */
 struct nego;
@@ -106,6 +121,8 @@ enum nego_state {
   NEGO_RUNNING,
   NEGO_DONE,                     /* send the output, then transmission */
   NEGO_CLOSE,                    /* send the output, then close */
+  NEGO_STARTTLS,                 /* send the output, start TLS, then
+                                  * nego_tls_started() */
 };
 /* A negotiation with @peer (for messages); the greeting is queued. */
 struct nego *nego_new(const char *peer);
@@ -118,6 +135,8 @@ void nego_received(struct nego *n, size_t got);
 /* Replies queued for sending, and how many of them were sent. */
 const void *nego_output(const struct nego *n, size_t *len);
 void nego_sent(struct nego *n, size_t len);
+/* TLS is up: negotiation goes on (over the TLS session). */
+void nego_tls_started(struct nego *n);
 /* What was negotiated (fd is -1; the driver sets it). */
 struct conn_params *nego_params(struct nego *n);
 uint16_t export_flags(bool structured, bool view);

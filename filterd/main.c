@@ -35,6 +35,7 @@ static int opt_threads;
 static int opt_timeout = 10;
 static int opt_max_clients = DEFAULT_MAX_CLIENTS;
 static char *opt_max_memory;
+static char *opt_tls;
 static char *opt_scratch_limit;
 static char *opt_tracking;
 
@@ -51,6 +52,10 @@ static GOptionEntry entries[] = {
   { "handshake-timeout", 0, 0, G_OPTION_ARG_INT, &opt_timeout, "Seconds a client may take to negotiate (default 10)", "S" },
   { "max-clients", 0, 0, G_OPTION_ARG_INT, &opt_max_clients, "Most NBD clients connected at once, negotiating or not (default 1024); more are refused and logged", "N" },
   { "max-memory", 0, 0, G_OPTION_ARG_STRING, &opt_max_memory, "Most memory for request buffers of all clients together (default 512M, at least 64M); past it clients wait", "SIZE" },
+  { "tls", 0, 0, G_OPTION_ARG_STRING, &opt_tls, "off (default), on (clients may use TLS) or require (clients must)", "MODE" },
+  { "tls-certificates", 0, 0, G_OPTION_ARG_FILENAME, &srv.tls_certificates, "X.509 files: ca-cert.pem, server-cert.pem, server-key.pem (as nbdkit)", "DIR" },
+  { "tls-psk", 0, 0, G_OPTION_ARG_FILENAME, &srv.tls_psk, "TLS with pre-shared keys from a psktool file instead of certificates", "FILE" },
+  { "tls-verify-peer", 0, 0, G_OPTION_ARG_NONE, &srv.tls_verify_peer, "Require client certificates signed by the CA in --tls-certificates", NULL },
   { "bitmap", 'b', 0, G_OPTION_ARG_FILENAME, &opt_bitmap, "Dirty bitmap file (created if missing)", "PATH" },
   { "bitmap-name", 0, 0, G_OPTION_ARG_STRING, &opt_bitmap_name, "Name of the active bitmap (default cbt)", "NAME" },
   { "granularity", 'g', 0, G_OPTION_ARG_STRING, &opt_granularity, "Bitmap granularity when creating (default 64K)", "SIZE" },
@@ -87,6 +92,42 @@ parse_size(const char *opt, const char *s, uint64_t *out, GError **error)
   if (cbt_parse_size(s, out) < 0 || *out < (1u << 20)) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
                 "%s %s: expected a size of at least 1M (e.g. 512M, 20G)", opt, s);
+    return false;
+  }
+  return true;
+}
+
+static bool
+parse_tls(GError **error)
+{
+  if (!opt_tls || strcmp(opt_tls, "off") == 0)
+    srv.tls_mode = TLS_OFF;
+  else if (strcmp(opt_tls, "on") == 0)
+    srv.tls_mode = TLS_ON;
+  else if (strcmp(opt_tls, "require") == 0)
+    srv.tls_mode = TLS_REQUIRE;
+  else {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--tls %s: expected off, on or require", opt_tls);
+    return false;
+  }
+  if (srv.tls_mode == TLS_OFF) {
+    if (srv.tls_certificates || srv.tls_psk || srv.tls_verify_peer) {
+      g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                  "--tls-certificates, --tls-psk and --tls-verify-peer need --tls on or require");
+      return false;
+    }
+    return true;
+  }
+  if (!srv.tls_certificates == !srv.tls_psk) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "--tls %s needs exactly one of --tls-certificates DIR and --tls-psk FILE",
+                opt_tls);
+    return false;
+  }
+  if (srv.tls_verify_peer && srv.tls_psk) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "--tls-verify-peer is for certificates; with --tls-psk the key is the proof");
     return false;
   }
   return true;
@@ -141,6 +182,8 @@ parse_args(int argc, char **argv, GError **error)
     return false;
   }
   srv.max_clients = (unsigned)opt_max_clients;
+  if (!parse_tls(error))
+    return false;
   srv.max_memory = DEFAULT_MAX_MEMORY;
   if (opt_max_memory &&
       (cbt_parse_size(opt_max_memory, &srv.max_memory) < 0 ||
@@ -265,6 +308,8 @@ main(int argc, char **argv)
   signal(SIGPIPE, SIG_IGN);
   raise_nofile_limit();
 
+  if (!tls_init(&error))
+    goto fail;
   if (!open_image(&error))
     goto fail;
   if (opt_bitmap) {
@@ -333,6 +378,8 @@ main(int argc, char **argv)
   control_stop_all();
   handshake_stop_all();
   workers_stop();
+  tls_stop_all();
+  tls_deinit();
   if (!srv.read_only) {
     r = cbt_image_run_sync(srv.image, CBT_IO_FLUSH, 0, 0, 0, NULL);
     if (r < 0) {
@@ -358,8 +405,10 @@ main(int argc, char **argv)
 
 fail:
   fprintf(stderr, "cbt-filterd: %s\n", error->message);
+  handshake_stop_all();
   if (workers_started)
     workers_stop();
+  tls_deinit();
   if (srv.tracking) {
     /* Nothing was served: no write can be missing from the bitmap. */
     tracking_close(srv.tracking, true, NULL);

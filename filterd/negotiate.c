@@ -39,6 +39,7 @@ struct nego {
   enum nego_phase phase;
   enum nego_state state;
   bool no_zeroes;
+  bool tls;                           /* STARTTLS done */
   unsigned n_options;
   uint8_t small[NBD_OPT_HEADER_SIZE]; /* client flags or option header */
   uint32_t option;
@@ -381,12 +382,50 @@ next_option(struct nego *n)
   n->have = 0;
 }
 
+/* NBD_OPT_STARTTLS: acknowledged, then the driver starts TLS.  Nothing
+ * negotiated before TLS survives it (the spec's rule). */
+static void
+opt_starttls(struct nego *n, uint32_t len)
+{
+  if (srv.tls_mode == TLS_OFF) {
+    reply_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP, "TLS is not enabled on this server");
+    return;
+  }
+  if (n->tls) {
+    reply_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "TLS is already on");
+    return;
+  }
+  if (len != 0) {
+    reply_err(n, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, "STARTTLS takes no data");
+    return;
+  }
+  reply(n, NBD_OPT_STARTTLS, NBD_REP_ACK, NULL, 0);
+  n->p.structured = false;
+  n->p.n_meta = 0;
+  snapshot_unref(g_steal_pointer(&n->p.snap));
+  finish(n, NEGO_STARTTLS);
+}
+
 /* A whole option (header and data) has arrived. */
 static void
 do_option(struct nego *n, const uint8_t *d, uint32_t len)
 {
   uint32_t option = n->option;
 
+  if (srv.tls_mode == TLS_REQUIRE && !n->tls && option != NBD_OPT_STARTTLS &&
+      option != NBD_OPT_ABORT) {
+    if (option == NBD_OPT_EXPORT_NAME) {
+      /* No error reply exists for this option: close. */
+      log_error("%s: export requested without TLS (--tls=require); dropping",
+                n->p.peer);
+      finish(n, NEGO_CLOSE);
+      return;
+    }
+    reply_err(n, option, NBD_REP_ERR_TLS_REQD,
+              "TLS is required: send NBD_OPT_STARTTLS first");
+    next_option(n);
+    return;
+  }
   switch (option) {
   case NBD_OPT_EXPORT_NAME:
     opt_export_name(n, d, len);
@@ -398,6 +437,9 @@ do_option(struct nego *n, const uint8_t *d, uint32_t len)
     return;
   case NBD_OPT_LIST:
     opt_list(n, len);
+    break;
+  case NBD_OPT_STARTTLS:
+    opt_starttls(n, len);
     break;
   case NBD_OPT_INFO:
   case NBD_OPT_GO:
@@ -500,6 +542,16 @@ nego_free(struct nego *n)
   g_free(n->junk);
   g_byte_array_free(n->out, TRUE);
   g_free(n);
+}
+
+void
+nego_tls_started(struct nego *n)
+{
+  if (n->state != NEGO_STARTTLS)
+    return;
+  n->tls = true;
+  n->state = NEGO_RUNNING;
+  next_option(n);
 }
 
 enum nego_state

@@ -14,11 +14,14 @@ packages=(
     # build
     build-essential gcc clang meson ninja-build pkg-config
     liburing-dev libglib2.0-dev libjson-c-dev libnbd-dev zlib1g-dev
+    libgnutls28-dev
     # unit tests and clang's sanitizer runtimes (ASan/UBSan/LSan and libFuzzer
     # for clang 14)
     libcmocka-dev libclang-rt-14-dev
     # end-to-end tests, demo and benchmarks: real NBD clients and servers
     qemu-utils libnbd-bin python3 python3-libnbd nbdkit fio
+    # TLS tests: certtool and psktool
+    gnutls-bin
     # tools the test scripts call
     coreutils util-linux procps jq
 )
