@@ -33,6 +33,17 @@
  * cluster each guest cluster goes to and then writes the data without it,
  * so threads copy data in parallel.  finish() runs alone.
  *
+ * Streaming the file's bytes in order (set_stream, for checksums while
+ * writing): host clusters for new data are handed out in increasing order,
+ * so each write() that allocates owns one contiguous host range
+ * [h0, h1).  After its data is written it waits, under w->stream_lock,
+ * until everything before h0 was reported (w->streamed == h0), reports
+ * its range and moves w->streamed to h1.  Every range handed out is
+ * passed on, also by a write that failed (it reports nothing and marks
+ * the stream broken), so no thread waits for ever.  Waiting threads hold
+ * no other lock, and the thread whose turn it is never waits for a later
+ * one, so there is no deadlock.
+ *
  * Ordering: the header is written only after the data and all other
  * metadata are durable (fdatasync in finish), so a valid header never
  * points at metadata that a crash could lose.  Until then cluster 0 is a
@@ -120,6 +131,14 @@ struct cbt_qcow2_writer {
   /* Written under lock with atomics, read with atomics from anywhere. */
   uint64_t data_bytes;
   uint64_t zero_bytes;
+
+  /* The byte stream (set_stream); see the top of the file. */
+  cbt_qcow2_writer_stream_fn stream_fn;
+  void *stream_opaque;
+  GMutex stream_lock;
+  GCond stream_cond;
+  uint64_t streamed;          /* under stream_lock: [cs, streamed) reported */
+  bool stream_broken;         /* atomics */
 
   bool finished;
 };
@@ -346,6 +365,8 @@ cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
 
   w = g_new0(cbt_qcow2_writer, 1);
   g_mutex_init(&w->lock);
+  g_mutex_init(&w->stream_lock);
+  g_cond_init(&w->stream_cond);
   w->fd = -1;
   w->path = g_strdup(path);
   w->size = o->size;
@@ -357,6 +378,7 @@ cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
   w->backing_file = g_strdup(o->backing_file);
   w->backing_format = g_strdup(o->backing_format);
   w->next_host = cs;          /* cluster 0 is the header */
+  w->streamed = cs;
   /* Up to 4 Mi pointers (32 MiB) for the largest L1 qemu accepts. */
   w->l2 = g_try_new0(uint64_t *, l1_size);
   if (!w->l2)
@@ -388,6 +410,8 @@ cbt_qcow2_writer_free(cbt_qcow2_writer *w)
   g_free(w->backing_format);
   g_free(w->path);
   g_mutex_clear(&w->lock);
+  g_mutex_clear(&w->stream_lock);
+  g_cond_clear(&w->stream_cond);
   g_free(w);
 }
 
@@ -414,20 +438,79 @@ check_range(const cbt_qcow2_writer *w, uint64_t offset, uint64_t len)
 struct wclust {
   uint64_t host;              /* 0: stored as zero, no data to write */
   bool zero;
+  bool fresh;                 /* host cluster allocated by this request */
 };
+
+void
+cbt_qcow2_writer_set_stream(cbt_qcow2_writer *w, cbt_qcow2_writer_stream_fn fn,
+                            void *opaque)
+{
+  g_mutex_lock(&w->stream_lock);
+  w->stream_fn = fn;
+  w->stream_opaque = opaque;
+  if (w->next_host != w->cluster_size)
+    __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);  /* too late */
+  g_mutex_unlock(&w->stream_lock);
+}
+
+bool
+cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w)
+{
+  return w->stream_fn && !__atomic_load_n(&w->stream_broken, __ATOMIC_RELAXED) &&
+         w->error == 0;
+}
 
 /* Write @n bytes of the last, partial guest cluster padded with zeros to a
  * whole cluster, so the host cluster never holds stale bytes past the
- * virtual size. */
+ * virtual size.  The padded cluster is left in *@bounce (caller frees). */
 static int
-write_partial(cbt_qcow2_writer *w, uint64_t host, const uint8_t *p, size_t n)
+write_partial(cbt_qcow2_writer *w, uint64_t host, const uint8_t *p, size_t n,
+              uint8_t **bounce)
 {
-  g_autofree uint8_t *bounce = g_try_malloc0(w->cluster_size);
-
-  if (!bounce)
+  *bounce = g_try_malloc0(w->cluster_size);
+  if (!*bounce)
     return -ENOMEM;
-  memcpy(bounce, p, n);
-  return cbt_io_pwrite(w->fd, bounce, w->cluster_size, host);
+  memcpy(*bounce, p, n);
+  return cbt_io_pwrite(w->fd, *bounce, w->cluster_size, host);
+}
+
+/* Report host range [@h0, @h1), the new clusters of one write request @c
+ * of @n clusters from @buf (the partial last one from @tail), when it is
+ * its turn; see the top of the file.  With @failed nothing is reported and
+ * the stream is marked broken, but the turn is passed on all the same. */
+static void
+stream_report(cbt_qcow2_writer *w, const struct wclust *c, uint64_t n,
+              const uint8_t *buf, size_t len, const uint8_t *tail,
+              uint64_t h0, uint64_t h1, bool failed)
+{
+  const uint64_t cs = w->cluster_size;
+
+  g_mutex_lock(&w->stream_lock);
+  while (w->streamed != h0)
+    g_cond_wait(&w->stream_cond, &w->stream_lock);
+  if (failed || (len % cs != 0 && !tail && c[n - 1].fresh))
+    __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);
+  if (!__atomic_load_n(&w->stream_broken, __ATOMIC_RELAXED)) {
+    for (uint64_t i = 0; i < n;) {
+      uint64_t j = i + 1;
+
+      if (!c[i].fresh) {
+        i++;
+        continue;
+      }
+      if (i * cs + cs > len) {            /* the partial last cluster */
+        w->stream_fn(w->stream_opaque, c[i].host, tail, cs);
+        break;
+      }
+      while (j < n && c[j].fresh && (j + 1) * cs <= len)
+        j++;
+      w->stream_fn(w->stream_opaque, c[i].host, buf + i * cs, (size_t)((j - i) * cs));
+      i = j;
+    }
+  }
+  w->streamed = h1;
+  g_cond_broadcast(&w->stream_cond);
+  g_mutex_unlock(&w->stream_lock);
 }
 
 int
@@ -435,9 +518,10 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
                        size_t len)
 {
   g_autofree struct wclust *c = NULL;
+  g_autofree uint8_t *tail = NULL;
   const uint8_t *p = buf;
   const uint64_t cs = w ? w->cluster_size : 0;
-  uint64_t first, n, new_data = 0;
+  uint64_t first, n, new_data = 0, h0, h1;
   int r;
 
   r = check_range(w, offset, len);
@@ -472,6 +556,7 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
     g_mutex_unlock(&w->lock);
     return r;
   }
+  h0 = w->next_host;
   for (uint64_t i = 0; i < n; i++) {
     uint64_t ci = first + i;
     uint64_t *l2 = w->l2[ci / w->l2_entries];
@@ -487,10 +572,15 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
     c[i].host = e & CBT_QCOW2_OFFSET_MASK;
     if (!c[i].host) {
       c[i].host = w->next_host;
+      c[i].fresh = true;
       w->next_host += cs;
+    } else if (w->stream_fn) {
+      /* Rewritten in place: what was reported of it is stale. */
+      __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);
     }
     set_entry(w, ci, c[i].host | CBT_QCOW2_COPIED);
   }
+  h1 = w->next_host;
   g_mutex_unlock(&w->lock);
 
   /* Outside the lock: the data, one write per run of clusters that are
@@ -512,12 +602,14 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
       if (whole)
         r = cbt_io_pwrite(w->fd, p + i * cs, whole, c[i].host);
       if (r == 0)
-        r = write_partial(w, c[j - 1].host, p + (j - 1) * cs, bytes % cs);
+        r = write_partial(w, c[j - 1].host, p + (j - 1) * cs, bytes % cs, &tail);
     } else {
       r = cbt_io_pwrite(w->fd, p + i * cs, bytes, c[i].host);
     }
     i = j;
   }
+  if (w->stream_fn && h1 > h0)
+    stream_report(w, c, n, p, len, tail, h0, h1, r < 0);
 
   if (r < 0) {
     /* The metadata already maps these clusters; finish must not produce a
@@ -593,6 +685,7 @@ cbt_qcow2_writer_cluster_size(const cbt_qcow2_writer *w)
  * staging buffer and written in large pieces. */
 struct seqw {
   int fd;
+  cbt_qcow2_writer *w;        /* its stream_fn sees what is written */
   uint32_t cs;
   uint8_t *buf;
   size_t cap, used;
@@ -606,6 +699,8 @@ seqw_flush(struct seqw *s)
 
   if (s->used) {
     r = cbt_io_pwrite(s->fd, s->buf, s->used, s->off);
+    if (r == 0 && s->w->stream_fn)
+      s->w->stream_fn(s->w->stream_opaque, s->off, s->buf, s->used);
     s->off += s->used;
     s->used = 0;
   }
@@ -794,6 +889,8 @@ write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
   r = cbt_io_pwrite(w->fd, buf, w->cluster_size, 0);
   if (r < 0)
     return cbt_fail(why, r, "writing header: %s", g_strerror(-r));
+  if (w->stream_fn)
+    w->stream_fn(w->stream_opaque, 0, buf, w->cluster_size);
   return 0;
 }
 
@@ -823,7 +920,11 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
     return cbt_fail(why, -EIO, "an earlier data write failed: %s",
                 g_strerror(-w->error));
 
+  /* Every data write has returned, so every range was reported. */
+  if (w->stream_fn && w->streamed != w->next_host)
+    __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);
   s.fd = w->fd;
+  s.w = w;
   s.cs = w->cluster_size;
   s.cap = MAX(STAGE_BYTES, w->cluster_size);
   s.off = w->next_host;

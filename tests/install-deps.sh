@@ -13,7 +13,7 @@ set -euo pipefail
 packages=(
     # build
     build-essential gcc clang meson ninja-build pkg-config
-    liburing-dev libglib2.0-dev libjson-c-dev libnbd-dev zlib1g-dev
+    liburing-dev libglib2.0-dev libjson-c-dev libnbd-dev zlib1g-dev libssl-dev
     libgnutls28-dev
     # unit tests and clang's sanitizer runtimes (ASan/UBSan/LSan and libFuzzer
     # for clang 14)

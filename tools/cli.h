@@ -203,16 +203,41 @@ guint repo_chain_start(const repo *r, const repo_backup *b);
 bool repo_clean_stale(repo *r, GError **error);
 /* The file name for the next backup of @kind at @now. Caller frees. */
 char *repo_next_file(const repo *r, const char *kind, GDateTime *now);
-/* SHA-256 of @path in chunks of @chunk bytes: *@sums gets one hex string
- * per chunk, *@size the file size.  Caller frees *@sums. */
-bool repo_checksum_file(const char *path, uint64_t chunk, GPtrArray **sums,
-                        uint64_t *size, GError **error);
 /* Append @b (ownership taken) and rewrite the manifest atomically: temp
  * file, fsync, rename, fsync of the directory.  On failure @b is dropped
  * and the manifest on disk is the old one. */
 bool repo_add(repo *r, repo_backup *b, GError **error);
 /* One manifest entry as JSON (caller owns the object). */
 json_object *repo_backup_to_json(const repo_backup *b);
+
+/* checksum.c ------------------------------------------------------------ */
+
+/* SHA-256 of @path in chunks of @chunk bytes, chunks hashed in parallel:
+ * *@sums gets one hex string per chunk, *@size the file size.  Caller
+ * frees *@sums. */
+bool repo_checksum_file(const char *path, uint64_t chunk, GPtrArray **sums,
+                        uint64_t *size, GError **error);
+/* The SHA-256 (hex, caller frees) of [@off, @off + @len) of the file open
+ * on @fd (@path names it in the error), read through cbt/uring-io.h. */
+char *sums_range(int fd, const char *path, uint64_t off, uint64_t len,
+                 GError **error);
+
+/* Per-chunk SHA-256 of a file whose bytes are fed in order.  Bytes below
+ * @start (a multiple of @chunk) are ignored: their chunks are someone
+ * else's business and stay NULL in the result.  Feeding anything but the
+ * next bytes (a gap, an overlap) marks the stream broken: the caller must
+ * then hash the file another way.  One thread at a time. */
+typedef struct sums_stream sums_stream;
+sums_stream *sums_stream_new(uint64_t chunk, uint64_t start);
+void sums_stream_free(sums_stream *s);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(sums_stream, sums_stream_free)
+void sums_stream_feed(sums_stream *s, uint64_t off, const void *buf, size_t len);
+bool sums_stream_intact(const sums_stream *s);
+/* The next offset expected (the end of what was fed). */
+uint64_t sums_stream_pos(const sums_stream *s);
+/* The hex strings, one per chunk up to the last byte fed (the last chunk
+ * may be short); must be intact.  Caller frees the array. */
+GPtrArray *sums_stream_end(sums_stream *s);
 
 /* control.c ------------------------------------------------------------- */
 

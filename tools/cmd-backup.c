@@ -15,8 +15,12 @@
  *      writes meanwhile; it and the frozen bitmap's meta context exist only
  *      now) and copy into NAME.qcow2.partial, releasing (TRIM) each range
  *      in the view once it is stored;
- *   6. finish the qcow2 file (fsynced), checksum it, rename it to NAME,
- *      fsync the directory, add it to the manifest (atomic replace);
+ *   6. finish the qcow2 file (fsynced), rename it to NAME, fsync the
+ *      directory, add it to the manifest (atomic replace).  The checksums
+ *      are computed while the file is written: the writer reports its
+ *      bytes in file order (cbt_qcow2_writer_set_stream) and every chunk
+ *      but the first is hashed from them; chunk 0, whose first cluster is
+ *      the header written last, is read back (at most 64 MiB);
  *   7. checkpoint-commit.
  * Any failure before 6 completes aborts the checkpoint (the changes it
  * froze merge back into the active bitmap, so the next backup still sees
@@ -29,13 +33,16 @@
  * cleaned up by the next one.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cbt/qcow2-writer.h"
+#include "cbt/util.h"
 #include "cli.h"
 
 #define DEFAULT_CONNECTIONS 4
@@ -224,6 +231,58 @@ progress_cb(void *opaque, uint64_t done, uint64_t total)
   fflush(stderr);
 }
 
+static void
+stream_cb(void *opaque, uint64_t offset, const void *buf, size_t len)
+{
+  sums_stream_feed(opaque, offset, buf, len);
+}
+
+/* The manifest's checksums of the finished file @path: from @sums (every
+ * chunk but the first, hashed as the writer wrote them) when @intact, the
+ * first chunk read back; otherwise the whole file read back. */
+static bool
+file_checksums(const char *path, sums_stream *sums, bool intact, uint64_t chunk,
+               GPtrArray **out, uint64_t *size, GError **error)
+{
+  g_autofree char *why = NULL;
+  g_autoptr(GPtrArray) hex = NULL;
+  struct stat st;
+  char *first;
+  int fd;
+
+  if (!intact || !sums_stream_intact(sums)) {
+    cli_debug("%s: the file was not written in order: reading it back for the "
+              "checksums", path);
+    return repo_checksum_file(path, chunk, out, size, error);
+  }
+  fd = cbt_open_regular(path, O_RDONLY | O_CLOEXEC, &st, &why);
+  if (fd < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s", why);
+    return false;
+  }
+  *size = (uint64_t)st.st_size;
+  if (*size > chunk && sums_stream_pos(sums) != *size) {
+    close(fd);
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %" PRIu64 " bytes, but %"
+                PRIu64 " were written", path, *size, sums_stream_pos(sums));
+    return false;
+  }
+  first = sums_range(fd, path, 0, MIN(*size, chunk), error);
+  close(fd);
+  if (!first)
+    return false;
+  if (*size > chunk) {
+    hex = sums_stream_end(sums);
+    g_free(g_ptr_array_index(hex, 0));
+    g_ptr_array_index(hex, 0) = first;
+  } else {
+    hex = g_ptr_array_new_with_free_func(g_free);
+    g_ptr_array_add(hex, first);
+  }
+  *out = g_steal_pointer(&hex);
+  return true;
+}
+
 /* Undo everything of a failed run: the checkpoint and the partial file. */
 static void
 roll_back(struct backup *b)
@@ -288,6 +347,7 @@ static bool
 run(struct backup *b, GError **error)
 {
   g_autoptr(cbt_qcow2_writer) w = NULL;
+  g_autoptr(sums_stream) sums = NULL;
   g_autoptr(repo_backup) e = repo_backup_new();
   g_autoptr(GDateTime) now = NULL;
   g_autofree char *reason = NULL;
@@ -296,7 +356,7 @@ run(struct backup *b, GError **error)
   struct cbt_qcow2_writer_opts wo = { 0 };
   struct pull_opts po = { 0 };
   struct pull_stats ps;
-  bool incremental;
+  bool incremental, intact;
   int r;
 
   if (!repo_open(b->repo_dir, REPO_LOCK_EXCLUSIVE, true, &b->repo, error) ||
@@ -382,6 +442,8 @@ run(struct backup *b, GError **error)
                 why ? why : g_strerror(-r));
     return false;
   }
+  sums = sums_stream_new(e->chunk_size, e->chunk_size);
+  cbt_qcow2_writer_set_stream(w, stream_cb, sums);
   if (b->st.pit_export) {
     po.export_name = b->st.pit_export;
     po.release = true;
@@ -438,11 +500,13 @@ run(struct backup *b, GError **error)
                 why ? why : g_strerror(-r));
     return false;
   }
+  intact = cbt_qcow2_writer_stream_intact(w);
   g_clear_pointer(&w, cbt_qcow2_writer_free);
   cli_debug("finish: done at %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
   g_ptr_array_unref(e->sha256);
   e->sha256 = NULL;
-  if (!repo_checksum_file(b->partial, e->chunk_size, &e->sha256, &e->file_size, error) ||
+  if (!file_checksums(b->partial, sums, intact, e->chunk_size, &e->sha256,
+                      &e->file_size, error) ||
       !check_cancel(error))
     return false;
   cli_debug("checksum: done at %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);

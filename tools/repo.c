@@ -34,9 +34,11 @@
  * .partial file or an unlisted NAME whose seq is next-seq, and
  * repo_clean_stale removes both under the lock.
  *
- * Checksums are computed after the file is complete (the writer places
- * clusters in arrival order, so there is no sequential stream to hash
- * while copying), by one thread per CPU over the independent chunks.
+ * Checksums (checksum.c) are SHA-256 over the backup file's own bytes, so
+ * `sha256sum`-style tools can check a chunk without knowing qcow2.  cbt
+ * backup hashes the file as the writer lays it down (data clusters are
+ * appended in order, the metadata after them); only chunk 0, which holds
+ * the header written last, is read back.
  *
  * Locking: backup takes an exclusive flock on DIR/.lock and writes its pid
  * there (for the "locked by pid N" message); restore and verify take a
@@ -48,7 +50,6 @@
 #include <inttypes.h>
 #include <math.h>
 #include <signal.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,7 +66,6 @@
 #define MANIFEST_VERSION 1
 /* A manifest is small (a few KiB per backup); refuse absurd ones. */
 #define MANIFEST_MAX     (64u << 20)
-#define READ_BUF         (4u << 20)
 
 repo_backup *
 repo_backup_new(void)
@@ -674,104 +674,6 @@ repo_clean_stale(repo *r, GError **error)
     }
     cli_note("%s: removed (%s)", path, why);
   }
-  return true;
-}
-
-/* --- checksums --------------------------------------------------------- */
-
-/* Chunks are independent, so they are hashed by one thread per CPU
- * (SHA-256 in software is slower than reading a file from the page cache
- * by a wide margin); each thread takes the next chunk index. */
-struct sum_job {
-  const char *path;
-  int fd;
-  uint64_t size, chunk;
-  guint nchunks;
-  atomic_uint next;
-  char **hex;                     /* [nchunks] */
-  GMutex lock;
-  int err;                        /* first -errno */
-  uint64_t err_off;
-};
-
-static gpointer
-sum_thread(gpointer opaque)
-{
-  struct sum_job *j = opaque;
-  g_autofree uint8_t *buf = g_malloc(READ_BUF);
-  unsigned i;
-
-  while ((i = atomic_fetch_add(&j->next, 1)) < j->nchunks) {
-    g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
-    uint64_t off = (uint64_t)i * j->chunk;
-    uint64_t end = MIN(off + j->chunk, j->size);
-
-    while (off < end) {
-      size_t n = (size_t)MIN(end - off, READ_BUF);
-      int r = cbt_io_pread(j->fd, buf, n, off);
-
-      if (r < 0) {
-        g_mutex_lock(&j->lock);
-        if (!j->err) {
-          j->err = r;
-          j->err_off = off;
-        }
-        g_mutex_unlock(&j->lock);
-        atomic_store(&j->next, j->nchunks);
-        goto out;
-      }
-      g_checksum_update(sum, buf, n);
-      off += n;
-    }
-    j->hex[i] = g_strdup(g_checksum_get_string(sum));
-  }
-out:
-  cbt_io_thread_cleanup();
-  return NULL;
-}
-
-bool
-repo_checksum_file(const char *path, uint64_t chunk, GPtrArray **sums,
-                   uint64_t *size, GError **error)
-{
-  struct sum_job j = { .path = path, .chunk = chunk };
-  g_autofree char *why = NULL;
-  g_autoptr(GPtrArray) out = NULL;
-  GThread *threads[16];
-  guint nthreads;
-  struct stat st;
-
-  j.fd = cbt_open_regular(path, O_RDONLY | O_CLOEXEC, &st, &why);
-  if (j.fd < 0) {
-    g_set_error(error, CLI_ERROR, j.fd == -EINVAL ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
-                "%s", why);
-    return false;
-  }
-  j.size = (uint64_t)st.st_size;
-  j.nchunks = (guint)(j.size / chunk + (j.size % chunk != 0));
-  j.hex = g_new0(char *, j.nchunks + 1);
-  g_mutex_init(&j.lock);
-  posix_fadvise(j.fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-  nthreads = CLAMP((guint)g_get_num_processors(), 1, G_N_ELEMENTS(threads));
-  nthreads = MIN(nthreads, MAX(j.nchunks, 1));
-  for (guint t = 0; t < nthreads; t++)
-    threads[t] = g_thread_new("sha256", sum_thread, &j);
-  for (guint t = 0; t < nthreads; t++)
-    g_thread_join(threads[t]);
-  close(j.fd);
-  g_mutex_clear(&j.lock);
-  if (j.err) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: reading at offset %" PRIu64 ": %s",
-                path, j.err_off, g_strerror(-j.err));
-    g_strfreev(j.hex);
-    return false;
-  }
-  out = g_ptr_array_new_full(j.nchunks, g_free);
-  for (guint i = 0; i < j.nchunks; i++)
-    g_ptr_array_add(out, j.hex[i]);
-  g_free(j.hex);                  /* the strings moved to @out */
-  *size = j.size;
-  *sums = g_steal_pointer(&out);
   return true;
 }
 

@@ -29,6 +29,7 @@
 #ifndef CBT_QCOW2_WRITER_H
 #define CBT_QCOW2_WRITER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -107,6 +108,28 @@ int cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why);
  * otherwise: after a failure the caller unlinks it.  NULL is fine. */
 void cbt_qcow2_writer_free(cbt_qcow2_writer *w);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(cbt_qcow2_writer, cbt_qcow2_writer_free)
+
+/* Watching the file's bytes as they are written, in file order (cbt backup
+ * hashes the file this way instead of reading it back).  Set before the
+ * first write.  @fn is then called with every byte of the file from
+ * offset cluster_size to its end exactly once, in increasing offset order
+ * without gaps, each piece after it was written: the data clusters (from
+ * the threads that write them, one call at a time, so a thread may wait
+ * for its turn until the writes before it in the file are reported), then
+ * the metadata from finish.  Last, finish reports cluster 0, the header,
+ * with @offset 0.  The bytes of a partial last guest cluster are reported
+ * padded with zeros, as they are in the file.
+ *
+ * The order holds only while every host cluster is written once.  A write
+ * that lands on a host cluster reported before (a guest cluster written
+ * twice), or a failed data write, makes the stream incomplete:
+ * cbt_qcow2_writer_stream_intact then returns false and the caller must
+ * read the file instead. */
+typedef void (*cbt_qcow2_writer_stream_fn)(void *opaque, uint64_t offset,
+                                           const void *buf, size_t len);
+void cbt_qcow2_writer_set_stream(cbt_qcow2_writer *w, cbt_qcow2_writer_stream_fn fn,
+                                 void *opaque);
+bool cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w);
 
 /* Guest bytes that currently read as data stored in this file / as zero
  * clusters stored in this file (the last cluster counts only up to the
