@@ -21,6 +21,8 @@ testsdir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # The libnbd python bindings are installed for the system interpreter only;
 # the python3 first on PATH may be another one.
 PYTHON=/usr/bin/python3
+# tests/nbdraw.py: raw NBD client pieces for misbehaving clients.
+export PYTHONPATH=$CBT_SOURCE_DIR/tests${PYTHONPATH:+:$PYTHONPATH}
 progname=$(basename "$0" .sh)
 
 # Report why the test failed and exit non-zero (the EXIT trap cleans up).
@@ -479,4 +481,21 @@ for step in sys.argv[2:]:
         sys.exit("nbd_expect: %s: got %s, expected %s" % (step, got, want))
 h.shutdown()
 PYEOF
+}
+
+# wait_for_word FILE WORD [PID]: wait (at most 60 s, a hang guard) until
+# FILE holds WORD, e.g. a helper process saying "ready"; dies if PID
+# exits first or the time is up, showing FILE.
+wait_for_word()
+{
+    local file=$1 word=$2 p=${3:-} i
+    for (( i = 0; i < 600; i++ )); do
+        grep -q -- "$word" "$file" 2>/dev/null && return 0
+        if [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null; then
+            break
+        fi
+        sleep 0.1
+    done
+    cat "$file" >&2 2>/dev/null
+    die "no '$word' in $file"
 }

@@ -19,53 +19,28 @@ fd0=$(fds)
 th0=$(threads)
 
 "$PYTHON" - "$sock" <<'PYEOF' || die "the churn client failed"
-import socket, struct, sys
+import struct, sys
+from nbdraw import CMD_DISC, CMD_READ, CMD_WRITE, connect, negotiated, recvn, request, reset
 path = sys.argv[1]
-MAGIC_OPT = 0x49484156454F5054
-
-def recvn(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            raise SystemExit("server closed early")
-        b += c
-    return b
-
-def negotiate():
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    recvn(s, 18)
-    s.sendall(struct.pack(">I", 3))
-    s.sendall(struct.pack(">QII", MAGIC_OPT, 1, 0))          # EXPORT_NAME ""
-    recvn(s, 10)
-    return s
-
-def reset(s):
-    # SO_LINGER 0: close without a clean shutdown.
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
 
 for i in range(500):                 # clean: a read, then DISC
-    s = negotiate()
-    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 4096 * i, 4096))
-    h = recvn(s, 16)
-    assert struct.unpack(">IIQ", h)[1] == 0, "read failed"
+    s = negotiated(path)
+    s.sendall(request(CMD_READ, 4096 * i, 4096, cookie=i))
+    assert struct.unpack(">IIQ", recvn(s, 16))[1] == 0, "read failed"
     recvn(s, 4096)
-    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))
+    s.sendall(request(CMD_DISC, 0, 0))
     s.close()
 for i in range(500):                 # dropped during negotiation
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
+    s = connect(path)
     if i % 2:
-        s.recv(18)
+        recvn(s, 18)
         s.sendall(struct.pack(">I", 3) + b"IHAVE")
     reset(s)
 for i in range(500):                 # reset right after negotiating
-    reset(negotiate())
+    reset(negotiated(path))
 for i in range(500):                 # reset in the middle of a WRITE
-    s = negotiate()
-    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, i, 0, 65536) + b"w" * 1000)
+    s = negotiated(path)
+    s.sendall(request(CMD_WRITE, 0, 65536, cookie=i) + b"w" * 1000)
     reset(s)
 PYEOF
 

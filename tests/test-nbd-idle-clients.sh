@@ -36,70 +36,46 @@ read -r soft_d hard_d <<<"$limits"
 # The idle clients: a python process holding them, which says "ready"
 # on its stdout once all are connected, then sleeps until killed.
 cat >"$tmp/idle.py" <<'PYEOF'
-import socket, struct, sys, time
+import struct, sys, time
+import nbdraw
 path, port = sys.argv[1], int(sys.argv[2])
 held = []
-def one(kind, i):
-    if kind == "unix":
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(path)
-    else:
-        s = socket.create_connection(("127.0.0.1", port))
+def one(where, i):
+    s = nbdraw.connect(where)
     mode = i % 3
     if mode == 1:
         # Client flags, then half an option header, then silence.
         s.sendall(struct.pack(">I", 3) + b"IHAVEOPT")
     elif mode == 2:
         # A whole option header announcing 1000 bytes, and 10 of them.
-        s.sendall(struct.pack(">IQII", 3, 0x49484156454F5054, 7, 1000) + b"x" * 10)
+        s.sendall(struct.pack(">I", 3) + nbdraw.option(7, b"x" * 1000)[:26])
     held.append(s)
 for i in range(300):
-    one("unix", i)
+    one(path, i)
 for i in range(200):
-    one("tcp", i)
+    one(port, i)
 print("ready", len(held), flush=True)
 time.sleep(3600)
 PYEOF
 "$PYTHON" "$tmp/idle.py" "$tmp/nbd.sock" "$port" >"$tmp/idle.out" 2>&1 &
 idle=$!
 cleanup_fn _kill_quietly "$idle"
-for (( i = 0; i < 600; i++ )); do
-    grep -q ready "$tmp/idle.out" && break
-    kill -0 "$idle" 2>/dev/null || { cat "$tmp/idle.out"; die "the idle-client holder died"; }
-    sleep 0.1
-done
-grep -q "ready 500" "$tmp/idle.out" || { cat "$tmp/idle.out"; die "could not open 500 idle connections"; }
+wait_for_word "$tmp/idle.out" "ready 500" "$idle"
 
 # A client that negotiated and then stops in the middle of a WRITE payload
 # (with --threads 1, all connections share its worker).
 "$PYTHON" - "$tmp/nbd.sock" >"$tmp/stall.out" 2>&1 <<'PYEOF' &
-import socket, struct, sys, time
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-def recvn(n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            sys.exit("server closed during negotiation")
-        b += c
-    return b
-recvn(18)
-s.sendall(struct.pack(">I", 3))
-s.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))   # EXPORT_NAME ""
-recvn(10)
+import sys, time
+import nbdraw
+s = nbdraw.negotiated(sys.argv[1])
 # WRITE of 1 MiB at 0, 100 bytes of payload, then nothing.
-s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, 0, 1 << 20) + b"s" * 100)
+s.sendall(nbdraw.request(nbdraw.CMD_WRITE, 0, 1 << 20, cookie=1) + b"s" * 100)
 print("stalled", flush=True)
 time.sleep(3600)
 PYEOF
 stall=$!
 cleanup_fn _kill_quietly "$stall"
-for (( i = 0; i < 100; i++ )); do
-    grep -q stalled "$tmp/stall.out" && break
-    sleep 0.1
-done
-grep -q stalled "$tmp/stall.out" || { cat "$tmp/stall.out"; die "the stalling client did not get to its write"; }
+wait_for_word "$tmp/stall.out" stalled "$stall"
 
 # New clients on both transports, while all of the above are held.
 nbdinfo --size "$unix_uri" >"$tmp/size.unix" 2>"$tmp/err.unix" ||
@@ -124,12 +100,12 @@ wait "$idle" 2>/dev/null || true
 # logged, the daemon keeps running; when they leave, clients are served.
 start_filterd --image memory:16M --max-clients 5 --handshake-timeout 120
 cat >"$tmp/five.py" <<'PYEOF'
-import socket, sys, time
+import sys, time
+import nbdraw
 held = []
 for i in range(5):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sys.argv[1])
-    s.recv(18)
+    s = nbdraw.connect(sys.argv[1])
+    nbdraw.recvn(s, 18)
     held.append(s)
 print("ready", flush=True)
 time.sleep(3600)
@@ -137,11 +113,7 @@ PYEOF
 "$PYTHON" "$tmp/five.py" "$sock" >"$tmp/five.out" 2>&1 &
 five=$!
 cleanup_fn _kill_quietly "$five"
-for (( i = 0; i < 100; i++ )); do
-    grep -q ready "$tmp/five.out" && break
-    sleep 0.1
-done
-grep -q ready "$tmp/five.out" || { cat "$tmp/five.out"; die "could not connect 5 clients"; }
+wait_for_word "$tmp/five.out" ready "$five"
 if nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1; then
     die "a sixth client was served with --max-clients 5"
 fi

@@ -27,26 +27,13 @@ rss_kib() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$pid/status"; }
 base=$(rss_kib VmRSS)
 
 cat >"$tmp/hog.py" <<'PYEOF'
-import socket, struct, sys, time
-path = sys.argv[1]
+import sys, time
+import nbdraw
 held = []
-def recvn(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c:
-            sys.exit("server closed during negotiation")
-        b += c
-    return b
 for i in range(6):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    recvn(s, 18)
-    s.sendall(struct.pack(">I", 3))
-    s.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))   # EXPORT_NAME ""
-    recvn(s, 10)
+    s = nbdraw.negotiated(sys.argv[1])
     for k in range(8):
-        s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, k, k << 25, 32 << 20))
+        s.sendall(nbdraw.request(nbdraw.CMD_READ, k << 25, 32 << 20, cookie=k))
     held.append(s)
 print("ready", flush=True)
 time.sleep(3600)
@@ -54,11 +41,7 @@ PYEOF
 "$PYTHON" "$tmp/hog.py" "$sock" >"$tmp/hog.out" 2>&1 &
 hog=$!
 cleanup_fn _kill_quietly "$hog"
-for (( i = 0; i < 100; i++ )); do
-    grep -q ready "$tmp/hog.out" && break
-    sleep 0.1
-done
-grep -q ready "$tmp/hog.out" || { cat "$tmp/hog.out"; die "the clients did not get their reads in"; }
+wait_for_word "$tmp/hog.out" ready "$hog"
 # Let the daemon take what it will (the reads are served from RAM).
 sleep 3
 peak=$(rss_kib VmHWM)

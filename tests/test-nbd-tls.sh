@@ -87,20 +87,14 @@ if nbdinfo --size "nbds://127.0.0.1:$port/?tls-certificates=$pki/nocert" >/dev/n
     die "a client without a certificate was served with --tls-verify-peer"
 fi
 "$PYTHON" - "$tmp/nbd.sock" <<'PYEOF' || die "the client stalling after STARTTLS was not cut"
-import socket, struct, sys, time
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
+import struct, sys
+import nbdraw
+s = nbdraw.connect(sys.argv[1])
 s.settimeout(30)
-b = b""
-while len(b) < 18:
-    b += s.recv(18 - len(b))
-s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 5, 0))
-r = b""
-while len(r) < 20:
-    r += s.recv(20 - len(r))
-assert struct.unpack(">QIII", r)[2] == 1, "STARTTLS not acknowledged"
+nbdraw.recvn(s, 18)
+s.sendall(struct.pack(">I", 3) + nbdraw.option(nbdraw.OPT_STARTTLS))
+assert struct.unpack(">QIII", nbdraw.recvn(s, 20))[2] == 1, "STARTTLS not acknowledged"
 # No ClientHello: the server must give up at its deadline (3 s).
-t = time.monotonic()
 while s.recv(4096):
     pass
 PYEOF
