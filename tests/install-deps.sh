@@ -15,6 +15,8 @@ packages=(
     build-essential gcc clang meson ninja-build pkg-config
     liburing-dev libglib2.0-dev libjson-c-dev libnbd-dev zlib1g-dev libssl-dev
     libgnutls28-dev
+    # cbt mount (FUSE): the library and fusermount3
+    libfuse3-dev fuse3
     # unit tests and clang's sanitizer runtimes (ASan/UBSan/LSan and libFuzzer
     # for clang 14)
     libcmocka-dev libclang-rt-14-dev

@@ -32,6 +32,8 @@ static const struct command commands[] = {
   { "restore", cmd_restore, "rebuild the image as of one backup (raw, qcow2 or NBD)" },
   { "verify", cmd_verify, "check the backup files against the manifest checksums" },
   { "list", cmd_list, "list the backups of a repository, chain by chain" },
+  { "mount", cmd_mount, "show one backup as a read-only disk file (FUSE)" },
+  { "umount", cmd_umount, "end a cbt mount" },
 };
 
 static void

@@ -122,6 +122,13 @@ int cmd_restore(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 
+/* cmd-mount.c ----------------------------------------------------------- */
+
+/* cbt mount|umount: a backup point read in place, as a file through FUSE;
+ * see the --help text in the file. */
+int cmd_mount(int argc, char **argv);
+int cmd_umount(int argc, char **argv);
+
 /* repo.c ---------------------------------------------------------------- */
 
 /* A backup repository: DIR/manifest.json plus one qcow2 file per backup
@@ -238,6 +245,17 @@ uint64_t sums_stream_pos(const sums_stream *s);
 /* The hex strings, one per chunk up to the last byte fed (the last chunk
  * may be short); must be intact.  Caller frees the array. */
 GPtrArray *sums_stream_end(sums_stream *s);
+
+/* chain.c --------------------------------------------------------------- */
+
+/* Open backup @b of @r for reading: its qcow2 file on top of the
+ * manifest's chain down to the full backup, each file opened with
+ * repo_open_file and required to name the manifest's backing file (a
+ * disagreeing file is CLI_EXIT_DAMAGED), and the virtual size checked
+ * against the manifest's.  *@out is the caller's (cbt_image_close).  The
+ * caller keeps @r locked (shared) while it reads. */
+struct cbt_image;
+bool chain_open(repo *r, const repo_backup *b, struct cbt_image **out, GError **error);
 
 /* control.c ------------------------------------------------------------- */
 

@@ -1,0 +1,794 @@
+/* cbt mount / cbt umount: one backup point as a read-only file, through
+ * FUSE, so that a file can be copied out of a backup without restoring
+ * the whole disk (loop-mount the image, or point qemu-img or guestfish at
+ * it).
+ *
+ *   MOUNTPOINT/            directory, 0555
+ *   MOUNTPOINT/disk.raw    the disk as of the backup, 0444, its size the
+ *                          manifest's image size, its mtime the backup's
+ *
+ * FUSE (libfuse3) is the field's standard for this: qemu-storage-daemon
+ * exports images through it, nbdfuse and virtnbdbackup's mapping do the
+ * same.  We use its high-level API: the file system is two fixed names.
+ *
+ * Reads.  The image is the backup's qcow2 file on top of the manifest's
+ * chain, opened as cbt restore opens it (chain.c).  libfuse's
+ * multi-threaded loop calls read() on up to MAX_THREADS threads at once;
+ * each thread has its own io_uring (the image backends' contract: one
+ * ring per thread, lib/include/cbt/image.h) on which it submits the
+ * request and reaps until it completes.  Allocated clusters of the top
+ * file are read straight on that ring; everything else (backing files,
+ * zero clusters, L2 misses) goes through the qcow2 backend's metadata
+ * thread.  Large, parallel reads are what loop devices, qemu-img and
+ * guestfish need: libfuse accepts requests of up to 1 MiB (the kernel's
+ * FUSE_MAX_PAGES), the kernel's read-ahead sends several at once to our
+ * threads, kernel_cache keeps what was read in the page cache across
+ * opens (the file never changes while mounted), and lseek(SEEK_DATA /
+ * SEEK_HOLE) answers from the chain's block status, so sparse-aware
+ * readers (qemu-img's raw driver, cp --sparse) skip what reads as zeros.
+ *
+ * Lifetime.  The repository is locked shared for as long as the file
+ * system is mounted, so that pruning cannot remove a file of the chain.
+ * cbt mount stays in the foreground until the file system is unmounted
+ * (cbt umount, fusermount3 -u) or SIGTERM/SIGINT/SIGHUP arrives (libfuse's
+ * handlers end the loop; we then unmount), and only then closes the chain
+ * and drops the lock.  --daemon forks before anything is opened (the
+ * chain's metadata threads do not survive a fork); the parent waits until
+ * the child has mounted, or failed, and exits with its status.
+ *
+ * cbt umount finds the serving process through the xattr user.cbt.pid of
+ * the mount's root, unmounts with fusermount3 -u (umount2 for root when
+ * fusermount3 is missing) and waits on a pidfd until that process has
+ * exited, so that the repository lock is free when cbt umount returns.
+ */
+#define FUSE_USE_VERSION 312
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <fuse.h>
+#include <liburing.h>
+
+#include "cbt/image.h"
+#include "cbt/nbd-proto.h"
+#include "cbt/uring-io.h"
+#include "cbt/util.h"
+#include "cli.h"
+
+#define DISK_NAME      "disk.raw"
+#define DISK_PATH      "/" DISK_NAME
+#define MAX_THREADS    16
+#define RING_ENTRIES   16
+#define IO_BLKSIZE     (1u << 20)       /* st_blksize: readers' buffer size */
+#define CACHE_SECONDS  86400.0          /* nothing changes while mounted */
+#define UMOUNT_WAIT_MS 60000            /* for the server to exit */
+
+#define XATTR_PID      "user.cbt.pid"
+#define XATTR_REPO     "user.cbt.repo"
+#define XATTR_BACKUP   "user.cbt.backup"
+
+typedef struct cbt_image cbt_image;
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(cbt_image, cbt_image_close)
+
+/* What the file system serves; read-only after mounting, so the FUSE
+ * threads share it without a lock (the counters are atomic). */
+struct mnt {
+  cbt_image *img;
+  uint64_t size;                  /* the manifest's exact image size */
+  uint64_t blocks;                /* st_blocks: an upper bound, see below */
+  time_t mtime;
+  uid_t uid;
+  gid_t gid;
+  char *repo_dir;                 /* absolute */
+  char *file;
+  char pid[24];
+  atomic_uint_fast64_t reads, bytes, errors;
+};
+
+/* --- reading on the calling thread's ring ------------------------------ */
+
+static void
+ring_free(gpointer p)
+{
+  struct io_uring *ring = p;
+
+  io_uring_queue_exit(ring);
+  g_free(ring);
+  cbt_io_thread_cleanup();        /* the lib's ring for block status */
+}
+
+static GPrivate thread_ring = G_PRIVATE_INIT(ring_free);
+
+struct sync_read {
+  struct cbt_image_io io;
+  bool done;
+  int res;
+};
+
+static void
+sync_read_done(struct cbt_image_io *io, int res)
+{
+  struct sync_read *s = cbt_container_of(io, struct sync_read, io);
+
+  s->done = true;
+  s->res = res;
+}
+
+/* Read [@off, @off + @len) of @img into @buf on this thread's ring
+ * (created on first use, freed when the thread exits).  Returns 0 or
+ * -errno. */
+static int
+image_read(cbt_image *img, void *buf, uint64_t len, uint64_t off)
+{
+  struct io_uring *ring = g_private_get(&thread_ring);
+  struct sync_read *s;
+  int r;
+
+  if (!ring) {
+    ring = g_new0(struct io_uring, 1);
+    r = io_uring_queue_init(RING_ENTRIES, ring, 0);
+    if (r < 0) {
+      g_free(ring);
+      return r;
+    }
+    g_private_set(&thread_ring, ring);
+  }
+  s = g_new0(struct sync_read, 1);
+  s->io.ring = ring;
+  s->io.type = CBT_IO_READ;
+  s->io.offset = off;
+  s->io.len = len;
+  s->io.buf = buf;
+  s->io.complete = sync_read_done;
+  cbt_image_submit(img, &s->io);
+  while (!s->done) {
+    struct io_uring_cqe *cqe;
+
+    r = io_uring_submit_and_wait(ring, 1);
+    if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
+      /* The request is stuck in a ring we cannot drive (never seen in
+       * practice).  Its sqes may still complete and the metadata thread
+       * may still hold it, so ring and request are left allocated and
+       * this thread starts a new ring next time. */
+      g_private_set(&thread_ring, NULL);
+      return r;
+    }
+    while (io_uring_peek_cqe(ring, &cqe) == 0) {
+      struct cbt_aio_op *op = io_uring_cqe_get_data(cqe);
+      int res = cqe->res;
+
+      io_uring_cqe_seen(ring, cqe);
+      if (op)
+        op->done(op, res);
+    }
+  }
+  r = s->res;
+  g_free(s);
+  return r;
+}
+
+/* --- the file system ---------------------------------------------------- */
+
+static struct mnt *
+mnt_get(void)
+{
+  return fuse_get_context()->private_data;
+}
+
+static void *
+mnt_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
+{
+  /* The image is immutable while mounted: cache data across opens and
+   * attributes for long. */
+  cfg->kernel_cache = 1;
+  cfg->entry_timeout = CACHE_SECONDS;
+  cfg->attr_timeout = CACHE_SECONDS;
+  cfg->negative_timeout = CACHE_SECONDS;
+  /* Read-ahead requests are "background" requests: let the kernel keep
+   * one in flight per thread. */
+  conn->max_background = MAX_THREADS;
+  conn->congestion_threshold = MAX_THREADS * 3 / 4;
+  return mnt_get();
+}
+
+static int
+mnt_getattr(const char *path, struct stat *st, struct fuse_file_info *fi)
+{
+  const struct mnt *m = mnt_get();
+
+  (void)fi;
+  memset(st, 0, sizeof *st);
+  st->st_uid = m->uid;
+  st->st_gid = m->gid;
+  st->st_atime = st->st_mtime = st->st_ctime = m->mtime;
+  if (strcmp(path, "/") == 0) {
+    st->st_mode = S_IFDIR | 0555;
+    st->st_nlink = 2;
+    return 0;
+  }
+  if (strcmp(path, DISK_PATH) == 0) {
+    st->st_mode = S_IFREG | 0444;
+    st->st_nlink = 1;
+    st->st_size = (off_t)m->size;
+    st->st_blocks = (blkcnt_t)m->blocks;
+    st->st_blksize = IO_BLKSIZE;
+    return 0;
+  }
+  return -ENOENT;
+}
+
+static int
+mnt_readdir(const char *path, void *buf, fuse_fill_dir_t filler, off_t off,
+            struct fuse_file_info *fi, enum fuse_readdir_flags flags)
+{
+  (void)off;
+  (void)fi;
+  (void)flags;
+  if (strcmp(path, "/") != 0)
+    return -ENOTDIR;
+  filler(buf, ".", NULL, 0, 0);
+  filler(buf, "..", NULL, 0, 0);
+  filler(buf, DISK_NAME, NULL, 0, 0);
+  return 0;
+}
+
+static int
+mnt_open(const char *path, struct fuse_file_info *fi)
+{
+  if (strcmp(path, DISK_PATH) != 0)
+    return strcmp(path, "/") == 0 ? -EISDIR : -ENOENT;
+  if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC))
+    return -EROFS;
+  fi->keep_cache = 1;
+  return 0;
+}
+
+static int
+mnt_read(const char *path, char *buf, size_t size, off_t off,
+         struct fuse_file_info *fi)
+{
+  struct mnt *m = mnt_get();
+  uint64_t len;
+  int r;
+
+  (void)path;
+  (void)fi;
+  if (off < 0)
+    return -EINVAL;
+  if ((uint64_t)off >= m->size || size == 0)
+    return 0;
+  len = MIN((uint64_t)size, m->size - (uint64_t)off);
+  r = image_read(m->img, buf, len, (uint64_t)off);
+  atomic_fetch_add(&m->reads, 1);
+  if (r < 0) {
+    /* The reader gets the error; the log names what failed. */
+    if (atomic_fetch_add(&m->errors, 1) < 100)
+      cli_error("%s: reading guest offset %jd+%" PRIu64 ": %s", m->file, (intmax_t)off,
+                len, g_strerror(-r));
+    return r;
+  }
+  atomic_fetch_add(&m->bytes, len);
+  return (int)len;
+}
+
+/* SEEK_DATA / SEEK_HOLE from the chain's block status: ranges that read
+ * as zeros (unallocated everywhere, or zero clusters) are holes. */
+static off_t
+mnt_lseek(const char *path, off_t off, int whence, struct fuse_file_info *fi)
+{
+  struct mnt *m = mnt_get();
+  uint64_t pos;
+
+  (void)path;
+  (void)fi;
+  if (whence != SEEK_DATA && whence != SEEK_HOLE)
+    return -EINVAL;
+  if (off < 0 || (uint64_t)off >= m->size)
+    return -ENXIO;
+  pos = (uint64_t)off;
+  while (pos < m->size) {
+    struct cbt_extent ext[64];
+    int n = m->img->ops->block_status(m->img, pos, m->size - pos, ext, G_N_ELEMENTS(ext));
+
+    if (n <= 0)
+      return n < 0 ? n : -EIO;
+    for (int i = 0; i < n && pos < m->size; i++) {
+      bool hole = ext[i].flags & NBD_STATE_ZERO;
+
+      if (ext[i].length == 0)
+        return -EIO;
+      if (hole == (whence == SEEK_HOLE))
+        return (off_t)pos;
+      pos += MIN(ext[i].length, m->size - pos);
+    }
+  }
+  /* No data after @off; the end of the file is a hole. */
+  return whence == SEEK_HOLE ? (off_t)m->size : -ENXIO;
+}
+
+static int
+mnt_statfs(const char *path, struct statvfs *st)
+{
+  const struct mnt *m = mnt_get();
+
+  (void)path;
+  memset(st, 0, sizeof *st);
+  st->f_bsize = 4096;
+  st->f_frsize = 4096;
+  st->f_blocks = (m->size + 4095) / 4096;
+  st->f_files = 2;
+  st->f_namemax = 255;
+  return 0;
+}
+
+static const char *
+xattr_value(const struct mnt *m, const char *name)
+{
+  if (strcmp(name, XATTR_PID) == 0)
+    return m->pid;
+  if (strcmp(name, XATTR_REPO) == 0)
+    return m->repo_dir;
+  if (strcmp(name, XATTR_BACKUP) == 0)
+    return m->file;
+  return NULL;
+}
+
+/* The root carries who serves what, for cbt umount and for people
+ * (getfattr -d MOUNTPOINT). */
+static int
+mnt_getxattr(const char *path, const char *name, char *value, size_t size)
+{
+  const char *v = strcmp(path, "/") == 0 ? xattr_value(mnt_get(), name) : NULL;
+  size_t len;
+
+  if (!v)
+    return -ENODATA;
+  len = strlen(v);
+  if (size == 0)
+    return (int)len;
+  if (size < len)
+    return -ERANGE;
+  memcpy(value, v, len);
+  return (int)len;
+}
+
+static int
+mnt_listxattr(const char *path, char *list, size_t size)
+{
+  static const char names[] = XATTR_PID "\0" XATTR_REPO "\0" XATTR_BACKUP;
+
+  if (strcmp(path, "/") != 0)
+    return 0;
+  if (size == 0)
+    return (int)sizeof names;
+  if (size < sizeof names)
+    return -ERANGE;
+  memcpy(list, names, sizeof names);
+  return (int)sizeof names;
+}
+
+static const struct fuse_operations mnt_ops = {
+  .init = mnt_init,
+  .getattr = mnt_getattr,
+  .readdir = mnt_readdir,
+  .open = mnt_open,
+  .read = mnt_read,
+  .lseek = mnt_lseek,
+  .statfs = mnt_statfs,
+  .getxattr = mnt_getxattr,
+  .listxattr = mnt_listxattr,
+};
+
+/* --- cbt mount ---------------------------------------------------------- */
+
+struct mount_opts {
+  const char *repo_dir, *at, *mountpoint;
+  bool daemon, allow_other;
+};
+
+static bool
+fuse_available(GError **error)
+{
+  if (access("/dev/fuse", R_OK | W_OK) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                "FUSE is not available: /dev/fuse: %s (load the fuse kernel module; "
+                "a container needs /dev/fuse passed in)", g_strerror(errno));
+    return false;
+  }
+  /* root mounts with mount(2); everyone else through the setuid helper. */
+  if (geteuid() != 0) {
+    g_autofree char *helper = g_find_program_in_path("fusermount3");
+
+    if (!helper) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                  "FUSE is not available: fusermount3 not found (install fuse3)");
+      return false;
+    }
+  }
+  return true;
+}
+
+/* A value inside "-o a=b,c": commas and backslashes escaped (fuse_opt). */
+static char *
+opt_escape(const char *s)
+{
+  GString *g = g_string_new(NULL);
+
+  for (; *s; s++) {
+    if (*s == ',' || *s == '\\')
+      g_string_append_c(g, '\\');
+    g_string_append_c(g, *s);
+  }
+  return g_string_free(g, FALSE);
+}
+
+/* --daemon: fork now, before anything is opened.  The parent waits for
+ * the child to say it is mounted (one byte on the pipe), or to exit, and
+ * exits with the matching status; only the child returns, with the
+ * pipe's write end in *@ready. */
+static bool
+daemon_fork(int *ready, GError **error)
+{
+  int p[2];
+  pid_t pid;
+  char c;
+  ssize_t n;
+  int status;
+
+  if (pipe2(p, O_CLOEXEC) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "pipe: %s", g_strerror(errno));
+    return false;
+  }
+  fflush(NULL);
+  pid = fork();
+  if (pid < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "fork: %s", g_strerror(errno));
+    close(p[0]);
+    close(p[1]);
+    return false;
+  }
+  if (pid == 0) {
+    close(p[0]);
+    if (setsid() < 0)
+      cli_debug("setsid: %s", g_strerror(errno));
+    *ready = p[1];
+    return true;
+  }
+  close(p[1]);
+  do
+    n = read(p[0], &c, 1);
+  while (n < 0 && errno == EINTR);
+  if (n == 1)
+    _exit(CLI_EXIT_OK);
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+    ;
+  _exit(WIFEXITED(status) && WEXITSTATUS(status) != 0 ? WEXITSTATUS(status)
+                                                       : CLI_EXIT_FAILED);
+}
+
+/* The child is mounted: leave the terminal and let the parent exit.  The
+ * standard descriptors go first, so that a caller reading our output
+ * through a pipe sees its end when the parent exits. */
+static void
+daemon_ready(int ready)
+{
+  int fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+  if (chdir("/") < 0)
+    cli_debug("chdir /: %s", g_strerror(errno));
+  if (fd >= 0) {
+    dup2(fd, STDIN_FILENO);
+    dup2(fd, STDOUT_FILENO);
+    dup2(fd, STDERR_FILENO);
+    if (fd > STDERR_FILENO)
+      close(fd);
+  }
+  if (write(ready, "1", 1) < 0)
+    _exit(CLI_EXIT_FAILED);       /* the parent is gone: nobody to serve */
+  close(ready);
+}
+
+static bool
+mount_run(const struct mount_opts *o, GError **error)
+{
+  g_autoptr(repo) r = NULL;
+  g_autofree char *mp = NULL, *fsname = NULL, *mopts = NULL, *path = NULL;
+  struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
+  struct fuse_loop_config *lcfg = NULL;
+  struct fuse *f = NULL;
+  struct fuse_session *se = NULL;
+  const repo_backup *b = NULL;
+  struct mnt m = { 0 };
+  struct stat st;
+  int ready = -1, rc;
+  bool ok = false;
+
+  if (!fuse_available(error))
+    return false;
+  mp = realpath(o->mountpoint, NULL);
+  if (!mp || stat(mp, &st) < 0 || !S_ISDIR(st.st_mode)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", o->mountpoint,
+                mp ? "not a directory" : g_strerror(errno));
+    return false;
+  }
+  if (o->daemon && !daemon_fork(&ready, error))
+    return false;
+
+  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+      !repo_find(r, o->at, &b, error) || !chain_open(r, b, &m.img, error))
+    goto out;
+  path = repo_path(r, b->file);
+  m.size = b->image_size;
+  m.mtime = (time_t)b->time_unix;
+  m.uid = geteuid();
+  m.gid = getegid();
+  m.repo_dir = realpath(r->dir, NULL);
+  if (!m.repo_dir)
+    m.repo_dir = g_canonicalize_filename(r->dir, NULL);
+  m.file = g_strdup(b->file);
+  g_snprintf(m.pid, sizeof m.pid, "%ld", (long)getpid());
+  /* st_blocks: the data the chain's files store for the disk, an upper
+   * bound of what reads as non-zero (du and cp's sparseness guess). */
+  for (guint i = repo_chain_start(r, b); ; i++) {
+    const repo_backup *c = g_ptr_array_index(r->backups, i);
+
+    m.blocks += c->data_bytes / 512;
+    if (c == b)
+      break;
+  }
+  m.blocks = MIN(m.blocks, (m.size + 511) / 512);
+
+  {
+    g_autofree char *repo_abs = g_build_filename(m.repo_dir, b->file, NULL);
+
+    fsname = opt_escape(repo_abs);
+  }
+  mopts = g_strdup_printf("ro,default_permissions,fsname=%s,subtype=cbt%s", fsname,
+                          o->allow_other ? ",allow_other" : "");
+  if (fuse_opt_add_arg(&args, "cbt") < 0 || fuse_opt_add_arg(&args, "-o") < 0 ||
+      fuse_opt_add_arg(&args, mopts) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "out of memory");
+    goto out;
+  }
+  f = fuse_new(&args, &mnt_ops, sizeof mnt_ops, &m);
+  if (!f) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                "cannot set up FUSE (see libfuse's message above)");
+    goto out;
+  }
+  se = fuse_get_session(f);
+  /* Before mounting: a signal from now on ends the loop, which unmounts. */
+  if (fuse_set_signal_handlers(se) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "cannot install signal handlers");
+    goto out_destroy;
+  }
+  if (fuse_mount(f, mp) < 0) {
+    g_autofree char *helper = g_find_program_in_path("fusermount3");
+
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot mount (see libfuse's "
+                "message above)%s", mp,
+                helper ? "" : "; fusermount3 not found (install fuse3)");
+    goto out_signals;
+  }
+  {
+    g_autofree char *size = cli_format_size(m.size);
+
+    cli_note("%s (%s, backup %u) mounted read-only at %s/%s; end with 'cbt umount %s'",
+             b->file, size, b->seq, mp, DISK_NAME, mp);
+  }
+  if (ready >= 0) {
+    daemon_ready(ready);
+    ready = -1;
+  }
+
+  lcfg = fuse_loop_cfg_create();
+  if (!lcfg) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "out of memory");
+    goto out_unmount;
+  }
+  fuse_loop_cfg_set_max_threads(lcfg, MAX_THREADS);
+  fuse_loop_cfg_set_idle_threads(lcfg, MAX_THREADS);
+  fuse_loop_cfg_set_clone_fd(lcfg, 0);
+  rc = fuse_loop_mt(f, lcfg);
+  fuse_loop_cfg_destroy(lcfg);
+  if (rc < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: FUSE loop failed: %s", mp,
+                g_strerror(-rc));
+    goto out_unmount;
+  }
+  if (rc > 0)
+    cli_note("%s: unmounting (%s)", mp, g_strsignal(rc));
+  cli_debug("%s: served %" PRIu64 " reads, %" PRIu64 " bytes, %" PRIu64 " errors", mp,
+            (uint64_t)atomic_load(&m.reads), (uint64_t)atomic_load(&m.bytes),
+            (uint64_t)atomic_load(&m.errors));
+  ok = true;
+
+out_unmount:
+  fuse_unmount(f);
+out_signals:
+  fuse_remove_signal_handlers(se);
+out_destroy:
+  fuse_destroy(f);
+out:
+  fuse_opt_free_args(&args);
+  /* Every FUSE thread has ended: close the chain, then (repo_free) drop
+   * the lock. */
+  cbt_image_close(m.img);
+  g_free(m.repo_dir);
+  g_free(m.file);
+  if (ready >= 0)
+    close(ready);                 /* the parent reports our exit status */
+  return ok;
+}
+
+int
+cmd_mount(int argc, char **argv)
+{
+  g_autofree char *dir = NULL, *at = NULL;
+  gboolean daemon = FALSE, allow_other = FALSE;
+  GError *error = NULL;
+  GOptionEntry entries[] = {
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory", "DIR" },
+    { "at", 'a', 0, G_OPTION_ARG_STRING, &at, "the backup to mount: seq number, file name or 'latest' (default)", "BACKUP" },
+    { "daemon", 'd', 0, G_OPTION_ARG_NONE, &daemon, "run in the background once mounted", NULL },
+    { "allow-other", 0, 0, G_OPTION_ARG_NONE, &allow_other, "let other users read the file (FUSE allow_other; needs user_allow_other in /etc/fuse.conf unless root)", NULL },
+    { NULL }
+  };
+  g_autoptr(GOptionContext) octx =
+    cli_option_context("mount", "MOUNTPOINT",
+                       "Show the disk as of one backup as the read-only file "
+                       "MOUNTPOINT/" DISK_NAME ".",
+                       "The file reads through the backup's qcow2 chain as the manifest\n"
+                       "lists it, like cbt restore; nothing is copied.  Loop-mount it\n"
+                       "(mount -o loop,ro MOUNTPOINT/" DISK_NAME " DIR) or give it to\n"
+                       "qemu-img or guestfish.  The repository stays locked (shared)\n"
+                       "while mounted, so no backup or pruning runs meanwhile.\n"
+                       "Runs in the foreground until 'cbt umount MOUNTPOINT' (or\n"
+                       "fusermount3 -u), SIGTERM or SIGINT, then unmounts.  Needs FUSE\n"
+                       "(/dev/fuse; fusermount3 from fuse3 unless root).\n\n"
+                       CLI_EXIT_CODES_HELP,
+                       entries);
+  struct mount_opts o;
+
+  if (!cli_parse(octx, "mount", &argc, &argv))
+    return CLI_EXIT_USAGE;
+  if (argc < 2)
+    return cli_usage_error("mount", "MOUNTPOINT is required");
+  if (argc > 2)
+    return cli_usage_error("mount", "unexpected argument '%s'", argv[2]);
+  if (!dir)
+    return cli_usage_error("mount", "--repo is required");
+  o = (struct mount_opts){ .repo_dir = dir, .at = at, .mountpoint = argv[1],
+                           .daemon = daemon, .allow_other = allow_other };
+  return mount_run(&o, &error) ? CLI_EXIT_OK : cli_report(error);
+}
+
+/* --- cbt umount --------------------------------------------------------- */
+
+static bool
+unmount_path(const char *mp, GError **error)
+{
+  g_autofree char *helper = g_find_program_in_path("fusermount3");
+  g_autofree char *err_out = NULL;
+  g_autoptr(GError) spawn_err = NULL;
+  int status = 0;
+
+  if (!helper) {
+    if (geteuid() == 0 && umount2(mp, 0) == 0)
+      return true;
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot unmount: %s", mp,
+                geteuid() == 0 ? g_strerror(errno)
+                               : "fusermount3 not found (install fuse3)");
+    return false;
+  }
+  {
+    const char *av[] = { helper, "-u", mp, NULL };
+
+    if (!g_spawn_sync(NULL, (char **)av, NULL, G_SPAWN_STDOUT_TO_DEV_NULL, NULL, NULL,
+                      NULL, &err_out, &status, &spawn_err)) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot run %s: %s", mp, helper,
+                  spawn_err->message);
+      return false;
+    }
+  }
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    g_strchomp(err_out);
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot unmount: %s", mp,
+                *err_out ? err_out : "fusermount3 -u failed");
+    return false;
+  }
+  return true;
+}
+
+static bool
+umount_run(const char *arg, GError **error)
+{
+  /* Not realpath: with its server gone the mountpoint cannot be stat'ed. */
+  g_autofree char *mp = g_canonicalize_filename(arg, NULL);
+  char val[32];
+  ssize_t n = getxattr(mp, XATTR_PID, val, sizeof val - 1);
+  long pid = 0;
+  int pidfd = -1;
+  bool ok;
+
+  if (n < 0 && errno == ENOTCONN) {
+    cli_note("%s: its cbt mount is gone (%s); unmounting", mp, g_strerror(errno));
+  } else if (n < 0) {
+    int err = errno;
+
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", mp,
+                err == ENODATA || err == ENOTSUP
+                ? "not mounted by cbt mount" : g_strerror(err));
+    return false;
+  } else {
+    char *end = NULL;
+
+    val[n] = '\0';
+    pid = strtol(val, &end, 10);
+    if (pid <= 0 || *end) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                  "%s: not mounted by cbt mount (%s is '%s')", mp, XATTR_PID, val);
+      return false;
+    }
+    /* Before unmounting, so that the pid cannot be reused meanwhile. */
+    pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+    if (pidfd < 0)
+      cli_debug("pidfd_open %ld: %s: not waiting for it", pid, g_strerror(errno));
+  }
+  ok = unmount_path(mp, error);
+  if (ok && pidfd >= 0) {
+    /* The server's loop ends with the mount; it then closes the chain and
+     * unlocks the repository.  Wait for that, so that a backup or prune
+     * right after us finds the repository free. */
+    struct pollfd pfd = { .fd = pidfd, .events = POLLIN };
+    int r;
+
+    do
+      r = poll(&pfd, 1, UMOUNT_WAIT_MS);
+    while (r < 0 && errno == EINTR);
+    if (r == 0) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                  "%s: unmounted, but its cbt mount (pid %ld) is still running after "
+                  "%d s", mp, pid, UMOUNT_WAIT_MS / 1000);
+      ok = false;
+    }
+  }
+  if (pidfd >= 0)
+    close(pidfd);
+  return ok;
+}
+
+int
+cmd_umount(int argc, char **argv)
+{
+  GError *error = NULL;
+  GOptionEntry entries[] = { { NULL } };
+  g_autoptr(GOptionContext) octx =
+    cli_option_context("umount", "MOUNTPOINT", "End a cbt mount.",
+                       "Unmounts MOUNTPOINT (with fusermount3 -u) and waits until the\n"
+                       "cbt mount serving it has exited and so released the\n"
+                       "repository.  A mountpoint whose cbt mount died is unmounted\n"
+                       "too; anything not mounted by cbt mount is refused.\n\n"
+                       CLI_EXIT_CODES_HELP,
+                       entries);
+
+  if (!cli_parse(octx, "umount", &argc, &argv))
+    return CLI_EXIT_USAGE;
+  if (argc < 2)
+    return cli_usage_error("umount", "MOUNTPOINT is required");
+  if (argc > 2)
+    return cli_usage_error("umount", "unexpected argument '%s'", argv[2]);
+  return umount_run(argv[1], &error) ? CLI_EXIT_OK : cli_report(error);
+}
