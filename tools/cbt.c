@@ -34,6 +34,7 @@ static const struct command commands[] = {
   { "list", cmd_list, "list the backups of a repository, chain by chain" },
   { "mount", cmd_mount, "show one backup as a read-only disk file (FUSE)" },
   { "umount", cmd_umount, "end a cbt mount" },
+  { "serve", cmd_serve, "serve one backup read-only over NBD (cbt-filterd)" },
 };
 
 static void

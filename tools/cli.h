@@ -122,12 +122,13 @@ int cmd_restore(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_list(int argc, char **argv);
 
-/* cmd-mount.c ----------------------------------------------------------- */
+/* cmd-mount.c, cmd-serve.c ---------------------------------------------- */
 
-/* cbt mount|umount: a backup point read in place, as a file through FUSE;
- * see the --help text in the file. */
+/* cbt mount|umount|serve: a backup point read in place, as a file through
+ * FUSE or as an NBD export; see the --help text in each file. */
 int cmd_mount(int argc, char **argv);
 int cmd_umount(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
 
 /* repo.c ---------------------------------------------------------------- */
 

@@ -1,0 +1,169 @@
+/* cbt serve: one backup point as a read-only NBD export.
+ *
+ * cbt-filterd already serves qcow2 chains (lib/image-qcow2.c) with block
+ * status, multi-conn and everything else its clients use, so cbt serve
+ * does not serve anything itself: it checks the backup and then becomes
+ * cbt-filterd (execv, same pid: signals, --pid-file and exit status are
+ * the daemon's) on the backup's file with --read-only.
+ *
+ * What it adds to running cbt-filterd on a repository file by hand:
+ *   - the backup is named as cbt restore names it (--at: seq, file name,
+ *     'latest'), and the chain is the manifest's: before the exec the
+ *     chain is opened as cbt restore opens it (chain.c), so a file of the
+ *     chain that is missing, a symbolic link, or names another backing
+ *     file than the manifest's is refused here.  The daemon then opens
+ *     the same files by the names in their headers (relative to the
+ *     repository), which the check has just compared;
+ *   - the repository stays locked shared while the daemon runs: the lock's
+ *     open file description is passed through the exec on a descriptor
+ *     without FD_CLOEXEC, so no backup or pruning can change the files
+ *     (between the check and the daemon's open, or while it serves).
+ *
+ * cbt-filterd is $CBT_FILTERD if set, else the cbt-filterd next to this
+ * program (both are installed in bindir), else the first on $PATH.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cbt/image.h"
+#include "cli.h"
+
+struct serve_opts {
+  const char *repo_dir, *at, *socket, *listen, *export_name, *pid_file;
+  char **extra;                   /* more cbt-filterd options, or NULL */
+};
+
+static char *
+find_filterd(void)
+{
+  const char *env = g_getenv("CBT_FILTERD");
+  g_autofree char *self = NULL;
+
+  if (env && *env)
+    return g_strdup(env);
+  self = g_file_read_link("/proc/self/exe", NULL);
+  if (self) {
+    g_autofree char *dir = g_path_get_dirname(self);
+    char *p = g_build_filename(dir, "cbt-filterd", NULL);
+
+    if (access(p, X_OK) == 0)
+      return p;
+    g_free(p);
+  }
+  return g_find_program_in_path("cbt-filterd");
+}
+
+static bool
+serve_run(const struct serve_opts *o, GError **error)
+{
+  g_autoptr(repo) r = NULL;
+  g_autoptr(GPtrArray) av = g_ptr_array_new_with_free_func(g_free);
+  g_autofree char *filterd = NULL, *dir = NULL;
+  struct cbt_image *img = NULL;
+  const repo_backup *b = NULL;
+
+  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+      !repo_find(r, o->at, &b, error) || !chain_open(r, b, &img, error))
+    return false;
+  cbt_image_close(img);
+  filterd = find_filterd();
+  if (!filterd) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                "cbt-filterd not found (not next to cbt, not on PATH; set CBT_FILTERD)");
+    return false;
+  }
+  dir = realpath(r->dir, NULL);
+  if (!dir) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", r->dir, g_strerror(errno));
+    return false;
+  }
+  /* Keep the shared lock across the exec: a duplicate without
+   * FD_CLOEXEC shares the locked open file description. */
+  if (r->lock_fd >= 0 && fcntl(r->lock_fd, F_DUPFD, 3) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the lock: %s", r->dir,
+                g_strerror(errno));
+    return false;
+  }
+
+  g_ptr_array_add(av, g_strdup(filterd));
+  g_ptr_array_add(av, g_strdup("--image"));
+  g_ptr_array_add(av, g_build_filename(dir, b->file, NULL));
+  g_ptr_array_add(av, g_strdup("--format=qcow2"));
+  g_ptr_array_add(av, g_strdup("--read-only"));
+  g_ptr_array_add(av, g_strdup_printf("--description=cbt backup %u (%s) of %s", b->seq,
+                                      b->file, dir));
+#define ADD_OPT(name, val) \
+  do { \
+    if (val) { \
+      g_ptr_array_add(av, g_strdup(name)); \
+      g_ptr_array_add(av, g_strdup(val)); \
+    } \
+  } while (0)
+  ADD_OPT("--socket", o->socket);
+  ADD_OPT("--listen", o->listen);
+  ADD_OPT("--export-name", o->export_name);
+  ADD_OPT("--pid-file", o->pid_file);
+#undef ADD_OPT
+  for (char **e = o->extra; e && *e; e++)
+    g_ptr_array_add(av, g_strdup(*e));
+  g_ptr_array_add(av, NULL);
+
+  cli_debug("serving %s read-only: exec %s", b->file, filterd);
+  fflush(NULL);
+  execv(filterd, (char **)av->pdata);
+  g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", filterd, g_strerror(errno));
+  return false;
+}
+
+int
+cmd_serve(int argc, char **argv)
+{
+  g_autofree char *dir = NULL, *at = NULL, *socket = NULL, *listen = NULL;
+  g_autofree char *export_name = NULL, *pid_file = NULL;
+  GError *error = NULL;
+  GOptionEntry entries[] = {
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory", "DIR" },
+    { "at", 'a', 0, G_OPTION_ARG_STRING, &at, "the backup to serve: seq number, file name or 'latest' (default)", "BACKUP" },
+    { "socket", 's', 0, G_OPTION_ARG_FILENAME, &socket, "listen on a unix socket", "PATH" },
+    { "listen", 'l', 0, G_OPTION_ARG_STRING, &listen, "listen on TCP", "HOST:PORT" },
+    { "export-name", 'e', 0, G_OPTION_ARG_STRING, &export_name, "export name (default \"\")", "NAME" },
+    { "pid-file", 'P', 0, G_OPTION_ARG_FILENAME, &pid_file, "write the pid here once ready", "FILE" },
+    { NULL }
+  };
+  g_autoptr(GOptionContext) octx =
+    cli_option_context("serve", "[-- CBT-FILTERD-OPTION...]",
+                       "Serve the disk as of one backup read-only over NBD.",
+                       "Checks the backup's chain as cbt restore does, then runs\n"
+                       "cbt-filterd --read-only on it in this process (same pid;\n"
+                       "SIGTERM stops it).  Options after -- go to cbt-filterd\n"
+                       "(e.g. --threads, --verbose).  The repository stays locked\n"
+                       "(shared) while it serves, so no backup or pruning runs meanwhile.\n"
+                       "cbt-filterd is $CBT_FILTERD, the one next to cbt, or on PATH.\n\n"
+                       CLI_EXIT_CODES_HELP,
+                       entries);
+  struct serve_opts o;
+  char **extra = NULL;
+
+  if (!cli_parse(octx, "serve", &argc, &argv))
+    return CLI_EXIT_USAGE;
+  if (argc > 1) {
+    /* GOption leaves what follows "--" (and, in some versions, "--"). */
+    extra = argv + 1;
+    if (strcmp(extra[0], "--") == 0)
+      extra++;
+    else if (extra[0][0] != '-')
+      return cli_usage_error("serve", "unexpected argument '%s'", extra[0]);
+  }
+  if (!dir)
+    return cli_usage_error("serve", "--repo is required");
+  if (!socket && !listen && !(extra && *extra))
+    return cli_usage_error("serve", "--socket or --listen is required");
+  o = (struct serve_opts){ .repo_dir = dir, .at = at, .socket = socket, .listen = listen,
+                           .export_name = export_name, .pid_file = pid_file,
+                           .extra = extra };
+  return serve_run(&o, &error) ? CLI_EXIT_OK : cli_report(error);
+}
