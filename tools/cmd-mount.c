@@ -402,9 +402,14 @@ static bool
 fuse_available(GError **error)
 {
   if (access("/dev/fuse", R_OK | W_OK) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
-                "FUSE is not available: /dev/fuse: %s (load the fuse kernel module; "
-                "a container needs /dev/fuse passed in)", g_strerror(errno));
+    int err = errno;
+
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "FUSE is not available: /dev/fuse: %s%s",
+                g_strerror(err),
+                err == ENOENT ? " (load the fuse kernel module; a container needs "
+                                "/dev/fuse passed in)"
+                : err == EACCES ? " (this user may not use FUSE; it is usually mode 0666)"
+                : "");
     return false;
   }
   /* root mounts with mount(2); everyone else through the setuid helper. */
