@@ -20,6 +20,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #include <glib.h>
@@ -71,14 +72,42 @@ struct server {
 extern struct server srv;
 
 /* ---- listen.c ---- */
-int listen_unix(const char *path, GError **error);
+/* A listening unix socket at @path with file mode @mode and group @gid
+ * ((gid_t)-1: the daemon's), both set before anyone can connect. */
+int listen_unix(const char *path, mode_t mode, gid_t gid, GError **error);
 int listen_tcp(const char *hostport, GError **error);
+/* "unix:PATH", "HOST:PORT" or "[HOST]:PORT" of listening socket @fd
+ * (g_free), for messages. */
+char *listen_describe(int fd);
+/* Is @fd a TCP socket? */
+bool listen_is_tcp(int fd);
 
 /* ---- main-loop.c ---- */
+#define MAX_LISTEN 4             /* NBD listening sockets, at most */
 /* Run until SIGTERM/SIGINT.  @listen_fds take NBD clients, @control_fd
  * (or -1) control clients; the caller closes them afterwards. */
 bool main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
                    GError **error);
+
+/* ---- sd-activation.c ---- */
+/* Sockets inherited from a service manager (LISTEN_FDS). */
+struct activation {
+  int nbd[MAX_LISTEN];           /* NBD listeners */
+  size_t n_nbd;
+  int control;                   /* the control socket, or -1 */
+};
+/* Take the inherited sockets meant for this process (none when not
+ * socket-activated) and unset LISTEN_*; false if they are unusable. */
+bool activation_take(struct activation *a, GError **error);
+
+/* ---- sd-notify.c ---- */
+/* Read (and unset) NOTIFY_SOCKET; all below do nothing without it. */
+void notify_init(void);
+void notify_send(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+/* READY=1 with the first STATUS line. */
+void notify_ready(void);
+/* Once a second: send STATUS again if it changed. */
+void notify_tick(void);
 
 /* ---- handshake.c ---- */
 #define MAX_META_SELECTED 8

@@ -7,11 +7,20 @@
  * more (the kernel tears its io_uring down asynchronously, and pending
  * accepts hold the socket), so "live" must stay true for LIVE_GRACE
  * before we believe it: a supervisor restarting at once must succeed.
+ *
+ * A unix socket gets its mode (--socket-mode, default 0600: the daemon's
+ * user only) and group (--socket-group) between bind() and listen(), so
+ * no client can connect while the permissions are still the umask's.
+ * Sockets inherited from a service manager (sd-activation.c) are made
+ * there and never touched here.
  */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <stddef.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -40,7 +49,7 @@ socket_is_live(const char *path)
 }
 
 int
-listen_unix(const char *path, GError **error)
+listen_unix(const char *path, mode_t mode, gid_t gid, GError **error)
 {
   struct sockaddr_un sun = { .sun_family = AF_UNIX };
   struct stat st;
@@ -77,10 +86,29 @@ listen_unix(const char *path, GError **error)
     return -1;
   }
   memcpy(sun.sun_path, path, strlen(path) + 1);
-  if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0 ||
-      listen(fd, BACKLOG) < 0) {
+  if (bind(fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
     int e = errno;
     close(fd);
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(e),
+                "%s: cannot listen: %s", path, g_strerror(e));
+    return -1;
+  }
+  /* Bound but not listening: a connect() is refused until the mode and
+   * group are right.  lchown: never follow a link put in the socket's
+   * place. */
+  if (gid != (gid_t)-1 && lchown(path, (uid_t)-1, gid) < 0) {
+    int e = errno;
+    close(fd);
+    unlink(path);
+    g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(e),
+                "%s: cannot give the socket to group %u (--socket-group): %s",
+                path, (unsigned)gid, g_strerror(e));
+    return -1;
+  }
+  if (chmod(path, mode) < 0 || listen(fd, BACKLOG) < 0) {
+    int e = errno;
+    close(fd);
+    unlink(path);
     g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(e),
                 "%s: cannot listen: %s", path, g_strerror(e));
     return -1;
@@ -136,4 +164,47 @@ listen_tcp(const char *hostport, GError **error)
     g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(e),
                 "--listen %s: cannot listen: %s", hostport, g_strerror(e));
   return fd;
+}
+
+char *
+listen_describe(int fd)
+{
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  char host[INET6_ADDRSTRLEN] = "?";
+
+  memset(&ss, 0, sizeof ss);
+  if (getsockname(fd, (struct sockaddr *)&ss, &len) < 0)
+    return g_strdup_printf("descriptor %d", fd);
+  if (ss.ss_family == AF_INET) {
+    const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
+    inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+    return g_strdup_printf("%s:%u", host, ntohs(a->sin_port));
+  }
+  if (ss.ss_family == AF_INET6) {
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
+    inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+    return g_strdup_printf("[%s]:%u", host, ntohs(a->sin6_port));
+  }
+  if (ss.ss_family == AF_UNIX) {
+    const struct sockaddr_un *a = (const struct sockaddr_un *)&ss;
+    size_t n = len > offsetof(struct sockaddr_un, sun_path) ?
+               len - offsetof(struct sockaddr_un, sun_path) : 0;
+    if (n == 0)
+      return g_strdup("unix:(unnamed)");
+    if (a->sun_path[0] == '\0')       /* abstract: @name */
+      return g_strdup_printf("unix:@%.*s", (int)(n - 1), a->sun_path + 1);
+    return g_strdup_printf("unix:%.*s", (int)strnlen(a->sun_path, n), a->sun_path);
+  }
+  return g_strdup_printf("descriptor %d", fd);
+}
+
+bool
+listen_is_tcp(int fd)
+{
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+
+  return getsockname(fd, (struct sockaddr *)&ss, &len) == 0 &&
+         (ss.ss_family == AF_INET || ss.ss_family == AF_INET6);
 }

@@ -21,8 +21,6 @@
 
 #include "internal.h"
 
-#define MAX_LISTEN 4
-
 enum op_kind { OP_ACCEPT, OP_ACCEPT_CONTROL, OP_SIGNAL, OP_TIMER };
 
 struct loop_op {
@@ -211,6 +209,7 @@ main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
         if (srv.tracking)
           tracking_tick(srv.tracking);
         workers_tick();
+        notify_tick();
         break;
       }
       post(&ring, op);

@@ -2,12 +2,16 @@
  *
  * Start-up order matters: the image (and bitmap) are opened and validated,
  * the listening sockets bound and the workers started before the pid file
- * is written, so a supervisor that waits for the pid file knows the daemon
- * is ready.  Shutdown (SIGTERM/SIGINT) stops accepting, ends negotiations,
+ * is written and READY=1 sent (sd-notify.c), so a supervisor that waits
+ * for either knows the daemon is ready.  Listening sockets are the
+ * daemon's own (--socket, --listen, --control) or inherited from a
+ * service manager (sd-activation.c); those stay the manager's and are
+ * never unlinked.  Shutdown (SIGTERM/SIGINT) stops accepting, ends negotiations,
  * lets the workers finish every request already read and send its reply,
  * flushes the image, and only then removes the socket and pid file.
  */
 #include <errno.h>
+#include <grp.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
@@ -38,6 +42,10 @@ static char *opt_max_memory;
 static char *opt_tls;
 static char *opt_scratch_limit;
 static char *opt_tracking;
+static char *opt_socket_mode;
+static char *opt_socket_group;
+static mode_t socket_mode = 0600;       /* --socket-mode: the daemon's user only */
+static gid_t socket_gid = (gid_t)-1;    /* --socket-group: unchanged */
 
 static GOptionEntry entries[] = {
   { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve, or memory:SIZE (an empty disk in RAM, e.g. memory:64M)", "PATH" },
@@ -63,6 +71,8 @@ static GOptionEntry entries[] = {
   { "scratch", 0, 0, G_OPTION_ARG_FILENAME, &srv.scratch_dir, "Directory for the point-in-time view's copies (default: the bitmap's)", "DIR" },
   { "scratch-limit", 0, 0, G_OPTION_ARG_STRING, &opt_scratch_limit, "Most scratch space one backup may use (default: a quarter of the disk, at least 1G)", "SIZE" },
   { "control", 'c', 0, G_OPTION_ARG_FILENAME, &srv.control_path, "Control socket (JSON, one request per line)", "PATH" },
+  { "socket-mode", 0, 0, G_OPTION_ARG_STRING, &opt_socket_mode, "Permissions of the unix sockets the daemon creates, --socket and --control (octal, default 0600)", "MODE" },
+  { "socket-group", 0, 0, G_OPTION_ARG_STRING, &opt_socket_group, "Group of the unix sockets the daemon creates (name or number)", "GROUP" },
   { "pid-file", 'P', 0, G_OPTION_ARG_FILENAME, &srv.pid_file, "Write the pid here once ready", "FILE" },
   { "verbose", 'v', 0, G_OPTION_ARG_NONE, &log_verbose, "Log every connection and failed request", NULL },
   { NULL }
@@ -133,6 +143,42 @@ parse_tls(GError **error)
   return true;
 }
 
+/* --socket-mode: permission bits in octal, "0660" or "660". */
+static bool
+parse_socket_mode(const char *s, GError **error)
+{
+  unsigned long v;
+
+  if (!*s || strspn(s, "01234567") != strlen(s) || strlen(s) > 4 ||
+      (v = strtoul(s, NULL, 8)) > 0777) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--socket-mode %s: expected permission bits in octal, e.g. 0660", s);
+    return false;
+  }
+  socket_mode = (mode_t)v;
+  return true;
+}
+
+/* --socket-group: a group name, or a number. */
+static bool
+parse_socket_group(const char *s, GError **error)
+{
+  const struct group *gr;
+
+  if (*s && strspn(s, "0123456789") == strlen(s) && strlen(s) < 10) {
+    socket_gid = (gid_t)strtoul(s, NULL, 10);
+    return true;
+  }
+  gr = getgrnam(s);              /* before any thread starts */
+  if (!gr) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--socket-group %s: no such group", s);
+    return false;
+  }
+  socket_gid = gr->gr_gid;
+  return true;
+}
+
 static bool
 parse_args(int argc, char **argv, GError **error)
 {
@@ -146,15 +192,21 @@ parse_args(int argc, char **argv, GError **error)
                 "unexpected argument '%s'", argv[1]);
     return false;
   }
-  if (!srv.image_path) {
+  if (!srv.image_path || !*srv.image_path) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED, "--image is required");
     return false;
   }
-  if (!srv.socket_path && !srv.listen_addr) {
+  if ((opt_socket_mode || opt_socket_group) && !srv.socket_path && !srv.control_path) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
-                "one of --socket or --listen is required");
+                "--socket-mode and --socket-group need --socket or --control (for "
+                "sockets from a service manager, set SocketMode= and SocketGroup= "
+                "in the .socket unit)");
     return false;
   }
+  if (opt_socket_mode && !parse_socket_mode(opt_socket_mode, error))
+    return false;
+  if (opt_socket_group && !parse_socket_group(opt_socket_group, error))
+    return false;
   if (!opt_cache || strcmp(opt_cache, "writeback") == 0)
     srv.cache = CACHE_WRITEBACK;
   else if (strcmp(opt_cache, "none") == 0)
@@ -255,6 +307,76 @@ write_pid_file(GError **error)
   return g_file_set_contents(srv.pid_file, s, -1, error);
 }
 
+/* After socket activation (@act): is there an NBD listener, and does each
+ * socket come from one place only? */
+static bool
+check_listeners(const struct activation *act, GError **error)
+{
+  if (srv.socket_path && act->n_nbd > 0) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "--socket %s: the NBD socket is inherited from the service manager "
+                "(socket activation); leave --socket out", srv.socket_path);
+    return false;
+  }
+  if (srv.control_path && act->control >= 0) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "--control %s: the control socket is inherited from the service "
+                "manager (socket activation); leave --control out", srv.control_path);
+    return false;
+  }
+  if (!srv.socket_path && !srv.listen_addr && act->n_nbd == 0) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "one of --socket or --listen is required (or an NBD socket from "
+                "the service manager: LISTEN_FDS, named nbd)");
+    return false;
+  }
+  if (act->n_nbd + (srv.socket_path != NULL) + (srv.listen_addr != NULL) > MAX_LISTEN) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "more than %d NBD listening sockets", MAX_LISTEN);
+    return false;
+  }
+  return true;
+}
+
+/* NBD over TCP reaches whoever reaches the port: unless TLS is required
+ * and authenticates the clients (a PSK, or certificates checked with
+ * --tls-verify-peer), say so at every start, for every TCP listener. */
+static void
+warn_plaintext_tcp(const int *fds, size_t n)
+{
+  const char *why;
+
+  if (srv.tls_mode == TLS_OFF)
+    why = "NBD over TCP without TLS is neither encrypted nor authenticated";
+  else if (srv.tls_mode == TLS_ON)
+    why = "with --tls on, clients that do not ask for TLS are served unencrypted "
+          "and unauthenticated (--tls require refuses them)";
+  else if (srv.tls_certificates && !srv.tls_verify_peer)
+    why = "TLS without --tls-verify-peer encrypts but does not authenticate clients";
+  else
+    return;
+  for (size_t i = 0; i < n; i++) {
+    if (listen_is_tcp(fds[i])) {
+      g_autofree char *where = listen_describe(fds[i]);
+      log_info("warning: %s: %s: anyone who can reach it can read and write the "
+               "disk; use it on trusted networks only", where, why);
+    }
+  }
+}
+
+/* "unix:/run/vm.sock and 127.0.0.1:10809" (g_free). */
+static char *
+describe_listeners(const int *fds, size_t n)
+{
+  GString *s = g_string_new(NULL);
+
+  for (size_t i = 0; i < n; i++) {
+    g_autofree char *d = listen_describe(fds[i]);
+    g_string_append_printf(s, "%s%s", i == 0 ? "" : " and ", d);
+  }
+  return g_string_free(s, false);
+}
+
 /* Every client holds a descriptor: raise the soft limit on open files to
  * the hard one (systemd's default soft limit is 1024), and say so when
  * --max-clients cannot be reached even then. */
@@ -285,7 +407,9 @@ int
 main(int argc, char **argv)
 {
   g_autoptr(GError) error = NULL;
-  int listen_fds[2];
+  g_autofree char *where = NULL;
+  struct activation act;
+  int listen_fds[MAX_LISTEN];
   size_t n_listen = 0;
   int control_fd = -1;
   bool workers_started = false;
@@ -295,6 +419,14 @@ main(int argc, char **argv)
 
   if (!parse_args(argc, argv, &error)) {
     fprintf(stderr, "cbt-filterd: %s (see --help)\n", error->message);
+    return 2;
+  }
+  notify_init();
+  if (!activation_take(&act, &error))
+    goto fail;
+  if (!check_listeners(&act, &error)) {
+    fprintf(stderr, "cbt-filterd: %s (see --help)\n", error->message);
+    notify_send("STATUS=failed: %s", error->message);
     return 2;
   }
 
@@ -324,8 +456,10 @@ main(int argc, char **argv)
     if (!srv.tracking)
       goto fail;
   }
+  for (size_t i = 0; i < act.n_nbd; i++)
+    listen_fds[n_listen++] = act.nbd[i];
   if (srv.socket_path) {
-    r = listen_unix(srv.socket_path, &error);
+    r = listen_unix(srv.socket_path, socket_mode, socket_gid, &error);
     if (r < 0)
       goto fail;
     listen_fds[n_listen++] = r;
@@ -336,8 +470,9 @@ main(int argc, char **argv)
       goto fail;
     listen_fds[n_listen++] = r;
   }
+  control_fd = act.control;
   if (srv.control_path) {
-    control_fd = listen_unix(srv.control_path, &error);
+    control_fd = listen_unix(srv.control_path, socket_mode, socket_gid, &error);
     if (control_fd < 0)
       goto fail;
   }
@@ -349,12 +484,13 @@ main(int argc, char **argv)
   if (!write_pid_file(&error))
     goto fail;
 
-  log_info("serving %s (%s, %" PRIu64 " bytes%s) on %s%s%s",
+  where = describe_listeners(listen_fds, n_listen);
+  log_info("serving %s (%s, %" PRIu64 " bytes%s) on %s%s",
            srv.image_path, srv.image->format, srv.image->size,
-           srv.read_only ? ", read-only" : "",
-           srv.socket_path ? srv.socket_path : "",
-           srv.socket_path && srv.listen_addr ? " and " : "",
-           srv.listen_addr ? srv.listen_addr : "");
+           srv.read_only ? ", read-only" : "", where,
+           act.n_nbd || act.control >= 0 ? " (sockets from the service manager)" : "");
+  warn_plaintext_tcp(listen_fds, n_listen);
+  notify_ready();
 
   if (!main_loop_run(listen_fds, n_listen, control_fd, &error)) {
     log_error("%s", error->message);
@@ -364,15 +500,17 @@ main(int argc, char **argv)
 
   /* Orderly stop: no new connections, no new negotiations, finish what
    * the workers hold, then make it durable. */
+  notify_send("STOPPING=1\nSTATUS=stopping: finishing requests, flushing %s",
+              srv.image_path);
   atomic_store(&srv.stopping, true);
   for (size_t i = 0; i < n_listen; i++)
     close(listen_fds[i]);
   if (srv.socket_path)
     unlink(srv.socket_path);
-  if (control_fd >= 0) {
+  if (control_fd >= 0)
     close(control_fd);
+  if (srv.control_path)
     unlink(srv.control_path);
-  }
   /* Control clients may be in the middle of a checkpoint operation: they
    * finish it before their thread sees the closed socket. */
   control_stop_all();
@@ -405,6 +543,7 @@ main(int argc, char **argv)
 
 fail:
   fprintf(stderr, "cbt-filterd: %s\n", error->message);
+  notify_send("STATUS=failed: %s", error->message);
   handshake_stop_all();
   if (workers_started)
     workers_stop();
@@ -422,7 +561,8 @@ fail:
     unlink(srv.socket_path);
   if (control_fd >= 0) {
     close(control_fd);
-    unlink(srv.control_path);
+    if (srv.control_path)
+      unlink(srv.control_path);
   }
   return EXIT_FAILURE;
 }
