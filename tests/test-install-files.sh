@@ -33,12 +33,16 @@ under()
 # a line, sorted.
 expected_files()
 {
-    local prefix=$1 b=$2 bindir
+    local prefix=$1 b=$2 bindir mandir
     bindir=$(under "$prefix" "$(option bindir "$b")")
+    mandir=$(under "$prefix" "$(option mandir "$b")")
     sort <<EOF
 $bindir/cbt
 $bindir/cbt-filterd
 $bindir/cbt-nightly.sh
+$mandir/man1/cbt.1
+$mandir/man5/cbt-bitmap.5
+$mandir/man8/cbt-filterd.8
 EOF
 }
 
@@ -70,6 +74,10 @@ expect_rc 0 "$dest$bindir/cbt" --help
 has "Subcommands:"
 expect_rc 2 "$dest$bindir/cbt-nightly.sh" --help
 has "KEEP_CHAINS"
+# The installed man pages name the installed programs.
+mandir=$(under "$prefix" "$(option mandir)")
+grep -qF "$bindir/cbt\\-nightly.sh" "$dest$mandir/man1/cbt.1" ||
+    die "cbt.1 does not name $bindir/cbt-nightly.sh"
 
 # Another prefix: every file goes under it.  Only configured, not built:
 # meson introspect --installed lists where each file would go.
