@@ -11,7 +11,10 @@
  * {checkpoint}, checkpoint-abort {checkpoint?}.  A point-in-time begin opens
  * the NAME@checkpoint export (snapshot.c); status shows it under
  * checkpoint.point-in-time.  Checkpoint ids are 16 hex digits (strings, so no JSON
- * number precision is lost).
+ * number precision is lost).  During an instant restore (restore.c) status
+ * has a "restore" object with its progress (null without --restore-from),
+ * and a point-in-time checkpoint is refused until the restore is complete:
+ * the view would read the output, which does not hold the disk yet.
  *
  * Each control connection gets a thread with blocking I/O, like the NBD
  * negotiation: requests are rare and the operations (bitmap file writes
@@ -126,6 +129,33 @@ view_json(void)
   return v;
 }
 
+/* The instant restore's progress, or null. */
+static json_object *
+restore_json(void)
+{
+  struct restore_status rs;
+  json_object *v;
+
+  if (!restore_get_status(&rs))
+    return NULL;
+  v = json_object_new_object();
+  add_str(v, "source", rs.source);
+  add_str(v, "state-file", rs.state);
+  add_u64(v, "size", rs.size);
+  add_u64(v, "granularity", rs.granularity);
+  add_u64(v, "restored-bytes", rs.restored_bytes);
+  add_u64(v, "durable-bytes", rs.durable_bytes);
+  add_bool(v, "complete", rs.complete);
+  add_str(v, "copier", rs.copier);
+  add_u64(v, "rate", rs.rate);
+  add_u64(v, "copier-bytes", rs.copier_bytes);
+  add_u64(v, "on-demand-copy-bytes", rs.guest_copy_bytes);
+  add_u64(v, "source-read-bytes", rs.source_read_bytes);
+  add_bool(v, "source-open", rs.source_open);
+  add_str(v, "failed", rs.failed[0] ? rs.failed : NULL);
+  return v;
+}
+
 static json_object *
 status_json(void)
 {
@@ -139,6 +169,7 @@ status_json(void)
   add_bool(r, "read-only", srv.read_only);
   add_str(r, "export-name", srv.export_name);
   add_u64(r, "clients", workers_conn_count());
+  json_object_object_add(r, "restore", restore_json());
   if (!srv.tracking) {
     json_object_object_add(r, "bitmap", NULL);
     json_object_object_add(r, "checkpoint", NULL);
@@ -253,8 +284,15 @@ execute(const char *cmd, json_object *args, GError **error)
   if (strcmp(cmd, "status") == 0)
     return status_json();
   if (strcmp(cmd, "checkpoint-begin") == 0) {
-    if (!need_tracking(error) || !get_mode_arg(args, &mode, error) ||
-        !tracking_checkpoint_begin(srv.tracking, mode, NULL, error))
+    if (!need_tracking(error) || !get_mode_arg(args, &mode, error))
+      return NULL;
+    if (mode != SNAP_OFF && restore_active()) {
+      g_set_error(error, CTL_ERROR, CTL_ERR_GENERIC,
+                  "an instant restore is in progress: a point-in-time view needs "
+                  "the whole disk in the image; back up once it is complete");
+      return NULL;
+    }
+    if (!tracking_checkpoint_begin(srv.tracking, mode, NULL, error))
       return NULL;
     return status_json();
   }

@@ -22,6 +22,10 @@
  * first let snapshot.c save the old data of granules a running backup
  * still needs.
  *
+ * During an instant restore (restore.c) reads, base:allocation, guest
+ * changes (whose granules are copied from the backup first) and FLUSH/FUA
+ * (which also make the restore progress durable) go through restore.c.
+ *
  * READ replies with structured replies negotiated: the buffer is split at
  * 4 KiB boundaries into data chunks and hole chunks for runs of zeros, so
  * sparse areas cost 32 bytes on the wire instead of their length.  With
@@ -196,6 +200,26 @@ flush_bitmap_done(void *arg, int res)
   reply_ok_simple(req);
 }
 
+/* A FLUSH (or FUA change) whose restore progress is now durable: the
+ * bitmap next, if any, then the reply. */
+static void
+flush_restore_done(void *arg, int res)
+{
+  struct request *req = arg;
+
+  if (res < 0) {
+    req->error = NBD_EIO;
+    reply_error(req);
+    return;
+  }
+  if (req->hdr.type == NBD_CMD_FLUSH && srv.tracking) {
+    tracking_flush(srv.tracking, conn_worker(req->c), flush_bitmap_done, req);
+    return;
+  }
+  request_release_buf(req);
+  reply_ok_simple(req);
+}
+
 static void
 io_complete(struct cbt_image_io *io, int res)
 {
@@ -219,6 +243,11 @@ io_complete(struct cbt_image_io *io, int res)
   }
   if (req->hdr.type == NBD_CMD_READ)
     reply_read(req);
+  else if (srv.restoring && restore_active() &&
+           (req->hdr.type == NBD_CMD_FLUSH ||
+            ((req->hdr.flags & NBD_CMD_FLAG_FUA) &&
+             !restore_is_durable(req->hdr.offset, req->hdr.length))))
+    restore_flush(conn_worker(req->c), flush_restore_done, req);
   else if (req->hdr.type == NBD_CMD_FLUSH && srv.tracking)
     tracking_flush(srv.tracking, conn_worker(req->c), flush_bitmap_done, req);
   else {
@@ -245,8 +274,12 @@ do_block_status(struct request *req)
   }
   out = req->buf;
   for (unsigned i = 0; i < p->n_meta; i++) {
-    int n = meta_extents(p->snap, p->meta_ids[i], req->hdr.offset, req->hdr.length,
-                         req_one, ext, MAX_BS_EXTENTS);
+    int n = p->meta_ids[i] == META_ID_BASE_ALLOCATION && !p->snap && srv.restoring &&
+            restore_active()
+            ? restore_block_status(req->hdr.offset, req->hdr.length, ext,
+                                   req_one ? 1 : MAX_BS_EXTENTS)
+            : meta_extents(p->snap, p->meta_ids[i], req->hdr.offset, req->hdr.length,
+                           req_one, ext, MAX_BS_EXTENTS);
     uint8_t *h = out + pos;
 
     if (n < 0) {
@@ -356,6 +389,19 @@ dispatch_snapshot(struct request *req)
   }
 }
 
+static void
+restore_read_done(void *arg, int res)
+{
+  struct request *req = arg;
+
+  if (res < 0) {
+    req->error = cbt_nbd_errno_to_wire(-res);
+    reply_error(req);
+    return;
+  }
+  reply_read(req);
+}
+
 /* Resume a guest change once the copies of its protected granules are
  * saved (snapshot_before_write). */
 static void
@@ -366,14 +412,38 @@ submit_after_copy(void *arg)
   cbt_image_submit(srv.image, &req->io);
 }
 
-/* Step 3 of a change: its bits are durable (crash-safe mode); while a
- * point-in-time view is open, the old data of protected granules is saved
- * first; then the image I/O. */
+/* Step 4 of a change: during an instant restore its granules hold the
+ * backup's data (restore.c copies them first; asked again after every
+ * wait until nothing is left to copy); while a point-in-time view is
+ * open, the old data of protected granules is saved; then the image I/O. */
+static void
+change_restored(void *arg, int res)
+{
+  struct request *req = arg;
+  const struct cbt_nbd_request *h = &req->hdr;
+
+  if (res < 0) {
+    /* Writing over a granule that is not copied yet would let the copy
+     * destroy the write later: refuse it. */
+    req->error = NBD_EIO;
+    quiesce_exit();
+    reply_error(req);
+    return;
+  }
+  if (srv.restoring && restore_before_write(conn_worker(req->c), h->offset, h->length,
+                                            change_restored, req))
+    return;
+  if (snapshot_before_write(conn_worker(req->c), h->offset, h->length,
+                            submit_after_copy, req))
+    return;
+  cbt_image_submit(srv.image, &req->io);
+}
+
+/* Step 3 of a change: its bits are durable (crash-safe mode). */
 static void
 change_committed(void *arg, int res)
 {
   struct request *req = arg;
-  const struct cbt_nbd_request *h = &req->hdr;
 
   if (res < 0) {
     /* Never let data change without its bit on disk: refuse the write. */
@@ -382,10 +452,7 @@ change_committed(void *arg, int res)
     reply_error(req);
     return;
   }
-  if (snapshot_before_write(conn_worker(req->c), h->offset, h->length,
-                            submit_after_copy, req))
-    return;
-  cbt_image_submit(srv.image, &req->io);
+  change_restored(req, 0);
 }
 
 /* Steps 1 and 2 of a WRITE, WRITE_ZEROES or TRIM: pass the checkpoint
@@ -434,6 +501,11 @@ dispatch_request(struct request *req)
   case NBD_CMD_READ:
     if (read_prepare(req))
       return;
+    if (srv.restoring && restore_active()) {
+      restore_read(conn_worker(req->c), h->offset, h->length, req->buf,
+                   restore_read_done, req);
+      return;
+    }
     io->type = CBT_IO_READ;
     io->buf = req->buf;
     break;

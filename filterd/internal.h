@@ -66,6 +66,7 @@ struct server {
 
   struct cbt_image *image;
   struct tracking *tracking;     /* dirty tracking, or NULL */
+  bool restoring;                /* --restore-from: an instant restore (restore.c) */
 
   atomic_bool stopping;
 };
@@ -456,5 +457,57 @@ bool snapshot_get_status(struct snapshot_status *st);
 const char *snapshot_mode_name(enum snapshot_mode m);
 typedef struct snapshot snapshot;
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(snapshot, snapshot_unref)
+
+/* ---- restore.c ---- */
+/* Instant restore: srv.image is the output, filled from a backup point
+ * while it is served (see the top of restore.c). */
+struct restore_config {
+  const char *source;            /* --restore-from: the backup point's image */
+  const char *state;             /* --restore-state: the progress file */
+  uint64_t rate;                 /* --restore-rate, bytes/s, 0: unlimited */
+  int release_fd;                /* --restore-release-fd, or -1 */
+  int sync_interval;             /* --restore-sync-interval, seconds */
+};
+/* After the output is open: load the state file (it must be the output's)
+ * and open the source unless the restore is complete already. */
+bool restore_open(const struct restore_config *cfg, GError **error);
+/* After the workers run: start the copier and the syncer. */
+bool restore_start(GError **error);
+/* After the workers stopped: stop copying, record the progress (output
+ * flushed first), close everything.  Safe after a failed restore_open. */
+bool restore_stop(GError **error);
+/* Is a restore going on (not complete)?  Lock-free; when false, nothing
+ * below needs calling. */
+bool restore_active(void);
+/* Read [offset, offset+len) of the disk into @buf: copied granules from
+ * the output, the rest from the backup; @done(@arg, 0 or -errno) runs on
+ * this worker's thread, never inside this call. */
+void restore_read(struct worker *w, uint64_t offset, uint32_t len, void *buf,
+                  void (*done)(void *arg, int res), void *arg);
+/* Before a guest change of [offset, offset+len) is submitted: false to go
+ * on now; true if granules must be copied first, then @cont(@arg, 0 or
+ * -EIO) runs on @w, and must call this again (it may have more to copy). */
+bool restore_before_write(struct worker *w, uint64_t offset, uint64_t len,
+                          void (*cont)(void *arg, int res), void *arg);
+/* base:allocation during a restore; as meta_extents. */
+int restore_block_status(uint64_t offset, uint32_t len, struct cbt_extent *ext,
+                         size_t max);
+/* Are the copied bits of [offset, offset+len) in the state file already? */
+bool restore_is_durable(uint64_t offset, uint64_t len);
+/* Make every copied bit durable (output flushed first); then @done(@arg,
+ * 0 or -errno) runs on @w.  For FLUSH and FUA, before the reply. */
+void restore_flush(struct worker *w, void (*done)(void *arg, int res), void *arg);
+
+struct restore_status {
+  char source[4096], state[4096];
+  uint64_t size, restored_bytes, durable_bytes;
+  uint32_t granularity;
+  bool complete, source_open;
+  const char *copier;            /* starting, copying, done, failed, stopped */
+  char failed[512];
+  uint64_t rate, guest_copy_bytes, copier_bytes, source_read_bytes;
+};
+/* False if the daemon runs without --restore-from. */
+bool restore_get_status(struct restore_status *st);
 
 #endif

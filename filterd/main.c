@@ -46,6 +46,8 @@ static char *opt_socket_mode;
 static char *opt_socket_group;
 static mode_t socket_mode = 0600;       /* --socket-mode: the daemon's user only */
 static gid_t socket_gid = (gid_t)-1;    /* --socket-group: unchanged */
+static char *opt_restore_rate;
+static struct restore_config restore_cfg = { .release_fd = -1, .sync_interval = 1 };
 
 static GOptionEntry entries[] = {
   { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve, or memory:SIZE (an empty disk in RAM, e.g. memory:64M)", "PATH" },
@@ -74,6 +76,11 @@ static GOptionEntry entries[] = {
   { "socket-mode", 0, 0, G_OPTION_ARG_STRING, &opt_socket_mode, "Permissions of the unix sockets the daemon creates, --socket and --control (octal, default 0600)", "MODE" },
   { "socket-group", 0, 0, G_OPTION_ARG_STRING, &opt_socket_group, "Group of the unix sockets the daemon creates (name or number)", "GROUP" },
   { "pid-file", 'P', 0, G_OPTION_ARG_FILENAME, &srv.pid_file, "Write the pid here once ready", "FILE" },
+  { "restore-from", 0, 0, G_OPTION_ARG_FILENAME, &restore_cfg.source, "Instant restore: serve --image while this backup image (qcow2 with its chain) is copied into it (cbt restore --instant runs this)", "IMAGE" },
+  { "restore-state", 0, 0, G_OPTION_ARG_FILENAME, &restore_cfg.state, "Instant restore: its progress file (restore-state-format.md)", "FILE" },
+  { "restore-rate", 0, 0, G_OPTION_ARG_STRING, &opt_restore_rate, "Instant restore: copy at most SIZE bytes per second in the background (default: no limit)", "SIZE" },
+  { "restore-sync-interval", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT, &restore_cfg.sync_interval, "Instant restore: record the progress every S seconds (default 1; FLUSH always does)", "S" },
+  { "restore-release-fd", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT, &restore_cfg.release_fd, "Instant restore: close this inherited descriptor once the backup is no longer read", "FD" },
   { "verbose", 'v', 0, G_OPTION_ARG_NONE, &log_verbose, "Log every connection and failed request", NULL },
   { NULL }
 };
@@ -179,6 +186,47 @@ parse_socket_group(const char *s, GError **error)
   return true;
 }
 
+/* The --restore-* options: all or nothing, and a writable image. */
+static bool
+parse_restore(GError **error)
+{
+  if (!restore_cfg.source != !restore_cfg.state) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "--restore-from and --restore-state go together");
+    return false;
+  }
+  if (!restore_cfg.source) {
+    if (opt_restore_rate || restore_cfg.release_fd != -1) {
+      g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                  "--restore-rate and --restore-release-fd need --restore-from");
+      return false;
+    }
+    return true;
+  }
+  if (srv.read_only) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                "--restore-from writes the restored data into --image: not with --read-only");
+    return false;
+  }
+  if (opt_restore_rate &&
+      !parse_size("--restore-rate", opt_restore_rate, &restore_cfg.rate, error))
+    return false;
+  if (restore_cfg.sync_interval < 1 || restore_cfg.sync_interval > 86400) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--restore-sync-interval %d: expected 1 to 86400", restore_cfg.sync_interval);
+    return false;
+  }
+  if (restore_cfg.release_fd < -1 || restore_cfg.release_fd == 0 ||
+      restore_cfg.release_fd == 1 || restore_cfg.release_fd == 2) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "--restore-release-fd %d: expected an inherited descriptor above 2",
+                restore_cfg.release_fd);
+    return false;
+  }
+  srv.restoring = true;
+  return true;
+}
+
 static bool
 parse_args(int argc, char **argv, GError **error)
 {
@@ -269,6 +317,8 @@ parse_args(int argc, char **argv, GError **error)
   }
   if (opt_scratch_limit &&
       !parse_size("--scratch-limit", opt_scratch_limit, &srv.scratch_limit, error))
+    return false;
+  if (!parse_restore(error))
     return false;
   if (!srv.export_name)
     srv.export_name = "";
@@ -456,6 +506,8 @@ main(int argc, char **argv)
     if (!srv.tracking)
       goto fail;
   }
+  if (srv.restoring && !restore_open(&restore_cfg, &error))
+    goto fail;
   for (size_t i = 0; i < act.n_nbd; i++)
     listen_fds[n_listen++] = act.nbd[i];
   if (srv.socket_path) {
@@ -479,6 +531,8 @@ main(int argc, char **argv)
   if (!workers_start(srv.n_workers, &error))
     goto fail;
   workers_started = true;
+  if (!restore_start(&error))
+    goto fail;
   if (!handshake_init(&error))
     goto fail;
   if (!write_pid_file(&error))
@@ -518,6 +572,12 @@ main(int argc, char **argv)
   workers_stop();
   tls_stop_all();
   tls_deinit();
+  /* The restore's progress is recorded after the image is flushed. */
+  if (!restore_stop(&error)) {
+    log_error("%s", error->message);
+    g_clear_error(&error);
+    status = EXIT_FAILURE;
+  }
   if (!srv.read_only) {
     r = cbt_image_run_sync(srv.image, CBT_IO_FLUSH, 0, 0, 0, NULL);
     if (r < 0) {
@@ -547,6 +607,7 @@ fail:
   handshake_stop_all();
   if (workers_started)
     workers_stop();
+  restore_stop(NULL);
   tls_deinit();
   if (srv.tracking) {
     /* Nothing was served: no write can be missing from the bitmap. */

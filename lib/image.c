@@ -1,9 +1,19 @@
 /* Backend-independent image helpers: opening by format (with detection)
- * and running one request to completion on a private ring, for start-up
- * and shutdown outside any event loop.
+ * and running one request to completion on a private ring, for start-up,
+ * shutdown and the reads a qcow2 image's metadata thread makes from its
+ * backing file.
+ *
+ * The private ring is one per thread, made on first use and closed when
+ * the thread ends (a pthread key's destructor): a qcow2 chain used to set
+ * up and tear down a ring for every backing read, which cost more than
+ * the read.  A call drains its ring before it returns, so the next call
+ * starts with an empty one; a ring a failed call could not drain is
+ * dropped.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -29,18 +39,63 @@ sync_complete(struct cbt_image_io *io, int res)
   s->res = res;
 }
 
+#define SYNC_RING_ENTRIES 8
+
+static pthread_key_t ring_key;
+static pthread_once_t ring_once = PTHREAD_ONCE_INIT;
+
+static void
+ring_free(void *p)
+{
+  io_uring_queue_exit(p);
+  free(p);
+}
+
+static void
+ring_key_init(void)
+{
+  if (pthread_key_create(&ring_key, ring_free) != 0)
+    abort();                         /* out of keys at start-up: hopeless */
+}
+
+/* This thread's ring for cbt_image_run_sync, or NULL (*err set). */
+static struct io_uring *
+sync_ring(int *err)
+{
+  struct io_uring *ring;
+  int r;
+
+  pthread_once(&ring_once, ring_key_init);
+  ring = pthread_getspecific(ring_key);
+  if (ring)
+    return ring;
+  ring = malloc(sizeof *ring);
+  if (!ring) {
+    *err = -ENOMEM;
+    return NULL;
+  }
+  r = io_uring_queue_init(SYNC_RING_ENTRIES, ring, 0);
+  if (r < 0) {
+    free(ring);
+    *err = r;
+    return NULL;
+  }
+  pthread_setspecific(ring_key, ring);
+  return ring;
+}
+
 int
 cbt_image_run_sync(struct cbt_image *img, enum cbt_io_type type,
                    unsigned flags, uint64_t offset, uint64_t len, void *buf)
 {
-  struct io_uring ring;
   struct sync_req s;
-  int r = io_uring_queue_init(8, &ring, 0);
+  int r = 0;
+  struct io_uring *ring = sync_ring(&r);
 
-  if (r < 0)
+  if (!ring)
     return r;
   memset(&s, 0, sizeof s);
-  s.io.ring = &ring;
+  s.io.ring = ring;
   s.io.type = type;
   s.io.flags = flags;
   s.io.offset = offset;
@@ -51,23 +106,23 @@ cbt_image_run_sync(struct cbt_image *img, enum cbt_io_type type,
   while (!s.done) {
     struct io_uring_cqe *cqe;
 
-    r = io_uring_submit_and_wait(&ring, 1);
+    r = io_uring_submit_and_wait(ring, 1);
     if (r < 0 && r != -EINTR) {
       /* The request is stuck in a ring we cannot drive: nothing sane to
-       * do but report it; the ring (and request) stay valid until exit. */
-      io_uring_queue_exit(&ring);
+       * do but report it.  The ring (and the request on it) stay valid
+       * until exit; this thread gets a new one next time. */
+      pthread_setspecific(ring_key, NULL);
       return r;
     }
-    while (io_uring_peek_cqe(&ring, &cqe) == 0) {
+    while (io_uring_peek_cqe(ring, &cqe) == 0) {
       struct cbt_aio_op *op = io_uring_cqe_get_data(cqe);
       int res = cqe->res;
 
-      io_uring_cqe_seen(&ring, cqe);
+      io_uring_cqe_seen(ring, cqe);
       if (op)
         op->done(op, res);
     }
   }
-  io_uring_queue_exit(&ring);
   return s.res;
 }
 
