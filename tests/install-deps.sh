@@ -24,6 +24,11 @@ packages=(
     qemu-utils libnbd-bin python3 python3-libnbd nbdkit fio
     # TLS tests: certtool and psktool
     gnutls-bin
+    # service tests: systemd-socket-activate and systemd-analyze (they need
+    # no systemd running), and the systemd.pc that says where units go
+    systemd
+    # man page tests: groff, man, lexgrog
+    groff-base man-db
     # tools the test scripts call
     coreutils util-linux procps jq
 )

@@ -33,16 +33,27 @@ under()
 # a line, sorted.
 expected_files()
 {
-    local prefix=$1 b=$2 bindir mandir
+    local prefix=$1 b=$2 bindir mandir datadir unitdir
     bindir=$(under "$prefix" "$(option bindir "$b")")
     mandir=$(under "$prefix" "$(option mandir "$b")")
+    datadir=$(under "$prefix" "$(option datadir "$b")")
+    # -Dsystemdsystemunitdir, else systemd's directory under our prefix.
+    unitdir=$(option systemdsystemunitdir "$b")
+    unitdir=$(under "$prefix" "${unitdir:-lib/systemd/system}")
     sort <<EOF
 $bindir/cbt
 $bindir/cbt-filterd
 $bindir/cbt-nightly.sh
+$datadir/doc/cbt/examples/filterd.conf.example
+$datadir/doc/cbt/examples/nightly.conf.example
 $mandir/man1/cbt.1
 $mandir/man5/cbt-bitmap.5
 $mandir/man8/cbt-filterd.8
+$unitdir/cbt-filterd-control@.socket
+$unitdir/cbt-filterd@.service
+$unitdir/cbt-filterd@.socket
+$unitdir/cbt-nightly@.service
+$unitdir/cbt-nightly@.timer
 EOF
 }
 
@@ -74,13 +85,26 @@ expect_rc 0 "$dest$bindir/cbt" --help
 has "Subcommands:"
 expect_rc 2 "$dest$bindir/cbt-nightly.sh" --help
 has "KEEP_CHAINS"
-# The installed man pages name the installed programs.
+# The installed units and man pages name the installed programs and the
+# configuration directory.
+sysconfdir=$(under "$prefix" "$(option sysconfdir)")
+unitdir=$(option systemdsystemunitdir)
+unitdir=$(under "$prefix" "${unitdir:-lib/systemd/system}")
+grep -qx "ExecStart=$bindir/cbt-filterd .*" "$dest$unitdir/cbt-filterd@.service" ||
+    die "cbt-filterd@.service does not start $bindir/cbt-filterd"
+grep -qx "EnvironmentFile=$sysconfdir/cbt/filterd/%i.conf" "$dest$unitdir/cbt-filterd@.service" ||
+    die "cbt-filterd@.service does not read $sysconfdir/cbt/filterd/%i.conf"
+grep -qx "ExecStart=$bindir/cbt-nightly.sh $sysconfdir/cbt/nightly/%i.conf" \
+    "$dest$unitdir/cbt-nightly@.service" ||
+    die "cbt-nightly@.service does not run $bindir/cbt-nightly.sh $sysconfdir/cbt/nightly/%i.conf"
 mandir=$(under "$prefix" "$(option mandir)")
 grep -qF "$bindir/cbt\\-nightly.sh" "$dest$mandir/man1/cbt.1" ||
     die "cbt.1 does not name $bindir/cbt-nightly.sh"
 
-# Another prefix: every file goes under it.  Only configured, not built:
-# meson introspect --installed lists where each file would go.
+# Another prefix: every file goes under it, the units too (pkg-config
+# systemd alone says /lib/systemd/system, whatever the prefix).  Only
+# configured, not built: meson introspect --installed lists where each
+# file would go.
 other=/opt/cbt-install-test
 if ! meson setup --prefix "$other" -Dtests=false "$tmp/b" "$CBT_SOURCE_DIR" \
         >"$tmp/setup.log" 2>&1; then
