@@ -261,6 +261,87 @@ GPtrArray *sums_stream_end(sums_stream *s);
 struct cbt_image;
 bool chain_open(repo *r, const repo_backup *b, struct cbt_image **out, GError **error);
 
+/* stream.c -------------------------------------------------------------- */
+
+/* Read repository files through one io_uring with a deep queue, checking
+ * the manifest's checksums on threads as the bytes arrive (the design is
+ * at the top of stream.c).  cbt restore and cbt verify use it. */
+struct stream_range { uint64_t off, len; };
+struct stream_file {
+  int fd;
+  const char *path;               /* for messages */
+  uint64_t size;                  /* the manifest's file size */
+  GArray *ranges;                 /* struct stream_range, ascending, to read */
+  const GPtrArray *sums;          /* the manifest's chunk checksums, or NULL: */
+  uint64_t chunk_size;            /* not checked (then ranges may be any) */
+};
+typedef struct stream stream;
+struct stream_piece;
+struct stream_opts {
+  /* Before the first read (may be NULL): e.g. start work with stream_hold. */
+  bool (*start)(void *opaque, stream *s, GError **error);
+  /* A piece arrived (main thread).  Its buffer stays valid while the
+   * callback runs, and after it for each stream_write or stream_ref. */
+  bool (*piece)(void *opaque, struct stream_piece *p, GError **error);
+  /* A few times a second and at the end (may be NULL). */
+  void (*progress)(void *opaque, uint64_t bytes_read);
+  void *opaque;
+};
+/* Read every range of every file in order; returns when all the work
+ * started is done.  A checksum mismatch is CLI_EXIT_DAMAGED naming the
+ * file and byte range; a file shorter than @size too. */
+bool stream_run(const struct stream_opts *o, const struct stream_file *files,
+                unsigned nfiles, GError **error);
+/* A piece's bytes: file index, file offset and length. */
+const uint8_t *stream_piece_data(const struct stream_piece *p, unsigned *file,
+                                 uint64_t *off, uint64_t *len);
+/* Write @len bytes at @buf (inside the piece's buffer) to @fd at @off on
+ * the stream's ring; a failure (naming @name) stops the run.  Main
+ * thread only. */
+void stream_write(struct stream_piece *p, int fd, const char *name, const uint8_t *buf,
+                  uint64_t len, uint64_t off);
+/* Keep @p's buffer for work on another thread (main thread), which ends
+ * it with stream_done (any thread; @error or NULL, taken). */
+void stream_ref(struct stream_piece *p);
+void stream_done(struct stream_piece *p, GError *error);
+/* The same for work that uses no piece. */
+void stream_hold(stream *s);
+void stream_release(stream *s, GError *error);
+
+/* chain-map.c ----------------------------------------------------------- */
+
+/* Where each guest cluster of a backup is stored in its chain (the design
+ * is at the top of chain-map.c). */
+struct chain_run {
+  uint64_t host;                  /* file offset of the first cluster */
+  uint64_t guest;                 /* guest cluster index of the first */
+  uint64_t clusters;
+};
+struct chain_file {
+  const repo_backup *backup;
+  char *path;
+  int fd;                         /* read-only, O_CLOEXEC */
+  uint64_t size;                  /* the manifest's file size (checked) */
+  GArray *runs;                   /* struct chain_run: visible data, by host */
+  uint64_t data_bytes;            /* in runs */
+};
+typedef struct chain_map {
+  struct chain_file *files;       /* the full backup first */
+  unsigned nfiles;
+  uint64_t cluster_size;
+  uint64_t image_size;
+  uint64_t nclusters;
+  GArray *zeros;                  /* struct stream_range: guest ranges reading as zeros */
+} chain_map;
+void chain_map_free(chain_map *m);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(chain_map, chain_map_free)
+/* Open and map the manifest's chain of @b (shared lock held by the
+ * caller).  A file that disagrees with the manifest or is corrupt is
+ * CLI_EXIT_DAMAGED. */
+bool chain_map_build(repo *r, const repo_backup *b, chain_map **out, GError **error);
+/* Index of the first run of @f that ends after file offset @host. */
+guint chain_file_find(const struct chain_file *f, uint64_t host, uint64_t cs);
+
 /* control.c ------------------------------------------------------------- */
 
 /* A client of cbt-filterd's control socket (--control). */

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# cbt restore checks the manifest's checksums while it reads the backup
+# files, and restores the same bytes to every kind of output.
+#
+# A chain of a full backup (96 MiB of random data: two 64 MiB checksum
+# chunks) and an incremental restores to a raw file, a qcow2 file and an
+# NBD export (a second cbt-filterd, written over several connections),
+# each the same as the disk.  Then, in a copy of the repository, one byte
+# of guest data in the full backup's second chunk is flipped:
+#   - restore exits 4, names the file and the byte range of the damaged
+#     chunk, and leaves no output file (to a raw and a qcow2 file) -- before
+#     this check existed the restore succeeded with the flipped byte in it;
+#   - restore to the NBD export exits 4 the same way;
+#   - with --no-verify the restore succeeds, and its output differs from
+#     the disk, which shows the flipped byte is really restored data that
+#     only the checksums caught;
+#   - cbt verify reports the same range.
+# A byte flipped in the incremental's metadata (its L1 table, at the end
+# of the file) fails the restore the same way.
+
+source "$(dirname "$0")/functions.sh"
+requires qemu-io qemu-img jq cmp od dd timeout
+
+size=$((96 * 1024 * 1024))
+disk=$tmp/disk.img
+repo=$tmp/repo
+csock=$tmp/ctl.sock
+head -c "$size" /dev/urandom >"$disk"
+start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap" --control "$csock"
+src_pid=$pid src_sock=$sock
+
+cbt backup --socket "$src_sock" --control "$csock" --repo "$repo" --full >/dev/null 2>&1 ||
+    die "full backup failed"
+qio -f raw "$uri" -c 'write -P 0x5a 80M 1M' -c 'write -z 8M 2M'
+cbt backup --socket "$src_sock" --control "$csock" --repo "$repo" --incremental \
+    >/dev/null 2>&1 || die "incremental backup failed"
+stop_filterd "$src_pid"
+full=$(jq -r '.backups[0].file' "$repo/manifest.json")
+inc=$(jq -r '.backups[1].file' "$repo/manifest.json")
+[ "$(jq '.backups[0].sha256 | length' "$repo/manifest.json")" -eq 2 ] ||
+    die "the full backup should have two checksum chunks"
+
+# The untouched chain, to each kind of output.
+expect_rc 0 cbt restore --repo "$repo" --output "$tmp/ok.raw"
+has "checksums verified"
+cmp "$disk" "$tmp/ok.raw" || die "raw restore differs from the disk"
+expect_rc 0 cbt restore --repo "$repo" --output "$tmp/ok.qcow2"
+qemu-img compare -q -f raw -F qcow2 "$disk" "$tmp/ok.qcow2" ||
+    die "qcow2 restore differs from the disk"
+qemu-img check -q "$tmp/ok.qcow2" || die "the restored qcow2 file does not check"
+# An NBD export that holds other data: every byte must be overwritten,
+# zeros included.
+head -c "$size" /dev/urandom >"$tmp/target.img"
+start_filterd --image "$tmp/target.img"
+expect_rc 0 cbt restore --repo "$repo" --output "$uri" --connections 4
+stop_filterd
+cmp "$disk" "$tmp/target.img" || die "NBD restore differs from the disk"
+
+# flip FILE OFFSET: invert one byte of FILE in place.
+flip()
+{
+    local b
+    b=$(od -An -tu1 -j "$2" -N1 "$1" | tr -d ' ')
+    printf "\\$(printf %03o $((b ^ 0xff)))" |
+        dd of="$1" bs=1 seek="$2" count=1 conv=notrunc status=none
+}
+
+# Where guest offset 70 MiB of the full backup is stored in its file: in
+# the second chunk (the data clusters follow the header in guest order).
+host=$(qemu-img map -f qcow2 --output=json "$repo/$full" |
+       jq '[.[] | select(.data and .start <= 73400320 and .start + .length > 73400320)][0]
+           | .offset + (73400320 - .start)')
+[ "$host" -ge $((64 << 20)) ] || die "guest offset 70M is at file offset $host, not in chunk 1"
+chunk_end=$(( $(jq '.backups[0]["file-size"]' "$repo/manifest.json") - 1 ))
+range="bytes 67108864..$chunk_end (chunk 1)"
+
+bad=$tmp/bad
+cp -a "$repo" "$bad"
+flip "$bad/$full" "$host"
+
+expect_rc 4 timeout 60 "$CBT_CLI" restore --repo "$bad" --output "$tmp/bad.raw"
+has "$bad/$full: checksum mismatch in $range"
+[ ! -e "$tmp/bad.raw" ] || die "a failed restore left its raw output"
+expect_rc 4 timeout 60 "$CBT_CLI" restore --repo "$bad" --output "$tmp/bad.qcow2"
+has "$bad/$full: checksum mismatch in $range"
+[ ! -e "$tmp/bad.qcow2" ] || die "a failed restore left its qcow2 output"
+truncate -s "$size" "$tmp/target2.img"
+start_filterd --image "$tmp/target2.img"
+expect_rc 4 timeout 60 "$CBT_CLI" restore --repo "$bad" --output "$uri"
+has "$bad/$full: checksum mismatch in $range"
+stop_filterd
+
+expect_rc 0 cbt restore --repo "$bad" --output "$tmp/unchecked.raw" --no-verify
+has "checksums NOT verified"
+! cmp -s "$disk" "$tmp/unchecked.raw" ||
+    die "the flipped byte did not reach the unchecked restore: the test proves nothing"
+expect_rc 4 cbt verify --repo "$bad"
+has "$bad/$full: checksum mismatch in $range"
+
+# The incremental's L1 table (metadata at the end of its file).
+bad2=$tmp/bad2
+cp -a "$repo" "$bad2"
+l1=$(qemu-img info -f qcow2 --output=json "$repo/$inc" >/dev/null &&
+     od -An -tu8 --endian=big -j 40 -N8 "$repo/$inc" | tr -d ' ')
+inc_end=$(( $(jq '.backups[1]["file-size"]' "$repo/manifest.json") - 1 ))
+flip "$bad2/$inc" $((l1 + 7))
+expect_rc 4 timeout 60 "$CBT_CLI" restore --repo "$bad2" --output "$tmp/bad2.raw"
+has "$bad2/$inc"
+[ ! -e "$tmp/bad2.raw" ] || die "a failed restore left its raw output"
+echo "restore: damaged chunks fail with exit 4 ($range), --no-verify restores them"

@@ -1,0 +1,310 @@
+/* The map of a backup chain: for every guest cluster of a backup, which
+ * file of its chain holds the data, and where, or that it reads as zeros.
+ *
+ * cbt restore streams each file of the chain front to back (so the
+ * manifest's checksums can be checked as the bytes pass) and writes each
+ * data cluster to its guest offset; for that it needs the inverse of the
+ * qcow2 mapping: per file, the runs of host clusters that are visible in
+ * the backup (not hidden by a newer file of the chain), sorted by host
+ * offset.
+ *
+ * The chain is the manifest's (as in lib/image-qcow2.c's link mode): each
+ * file is opened as the manifest lists it (repo_open_file), must have the
+ * manifest's size, and its header must name the manifest's backing file
+ * (format qcow2 or none) or none for the full backup; the backing names in
+ * headers are never followed.  The files must have the manifest's cluster
+ * size, all the same, and the virtual size (rounded to 512 as qemu does).
+ * Everything read from a file is validated before use: the header by
+ * lib/qcow2.c, every L1 and L2 entry by its decoder, and every table and
+ * data cluster must lie inside the file.  A file that breaks any of it is
+ * CLI_EXIT_DAMAGED.  Compressed clusters are refused the same way: cbt
+ * backup never writes them.
+ *
+ * Building the map reads each file's L1 and L2 tables once, newest file
+ * first: the newest entry that is not "unallocated" decides a cluster.
+ * Memory: one byte per guest cluster while building, plus 24 bytes per
+ * run of visible clusters (a full backup is mostly one run per table).
+ */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cbt/qcow2.h"
+#include "cbt/qcow2-writer.h"
+#include "cbt/uring-io.h"
+#include "cbt/util.h"
+#include "cli.h"
+
+enum { UNDECIDED = 0, DECIDED = 1 };
+
+void
+chain_map_free(chain_map *m)
+{
+  if (!m)
+    return;
+  for (unsigned i = 0; i < m->nfiles; i++) {
+    struct chain_file *f = &m->files[i];
+
+    if (f->fd >= 0)
+      close(f->fd);
+    g_free(f->path);
+    if (f->runs)
+      g_array_unref(f->runs);
+  }
+  g_free(m->files);
+  if (m->zeros)
+    g_array_unref(m->zeros);
+  g_free(m);
+}
+
+static int
+cmp_run(const void *a, const void *b)
+{
+  const struct chain_run *x = a, *y = b;
+
+  return x->host < y->host ? -1 : x->host > y->host;
+}
+
+/* Open @f (the manifest's @e) and check its header against the chain. */
+static bool
+open_file(repo *r, const repo_backup *e, const repo_backup *target, uint64_t cs,
+          struct chain_file *f, struct cbt_qcow2_info *info, GError **error)
+{
+  g_autofree uint8_t *buf = NULL;
+  g_autofree char *why = NULL;
+  struct stat st;
+  size_t n;
+  int rc;
+
+  f->path = repo_path(r, e->file);
+  f->size = e->file_size;
+  f->backup = e;
+  f->fd = repo_open_file(r, e->file, error);
+  if (f->fd < 0) {
+    g_prefix_error(error, "restoring %s: ", target->file);
+    return false;
+  }
+  if (fstat(f->fd, &st) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", f->path, g_strerror(errno));
+    return false;
+  }
+  n = (size_t)MIN((uint64_t)st.st_size, (uint64_t)CBT_QCOW2_WRITER_MAX_CLUSTER_SIZE);
+  buf = g_malloc(n);
+  rc = cbt_io_pread(f->fd, buf, n, 0);
+  if (rc < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: reading the header: %s", f->path,
+                g_strerror(-rc));
+    return false;
+  }
+  rc = cbt_qcow2_header_decode(buf, n, (uint64_t)st.st_size, info, &why);
+  if (rc == 0 && !e->backing && info->backing_file[0])
+    rc = cbt_fail(&why, -EBADMSG, "names backing file '%s', but its chain has none",
+                  info->backing_file);
+  if (rc == 0 && e->backing && strcmp(info->backing_file, e->backing) != 0)
+    rc = cbt_fail(&why, -EBADMSG, "names backing file '%s', but its chain has '%s'",
+                  info->backing_file[0] ? info->backing_file
+                  : "(none)", e->backing);
+  if (rc == 0 && info->backing_format[0] && strcmp(info->backing_format, "qcow2") != 0)
+    rc = cbt_fail(&why, -EBADMSG, "names backing format '%s' for '%s', but its "
+                  "chain is qcow2", info->backing_format,
+                  info->backing_file);
+  if (rc == 0 && (uint64_t)st.st_size != e->file_size)
+    rc = cbt_fail(&why, -EBADMSG, "%" PRIu64 " bytes, the manifest says %" PRIu64,
+                  (uint64_t)st.st_size, e->file_size);
+  if (rc == 0 && info->cluster_size != cs)
+    rc = cbt_fail(&why, -EBADMSG, "cluster size %" PRIu64 ", the manifest says %"
+                  PRIu64, info->cluster_size, cs);
+  if (rc == 0 && info->size != (target->image_size + 511) / 512 * 512)
+    rc = cbt_fail(&why, -EBADMSG, "virtual size %" PRIu64 ", the manifest says %"
+                  PRIu64, info->size, target->image_size);
+  if (rc < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: %s (in the manifest's chain of "
+                "%s; not restoring)", f->path, why ? why : g_strerror(-rc), target->file);
+    return false;
+  }
+  return true;
+}
+
+/* Read file @fi's tables and decide the clusters no newer file decided. */
+static bool
+map_file(chain_map *m, unsigned fi, const struct cbt_qcow2_info *info, uint8_t *state,
+         GError **error)
+{
+  struct chain_file *f = &m->files[fi];
+  const uint64_t cs = m->cluster_size;
+  const uint64_t per_l2 = cs / 8;
+  const uint64_t nl1 = MIN((uint64_t)info->l1_size, (m->nclusters + per_l2 - 1) / per_l2);
+  g_autofree uint64_t *l1 = g_new(uint64_t, MAX(nl1, 1));
+  g_autofree uint64_t *l2 = g_malloc(cs);
+  int rc;
+
+  f->runs = g_array_new(FALSE, FALSE, sizeof(struct chain_run));
+  rc = cbt_io_pread(f->fd, l1, nl1 * 8, info->l1_table_offset);
+  if (rc < 0)
+    goto io_error;
+  for (uint64_t i = 0; i < nl1; i++) {
+    uint64_t l2off;
+    bool copied;
+
+    if (cbt_qcow2_l1_decode(be64toh(l1[i]), info->cluster_bits, &l2off, &copied) < 0 ||
+        (l2off && (l2off > f->size || f->size - l2off < cs))) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: L1 entry %" PRIu64 " is "
+                  "corrupt (not restoring)", f->path, i);
+      return false;
+    }
+    if (!l2off)
+      continue;
+    rc = cbt_io_pread(f->fd, l2, cs, l2off);
+    if (rc < 0)
+      goto io_error;
+    for (uint64_t k = 0; k < per_l2; k++) {
+      uint64_t vcl = i * per_l2 + k;
+      struct cbt_qcow2_map mp;
+
+      if (vcl >= m->nclusters)
+        break;
+      if (state[vcl] != UNDECIDED)
+        continue;
+      if (cbt_qcow2_l2_decode(be64toh(l2[k]), info->cluster_bits, info->version, &mp) < 0 ||
+          mp.type == CBT_QCOW2_COMPRESSED ||
+          (mp.type == CBT_QCOW2_NORMAL && (mp.host_offset > f->size ||
+                                           f->size - mp.host_offset < cs))) {
+        g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: the L2 entry of guest offset %"
+                    PRIu64 " is %s (not restoring)", f->path, vcl * cs,
+                    mp.type == CBT_QCOW2_COMPRESSED ? "compressed, which cbt backup "
+                    "never writes" : "corrupt");
+        return false;
+      }
+      if (mp.type == CBT_QCOW2_UNALLOCATED)
+        continue;
+      state[vcl] = DECIDED;
+      if (mp.type == CBT_QCOW2_NORMAL) {
+        struct chain_run *last = f->runs->len ?
+          &g_array_index(f->runs, struct chain_run, f->runs->len - 1) : NULL;
+
+        if (last && last->guest + last->clusters == vcl &&
+            last->host + last->clusters * cs == mp.host_offset) {
+          last->clusters++;
+        } else {
+          struct chain_run run = { mp.host_offset, vcl, 1 };
+
+          g_array_append_val(f->runs, run);
+        }
+      }
+    }
+  }
+  g_array_sort(f->runs, cmp_run);
+  for (guint i = 0; i < f->runs->len; i++)
+    f->data_bytes += g_array_index(f->runs, struct chain_run, i).clusters * cs;
+  return true;
+
+io_error:
+  g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: reading its tables: %s", f->path,
+              g_strerror(-rc));
+  return false;
+}
+
+bool
+chain_map_build(repo *r, const repo_backup *b, chain_map **out, GError **error)
+{
+  g_autoptr(chain_map) m = g_new0(chain_map, 1);
+  g_autofree uint8_t *state = NULL;
+  guint first = repo_chain_start(r, b);
+  guint last = first;
+  struct cbt_qcow2_info *infos;
+
+  while (g_ptr_array_index(r->backups, last) != b)
+    last++;
+  m->nfiles = last - first + 1;
+  m->files = g_new0(struct chain_file, m->nfiles);
+  for (unsigned i = 0; i < m->nfiles; i++)
+    m->files[i].fd = -1;
+  m->cluster_size = b->cluster_size;
+  m->image_size = b->image_size;
+  if (m->cluster_size < 512 || m->cluster_size > CBT_QCOW2_WRITER_MAX_CLUSTER_SIZE ||
+      (m->cluster_size & (m->cluster_size - 1))) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: the manifest's cluster size %"
+                PRIu64 " is not a qcow2 cluster size", b->file, m->cluster_size);
+    return false;
+  }
+  m->nclusters = (m->image_size + m->cluster_size - 1) / m->cluster_size;
+  infos = g_new0(struct cbt_qcow2_info, m->nfiles);
+  for (unsigned i = 0; i < m->nfiles; i++) {
+    const repo_backup *e = g_ptr_array_index(r->backups, first + i);
+
+    if (e->cluster_size != m->cluster_size || e->image_size != m->image_size) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: cluster or image size differs "
+                  "from the rest of the chain of %s", e->file, b->file);
+      g_free(infos);
+      return false;
+    }
+    if (!open_file(r, e, b, m->cluster_size, &m->files[i], &infos[i], error)) {
+      g_free(infos);
+      return false;
+    }
+  }
+  state = g_malloc0(m->nclusters);
+  for (unsigned i = m->nfiles; i-- > 0;)
+    if (!map_file(m, i, &infos[i], state, error)) {
+      g_free(infos);
+      return false;
+    }
+  g_free(infos);
+
+  /* What reads as zeros: decided as zero, or never decided. */
+  m->zeros = g_array_new(FALSE, FALSE, sizeof(struct stream_range));
+  {
+    g_autofree uint8_t *data = g_malloc0(m->nclusters);
+
+    for (unsigned i = 0; i < m->nfiles; i++)
+      for (guint k = 0; k < m->files[i].runs->len; k++) {
+        const struct chain_run *run = &g_array_index(m->files[i].runs, struct chain_run, k);
+
+        memset(data + run->guest, 1, run->clusters);
+      }
+    for (uint64_t c = 0; c < m->nclusters;) {
+      uint64_t e = c;
+
+      if (data[c]) {
+        c++;
+        continue;
+      }
+      while (e < m->nclusters && !data[e])
+        e++;
+      {
+        struct stream_range z = { c * m->cluster_size,
+                                  MIN(e * m->cluster_size, m->image_size) - c * m->cluster_size };
+
+        g_array_append_val(m->zeros, z);
+      }
+      c = e;
+    }
+  }
+  *out = g_steal_pointer(&m);
+  return true;
+}
+
+/* The first run of @f that ends after @host (runs are sorted by host and
+ * do not overlap in a file cbt wrote; a crafted one is still safe: every
+ * run is checked against the piece it is written from). */
+guint
+chain_file_find(const struct chain_file *f, uint64_t host, uint64_t cs)
+{
+  guint lo = 0, hi = f->runs->len;
+
+  while (lo < hi) {
+    guint mid = lo + (hi - lo) / 2;
+    const struct chain_run *run = &g_array_index(f->runs, struct chain_run, mid);
+
+    if (run->host + run->clusters * cs <= host)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
