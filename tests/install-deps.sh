@@ -24,6 +24,8 @@ packages=(
     qemu-utils libnbd-bin python3 python3-libnbd nbdkit fio
     # TLS tests: certtool and psktool
     gnutls-bin
+    # instant restore: a TCG guest boots from the restored disk
+    qemu-system-x86
     # service tests: systemd-socket-activate and systemd-analyze (they need
     # no systemd running), and the systemd.pc that says where units go
     systemd

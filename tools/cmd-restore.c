@@ -624,6 +624,9 @@ out:
 int
 cmd_restore(int argc, char **argv)
 {
+  for (int i = 1; i < argc && strcmp(argv[i], "--") != 0; i++)
+    if (strcmp(argv[i], "--instant") == 0)
+      return cmd_restore_instant(argc, argv);   /* cmd-restore-instant.c */
   g_autofree char *dir = NULL, *at = NULL, *out = NULL;
   gboolean no_verify = FALSE;
   gint conns = DEFAULT_CONNECTIONS;
