@@ -84,6 +84,9 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
   }
   tracking_mark(srv.tracking, 0, 1 << 20);
   tracking_mark(srv.tracking, 40 << 20, 3 << 20);
+  /* From here a line per checkpoint is noise (set-up errors above still
+   * print). */
+  log_quiet = true;
   return 0;
 }
 
