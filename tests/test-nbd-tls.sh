@@ -9,6 +9,8 @@
 #   - --tls=on: plain and TLS clients both served.
 #   - PSK (--tls-psk, psktool's file): the right key works, a wrong key is
 #     refused.
+#   - cbt backup from a --tls=require daemon (nbds+unix:// URI with the
+#     client's certificates) and cbt restore into another TLS export.
 # The daemon stays up through every refusal and stops cleanly (exit 0).
 
 source "$(dirname "$0")/functions.sh"
@@ -101,6 +103,28 @@ PYEOF
 grep -q "TLS handshake timed out" "$log" || die "no log line for the stalled TLS handshake"
 kill -0 "$pid" || die "the daemon died"
 stop_filterd
+
+# ---- cbt backup and restore over TLS ---------------------------------------
+# Backup from a --tls=require daemon through an nbds+unix:// URI naming the
+# client's certificates; restore into another TLS daemon's export.
+start_filterd --image "$disk" --format raw --tls require \
+    --tls-certificates "$pki/server" --tls-verify-peer \
+    --bitmap "$tmp/disk.bm" --control "$tmp/ctl"
+cbt backup --uri "nbds+unix:///?socket=$sock&tls-certificates=$pki/client" \
+    --control "$tmp/ctl" --repo "$tmp/repo" --full >"$tmp/backup.out" 2>&1 ||
+    { cat "$tmp/backup.out"; die "cbt backup over TLS failed"; }
+if cbt backup --uri "nbd+unix:///?socket=$sock" --control "$tmp/ctl" \
+        --repo "$tmp/repo" >"$tmp/backup.out" 2>&1; then
+    die "cbt backup without TLS was served by a --tls=require daemon"
+fi
+stop_filterd
+truncate -s 64M "$tmp/target.img"
+start_filterd --image "$tmp/target.img" --format raw --tls require \
+    --tls-certificates "$pki/server"
+cbt restore --repo "$tmp/repo" --output "nbds+unix:///?socket=$sock&tls-certificates=$pki/client" \
+    >"$tmp/restore.out" 2>&1 || { cat "$tmp/restore.out"; die "cbt restore over TLS failed"; }
+stop_filterd
+cmp "$tmp/target.img" "$disk" || die "restore over TLS differs from the disk"
 
 # ---- --tls=on: both kinds of client --------------------------------------
 start_filterd --image "$disk" --format raw --tls on --tls-certificates "$pki/server"

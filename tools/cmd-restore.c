@@ -277,7 +277,9 @@ sink_open(struct restore *rs, GError **error)
 
       c->rs = rs;
       c->h = nbd_create();
-      if (!c->h || nbd_connect_uri(c->h, out) < 0) {
+      /* nbds:// outputs may name their TLS files (tls-certificates=...). */
+      if (!c->h || nbd_set_uri_allow_local_file(c->h, true) < 0 ||
+          nbd_connect_uri(c->h, out) < 0) {
         g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "NBD %s: %s", out, nbd_get_error());
         return false;
       }

@@ -129,6 +129,9 @@ connect_one(const struct pull_opts *o, GError **error)
       (o->dirty_context && nbd_add_meta_context(h, o->dirty_context) < 0) ||
       nbd_set_pread_initialize(h, false) < 0 ||
       (o->export_name && nbd_set_opt_mode(h, true) < 0) ||
+      /* nbds:// URIs name their TLS files: tls-certificates=DIR,
+       * tls-psk-file=FILE (the user gave the URI, so it may). */
+      (o->uri && nbd_set_uri_allow_local_file(h, true) < 0) ||
       (o->uri ? nbd_connect_uri(h, o->uri) : nbd_connect_unix(h, o->socket)) < 0 ||
       (o->export_name && (nbd_set_export_name(h, o->export_name) < 0 ||
                           nbd_opt_go(h) < 0))) {
