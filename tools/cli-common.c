@@ -14,6 +14,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli.h"
 
@@ -197,6 +198,26 @@ cli_format_size(uint64_t bytes)
     return g_strdup_printf("%" PRIu64 " %s", bytes >> (10 * i), units[i]);
   return g_strdup_printf("%.1f %s", (double)bytes / (double)(UINT64_C(1) << (10 * i)),
                          units[i]);
+}
+
+char *
+cli_find_filterd(void)
+{
+  const char *env = g_getenv("CBT_FILTERD");
+  g_autofree char *self = NULL;
+
+  if (env && *env)
+    return g_strdup(env);
+  self = g_file_read_link("/proc/self/exe", NULL);
+  if (self) {
+    g_autofree char *dir = g_path_get_dirname(self);
+    char *p = g_build_filename(dir, "cbt-filterd", NULL);
+
+    if (access(p, X_OK) == 0)
+      return p;
+    g_free(p);
+  }
+  return g_find_program_in_path("cbt-filterd");
 }
 
 double

@@ -92,6 +92,9 @@ char *cli_format_size(uint64_t bytes);
 
 /* 100 * part / whole, 0 when whole is 0. */
 double cli_percent(uint64_t part, uint64_t whole);
+/* The cbt-filterd to run: $CBT_FILTERD, else the one next to this cbt,
+ * else the first on PATH; NULL if none.  g_free it. */
+char *cli_find_filterd(void);
 
 /* JSON output (json-c).  Keys are stable: scripts depend on them, so add
  * keys, never rename or drop them.  The helpers take ownership of nothing

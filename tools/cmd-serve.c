@@ -37,26 +37,6 @@ struct serve_opts {
   char **extra;                   /* more cbt-filterd options, or NULL */
 };
 
-static char *
-find_filterd(void)
-{
-  const char *env = g_getenv("CBT_FILTERD");
-  g_autofree char *self = NULL;
-
-  if (env && *env)
-    return g_strdup(env);
-  self = g_file_read_link("/proc/self/exe", NULL);
-  if (self) {
-    g_autofree char *dir = g_path_get_dirname(self);
-    char *p = g_build_filename(dir, "cbt-filterd", NULL);
-
-    if (access(p, X_OK) == 0)
-      return p;
-    g_free(p);
-  }
-  return g_find_program_in_path("cbt-filterd");
-}
-
 static bool
 serve_run(const struct serve_opts *o, GError **error)
 {
@@ -70,7 +50,7 @@ serve_run(const struct serve_opts *o, GError **error)
       !repo_find(r, o->at, &b, error) || !chain_open(r, b, &img, error))
     return false;
   cbt_image_close(img);
-  filterd = find_filterd();
+  filterd = cli_find_filterd();
   if (!filterd) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
                 "cbt-filterd not found (not next to cbt, not on PATH; set CBT_FILTERD)");
