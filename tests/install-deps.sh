@@ -31,6 +31,8 @@ packages=(
     systemd
     # man page tests: groff, man, lexgrog
     groff-base man-db
+    # S3 tests: a one-node Ceph cluster with a RADOS Gateway (tests/ceph-rgw.sh)
+    ceph-mon ceph-mgr ceph-osd radosgw ceph-common
     # tools the test scripts call
     coreutils util-linux procps jq
 )
