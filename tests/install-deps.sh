@@ -15,6 +15,8 @@ packages=(
     build-essential gcc clang meson ninja-build pkg-config
     liburing-dev libglib2.0-dev libjson-c-dev libnbd-dev zlib1g-dev libssl-dev
     libgnutls28-dev
+    # S3 repositories: HTTP and AWS SigV4 signing (tools/s3.c)
+    libcurl4-openssl-dev
     # cbt mount (FUSE): the library and fusermount3
     libfuse3-dev fuse3
     # unit tests and clang's sanitizer runtimes (ASan/UBSan/LSan and libFuzzer

@@ -123,6 +123,8 @@ main(int argc, char **argv)
     }
   }
 
+  if (strcmp(argv[i], "s3") == 0)     /* hidden: a debugging S3 client, cmd-s3.c */
+    return cmd_s3(argc - i, argv + i);
   cmd = find_command(argv[i]);
   if (!cmd)
     return cli_usage_error(NULL, "unknown subcommand '%s'", argv[i]);

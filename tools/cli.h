@@ -124,6 +124,7 @@ int cmd_backup(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_list(int argc, char **argv);
+int cmd_s3(int argc, char **argv);     /* cmd-s3.c: hidden from cbt --help */
 /* cbt restore --instant (cmd-restore-instant.c): cmd_restore hands argv
  * over when it holds --instant. */
 int cmd_restore_instant(int argc, char **argv);

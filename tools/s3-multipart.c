@@ -1,0 +1,505 @@
+/* Multipart uploads: the five S3 calls, and a streaming uploader on top.
+ *
+ * An upload is created (POST ?uploads), parts are PUT by number in any
+ * order and at the same time (PUT ?partNumber=N&uploadId=ID), and the
+ * object appears, whole and at once, only when the upload is completed
+ * with the list of part ETags (POST ?uploadId=ID).  Until then nothing is
+ * visible under the key; an upload that is never completed keeps its
+ * parts on the server until it is aborted (DELETE ?uploadId=ID), which is
+ * why s3_mpu_list exists: a later run lists the uploads under its prefix
+ * and aborts those a killed run left behind.
+ *
+ * Completing is the one call whose retry can see the effect of its own
+ * first try: if the answer to a successful complete is lost, the retry
+ * finds no such upload.  The object's ETag then tells whether it was
+ * ours: S3 and RGW make a multipart object's ETag the MD5 of the parts'
+ * binary MD5s (their ETags) followed by "-" and the number of parts.
+ * A 200 answer to complete can also carry an <Error> (S3 documents it);
+ * s3.c treats that as a failed try.
+ *
+ * The streaming uploader (s3_upload) cuts what it is given into parts
+ * and hands each full part to a thread pool of @jobs threads, each
+ * running one synchronous s3_mpu_put_part at a time on its own pooled
+ * connection.  The writer blocks while @jobs parts are in flight, so
+ * memory is (jobs + 1) * part_size whatever the object's size.  Buffers
+ * of finished parts are reused.  The first part error is kept and every
+ * later call returns it; finishing or freeing a failed upload aborts it.
+ *
+ * Locking: u->lock protects inflight, next_part's ETag slot, the free
+ * buffers and the first error; the writer is the only thread touching
+ * cur/cur_len/upload_id.
+ */
+#include <inttypes.h>
+#include <string.h>
+
+#include "cli.h"
+#include "s3.h"
+
+/* ---- the five calls -------------------------------------------------- */
+
+bool
+s3_mpu_create(s3_client *c, const char *bucket, const char *key, char **upload_id,
+              GError **error)
+{
+  g_autofree char *query = s3_query("uploads", "", NULL);
+  s3_request r = { .op = "create multipart upload", .method = "POST", .bucket = bucket,
+                   .key = key, .query = query };
+  GError *err = NULL;
+  bool ok = s3_perform(c, &r, error);
+
+  if (ok && !s3_xml_upload_id((const char *)r.body_out->data, r.body_out->len, upload_id,
+                              &err)) {
+    g_set_error(error, S3_ERROR, S3_ERROR_PROTOCOL,
+                "S3 create multipart upload s3://%s/%s: %s", bucket, key, err->message);
+    g_error_free(err);
+    ok = false;
+  }
+  s3_request_clear(&r);
+  return ok;
+}
+
+bool
+s3_mpu_put_part(s3_client *c, const char *bucket, const char *key, const char *upload_id,
+                guint part, const void *data, size_t len, char **etag, GError **error)
+{
+  g_autofree char *num = g_strdup_printf("%u", part);
+  g_autofree char *op = g_strdup_printf("upload part %u", part);
+  g_autofree char *query = s3_query("partNumber", num, "uploadId", upload_id, NULL);
+  s3_request r = { .op = op, .method = "PUT", .bucket = bucket, .key = key,
+                   .query = query, .body = data, .body_len = len };
+  bool ok;
+
+  if (part < 1 || part > S3_MAX_PARTS || len > S3_PART_MAX) {
+    g_set_error(error, S3_ERROR, S3_ERROR_CONFIG,
+                "S3 upload part %u of s3://%s/%s: part number or size (%zu) out of range",
+                part, bucket, key, len);
+    return false;
+  }
+  ok = s3_perform(c, &r, error);
+  if (ok && (!r.info.etag || !*r.info.etag)) {
+    g_set_error(error, S3_ERROR, S3_ERROR_PROTOCOL,
+                "S3 upload part %u of s3://%s/%s: no ETag in the answer", part, bucket, key);
+    ok = false;
+  }
+  if (ok)
+    *etag = g_strdup(r.info.etag);
+  s3_request_clear(&r);
+  return ok;
+}
+
+/* The ETag S3 gives the object completed from parts with @etags: hex MD5
+ * of their binary MD5s, "-", their number.  NULL if an ETag is not an
+ * MD5 (servers with some kinds of encryption). */
+static char *
+multipart_etag(GPtrArray *etags)
+{
+  g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_MD5);
+
+  for (guint i = 0; i < etags->len; i++) {
+    const char *e = g_ptr_array_index(etags, i);
+    guint8 md5[16];
+
+    if (!e || strlen(e) != 32)
+      return NULL;
+    for (guint j = 0; j < 16; j++) {
+      int hi = g_ascii_xdigit_value(e[2 * j]), lo = g_ascii_xdigit_value(e[2 * j + 1]);
+
+      if (hi < 0 || lo < 0)
+        return NULL;
+      md5[j] = (guint8)(hi << 4 | lo);
+    }
+    g_checksum_update(sum, md5, sizeof md5);
+  }
+  return g_strdup_printf("%s-%u", g_checksum_get_string(sum), etags->len);
+}
+
+bool
+s3_mpu_complete(s3_client *c, const char *bucket, const char *key, const char *upload_id,
+                GPtrArray *etags, char **etag, GError **error)
+{
+  g_autofree char *query = s3_query("uploadId", upload_id, NULL);
+  GString *body = g_string_new("<CompleteMultipartUpload>");
+  s3_request r = { .op = "complete multipart upload", .method = "POST", .bucket = bucket,
+                   .key = key, .query = query, .error_in_200 = true };
+  GError *err = NULL;
+  bool ok;
+
+  for (guint i = 0; i < etags->len; i++) {
+    g_autofree char *e = g_markup_escape_text(g_ptr_array_index(etags, i), -1);
+
+    g_string_append_printf(body, "<Part><PartNumber>%u</PartNumber><ETag>\"%s\"</ETag>"
+                           "</Part>", i + 1, e);
+  }
+  g_string_append(body, "</CompleteMultipartUpload>");
+  r.body = body->str;
+  r.body_len = body->len;
+  ok = s3_perform(c, &r, &err);
+  if (!ok && err->code == S3_ERROR_NOT_FOUND && r.attempts > 1) {
+    /* Maybe our first try completed it and its answer was lost. */
+    g_autofree char *want = multipart_etag(etags);
+    s3_object_info info = { 0 };
+
+    if (want && s3_head_object(c, bucket, key, &info, NULL) && info.etag &&
+        strcmp(info.etag, want) == 0) {
+      g_clear_error(&err);
+      *etag = g_strdup(want);
+      s3_object_info_clear(&info);
+      s3_request_clear(&r);
+      g_string_free(body, TRUE);
+      return true;
+    }
+    s3_object_info_clear(&info);
+  }
+  if (ok && !s3_xml_complete((const char *)r.body_out->data, r.body_out->len, etag, &err)) {
+    g_prefix_error(&err, "S3 complete multipart upload s3://%s/%s: ", bucket, key);
+    ok = false;
+  }
+  if (ok && !**etag) {
+    /* RGW 16 answers <ETag></ETag>; the object has the usual one. */
+    s3_object_info info = { 0 };
+
+    g_free(*etag);
+    *etag = multipart_etag(etags);
+    if (!*etag && s3_head_object(c, bucket, key, &info, NULL))
+      *etag = g_strdup(info.etag ? info.etag : "");
+    if (!*etag)
+      *etag = g_strdup("");
+    s3_object_info_clear(&info);
+  }
+  if (err)
+    g_propagate_error(error, err);
+  s3_request_clear(&r);
+  g_string_free(body, TRUE);
+  return ok;
+}
+
+bool
+s3_mpu_abort(s3_client *c, const char *bucket, const char *key, const char *upload_id,
+             GError **error)
+{
+  g_autofree char *query = s3_query("uploadId", upload_id, NULL);
+  s3_request r = { .op = "abort multipart upload", .method = "DELETE", .bucket = bucket,
+                   .key = key, .query = query };
+  GError *err = NULL;
+  bool ok = s3_perform(c, &r, &err);
+
+  /* Gone already (aborted, or completed by a run we cannot tell from
+   * ours): nothing is left to clean. */
+  if (!ok && err->code == S3_ERROR_NOT_FOUND) {
+    g_clear_error(&err);
+    ok = true;
+  }
+  if (err)
+    g_propagate_error(error, err);
+  s3_request_clear(&r);
+  return ok;
+}
+
+bool
+s3_mpu_list(s3_client *c, const char *bucket, const char *prefix, GPtrArray **uploads,
+            GError **error)
+{
+  g_autoptr(GPtrArray) all =
+    g_ptr_array_new_with_free_func((GDestroyNotify)s3_upload_entry_free);
+  g_autofree char *key_marker = NULL;
+  g_autofree char *id_marker = NULL;
+  bool more;
+
+  do {
+    g_autofree char *query = s3_query("uploads", "", "prefix", prefix, "encoding-type",
+                                      "url", "key-marker", key_marker, "upload-id-marker",
+                                      id_marker, NULL);
+    s3_request r = { .op = "list multipart uploads", .method = "GET", .bucket = bucket,
+                     .query = query };
+    s3_uploads_page page = { 0 };
+    GError *err = NULL;
+
+    if (!s3_perform(c, &r, error)) {
+      s3_request_clear(&r);
+      return false;
+    }
+    if (!s3_xml_list_uploads((const char *)r.body_out->data, r.body_out->len, &page,
+                             &err)) {
+      g_set_error(error, S3_ERROR, S3_ERROR_PROTOCOL,
+                  "S3 list multipart uploads s3://%s/%s: %s", bucket, prefix, err->message);
+      g_error_free(err);
+      s3_request_clear(&r);
+      return false;
+    }
+    s3_request_clear(&r);
+    for (guint i = 0; i < page.uploads->len; i++)
+      g_ptr_array_add(all, g_steal_pointer(&page.uploads->pdata[i]));
+    more = page.truncated;
+    if (more && !page.next_key_marker) {
+      g_set_error(error, S3_ERROR, S3_ERROR_PROTOCOL,
+                  "S3 list multipart uploads s3://%s/%s: truncated without a next marker",
+                  bucket, prefix);
+      s3_uploads_page_clear(&page);
+      return false;
+    }
+    g_free(key_marker);
+    g_free(id_marker);
+    key_marker = g_steal_pointer(&page.next_key_marker);
+    id_marker = g_steal_pointer(&page.next_upload_id_marker);
+    s3_uploads_page_clear(&page);
+  } while (more);
+  *uploads = g_steal_pointer(&all);
+  return true;
+}
+
+/* ---- the streaming uploader ------------------------------------------ */
+
+struct s3_upload {
+  s3_client *c;
+  char *bucket;
+  char *key;
+  size_t part_size;
+  guint jobs;
+  GThreadPool *pool;
+
+  /* The writer's. */
+  char *upload_id;          /* NULL until the first part goes out */
+  guint8 *cur;              /* the part being filled */
+  size_t cur_len;
+  bool done;                /* finished or aborted: nothing more to do */
+
+  GMutex lock;
+  GCond cond;
+  guint inflight;
+  guint next_part;          /* number of the next part to send, from 1 */
+  GPtrArray *etags;         /* [part - 1], filled as parts finish */
+  GPtrArray *spare;         /* part buffers to reuse */
+  GError *error;            /* the first part error */
+};
+
+struct part_task {
+  guint part;
+  guint8 *buf;
+  size_t len;
+};
+
+static void
+upload_part(gpointer data, gpointer user)
+{
+  struct part_task *t = data;
+  s3_upload *u = user;
+  char *etag = NULL;
+  GError *err = NULL;
+  bool ok;
+
+  ok = s3_mpu_put_part(u->c, u->bucket, u->key, u->upload_id, t->part, t->buf, t->len,
+                       &etag, &err);
+  g_mutex_lock(&u->lock);
+  if (ok)
+    u->etags->pdata[t->part - 1] = etag;
+  else if (!u->error)
+    u->error = g_steal_pointer(&err);
+  g_ptr_array_add(u->spare, t->buf);
+  u->inflight--;
+  g_cond_broadcast(&u->cond);
+  g_mutex_unlock(&u->lock);
+  g_clear_error(&err);
+  g_free(t);
+}
+
+s3_upload *
+s3_upload_new(s3_client *c, const char *bucket, const char *key, size_t part_size,
+              guint jobs, GError **error)
+{
+  s3_upload *u;
+  GError *err = NULL;
+
+  if (part_size < S3_PART_MIN || part_size > S3_PART_MAX || jobs < 1 || jobs > 64) {
+    g_set_error(error, S3_ERROR, S3_ERROR_CONFIG,
+                "S3 upload s3://%s/%s: part size %zu outside 5 MiB..5 GiB or %u jobs "
+                "outside 1..64", bucket, key, part_size, jobs);
+    return NULL;
+  }
+  u = g_new0(s3_upload, 1);
+  u->c = c;
+  u->bucket = g_strdup(bucket);
+  u->key = g_strdup(key);
+  u->part_size = part_size;
+  u->jobs = jobs;
+  u->next_part = 1;
+  u->cur = g_malloc(part_size);
+  u->etags = g_ptr_array_new_with_free_func(g_free);
+  u->spare = g_ptr_array_new_with_free_func(g_free);
+  g_mutex_init(&u->lock);
+  g_cond_init(&u->cond);
+  u->pool = g_thread_pool_new(upload_part, u, (gint)jobs, FALSE, &err);
+  if (!u->pool) {
+    g_set_error(error, S3_ERROR, S3_ERROR_FAILED, "S3 upload s3://%s/%s: threads: %s",
+                bucket, key, err->message);
+    g_error_free(err);
+    u->done = true;
+    s3_upload_free(u);
+    return NULL;
+  }
+  return u;
+}
+
+const char *
+s3_upload_id(const s3_upload *u)
+{
+  return u->upload_id;
+}
+
+/* The first part error, copied into @error, or true if none. */
+static bool
+no_error(s3_upload *u, GError **error)
+{
+  bool ok;
+
+  g_mutex_lock(&u->lock);
+  ok = !u->error;
+  if (!ok)
+    g_propagate_error(error, g_error_copy(u->error));
+  g_mutex_unlock(&u->lock);
+  return ok;
+}
+
+/* Hand the current part to the pool and start a new one. */
+static bool
+submit(s3_upload *u, GError **error)
+{
+  struct part_task *t;
+
+  if (!u->upload_id && !s3_mpu_create(u->c, u->bucket, u->key, &u->upload_id, error))
+    return false;
+  g_mutex_lock(&u->lock);
+  while (u->inflight >= u->jobs && !u->error)
+    g_cond_wait(&u->cond, &u->lock);
+  if (u->error) {
+    g_propagate_error(error, g_error_copy(u->error));
+    g_mutex_unlock(&u->lock);
+    return false;
+  }
+  if (u->next_part > S3_MAX_PARTS) {
+    g_mutex_unlock(&u->lock);
+    g_set_error(error, S3_ERROR, S3_ERROR_CONFIG,
+                "S3 upload s3://%s/%s: more than %u parts of %zu bytes; use larger parts",
+                u->bucket, u->key, S3_MAX_PARTS, u->part_size);
+    return false;
+  }
+  t = g_new0(struct part_task, 1);
+  t->part = u->next_part++;
+  t->buf = u->cur;
+  t->len = u->cur_len;
+  g_ptr_array_set_size(u->etags, (gint)t->part);
+  u->inflight++;
+  u->cur = u->spare->len ? g_ptr_array_steal_index_fast(u->spare, u->spare->len - 1) : NULL;
+  g_mutex_unlock(&u->lock);
+  if (!u->cur)
+    u->cur = g_malloc(u->part_size);
+  u->cur_len = 0;
+  g_thread_pool_push(u->pool, t, NULL);
+  return true;
+}
+
+bool
+s3_upload_write(s3_upload *u, const void *data, size_t len, GError **error)
+{
+  const guint8 *p = data;
+
+  if (u->done) {
+    g_set_error(error, S3_ERROR, S3_ERROR_FAILED, "S3 upload s3://%s/%s: already ended",
+                u->bucket, u->key);
+    return false;
+  }
+  if (!no_error(u, error))
+    return false;
+  while (len > 0) {
+    size_t n = MIN(len, u->part_size - u->cur_len);
+
+    memcpy(u->cur + u->cur_len, p, n);
+    u->cur_len += n;
+    p += n;
+    len -= n;
+    if (u->cur_len == u->part_size && !submit(u, error))
+      return false;
+  }
+  return true;
+}
+
+static void
+wait_idle(s3_upload *u)
+{
+  g_mutex_lock(&u->lock);
+  while (u->inflight > 0)
+    g_cond_wait(&u->cond, &u->lock);
+  g_mutex_unlock(&u->lock);
+}
+
+/* Abort the multipart upload, if there is one.  Its failure is not
+ * reported: the upload then stays listed for a later run to abort. */
+static void
+abort_upload(s3_upload *u)
+{
+  GError *err = NULL;
+
+  wait_idle(u);
+  if (u->upload_id && !s3_mpu_abort(u->c, u->bucket, u->key, u->upload_id, &err)) {
+    cli_debug("%s (the upload stays until it is aborted)", err->message);
+    g_error_free(err);
+  }
+  u->done = true;
+}
+
+bool
+s3_upload_finish(s3_upload *u, char **etag, GError **error)
+{
+  g_autofree char *tag = NULL;
+  bool ok;
+
+  if (u->done) {
+    g_set_error(error, S3_ERROR, S3_ERROR_FAILED, "S3 upload s3://%s/%s: already ended",
+                u->bucket, u->key);
+    return false;
+  }
+  if (!u->upload_id) {
+    /* Smaller than one part: one PUT. */
+    u->done = true;
+    return s3_put_object(u->c, u->bucket, u->key, u->cur, u->cur_len, NULL, etag, error);
+  }
+  /* The last part may be short. */
+  if (u->cur_len > 0 && !submit(u, error)) {
+    abort_upload(u);
+    return false;
+  }
+  wait_idle(u);
+  if (!no_error(u, error)) {
+    abort_upload(u);
+    return false;
+  }
+  ok = s3_mpu_complete(u->c, u->bucket, u->key, u->upload_id, u->etags, &tag, error);
+  if (!ok) {
+    abort_upload(u);
+    return false;
+  }
+  u->done = true;
+  if (etag)
+    *etag = g_steal_pointer(&tag);
+  return true;
+}
+
+void
+s3_upload_free(s3_upload *u)
+{
+  if (!u)
+    return;
+  if (!u->done)
+    abort_upload(u);
+  if (u->pool)
+    g_thread_pool_free(u->pool, FALSE, TRUE);
+  g_free(u->cur);
+  g_ptr_array_unref(u->etags);
+  g_ptr_array_unref(u->spare);
+  g_clear_error(&u->error);
+  g_mutex_clear(&u->lock);
+  g_cond_clear(&u->cond);
+  g_free(u->upload_id);
+  g_free(u->bucket);
+  g_free(u->key);
+  g_free(u);
+}
