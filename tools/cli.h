@@ -289,6 +289,9 @@ struct stream_opts {
   bool (*piece)(void *opaque, struct stream_piece *p, GError **error);
   /* A few times a second and at the end (may be NULL). */
   void (*progress)(void *opaque, uint64_t bytes_read);
+  /* A chunk of file @file does not match (main thread; @error is taken).
+   * NULL: a mismatch stops the run with that error. */
+  void (*mismatch)(void *opaque, unsigned file, GError *error);
   void *opaque;
 };
 /* Read every range of every file in order; returns when all the work
@@ -304,6 +307,12 @@ const uint8_t *stream_piece_data(const struct stream_piece *p, unsigned *file,
  * thread only. */
 void stream_write(struct stream_piece *p, int fd, const char *name, const uint8_t *buf,
                   uint64_t len, uint64_t off);
+/* Hand what was written to @fd so far to writeback without waiting for it
+ * (sync_file_range WRITE on the ring; no durability promise), so a large
+ * output does not sit dirty in the page cache until its final fsync.
+ * Main thread only; at most one at a time (a call meanwhile is dropped). */
+void stream_writeback(stream *s, int fd);
+stream *stream_of(const struct stream_piece *p);
 /* Keep @p's buffer for work on another thread (main thread), which ends
  * it with stream_done (any thread; @error or NULL, taken). */
 void stream_ref(struct stream_piece *p);

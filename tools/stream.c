@@ -48,7 +48,7 @@
 #define RING_SIZE 256
 #define MAX_LANES 4
 
-enum op_kind { OP_READ, OP_WRITE, OP_EVENT };
+enum op_kind { OP_READ, OP_WRITE, OP_EVENT, OP_WRITEBACK };
 
 /* What a cqe's user_data points at. */
 struct sop {
@@ -80,6 +80,8 @@ struct wop {
 struct done_item {
   struct stream_piece *p;         /* or NULL: */
   bool held;                      /* stream_hold's work is done */
+  bool mismatch;                  /* error is a checksum mismatch */
+  unsigned file;
   GError *error;
 };
 
@@ -115,6 +117,8 @@ struct stream {
   uint64_t hash_seq;              /* next one to hand to a lane */
 
   unsigned reads, writes, refs_out;  /* in flight */
+  struct sop wbop;
+  bool writeback;                 /* one in flight */
   uint64_t bytes_read;
   struct lane lanes[MAX_LANES];
   unsigned nlanes;
@@ -134,17 +138,24 @@ fail(stream *s, GError *e)
 /* --- lanes --------------------------------------------------------------- */
 
 static void
+push_done(stream *s, struct done_item *d)
+{
+  uint64_t one = 1;
+
+  g_async_queue_push(s->done, d);
+  if (write(s->efd, &one, sizeof one) < 0)
+    g_error("eventfd write: %s", g_strerror(errno));
+}
+
+static void
 post(stream *s, struct stream_piece *p, bool held, GError *error)
 {
-  struct done_item *d = g_new(struct done_item, 1);
-  uint64_t one = 1;
+  struct done_item *d = g_new0(struct done_item, 1);
 
   d->p = p;
   d->held = held;
   d->error = error;
-  g_async_queue_push(s->done, d);
-  if (write(s->efd, &one, sizeof one) < 0)
-    g_error("eventfd write: %s", g_strerror(errno));
+  push_done(s, d);
 }
 
 static char *
@@ -188,7 +199,15 @@ lane_main(gpointer opaque)
                           " (chunk %" PRIu64 "): the file was modified or is damaged",
                           f->path, c * chunk, cend - 1, c);
     }
-    post(s, p, false, err);
+    {
+      struct done_item *d = g_new0(struct done_item, 1);
+
+      d->p = p;
+      d->mismatch = err != NULL;
+      d->file = p->file;
+      d->error = err;
+      push_done(s, d);
+    }
   }
   return NULL;
 }
@@ -328,6 +347,27 @@ stream_write(struct stream_piece *p, int fd, const char *name, const uint8_t *bu
   submit_wop(s, w);
 }
 
+void
+stream_writeback(stream *s, int fd)
+{
+  struct io_uring_sqe *sqe;
+
+  if (s->writeback)
+    return;
+  sqe = get_sqe(s);
+  io_uring_prep_sync_file_range(sqe, fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+  s->wbop.kind = OP_WRITEBACK;
+  io_uring_sqe_set_data(sqe, &s->wbop);
+  s->writeback = true;
+  s->writes++;
+}
+
+stream *
+stream_of(const struct stream_piece *p)
+{
+  return p->s;
+}
+
 static void
 arm_event(stream *s)
 {
@@ -458,7 +498,9 @@ drain_done(stream *s)
   struct done_item *d;
 
   while ((d = g_async_queue_try_pop(s->done))) {
-    if (d->error)
+    if (d->mismatch && s->o->mismatch)
+      s->o->mismatch(s->o->opaque, d->file, g_steal_pointer(&d->error));
+    else if (d->error)
       fail(s, d->error);
     if (d->p) {
       s->refs_out--;
@@ -550,6 +592,10 @@ stream_run(const struct stream_opts *o, const struct stream_file *files, unsigne
         break;
       case OP_EVENT:
         s->event_armed = false;
+        break;
+      case OP_WRITEBACK:
+        s->writeback = false;
+        s->writes--;
         break;
       }
     }
