@@ -44,6 +44,16 @@
  * no other lock, and the thread whose turn it is never waits for a later
  * one, so there is no deadlock.
  *
+ * Write-behind (set_write_behind): the same turn moves the data to disk as
+ * it is appended.  Each time the reported data crosses a window boundary,
+ * the window just completed is handed to writeback (sync_file_range
+ * WRITE), and the thread then waits for the writeback of the window
+ * before it.  So at most two windows are dirty in the page cache, the
+ * disk writes while the copy goes on instead of all at once in finish's
+ * fdatasync, and a writer that is faster than the disk is slowed to it.
+ * It is no durability promise (no metadata, no cache flush): finish still
+ * fdatasyncs.
+ *
  * Ordering: the header is written only after the data and all other
  * metadata are durable (fdatasync in finish), so a valid header never
  * points at metadata that a crash could lose.  Until then cluster 0 is a
@@ -139,6 +149,7 @@ struct cbt_qcow2_writer {
   GCond stream_cond;
   uint64_t streamed;          /* under stream_lock: [cs, streamed) reported */
   bool stream_broken;         /* atomics */
+  uint64_t write_behind;      /* window bytes, 0: off */
 
   bool finished;
 };
@@ -453,6 +464,28 @@ cbt_qcow2_writer_set_stream(cbt_qcow2_writer *w, cbt_qcow2_writer_stream_fn fn,
   g_mutex_unlock(&w->stream_lock);
 }
 
+void
+cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window)
+{
+  w->write_behind = window;
+}
+
+/* The host range [@h0, @h1) was reported: writeback as described at the
+ * top.  Errors are ignored: finish's fdatasync reports them. */
+static void
+write_behind(cbt_qcow2_writer *w, uint64_t h0, uint64_t h1)
+{
+  const uint64_t win = w->write_behind;
+
+  for (uint64_t b = (h0 / win + 1) * win; b <= h1; b += win) {
+    (void)sync_file_range(w->fd, (off64_t)(b - win), (off64_t)win, SYNC_FILE_RANGE_WRITE);
+    if (b >= 2 * win)
+      (void)sync_file_range(w->fd, (off64_t)(b - 2 * win), (off64_t)win,
+                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                            SYNC_FILE_RANGE_WAIT_AFTER);
+  }
+}
+
 bool
 cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w)
 {
@@ -488,6 +521,8 @@ stream_report(cbt_qcow2_writer *w, const struct wclust *c, uint64_t n,
   g_mutex_lock(&w->stream_lock);
   while (w->streamed != h0)
     g_cond_wait(&w->stream_cond, &w->stream_lock);
+  if (!w->stream_fn)
+    goto pass;
   if (failed || (len % cs != 0 && !tail && c[n - 1].fresh))
     __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);
   if (!__atomic_load_n(&w->stream_broken, __ATOMIC_RELAXED)) {
@@ -508,9 +543,12 @@ stream_report(cbt_qcow2_writer *w, const struct wclust *c, uint64_t n,
       i = j;
     }
   }
+pass:
   w->streamed = h1;
   g_cond_broadcast(&w->stream_cond);
   g_mutex_unlock(&w->stream_lock);
+  if (w->write_behind && !failed)
+    write_behind(w, h0, h1);
 }
 
 int
@@ -608,7 +646,7 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
     }
     i = j;
   }
-  if (w->stream_fn && h1 > h0)
+  if ((w->stream_fn || w->write_behind) && h1 > h0)
     stream_report(w, c, n, p, len, tail, h0, h1, r < 0);
 
   if (r < 0) {
@@ -921,7 +959,7 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
                 g_strerror(-w->error));
 
   /* Every data write has returned, so every range was reported. */
-  if (w->stream_fn && w->streamed != w->next_host)
+  if ((w->stream_fn || w->write_behind) && w->streamed != w->next_host)
     __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);
   s.fd = w->fd;
   s.w = w;

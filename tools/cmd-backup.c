@@ -47,6 +47,7 @@
 
 #define DEFAULT_CONNECTIONS 4
 #define MAX_CONNECTIONS     64
+#define WRITE_BEHIND        (UINT64_C(64) << 20)   /* window bytes, see the writer */
 
 static volatile sig_atomic_t cancelled;
 
@@ -91,6 +92,15 @@ struct backup {
   char *cp_id;
   char *partial;                  /* path of the file being written */
   bool progress;                  /* draw a progress bar */
+  /* The bar: bytes stored of planned, and what the run is doing.  The
+   * copy counts bytes handed to writeback (the writer's write-behind keeps
+   * the page cache at most two windows ahead of the disk); the bar says
+   * 100% only when the run is complete, checkpoint committed. */
+  GMutex bar_lock;
+  uint64_t done, planned;
+  const char *phase;
+  GThread *ticker;
+  bool ticking;
   bool point_in_time;             /* read from the daemon's view */
   uint64_t saved, scratch_peak;   /* the view's copy-before-write figures */
   gint64 start;
@@ -210,25 +220,107 @@ explain_view_failure(struct backup *b, GError **error)
   control_status_clear(&st);
 }
 
+/* Redraw the bar (any thread).  The rate is over the whole run so far,
+ * so it falls while the run syncs and commits. */
+static void
+draw(struct backup *b)
+{
+  double secs = (double)(g_get_monotonic_time() - b->start) / 1e6;
+  g_autofree char *d = NULL, *t = NULL;
+  bool finished;
+  double pct;
+  char bar[31];
+  unsigned fill;
+
+  if (!b->progress || !b->phase)
+    return;
+  g_mutex_lock(&b->bar_lock);
+  finished = strcmp(b->phase, "done") == 0;
+  pct = cli_percent(b->done, b->planned);
+  if (!finished)
+    pct = MIN(pct, 99.9);
+  else
+    pct = 100;
+  fill = (unsigned)(pct * 30 / 100);
+  d = cli_format_size(b->done);
+  t = cli_format_size(b->planned);
+  memset(bar, '#', fill);
+  memset(bar + fill, '.', 30 - fill);
+  bar[30] = '\0';
+  fprintf(stderr, "\rcbt: %s [%s] %5.1f%% %s of %s, %.1f MiB/s, %.1f s, %s\033[K", b->file,
+          bar, pct, d, t, secs > 0 ? (double)b->done / secs / 1048576.0 : 0.0, secs,
+          b->phase);
+  fflush(stderr);
+  g_mutex_unlock(&b->bar_lock);
+}
+
+static void
+set_phase(struct backup *b, const char *phase)
+{
+  g_mutex_lock(&b->bar_lock);
+  b->phase = phase;
+  g_mutex_unlock(&b->bar_lock);
+  draw(b);
+}
+
 static void
 progress_cb(void *opaque, uint64_t done, uint64_t total)
 {
   struct backup *b = opaque;
-  double secs = (double)(g_get_monotonic_time() - b->start) / 1e6;
-  g_autofree char *d = cli_format_size(done);
-  g_autofree char *t = cli_format_size(total);
-  double pct = cli_percent(done, total);
-  char bar[31];
-  unsigned fill = (unsigned)(pct * 30 / 100);
 
-  if (!b->progress)
+  g_mutex_lock(&b->bar_lock);
+  b->done = done;
+  b->planned = total;
+  g_mutex_unlock(&b->bar_lock);
+  draw(b);
+}
+
+/* After the copy the steps block (fdatasync, manifest, commit): a thread
+ * keeps the bar's clock running meanwhile. */
+static gpointer
+ticker_main(gpointer opaque)
+{
+  struct backup *b = opaque;
+
+  for (;;) {
+    bool on;
+
+    g_usleep(250 * 1000);
+    g_mutex_lock(&b->bar_lock);
+    on = b->ticking;
+    g_mutex_unlock(&b->bar_lock);
+    if (!on)
+      break;
+    draw(b);
+  }
+  return NULL;
+}
+
+static void
+start_ticker(struct backup *b)
+{
+  if (!b->progress || b->ticker)
     return;
-  memset(bar, '#', fill);
-  memset(bar + fill, '.', 30 - fill);
-  bar[30] = '\0';
-  fprintf(stderr, "\rcbt: %s [%s] %5.1f%% %s of %s, %.1f MiB/s   ", b->file, bar, pct, d,
-          t, secs > 0 ? (double)done / secs / 1048576.0 : 0.0);
-  fflush(stderr);
+  b->ticking = true;
+  b->ticker = g_thread_new("progress", ticker_main, b);
+}
+
+/* End the bar: "done" at 100% when @ok, else where it stopped. */
+static void
+end_bar(struct backup *b, bool ok)
+{
+  if (b->ticker) {
+    g_mutex_lock(&b->bar_lock);
+    b->ticking = false;
+    g_mutex_unlock(&b->bar_lock);
+    g_thread_join(b->ticker);
+    b->ticker = NULL;
+  }
+  if (!b->progress || !b->phase)
+    return;
+  if (ok)
+    set_phase(b, "done");
+  fputc('\n', stderr);
 }
 
 static void
@@ -301,11 +393,12 @@ roll_back(struct backup *b)
   }
 }
 
+/* @secs: the whole run, checkpoint commit included. */
 static void
 summary(const struct backup *b, const repo_backup *e, const char *reason,
-        uint64_t dirty)
+        uint64_t dirty, double secs)
 {
-  double mibs = e->seconds > 0 ? (double)e->bytes_copied / e->seconds / 1048576.0 : 0;
+  double mibs = secs > 0 ? (double)e->bytes_copied / secs / 1048576.0 : 0;
 
   if (b->json) {
     g_autoptr(json_object) o = repo_backup_to_json(e);
@@ -317,6 +410,8 @@ summary(const struct backup *b, const repo_backup *e, const char *reason,
     cli_json_add_str(o, "full-reason", reason);
     cli_json_add_u64(o, "dirty-bytes", dirty);
     cli_json_add_percent(o, "mib-per-second", mibs);
+    /* "seconds" is the manifest's: until the file was complete. */
+    cli_json_add_percent(o, "total-seconds", secs);
     json_object_object_add(o, "point-in-time", json_object_new_boolean(b->point_in_time));
     if (b->point_in_time) {
       cli_json_add_u64(o, "saved-before-overwrite-bytes", b->saved);
@@ -333,7 +428,7 @@ summary(const struct backup *b, const repo_backup *e, const char *reason,
     g_autofree char *peak = cli_format_size(b->scratch_peak);
 
     printf("backup %s: %s, %s copied, %s zeroed, file %s, %.1f s, %.1f MiB/s, %s\n",
-           e->file, e->kind, copied, zero, fsize, e->seconds, mibs,
+           e->file, e->kind, copied, zero, fsize, secs, mibs,
            b->point_in_time ? "point in time" : "NOT point in time (live reads)");
     if (b->point_in_time && b->saved > 0)
       printf("backup %s: the guest overwrote %s during the backup; the old data was "
@@ -356,9 +451,11 @@ run(struct backup *b, GError **error)
   struct cbt_qcow2_writer_opts wo = { 0 };
   struct pull_opts po = { 0 };
   struct pull_stats ps;
+  const repo_backup *listed = NULL;
   bool incremental, intact;
   int r;
 
+  b->start = g_get_monotonic_time();
   if (!repo_open(b->repo_dir, REPO_LOCK_EXCLUSIVE, true, &b->repo, error) ||
       !repo_clean_stale(b->repo, error) ||
       !control_connect(b->control_path, &b->ctl, error) ||
@@ -461,17 +558,14 @@ run(struct backup *b, GError **error)
   po.cancel = &cancelled;
   po.progress = progress_cb;
   po.opaque = b;
-  b->start = g_get_monotonic_time();
-  {
-    bool ok = pull_run(&po, &ps, error);
-
-    if (b->progress)
-      fputc('\n', stderr);
-    if (!ok) {
-      explain_view_failure(b, error);
-      return false;
-    }
+  /* Data goes to disk while the copy runs, not all in finish. */
+  cbt_qcow2_writer_set_write_behind(w, WRITE_BEHIND);
+  set_phase(b, "copying");
+  if (!pull_run(&po, &ps, error)) {
+    explain_view_failure(b, error);
+    return false;
   }
+  start_ticker(b);
   if (!check_cancel(error))
     return false;
   cli_debug("copy: %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
@@ -491,6 +585,7 @@ run(struct backup *b, GError **error)
   }
 
   /* Step 6. */
+  set_phase(b, "syncing the file");
   e->bytes_copied = ps.copied;
   e->data_bytes = cbt_qcow2_writer_data_bytes(w);
   e->zero_bytes = cbt_qcow2_writer_zero_bytes(w);
@@ -505,6 +600,7 @@ run(struct backup *b, GError **error)
   cli_debug("finish: done at %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
   g_ptr_array_unref(e->sha256);
   e->sha256 = NULL;
+  set_phase(b, "checksums");
   if (!file_checksums(b->partial, sums, intact, e->chunk_size, &e->sha256,
                       &e->file_size, error) ||
       !check_cancel(error))
@@ -519,13 +615,14 @@ run(struct backup *b, GError **error)
   g_free(b->partial);
   b->partial = g_steal_pointer(&final);
   e->seconds = (double)(g_get_monotonic_time() - b->start) / 1e6;
+  set_phase(b, "manifest");
   {
     repo_backup *entry = g_steal_pointer(&e);
 
     if (!repo_add(b->repo, entry, error))
       return false;
     /* Listed: nothing to roll back any more. */
-    summary(b, entry, incremental ? NULL : reason, ps.dirty);
+    listed = entry;
   }
   g_clear_pointer(&b->partial, g_free);
 
@@ -533,11 +630,15 @@ run(struct backup *b, GError **error)
   if (b->begun) {
     g_autoptr(GError) err = NULL;
 
+    set_phase(b, "checkpoint commit");
     b->begun = false;
     if (!control_execute(b->ctl, "checkpoint-commit", b->cp_id, NULL, &err))
       cli_error("backup %s is complete, but committing checkpoint %s failed: %s "
                 "(the next backup commits it)", b->file, b->cp_id, err->message);
   }
+  end_bar(b, true);
+  summary(b, listed, incremental ? NULL : reason, ps.dirty,
+          (double)(g_get_monotonic_time() - b->start) / 1e6);
   return true;
 }
 
@@ -597,9 +698,13 @@ cmd_backup(int argc, char **argv)
   b.progress = !cli_quiet && !json && isatty(STDERR_FILENO);
   install_signals();
 
+  g_mutex_init(&b.bar_lock);
   ok = run(&b, &error);
-  if (!ok)
+  if (!ok) {
+    end_bar(&b, false);
     roll_back(&b);
+  }
+  g_mutex_clear(&b.bar_lock);
   control_status_clear(&b.st);
   control_close(b.ctl);
   repo_free(b.repo);

@@ -131,6 +131,16 @@ void cbt_qcow2_writer_set_stream(cbt_qcow2_writer *w, cbt_qcow2_writer_stream_fn
                                  void *opaque);
 bool cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w);
 
+/* Write data to disk while the file grows, not only in finish: data is
+ * handed to writeback in windows of @window bytes in file order, and a
+ * writing thread waits until the window two back is on its way to the
+ * disk, so at most ~2 windows of the file are dirty in the page cache
+ * (set before the first write; 0: off, the default).  finish still
+ * fdatasyncs; this only spreads the work, and makes a writer that is
+ * faster than its disk wait for it, so progress shown by the caller is
+ * progress to the disk. */
+void cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window);
+
 /* Guest bytes that currently read as data stored in this file / as zero
  * clusters stored in this file (the last cluster counts only up to the
  * virtual size).  Zeros left unallocated on an image without backing file
