@@ -38,6 +38,7 @@
 #include <string.h>
 
 #include <curl/curl.h>
+#include <openssl/evp.h>
 
 #include "cli.h"
 #include "s3.h"
@@ -436,15 +437,28 @@ s3_request_clear(s3_request *r)
   r->err_code = NULL;
 }
 
-/* SHA-256 (hex) of what we send, or UNSIGNED-PAYLOAD (see the top). */
+/* SHA-256 (hex) of what we send, or UNSIGNED-PAYLOAD (see the top).
+ * libcrypto's, which uses the CPU's SHA instructions: several times
+ * GLib's speed, and it runs over every byte a backup uploads. */
 static char *
 payload_hash(s3_client *c, const s3_request *r)
 {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+
   if (!r->body || r->body_len == 0)
     return g_strdup(EMPTY_SHA256);
   if (c->https)
     return g_strdup("UNSIGNED-PAYLOAD");
-  return g_compute_checksum_for_data(G_CHECKSUM_SHA256, r->body, r->body_len);
+  if (EVP_Digest(r->body, r->body_len, md, &n, EVP_sha256(), NULL) != 1 || n != 32)
+    return g_compute_checksum_for_data(G_CHECKSUM_SHA256, r->body, r->body_len);
+  {
+    GString *hex = g_string_sized_new(65);
+
+    for (unsigned int i = 0; i < n; i++)
+      g_string_append_printf(hex, "%02x", md[i]);
+    return g_string_free(hex, FALSE);
+  }
 }
 
 /* What to do after one try. */
