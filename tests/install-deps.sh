@@ -34,7 +34,7 @@ packages=(
     # man page tests: groff, man, lexgrog
     groff-base man-db
     # S3 tests: a one-node Ceph cluster with a RADOS Gateway (tests/ceph-rgw.sh)
-    ceph-mon ceph-mgr ceph-osd radosgw ceph-common
+    ceph-mon ceph-mgr ceph-osd radosgw ceph-common curl
     # tools the test scripts call
     coreutils util-linux procps jq
 )
