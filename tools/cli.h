@@ -307,12 +307,6 @@ const uint8_t *stream_piece_data(const struct stream_piece *p, unsigned *file,
  * thread only. */
 void stream_write(struct stream_piece *p, int fd, const char *name, const uint8_t *buf,
                   uint64_t len, uint64_t off);
-/* Hand what was written to @fd so far to writeback without waiting for it
- * (sync_file_range WRITE on the ring; no durability promise), so a large
- * output does not sit dirty in the page cache until its final fsync.
- * Main thread only; at most one at a time (a call meanwhile is dropped). */
-void stream_writeback(stream *s, int fd);
-stream *stream_of(const struct stream_piece *p);
 /* Keep @p's buffer for work on another thread (main thread), which ends
  * it with stream_done (any thread; @error or NULL, taken). */
 void stream_ref(struct stream_piece *p);

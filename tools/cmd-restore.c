@@ -25,10 +25,10 @@
  *                              from worker threads (it is thread-safe)
  *   anything else              a raw file, written on the stream's ring;
  *                              zero ranges and all-zero clusters stay
- *                              holes; every WRITE_BEHIND bytes written
- *                              are handed to writeback at once (so the
- *                              disk works while we read, and the final
- *                              fsync has little left); fsynced at the end
+ *                              holes; fsynced at the end (starting
+ *                              writeback of the whole file every 64 MiB,
+ *                              with sync_file_range on the ring, made
+ *                              restores slower here, not faster)
  * A file output must not exist; it is created O_EXCL and removed again if
  * the restore fails, so a half restore never looks like a result.
  *
@@ -56,7 +56,6 @@
 #define NBD_DEPTH           16             /* requests in flight per connection */
 #define MAX_ZERO            (UINT64_C(1) << 30)   /* bytes per write-zeroes */
 #define ZERO_BUF            (UINT64_C(1) << 20)
-#define WRITE_BEHIND        (UINT64_C(64) << 20)   /* raw: writeback every so many bytes */
 
 enum sink_kind { SINK_RAW, SINK_QCOW2, SINK_NBD };
 
@@ -99,7 +98,6 @@ struct restore {
   bool created;                   /* a file we must remove on failure */
 
   _Atomic uint64_t written;       /* data bytes written */
-  uint64_t kicked;                /* written when writeback was last started */
   uint64_t total;                 /* bytes to read */
   gint64 start;
   const char *phase;
@@ -492,11 +490,6 @@ put(struct restore *rs, struct stream_piece *p, uint64_t goff, const uint8_t *bu
       if (!zero) {
         stream_write(p, rs->fd, rs->out, buf + i, j - i, goff + i);
         atomic_fetch_add(&rs->written, j - i);
-        /* Keep the disk busy while we go on, not only in the fsync. */
-        if (atomic_load(&rs->written) - rs->kicked >= WRITE_BEHIND) {
-          rs->kicked = atomic_load(&rs->written);
-          stream_writeback(stream_of(p), rs->fd);
-        }
       }
     } else if (!zero) {
       queue_job(rs, JOB_WRITE, goff + i, j - i, buf + i, p, NULL);

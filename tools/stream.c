@@ -13,10 +13,13 @@
  * when its read, its checksum and every write from it are done.
  *
  * Checksums: chunk c of a file is hashed by lane c % nlanes, a thread
- * with its own queue.  Pieces are handed to the lanes in file order (a
- * piece that arrives early waits for the ones before it), so each lane
- * sees its chunks' bytes in order and chunks on different lanes are
- * hashed in parallel.  A chunk whose SHA-256 differs from the manifest's
+ * with its own queue.  Pieces are handed to the lanes in the order they
+ * were issued (a piece that arrives early waits for the ones before it),
+ * so each lane sees its chunks' bytes in order.  For the lanes to work
+ * in parallel with a bounded number of buffers, a file read whole is
+ * read striped: the chunks of a group of nlanes chunks are read side by
+ * side, a piece of each in turn, so every lane has its share of the
+ * buffers instead of the first lane holding them all.  A chunk whose SHA-256 differs from the manifest's
  * stops the run: CLI_EXIT_DAMAGED naming the file's byte range.
  *
  * Threads talk to the main thread through one queue of finished work and
@@ -48,7 +51,7 @@
 #define RING_SIZE 256
 #define MAX_LANES 4
 
-enum op_kind { OP_READ, OP_WRITE, OP_EVENT, OP_WRITEBACK };
+enum op_kind { OP_READ, OP_WRITE, OP_EVENT };
 
 /* What a cqe's user_data points at. */
 struct sop {
@@ -96,6 +99,12 @@ struct sfile {
   struct stream_file f;
   guint item;                     /* next read range */
   uint64_t pos;                   /* within it */
+  /* Striped reading (a whole file with checksums, several lanes): the
+   * chunks of a group, one per lane, are read side by side. */
+  bool striped;
+  uint64_t group;                 /* first chunk of the group */
+  unsigned lane;                  /* whose piece is next */
+  uint64_t lpos[MAX_LANES];       /* bytes of each lane's chunk started */
 };
 
 struct stream {
@@ -117,8 +126,6 @@ struct stream {
   uint64_t hash_seq;              /* next one to hand to a lane */
 
   unsigned reads, writes, refs_out;  /* in flight */
-  struct sop wbop;
-  bool writeback;                 /* one in flight */
   uint64_t bytes_read;
   struct lane lanes[MAX_LANES];
   unsigned nlanes;
@@ -347,27 +354,6 @@ stream_write(struct stream_piece *p, int fd, const char *name, const uint8_t *bu
   submit_wop(s, w);
 }
 
-void
-stream_writeback(stream *s, int fd)
-{
-  struct io_uring_sqe *sqe;
-
-  if (s->writeback)
-    return;
-  sqe = get_sqe(s);
-  io_uring_prep_sync_file_range(sqe, fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-  s->wbop.kind = OP_WRITEBACK;
-  io_uring_sqe_set_data(sqe, &s->wbop);
-  s->writeback = true;
-  s->writes++;
-}
-
-stream *
-stream_of(const struct stream_piece *p)
-{
-  return p->s;
-}
-
 static void
 arm_event(stream *s)
 {
@@ -376,6 +362,34 @@ arm_event(stream *s)
   io_uring_prep_read(sqe, s->efd, &s->ebuf, sizeof s->ebuf, 0);
   io_uring_sqe_set_data(sqe, &s->eop);
   s->event_armed = true;
+}
+
+/* The next piece of striped file @sf: *@off and *@len, or false at
+ * its end. */
+static bool
+next_striped(stream *s, struct sfile *sf, uint64_t *off, uint64_t *len)
+{
+  const uint64_t chunk = sf->f.chunk_size, size = sf->f.size;
+
+  while (sf->group * chunk < size) {
+    for (unsigned t = 0; t < s->nlanes; t++) {
+      unsigned l = sf->lane;
+      uint64_t c0 = (sf->group + l) * chunk;
+      uint64_t clen = c0 < size ? MIN(chunk, size - c0) : 0;
+
+      sf->lane = (sf->lane + 1) % s->nlanes;
+      if (sf->lpos[l] < clen) {
+        *off = c0 + sf->lpos[l];
+        *len = MIN(PIECE, clen - sf->lpos[l]);
+        sf->lpos[l] += *len;
+        return true;
+      }
+    }
+    sf->group += s->nlanes;
+    sf->lane = 0;
+    memset(sf->lpos, 0, sizeof sf->lpos);
+  }
+  return false;
 }
 
 /* Start reads while buffers and queue depth allow. */
@@ -390,6 +404,27 @@ start_reads(stream *s)
 
     if (sf->item >= sf->f.ranges->len) {
       s->cur++;
+      continue;
+    }
+    if (sf->striped) {
+      uint64_t off;
+
+      if (!next_striped(s, sf, &off, &len)) {
+        sf->item = sf->f.ranges->len;
+        continue;
+      }
+      p = g_new0(struct stream_piece, 1);
+      p->op.kind = OP_READ;
+      p->op.owner = p;
+      p->s = s;
+      p->file = s->cur;
+      p->off = off;
+      p->len = len;
+      p->hseq = s->next_hseq++;
+      p->buf = g_ptr_array_steal_index_fast(s->free_bufs, s->free_bufs->len - 1);
+      p->refs = 1;
+      s->reads++;
+      submit_read(s, p);
       continue;
     }
     r = &g_array_index(sf->f.ranges, struct stream_range, sf->item);
@@ -557,6 +592,13 @@ stream_run(const struct stream_opts *o, const struct stream_file *files, unsigne
       s->lanes[i].thread = g_thread_new("sha256", lane_main, &s->lanes[i]);
     }
   }
+  for (unsigned i = 0; i < nfiles; i++) {
+    const struct stream_file *f = &s->files[i].f;
+
+    s->files[i].striped = f->sums && s->nlanes > 1 && f->ranges->len == 1 &&
+      g_array_index(f->ranges, struct stream_range, 0).off == 0 &&
+      g_array_index(f->ranges, struct stream_range, 0).len == f->size;
+  }
   if (o->start && !o->start(o->opaque, s, error))
     goto out;
 
@@ -592,10 +634,6 @@ stream_run(const struct stream_opts *o, const struct stream_file *files, unsigne
         break;
       case OP_EVENT:
         s->event_armed = false;
-        break;
-      case OP_WRITEBACK:
-        s->writeback = false;
-        s->writes--;
         break;
       }
     }
