@@ -6,7 +6,8 @@
 # chunks) and an incremental restores to a raw file, a qcow2 file and an
 # NBD export (a second cbt-filterd, written over several connections),
 # each the same as the disk.  Then, in a copy of the repository, one byte
-# of guest data in the full backup's second chunk is flipped:
+# of guest data (one the incremental does not hide) in the full backup's
+# second chunk is flipped:
 #   - restore exits 4, names the file and the byte range of the damaged
 #     chunk, and leaves no output file (to a raw and a qcow2 file) -- before
 #     this check existed the restore succeeded with the flipped byte in it;
@@ -65,12 +66,18 @@ flip()
         dd of="$1" bs=1 seek="$2" count=1 conv=notrunc status=none
 }
 
-# Where guest offset 70 MiB of the full backup is stored in its file: in
-# the second chunk (the data clusters follow the header in guest order).
+# A byte of guest data stored in the full backup's second chunk (file
+# offsets from 64 MiB), in a cluster the incremental does not hide (it
+# rewrote 80M..81M and zeroed 8M..10M): the clusters are stored in the
+# order the reads completed, so look the mapping up.
 host=$(qemu-img map -f qcow2 --output=json "$repo/$full" |
-       jq '[.[] | select(.data and .start <= 73400320 and .start + .length > 73400320)][0]
-           | .offset + (73400320 - .start)')
-[ "$host" -ge $((64 << 20)) ] || die "guest offset 70M is at file offset $host, not in chunk 1"
+       jq '[range(65; 90) as $m | ($m * 1048576 + 4321) as $h | .[]
+            | select(.data and .offset <= $h and $h < .offset + .length)
+            | (.start + $h - .offset) as $g
+            | select(($g < 8388608 or $g >= 10485760) and ($g < 83886080 or $g >= 84934656))
+            | $h][0]')
+[ "$host" != null ] && [ "$host" -ge $((64 << 20)) ] ||
+    die "found no guest data of the full backup in its second chunk"
 chunk_end=$(( $(jq '.backups[0]["file-size"]' "$repo/manifest.json") - 1 ))
 range="bytes 67108864..$chunk_end (chunk 1)"
 
