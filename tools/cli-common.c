@@ -220,6 +220,28 @@ cli_find_filterd(void)
   return g_find_program_in_path("cbt-filterd");
 }
 
+void
+cli_argv_add_opt(GPtrArray *av, const char *name, const char *val)
+{
+  if (!val)
+    return;
+  g_ptr_array_add(av, g_strdup(name));
+  g_ptr_array_add(av, g_strdup(val));
+}
+
+bool
+cli_exec(const char *prog, GPtrArray *av, char **extra, GError **error)
+{
+  for (char **e = extra; e && *e; e++)
+    g_ptr_array_add(av, g_strdup(*e));
+  g_ptr_array_add(av, NULL);
+  cli_debug("exec %s", prog);
+  fflush(NULL);
+  execv(prog, (char **)av->pdata);
+  g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", prog, g_strerror(errno));
+  return false;
+}
+
 double
 cli_percent(uint64_t part, uint64_t whole)
 {

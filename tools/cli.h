@@ -95,6 +95,12 @@ double cli_percent(uint64_t part, uint64_t whole);
 /* The cbt-filterd to run: $CBT_FILTERD, else the one next to this cbt,
  * else the first on PATH; NULL if none.  g_free it. */
 char *cli_find_filterd(void);
+/* Append "@name @val" to the argument vector @av when @val is set. */
+void cli_argv_add_opt(GPtrArray *av, const char *name, const char *val);
+/* Append @extra (NULL-terminated, may be NULL) and the closing NULL to
+ * @av (whose first element is the program name) and exec @prog; returns
+ * false with @error only when the exec fails. */
+bool cli_exec(const char *prog, GPtrArray *av, char **extra, GError **error);
 
 /* JSON output (json-c).  Keys are stable: scripts depend on them, so add
  * keys, never rename or drop them.  The helpers take ownership of nothing

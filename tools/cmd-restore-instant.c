@@ -241,29 +241,13 @@ instant_run(const struct instant_opts *o, GError **error)
     g_ptr_array_add(av, g_strdup_printf("--restore-release-fd=%d", lock_fd));
   g_ptr_array_add(av, g_strdup_printf("--description=instant restore of cbt backup %u (%s)",
                                       b->seq, b->file));
-#define ADD_OPT(name, val) \
-  do { \
-    if (val) { \
-      g_ptr_array_add(av, g_strdup(name)); \
-      g_ptr_array_add(av, g_strdup(val)); \
-    } \
-  } while (0)
-  ADD_OPT("--restore-rate", o->rate);
-  ADD_OPT("--socket", o->socket);
-  ADD_OPT("--listen", o->listen);
-  ADD_OPT("--control", o->control);
-  ADD_OPT("--bitmap", o->bitmap);
-  ADD_OPT("--pid-file", o->pid_file);
-#undef ADD_OPT
-  for (char **e = o->extra; e && *e; e++)
-    g_ptr_array_add(av, g_strdup(*e));
-  g_ptr_array_add(av, NULL);
-
-  cli_debug("exec %s", filterd);
-  fflush(NULL);
-  execv(filterd, (char **)av->pdata);
-  g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", filterd, g_strerror(errno));
-  return false;
+  cli_argv_add_opt(av, "--restore-rate", o->rate);
+  cli_argv_add_opt(av, "--socket", o->socket);
+  cli_argv_add_opt(av, "--listen", o->listen);
+  cli_argv_add_opt(av, "--control", o->control);
+  cli_argv_add_opt(av, "--bitmap", o->bitmap);
+  cli_argv_add_opt(av, "--pid-file", o->pid_file);
+  return cli_exec(filterd, av, o->extra, error);
 }
 
 int

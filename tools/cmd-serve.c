@@ -76,27 +76,12 @@ serve_run(const struct serve_opts *o, GError **error)
   g_ptr_array_add(av, g_strdup("--read-only"));
   g_ptr_array_add(av, g_strdup_printf("--description=cbt backup %u (%s) of %s", b->seq,
                                       b->file, dir));
-#define ADD_OPT(name, val) \
-  do { \
-    if (val) { \
-      g_ptr_array_add(av, g_strdup(name)); \
-      g_ptr_array_add(av, g_strdup(val)); \
-    } \
-  } while (0)
-  ADD_OPT("--socket", o->socket);
-  ADD_OPT("--listen", o->listen);
-  ADD_OPT("--export-name", o->export_name);
-  ADD_OPT("--pid-file", o->pid_file);
-#undef ADD_OPT
-  for (char **e = o->extra; e && *e; e++)
-    g_ptr_array_add(av, g_strdup(*e));
-  g_ptr_array_add(av, NULL);
-
-  cli_debug("serving %s read-only: exec %s", b->file, filterd);
-  fflush(NULL);
-  execv(filterd, (char **)av->pdata);
-  g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", filterd, g_strerror(errno));
-  return false;
+  cli_argv_add_opt(av, "--socket", o->socket);
+  cli_argv_add_opt(av, "--listen", o->listen);
+  cli_argv_add_opt(av, "--export-name", o->export_name);
+  cli_argv_add_opt(av, "--pid-file", o->pid_file);
+  cli_debug("serving %s read-only", b->file);
+  return cli_exec(filterd, av, o->extra, error);
 }
 
 int
