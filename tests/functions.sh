@@ -328,13 +328,18 @@ stop_at_checkpoint()
 {
     # A test that dies while the backup is stopped must not leave it behind.
     cleanup_fn _kill_quietly "$2"
-    "$PYTHON" - "$1" "$2" <<'PYEOF' || die "no checkpoint began while backup $2 ran"
+    "$PYTHON" - "$1" "$2" "${3:-}" <<'PYEOF' || die "no checkpoint began while backup $2 ran"
 import json, os, signal, socket, sys, time
-path, pid = sys.argv[1], int(sys.argv[2])
+path, pid, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(30)
 s.connect(path)
 f = s.makefile("rw")
+if go:
+    # The backup waits for this before it starts: the poller is running
+    # already when its checkpoint begins, however slow python starts.
+    with open(go, "w") as g:
+        g.write("go\n")
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     f.write('{"execute":"status"}\n')
@@ -481,6 +486,23 @@ for step in sys.argv[2:]:
         sys.exit("nbd_expect: %s: got %s, expected %s" % (step, got, want))
 h.shutdown()
 PYEOF
+}
+
+# backup_frozen_at_checkpoint CSOCK OUT CMD...: run CMD (a cbt backup) in
+# the background with its output in OUT, and return once it is stopped
+# (SIGSTOP) right after its checkpoint began; its pid is in $bp.  The
+# poller is started first and CMD only once it polls, so a slow start of
+# the poller (a loaded machine) cannot let the backup read ahead.
+backup_frozen_at_checkpoint()
+{
+    local csock=$1 out=$2 go
+    shift 2
+    go=$(mktemp -u "$tmp/go.XXXXXX")
+    mkfifo "$go"
+    ( read -r _ <"$go"; exec "$@" ) >"$out" 2>&1 &
+    bp=$!
+    stop_at_checkpoint "$csock" "$bp" "$go"
+    rm -f "$go"
 }
 
 # wait_for_word FILE WORD [PID]: wait (at most 60 s, a hang guard) until

@@ -23,11 +23,9 @@ backup_over_limit()
 {
     local bp rc v
     # One connection: at most 16 MiB are read ahead before the freeze.
-    "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" "$1" \
-        --connections 1 \
-        >"$tmp/b.out" 2>&1 &
-    bp=$!
-    stop_at_checkpoint "$csock" "$bp"
+    backup_frozen_at_checkpoint "$csock" "$tmp/b.out" \
+        "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" "$1" \
+        --connections 1
     overwrite_all "$uri" "$size" "$2"
     v=$(view_status "$csock")
     json_true '.failed != null and (.failed | test("scratch limit")) and

@@ -33,11 +33,9 @@ daemon()
 # then let it finish.  Its exit status is in $rc, its output in $out.
 backup_during_rewrite()
 {
-    local bp
-    "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" "$1" \
-        --connections 1 >"$tmp/b.out" 2>&1 &
-    bp=$!
-    stop_at_checkpoint "$csock" "$bp"
+    backup_frozen_at_checkpoint "$csock" "$tmp/b.out" \
+        "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" "$1" \
+        --connections 1
     overwrite_all "$uri" "$size" "$2"
     kill -CONT "$bp"
     rc=0; wait "$bp" || rc=$?
