@@ -37,11 +37,9 @@ restore_is_disk()
 # checkpoint, then let the guest rewrite the disk; sets $bp.
 frozen_backup()
 {
-    "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" --incremental \
-        --connections 1 \
-        >"$tmp/b.out" 2>&1 &
-    bp=$!
-    stop_at_checkpoint "$csock" "$bp"
+    backup_frozen_at_checkpoint "$csock" "$tmp/b.out" \
+        "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" --incremental \
+        --connections 1
     overwrite_all "$uri" "$size" "$1"
     json_true '."scratch-bytes" > 0' "$(view_status "$csock")" ||
         die "the view holds no copies"

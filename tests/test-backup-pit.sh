@@ -31,10 +31,8 @@ run_format()
     nbdcopy "$uri" "$tmp/at-begin-1.raw"
 
     # 1. Full backup, the guest rewrites everything meanwhile.
-    "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" --full \
-        >"$tmp/backup1.out" 2>&1 &
-    bp=$!
-    stop_at_checkpoint "$csock" "$bp"
+    backup_frozen_at_checkpoint "$csock" "$tmp/backup1.out" \
+        "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" --full
     overwrite_all "$uri" "$size" 0xbb
     qio -f raw "$uri" -c "write -z 8M 8M" -c "discard 32M 8M" -c "write -z 250M 2M"
     v=$(view_status "$csock")
@@ -58,10 +56,8 @@ run_format()
     # 2. Incremental: the writes of step 1 are its changes; the guest
     #    rewrites everything again while it runs.
     nbdcopy "$uri" "$tmp/at-begin-2.raw"
-    "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" --incremental \
-        >"$tmp/backup2.out" 2>&1 &
-    bp=$!
-    stop_at_checkpoint "$csock" "$bp"
+    backup_frozen_at_checkpoint "$csock" "$tmp/backup2.out" \
+        "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" --incremental
     overwrite_all "$uri" "$size" 0xcc
     v=$(view_status "$csock")
     json_true '.mode == "incremental" and ."copied-bytes" > 0' "$v" ||

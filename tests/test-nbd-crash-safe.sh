@@ -74,10 +74,9 @@ done
 
 # --- 2. kill -9 while a backup holds a checkpoint --------------------------
 fio_start
-"$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" --incremental \
-    --connections 1 >"$tmp/b.out" 2>&1 &
-bp=$!
-stop_at_checkpoint "$csock" "$bp"
+backup_frozen_at_checkpoint "$csock" "$tmp/b.out" \
+    "$CBT_CLI" backup --socket "$sock" --control "$csock" --repo "$repo" --incremental \
+    --connections 1
 msleep 500
 crash
 kill -CONT "$bp"
