@@ -299,3 +299,27 @@ cli_json_print(json_object *obj, GError **error)
   fputc('\n', stdout);
   return cli_flush_stdout(error);
 }
+
+/* --- S3 repositories ---------------------------------------------------- */
+
+char *cli_s3_endpoint;
+
+bool
+cli_s3_client(s3_client **out, GError **error)
+{
+  s3_config cfg;
+  const char *style = g_getenv("CBT_S3_ADDRESSING_STYLE");
+
+  if (!s3_config_from_env(&cfg, error))
+    return false;
+  if (cli_s3_endpoint && !s3_config_set_endpoint(&cfg, cli_s3_endpoint, error)) {
+    s3_config_clear(&cfg);
+    return false;
+  }
+  /* set_endpoint chose path style; an explicit choice still wins. */
+  if (cli_s3_endpoint && style && strcmp(style, "virtual") == 0)
+    cfg.path_style = false;
+  *out = s3_client_new(&cfg, error);
+  s3_config_clear(&cfg);
+  return *out != NULL;
+}

@@ -23,6 +23,8 @@
 #include <glib.h>
 #include <json-c/json.h>
 
+#include "s3.h"
+
 /* Exit codes ------------------------------------------------------------
  * The one list of them: cbt --help prints CLI_EXIT_CODES_HELP, and cron
  * jobs and scripts rely on these numbers, so never renumber them. */
@@ -118,6 +120,18 @@ bool cli_json_print(json_object *obj, GError **error);
 /* Flush stdout and turn a write error into @error (naming stdout). */
 bool cli_flush_stdout(GError **error);
 
+/* S3 repositories.  CLI_S3_OPTION is the --s3-endpoint entry for a
+ * command's GOptionEntry list (every command that takes --repo has it);
+ * it sets cli_s3_endpoint.  cli_s3_client makes a client the way the AWS
+ * tools do (AWS_* variables, s3_config_from_env) with --s3-endpoint, when
+ * given, winning over AWS_ENDPOINT_URL (and path-style addressing going
+ * with it, unless CBT_S3_ADDRESSING_STYLE says otherwise). */
+extern char *cli_s3_endpoint;
+#define CLI_S3_OPTION \
+  { "s3-endpoint", 0, 0, G_OPTION_ARG_STRING, &cli_s3_endpoint, \
+    "S3 endpoint of an s3:// repository (default: $AWS_ENDPOINT_URL)", "URL" }
+bool cli_s3_client(s3_client **out, GError **error);
+
 /* cmd-bitmap.c ---------------------------------------------------------- */
 
 /* cbt bitmap create|info|dump|check: see the --help text in the file. */
@@ -173,11 +187,13 @@ typedef struct repo_backup {
   GPtrArray *sha256;          /* hex strings, one per chunk of the file */
 } repo_backup;
 
+struct repo_s3;
 typedef struct repo {
-  char *dir;
-  int lock_fd;                /* -1 when not locked */
+  char *dir;                  /* the directory, or "s3://BUCKET/PREFIX" */
+  int lock_fd;                /* -1 when not locked (directory only) */
   unsigned next_seq;
   GPtrArray *backups;         /* repo_backup *, oldest first */
+  struct repo_s3 *s3;         /* NULL for a directory (repo-s3.c) */
 } repo;
 
 enum repo_lock { REPO_LOCK_NONE, REPO_LOCK_SHARED, REPO_LOCK_EXCLUSIVE };
@@ -188,12 +204,18 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(repo_backup, repo_backup_free)
 void repo_free(repo *r);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(repo, repo_free)
 
-/* Open repository @dir, taking @lock without waiting (a conflict is an
- * error naming the holder's pid when known).  With @create a missing
- * directory is created and a missing manifest means an empty repository;
- * without, both are errors.  A malformed manifest is CLI_EXIT_DAMAGED. */
-bool repo_open(const char *dir, enum repo_lock lock, bool create, repo **out,
+/* Open repository @where, a directory or "s3://BUCKET/PREFIX" (repo-s3.c;
+ * the S3 client is configured by cli_s3_client), taking @lock without
+ * waiting (a conflict is an error naming the holder's pid when known).
+ * With @create a missing directory is created and a missing manifest
+ * means an empty repository; without, both are errors (a missing bucket
+ * is always one).  A malformed manifest is CLI_EXIT_DAMAGED. */
+bool repo_open(const char *where, enum repo_lock lock, bool create, repo **out,
                GError **error);
+/* The manifest text of @r's backups with "next-seq" @next_seq (caller
+ * frees): what repo_add and repo_prune write. */
+char *repo_manifest_text(const repo *r, unsigned next_seq);
+#define REPO_MANIFEST_MAX (64u << 20)   /* refuse larger manifests */
 /* Parse the manifest text in @text (@len bytes, NUL-terminated or not),
  * named @where in messages, into r->backups and r->next_seq (replaced
  * only on success).  Every entry is checked (names, kinds, the chain,
@@ -228,8 +250,34 @@ char *repo_next_file(const repo *r, const char *kind, GDateTime *now);
  * file, fsync, rename, fsync of the directory.  On failure @b is dropped
  * and the manifest on disk is the old one. */
 bool repo_add(repo *r, repo_backup *b, GError **error);
+/* False, with the reason, when the exclusive lock of @r was lost (an S3
+ * lock that could not be refreshed in time); a directory's never is. */
+bool repo_lock_check(repo *r, GError **error);
+/* Delete the repository file @file (exclusive lock held); a missing one
+ * is no error. */
+bool repo_delete_file(repo *r, const char *file, GError **error);
 /* One manifest entry as JSON (caller owns the object). */
 json_object *repo_backup_to_json(const repo_backup *b);
+
+/* repo-s3.c ------------------------------------------------------------- */
+
+/* A repository in an S3 bucket: the directory layout with PREFIX/ in
+ * place of DIR/ (docs/s3.md).  For readers of such a repository: */
+bool repo_is_s3(const repo *r);
+/* The client (owned by @r) and the bucket, or NULL for a directory. */
+s3_client *repo_s3(const repo *r);
+const char *repo_s3_bucket(const repo *r);
+/* The object key of repository file @file ("PREFIX/FILE"); caller frees. */
+char *repo_s3_key(const repo *r, const char *file);
+/* For repo.c: open, free, stale cleaning and manifest replacement of an
+ * S3 repository. */
+bool repo_s3_open(repo *r, const char *url, enum repo_lock lock, bool create,
+                  GError **error);
+void repo_s3_free(struct repo_s3 *s);
+bool repo_s3_put_manifest(repo *r, const char *text, GError **error);
+bool repo_s3_clean_stale(repo *r, GError **error);
+bool repo_s3_lock_check(repo *r, GError **error);
+bool repo_s3_delete_file(repo *r, const char *file, GError **error);
 
 /* checksum.c ------------------------------------------------------------ */
 

@@ -65,7 +65,7 @@
 #define MANIFEST_FORMAT  "cbt-backup-repository"
 #define MANIFEST_VERSION 1
 /* A manifest is small (a few KiB per backup); refuse absurd ones. */
-#define MANIFEST_MAX     (64u << 20)
+#define MANIFEST_MAX     REPO_MANIFEST_MAX
 
 repo_backup *
 repo_backup_new(void)
@@ -105,6 +105,7 @@ repo_free(repo *r)
       cli_debug("%s: cannot clear the lock file: %s", r->dir, g_strerror(errno));
     close(r->lock_fd);
   }
+  repo_s3_free(r->s3);
   g_free(r->dir);
   if (r->backups)
     g_ptr_array_unref(r->backups);
@@ -124,6 +125,11 @@ repo_open_file(const repo *r, const char *file, GError **error)
   struct stat st;
   int fd, flags;
 
+  if (r->s3) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
+                "%s: a file of an S3 repository cannot be opened as a local file", path);
+    return -1;
+  }
   /* The name has no '/' (plain_name), so only the last component could be
    * a link; O_NONBLOCK keeps a FIFO from blocking the open. */
   fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
@@ -552,8 +558,16 @@ repo_open(const char *dir, enum repo_lock lock, bool create, repo **out,
   g_autoptr(repo) r = g_new0(repo, 1);
   struct stat st;
 
-  r->dir = g_strdup(dir);
   r->lock_fd = -1;
+  if (g_ascii_strncasecmp(dir, "s3://", 5) == 0) {
+    r->backups = g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
+    r->next_seq = 1;
+    if (!repo_s3_open(r, dir, lock, create, error))
+      return false;
+    *out = g_steal_pointer(&r);
+    return true;
+  }
+  r->dir = g_strdup(dir);
   if (create && g_mkdir_with_parents(dir, 0755) < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot create: %s", dir,
                 g_strerror(errno));
@@ -642,10 +656,13 @@ bool
 repo_clean_stale(repo *r, GError **error)
 {
   g_autoptr(GError) err = NULL;
-  g_autoptr(GDir) d = g_dir_open(r->dir, 0, &err);
+  g_autoptr(GDir) d = NULL;
   const char *name;
 
+  if (r->s3)
+    return repo_s3_clean_stale(r, error);
   g_assert(r->lock_fd >= 0);
+  d = g_dir_open(r->dir, 0, &err);
   if (!d) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s", err->message);
     return false;
@@ -782,32 +799,69 @@ write_atomic(const char *dir, const char *name, const char *text, GError **error
   return true;
 }
 
-bool
-repo_add(repo *r, repo_backup *b, GError **error)
+char *
+repo_manifest_text(const repo *r, unsigned next_seq)
 {
   g_autoptr(json_object) root = json_object_new_object();
   json_object *list = json_object_new_array();
   const char *text;
 
-  g_assert(r->lock_fd >= 0);
-  g_ptr_array_add(r->backups, b);
   cli_json_add_str(root, "format", MANIFEST_FORMAT);
   json_object_object_add(root, "version", json_object_new_int(MANIFEST_VERSION));
-  json_object_object_add(root, "next-seq", json_object_new_int64(b->seq + 1));
+  json_object_object_add(root, "next-seq", json_object_new_int64(next_seq));
   for (guint i = 0; i < r->backups->len; i++)
     json_object_array_add(list, repo_backup_to_json(g_ptr_array_index(r->backups, i)));
   json_object_object_add(root, "backups", list);
   text = json_object_to_json_string_ext(root, JSON_C_TO_STRING_PRETTY |
                                         JSON_C_TO_STRING_SPACED |
                                         JSON_C_TO_STRING_NOSLASHESCAPE);
-  {
-    g_autofree char *withnl = g_strconcat(text, "\n", NULL);
+  return g_strconcat(text, "\n", NULL);
+}
 
-    if (!write_atomic(r->dir, REPO_MANIFEST, withnl, error)) {
-      g_ptr_array_remove_index(r->backups, r->backups->len - 1);
-      return false;
-    }
+/* Replace the manifest with @text: atomically in a directory (see
+ * write_atomic), with one PUT on S3 (which S3 makes visible at once). */
+static bool
+put_manifest(repo *r, const char *text, GError **error)
+{
+  if (r->s3)
+    return repo_s3_put_manifest(r, text, error);
+  g_assert(r->lock_fd >= 0);
+  return write_atomic(r->dir, REPO_MANIFEST, text, error);
+}
+
+bool
+repo_add(repo *r, repo_backup *b, GError **error)
+{
+  g_autofree char *text = NULL;
+
+  g_ptr_array_add(r->backups, b);
+  text = repo_manifest_text(r, b->seq + 1);
+  if (!put_manifest(r, text, error)) {
+    g_ptr_array_remove_index(r->backups, r->backups->len - 1);
+    return false;
   }
   r->next_seq = b->seq + 1;
+  return true;
+}
+
+bool
+repo_lock_check(repo *r, GError **error)
+{
+  return !r->s3 || repo_s3_lock_check(r, error);
+}
+
+bool
+repo_delete_file(repo *r, const char *file, GError **error)
+{
+  g_autofree char *path = NULL;
+
+  if (r->s3)
+    return repo_s3_delete_file(r, file, error);
+  path = repo_path(r, file);
+  if (unlink(path) < 0 && errno != ENOENT) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot remove: %s", path,
+                g_strerror(errno));
+    return false;
+  }
   return true;
 }

@@ -37,7 +37,9 @@
  * eight acquirers and requires exactly one winner.  AWS S3 has honoured
  * If-None-Match on PUT since August 2024.
  */
+#include <errno.h>
 #include <limits.h>
+#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -58,6 +60,7 @@ struct s3_lock {
   char *note;
   char *etag;               /* of our last write */
   guint ttl;
+  bool pid_holds;           /* S3_LOCK_PROCESS */
 };
 
 /* A lock object as read back. */
@@ -67,6 +70,7 @@ struct holder {
   char *note;
   gint64 pid;
   gint64 ttl;
+  bool pid_holds;           /* the lock lives only as long as host:pid */
 };
 
 static void
@@ -91,6 +95,8 @@ lock_body(const s3_lock *l)
   json_object_object_add(jo, "note", json_object_new_string(l->note));
   json_object_object_add(jo, "ttl", json_object_new_int64(l->ttl));
   json_object_object_add(jo, "written-unix", json_object_new_int64(g_get_real_time() / 1000000));
+  if (l->pid_holds)
+    json_object_object_add(jo, "pid-holds", json_object_new_boolean(true));
   return g_strdup(json_object_to_json_string_ext(jo, JSON_C_TO_STRING_PLAIN));
 }
 
@@ -145,7 +151,24 @@ parse_holder(const char *bucket, const char *key, GBytes *data, struct holder *h
   h->note = g_strdup(jstr(jo, "note") ? jstr(jo, "note") : "");
   if (!jint(jo, "pid", &h->pid))
     h->pid = -1;
+  {
+    json_object *v;
+
+    h->pid_holds = json_object_object_get_ex(jo, "pid-holds", &v) &&
+                   json_object_is_type(v, json_type_boolean) && json_object_get_boolean(v);
+  }
   return true;
+}
+
+/* A S3_LOCK_PROCESS lock whose process is gone: it was taken on this
+ * host (same host name) by a process that no longer exists, so nobody
+ * will refresh it.  A reused pid only makes us wait for the ttl. */
+static bool
+holder_dead_here(const struct holder *h)
+{
+  return h->pid_holds && h->pid > 0 && h->pid <= INT_MAX && h->pid != getpid() &&
+         strcmp(h->host, g_get_host_name()) == 0 && kill((pid_t)h->pid, 0) < 0 &&
+         errno == ESRCH;
 }
 
 /* GET and parse the lock.  *@info gets its ETag and the server times. */
@@ -231,10 +254,20 @@ bool
 s3_lock_acquire(s3_client *c, const char *bucket, const char *key, guint ttl,
                 const char *note, s3_lock **out, GError **error)
 {
+  return s3_lock_acquire_flags(c, bucket, key, ttl, note, 0, out, error);
+}
+
+bool
+s3_lock_acquire_flags(s3_client *c, const char *bucket, const char *key, guint ttl,
+                      const char *note, unsigned flags, s3_lock **out, GError **error)
+{
   g_autofree char *token = g_uuid_string_random();
   g_autoptr(s3_lock) l = lock_new(c, bucket, key, token, ttl, note);
-  g_autofree char *body = lock_body(l);
+  g_autofree char *body = NULL;
   const s3_put_cond absent = { .if_absent = true };
+
+  l->pid_holds = (flags & S3_LOCK_PROCESS) != 0;
+  body = lock_body(l);
 
   if (ttl == 0) {
     g_set_error(error, S3_ERROR, S3_ERROR_CONFIG, "S3 lock s3://%s/%s: ttl must be > 0",
@@ -268,15 +301,15 @@ s3_lock_acquire(s3_client *c, const char *bucket, const char *key, guint ttl,
       return false;
     }
     ours = strcmp(h.token, l->token) == 0;
-    stale = expired(&h, &info);
+    stale = expired(&h, &info) || (l->pid_holds && holder_dead_here(&h));
     if (!ours && !stale) {
       set_locked(error, l, &h, &info, NULL);
       holder_clear(&h);
       s3_object_info_clear(&info);
       return false;
     }
-    holder_clear(&h);
     if (ours) {
+      holder_clear(&h);
       l->etag = g_steal_pointer(&info.etag);
       *out = g_steal_pointer(&l);
       return true;
@@ -284,13 +317,18 @@ s3_lock_acquire(s3_client *c, const char *bucket, const char *key, guint ttl,
     /* Expired: replace exactly the version we judged. */
     replace.if_match = info.etag;
     if (s3_put_object(c, bucket, key, body, strlen(body), &replace, NULL, &err)) {
+      bool was_expired = expired(&h, &info);
+
+      holder_clear(&h);
       s3_object_info_clear(&info);
       if (!verify(l, error))
         return false;
-      cli_note("S3 lock s3://%s/%s: took over an expired lock", bucket, key);
+      cli_note("S3 lock s3://%s/%s: took over a lock that %s", bucket, key,
+               was_expired ? "had expired" : "a dead process on this host left");
       *out = g_steal_pointer(&l);
       return true;
     }
+    holder_clear(&h);
     s3_object_info_clear(&info);
     if (err->code != S3_ERROR_PRECONDITION && err->code != S3_ERROR_NOT_FOUND) {
       g_propagate_error(error, err);

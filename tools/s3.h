@@ -319,6 +319,14 @@ typedef struct s3_lock s3_lock;
  * its lock expires.  @note (may be NULL) goes into the lock object. */
 bool s3_lock_acquire(s3_client *c, const char *bucket, const char *key, guint ttl,
                      const char *note, s3_lock **out, GError **error);
+/* The same with @flags: S3_LOCK_PROCESS says the lock lives only as long
+ * as this process (the lock object records it), and lets this acquire
+ * take over such a lock of a process on this host (same host name) that
+ * no longer exists, without waiting for its ttl. */
+#define S3_LOCK_PROCESS 1u
+bool s3_lock_acquire_flags(s3_client *c, const char *bucket, const char *key, guint ttl,
+                           const char *note, unsigned flags, s3_lock **out,
+                           GError **error);
 /* Rewrite the lock (If-Match on our last ETag) to restart its ttl; fails
  * with S3_ERROR_LOCKED if it is no longer ours. */
 bool s3_lock_refresh(s3_lock *l, GError **error);
