@@ -59,6 +59,18 @@
  * points at metadata that a crash could lose.  Until then cluster 0 is a
  * hole and the file is not a qcow2 image at all.
  *
+ * Sink mode (cbt_qcow2_writer_create_sink): there is no file.  The bytes
+ * that would go into it go to the sink's data callback instead, in file
+ * order through the same turn as the stream above (so the callback is
+ * where the data is written, and it may fail: its error fails the write
+ * that reported it and sticks), the metadata from finish likewise, and
+ * cluster 0 last to the head callback.  Nothing can be rewritten once it
+ * has been handed on, so a write that would land on a host cluster
+ * allocated before (a guest cluster written twice) fails with -ENOTSUP
+ * and changes nothing; the backup never does that (nbd-pull plans each
+ * cluster once).  Zeroing a written cluster is fine: only its L2 entry
+ * changes.
+ *
  * All file I/O goes through cbt/uring-io.h.
  */
 #include <endian.h>
@@ -148,6 +160,7 @@ struct cbt_qcow2_writer {
   GMutex stream_lock;
   GCond stream_cond;
   uint64_t streamed;          /* under stream_lock: [cs, streamed) reported */
+  struct cbt_qcow2_writer_sink sink;  /* sink mode: fd is -1, sink.data set */
   bool stream_broken;         /* atomics */
   uint64_t write_behind;      /* window bytes, 0: off */
 
@@ -405,6 +418,46 @@ cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
   return 0;
 }
 
+int
+cbt_qcow2_writer_create_sink(const struct cbt_qcow2_writer_opts *o,
+                             const struct cbt_qcow2_writer_sink *sink,
+                             cbt_qcow2_writer **out, char **why)
+{
+  g_autoptr(cbt_qcow2_writer) w = NULL;
+  uint32_t cs = 0, l1_size = 0;
+  uint64_t disk_size = 0;
+  int r;
+
+  if (!o || !sink || !sink->data || !sink->head || !out)
+    return cbt_fail(why, -EINVAL, "missing argument");
+  r = check_opts(o, &cs, &disk_size, &l1_size, why);
+  if (r < 0)
+    return r;
+  w = g_new0(cbt_qcow2_writer, 1);
+  g_mutex_init(&w->lock);
+  g_mutex_init(&w->stream_lock);
+  g_cond_init(&w->stream_cond);
+  w->fd = -1;
+  w->path = g_strdup("(sink)");
+  w->size = o->size;
+  w->disk_size = disk_size;
+  w->cluster_size = cs;
+  w->cluster_bits = (uint32_t)__builtin_ctz(cs);
+  w->l2_entries = cs / 8;
+  w->l1_size = l1_size;
+  w->backing_file = g_strdup(o->backing_file);
+  w->backing_format = g_strdup(o->backing_format);
+  w->next_host = cs;
+  w->streamed = cs;
+  w->sink = *sink;
+  w->l2 = g_try_new0(uint64_t *, l1_size);
+  if (!w->l2)
+    return cbt_fail(why, -ENOMEM, "out of memory for %" PRIu32 " L1 entries",
+                l1_size);
+  *out = g_steal_pointer(&w);
+  return 0;
+}
+
 void
 cbt_qcow2_writer_free(cbt_qcow2_writer *w)
 {
@@ -457,6 +510,8 @@ cbt_qcow2_writer_set_stream(cbt_qcow2_writer *w, cbt_qcow2_writer_stream_fn fn,
                             void *opaque)
 {
   g_mutex_lock(&w->stream_lock);
+  if (w->sink.data)
+    __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);  /* use the sink */
   w->stream_fn = fn;
   w->stream_opaque = opaque;
   if (w->next_host != w->cluster_size)
@@ -489,6 +544,8 @@ write_behind(cbt_qcow2_writer *w, uint64_t h0, uint64_t h1)
 bool
 cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w)
 {
+  if (w->sink.data)
+    return w->error == 0;
   return w->stream_fn && !__atomic_load_n(&w->stream_broken, __ATOMIC_RELAXED) &&
          w->error == 0;
 }
@@ -504,24 +561,37 @@ write_partial(cbt_qcow2_writer *w, uint64_t host, const uint8_t *p, size_t n,
   if (!*bounce)
     return -ENOMEM;
   memcpy(*bounce, p, n);
-  return cbt_io_pwrite(w->fd, *bounce, w->cluster_size, host);
+  return w->fd < 0 ? 0 : cbt_io_pwrite(w->fd, *bounce, w->cluster_size, host);
+}
+
+/* Hand @len bytes at file offset @off on: to the sink (its result), or
+ * to the stream watcher (0). */
+static int
+stream_out(cbt_qcow2_writer *w, uint64_t off, const void *buf, size_t len)
+{
+  if (w->sink.data)
+    return w->sink.data(w->sink.opaque, off, buf, len);
+  w->stream_fn(w->stream_opaque, off, buf, len);
+  return 0;
 }
 
 /* Report host range [@h0, @h1), the new clusters of one write request @c
  * of @n clusters from @buf (the partial last one from @tail), when it is
  * its turn; see the top of the file.  With @failed nothing is reported and
- * the stream is marked broken, but the turn is passed on all the same. */
-static void
+ * the stream is marked broken, but the turn is passed on all the same.
+ * Returns the sink's error, or 0. */
+static int
 stream_report(cbt_qcow2_writer *w, const struct wclust *c, uint64_t n,
               const uint8_t *buf, size_t len, const uint8_t *tail,
               uint64_t h0, uint64_t h1, bool failed)
 {
   const uint64_t cs = w->cluster_size;
+  int r = 0;
 
   g_mutex_lock(&w->stream_lock);
   while (w->streamed != h0)
     g_cond_wait(&w->stream_cond, &w->stream_lock);
-  if (!w->stream_fn)
+  if (!w->stream_fn && !w->sink.data)
     goto pass;
   if (failed || (len % cs != 0 && !tail && c[n - 1].fresh))
     __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);
@@ -534,21 +604,30 @@ stream_report(cbt_qcow2_writer *w, const struct wclust *c, uint64_t n,
         continue;
       }
       if (i * cs + cs > len) {            /* the partial last cluster */
-        w->stream_fn(w->stream_opaque, c[i].host, tail, cs);
+        r = stream_out(w, c[i].host, tail, cs);
         break;
       }
       while (j < n && c[j].fresh && (j + 1) * cs <= len)
         j++;
-      w->stream_fn(w->stream_opaque, c[i].host, buf + i * cs, (size_t)((j - i) * cs));
+      r = stream_out(w, c[i].host, buf + i * cs, (size_t)((j - i) * cs));
+      if (r < 0)
+        break;
       i = j;
     }
+    if (r < 0)
+      __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);
   }
+  /* A sink that missed earlier bytes must not take this write as done. */
+  if (w->sink.data && r == 0 && !failed &&
+      __atomic_load_n(&w->stream_broken, __ATOMIC_RELAXED))
+    r = -EIO;
 pass:
   w->streamed = h1;
   g_cond_broadcast(&w->stream_cond);
   g_mutex_unlock(&w->stream_lock);
-  if (w->write_behind && !failed)
+  if (w->write_behind && !failed && w->fd >= 0)
     write_behind(w, h0, h1);
+  return r;
 }
 
 int
@@ -582,6 +661,23 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
   }
 
   g_mutex_lock(&w->lock);
+  if (w->sink.data) {
+    /* Sink mode: what was handed on cannot be rewritten (see the top),
+     * and after a sink error nothing more is taken. */
+    if (w->error)
+      r = w->error;
+    for (uint64_t i = 0; i < n && r == 0; i++) {
+      uint64_t ci = first + i;
+      const uint64_t *l2 = w->l2[ci / w->l2_entries];
+
+      if (!c[i].zero && l2 && (l2[ci % w->l2_entries] & CBT_QCOW2_OFFSET_MASK))
+        r = -ENOTSUP;
+    }
+    if (r < 0) {
+      g_mutex_unlock(&w->lock);
+      return r;
+    }
+  }
   /* Allocate every L2 table needed before changing any entry, so running
    * out of memory leaves the mapping as it was.  Without a backing file a
    * zero cluster in an untouched range needs no table. */
@@ -637,17 +733,21 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
       /* The run ends with the partial last cluster. */
       uint64_t whole = bytes - bytes % cs;
 
-      if (whole)
+      if (whole && w->fd >= 0)
         r = cbt_io_pwrite(w->fd, p + i * cs, whole, c[i].host);
       if (r == 0)
         r = write_partial(w, c[j - 1].host, p + (j - 1) * cs, bytes % cs, &tail);
-    } else {
+    } else if (w->fd >= 0) {
       r = cbt_io_pwrite(w->fd, p + i * cs, bytes, c[i].host);
     }
     i = j;
   }
-  if ((w->stream_fn || w->write_behind) && h1 > h0)
-    stream_report(w, c, n, p, len, tail, h0, h1, r < 0);
+  if ((w->stream_fn || w->write_behind || w->sink.data) && h1 > h0) {
+    int sr = stream_report(w, c, n, p, len, tail, h0, h1, r < 0);
+
+    if (r == 0)
+      r = sr;
+  }
 
   if (r < 0) {
     /* The metadata already maps these clusters; finish must not produce a
@@ -736,9 +836,10 @@ seqw_flush(struct seqw *s)
   int r = 0;
 
   if (s->used) {
-    r = cbt_io_pwrite(s->fd, s->buf, s->used, s->off);
-    if (r == 0 && s->w->stream_fn)
-      s->w->stream_fn(s->w->stream_opaque, s->off, s->buf, s->used);
+    if (s->fd >= 0)
+      r = cbt_io_pwrite(s->fd, s->buf, s->used, s->off);
+    if (r == 0 && (s->w->stream_fn || s->w->sink.data))
+      r = stream_out(s->w, s->off, s->buf, s->used);
     s->off += s->used;
     s->used = 0;
   }
@@ -924,6 +1025,10 @@ write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
   h->size = w->disk_size;
   header_encode(h, buf);
 
+  if (w->sink.data) {
+    r = w->sink.head(w->sink.opaque, buf, w->cluster_size);
+    return r < 0 ? cbt_fail(why, r, "writing header: %s", g_strerror(-r)) : 0;
+  }
   r = cbt_io_pwrite(w->fd, buf, w->cluster_size, 0);
   if (r < 0)
     return cbt_fail(why, r, "writing header: %s", g_strerror(-r));
@@ -959,8 +1064,10 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
                 g_strerror(-w->error));
 
   /* Every data write has returned, so every range was reported. */
-  if ((w->stream_fn || w->write_behind) && w->streamed != w->next_host)
+  if ((w->stream_fn || w->write_behind || w->sink.data) && w->streamed != w->next_host)
     __atomic_store_n(&w->stream_broken, true, __ATOMIC_RELAXED);
+  if (w->sink.data && __atomic_load_n(&w->stream_broken, __ATOMIC_RELAXED))
+    return cbt_fail(why, -EIO, "the data did not reach the sink in order");
   s.fd = w->fd;
   s.w = w;
   s.cs = w->cluster_size;
@@ -974,6 +1081,8 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
   r = write_metadata(w, &s, &h, why);
   if (r < 0)
     return r;
+  if (w->sink.data)
+    return write_header(w, &h, why);  /* the sink orders it after the rest */
   /* Everything the header points at is durable before the header. */
   r = cbt_io_fdatasync(w->fd);
   if (r < 0)

@@ -279,6 +279,35 @@ bool repo_s3_clean_stale(repo *r, GError **error);
 bool repo_s3_lock_check(repo *r, GError **error);
 bool repo_s3_delete_file(repo *r, const char *file, GError **error);
 
+/* repo-write.c ---------------------------------------------------------- */
+
+/* One new backup file being written into a repository, a directory
+ * (NAME.partial, renamed at commit) or S3 (a streaming multipart upload),
+ * through a qcow2 writer; the design is at the top of repo-write.c. */
+struct cbt_qcow2_writer;
+struct cbt_qcow2_writer_opts;
+typedef struct repo_wfile repo_wfile;
+/* Start file @file of @r (exclusive lock held) for an image described by
+ * @wo.  Caller frees (repo_wfile_free). */
+bool repo_wfile_new(repo *r, const char *file, const struct cbt_qcow2_writer_opts *wo,
+                    repo_wfile **out, GError **error);
+/* The writer to fill (thread-safe as cbt_qcow2_writer_write is); owned by
+ * the wfile. */
+struct cbt_qcow2_writer *repo_wfile_writer(repo_wfile *f);
+/* Path or URL of the file, for messages. */
+const char *repo_wfile_name(const repo_wfile *f);
+/* False with the storage's own reason when a write failed because of it
+ * (an S3 error, the lock lost): better than the writer's errno. */
+bool repo_wfile_check(repo_wfile *f, GError **error);
+/* Finish the writer and make the file complete under its name; *@sums
+ * (caller's) gets the SHA-256 of each REPO_CHUNK_SIZE chunk, *@size the
+ * file size.  Then list it (repo_add) and call repo_wfile_keep. */
+bool repo_wfile_commit(repo_wfile *f, GPtrArray **sums, uint64_t *size, GError **error);
+void repo_wfile_keep(repo_wfile *f);
+/* Free; unless kept, remove what was written (partial or committed). */
+void repo_wfile_free(repo_wfile *f);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(repo_wfile, repo_wfile_free)
+
 /* checksum.c ------------------------------------------------------------ */
 
 /* SHA-256 of @path in chunks of @chunk bytes, chunks hashed in parallel:

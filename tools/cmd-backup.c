@@ -13,20 +13,20 @@
  *   5. connect over NBD to the checkpoint's point-in-time view
  *      (NAME@checkpoint: the disk as it was at begin, however the guest
  *      writes meanwhile; it and the frozen bitmap's meta context exist only
- *      now) and copy into NAME.qcow2.partial, releasing (TRIM) each range
- *      in the view once it is stored;
- *   6. finish the qcow2 file (fsynced), rename it to NAME, fsync the
- *      directory, add it to the manifest (atomic replace).  The checksums
- *      are computed while the file is written: the writer reports its
- *      bytes in file order (cbt_qcow2_writer_set_stream) and every chunk
- *      but the first is hashed from them; chunk 0, whose first cluster is
- *      the header written last, is read back (at most 64 MiB);
+ *      now) and copy into the repository's new file (repo_wfile: in a
+ *      directory NAME.qcow2.partial, on S3 a streaming multipart upload),
+ *      releasing (TRIM) each range in the view once it is stored;
+ *   6. complete the file (repo_wfile_commit: fsync and rename, or the
+ *      upload completed; the checksums were computed as the bytes passed,
+ *      see repo-write.c), add it to the manifest (atomic replace, one PUT
+ *      on S3);
  *   7. checkpoint-commit.
  * Any failure before 6 completes aborts the checkpoint (the changes it
  * froze merge back into the active bitmap, so the next backup still sees
- * them) and unlinks the partial file; the manifest is untouched.  A
- * failure of 7 leaves a complete, listed backup and a checkpoint that step
- * 2 of the next run commits.
+ * them) and removes the new file (or aborts the upload); the manifest is
+ * untouched.  A failure of 7 leaves a complete, listed backup and a
+ * checkpoint that step 2 of the next run commits.  On S3 the repository
+ * lock is refreshed meanwhile by repo-s3.c; losing it stops the copy.
  *
  * SIGINT/SIGTERM set a flag that the copy and each step check; the second
  * signal has its default effect (SA_RESETHAND), and a killed run is
@@ -47,7 +47,6 @@
 
 #define DEFAULT_CONNECTIONS 4
 #define MAX_CONNECTIONS     64
-#define WRITE_BEHIND        (UINT64_C(64) << 20)   /* window bytes, see the writer */
 
 static volatile sig_atomic_t cancelled;
 
@@ -90,7 +89,8 @@ struct backup {
   const repo_backup *newest;
   bool begun;                     /* a checkpoint of ours is in progress */
   char *cp_id;
-  char *partial;                  /* path of the file being written */
+  repo_wfile *wf;                 /* the file being written, until listed */
+  char *path;                     /* its final path or URL (summary) */
   bool progress;                  /* draw a progress bar */
   /* The bar: bytes stored of planned, and what the run is doing.  The
    * copy counts bytes handed to writeback (the writer's write-behind keeps
@@ -323,65 +323,11 @@ end_bar(struct backup *b, bool ok)
   fputc('\n', stderr);
 }
 
-static void
-stream_cb(void *opaque, uint64_t offset, const void *buf, size_t len)
-{
-  sums_stream_feed(opaque, offset, buf, len);
-}
-
-/* The manifest's checksums of the finished file @path: from @sums (every
- * chunk but the first, hashed as the writer wrote them) when @intact, the
- * first chunk read back; otherwise the whole file read back. */
-static bool
-file_checksums(const char *path, sums_stream *sums, bool intact, uint64_t chunk,
-               GPtrArray **out, uint64_t *size, GError **error)
-{
-  g_autofree char *why = NULL;
-  g_autoptr(GPtrArray) hex = NULL;
-  struct stat st;
-  char *first;
-  int fd;
-
-  if (!intact || !sums_stream_intact(sums)) {
-    cli_debug("%s: the file was not written in order: reading it back for the "
-              "checksums", path);
-    return repo_checksum_file(path, chunk, out, size, error);
-  }
-  fd = cbt_open_regular(path, O_RDONLY | O_CLOEXEC, &st, &why);
-  if (fd < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s", why);
-    return false;
-  }
-  *size = (uint64_t)st.st_size;
-  if (*size > chunk && sums_stream_pos(sums) != *size) {
-    close(fd);
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %" PRIu64 " bytes, but %"
-                PRIu64 " were written", path, *size, sums_stream_pos(sums));
-    return false;
-  }
-  first = sums_range(fd, path, 0, MIN(*size, chunk), error);
-  close(fd);
-  if (!first)
-    return false;
-  if (*size > chunk) {
-    hex = sums_stream_end(sums);
-    g_free(g_ptr_array_index(hex, 0));
-    g_ptr_array_index(hex, 0) = first;
-  } else {
-    hex = g_ptr_array_new_with_free_func(g_free);
-    g_ptr_array_add(hex, first);
-  }
-  *out = g_steal_pointer(&hex);
-  return true;
-}
-
-/* Undo everything of a failed run: the checkpoint and the partial file. */
+/* Undo everything of a failed run: the checkpoint and the new file. */
 static void
 roll_back(struct backup *b)
 {
-  if (b->partial && unlink(b->partial) < 0 && errno != ENOENT)
-    cli_error("%s: cannot remove: %s (the next backup removes it)", b->partial,
-              g_strerror(errno));
+  g_clear_pointer(&b->wf, repo_wfile_free);   /* removes what it wrote */
   if (b->begun) {
     g_autoptr(GError) err = NULL;
 
@@ -406,7 +352,7 @@ summary(const struct backup *b, const repo_backup *e, const char *reason,
 
     json_object_object_del(o, "sha256");
     cli_json_add_str(o, "repository", b->repo_dir);
-    cli_json_add_str(o, "path", b->partial);
+    cli_json_add_str(o, "path", b->path);
     cli_json_add_str(o, "full-reason", reason);
     cli_json_add_u64(o, "dirty-bytes", dirty);
     cli_json_add_percent(o, "mib-per-second", mibs);
@@ -441,19 +387,15 @@ summary(const struct backup *b, const repo_backup *e, const char *reason,
 static bool
 run(struct backup *b, GError **error)
 {
-  g_autoptr(cbt_qcow2_writer) w = NULL;
-  g_autoptr(sums_stream) sums = NULL;
   g_autoptr(repo_backup) e = repo_backup_new();
   g_autoptr(GDateTime) now = NULL;
   g_autofree char *reason = NULL;
-  g_autofree char *why = NULL;
-  g_autofree char *final = NULL;
   struct cbt_qcow2_writer_opts wo = { 0 };
   struct pull_opts po = { 0 };
   struct pull_stats ps;
   const repo_backup *listed = NULL;
-  bool incremental, intact;
-  int r;
+  cbt_qcow2_writer *w;
+  bool incremental;
 
   b->start = g_get_monotonic_time();
   if (!repo_open(b->repo_dir, REPO_LOCK_EXCLUSIVE, true, &b->repo, error) ||
@@ -526,21 +468,15 @@ run(struct backup *b, GError **error)
   e->cluster_size = b->st.has_bitmap ? MIN(b->st.granularity, UINT64_C(65536)) : 65536;
   e->chunk_size = REPO_CHUNK_SIZE;
   b->file = g_strdup(e->file);
-  final = repo_path(b->repo, e->file);
-  b->partial = g_strconcat(final, REPO_PARTIAL_SUFFIX, NULL);
+  b->path = repo_path(b->repo, e->file);
 
   wo.size = e->image_size;
   wo.cluster_size = (uint32_t)e->cluster_size;
   wo.backing_file = e->backing;
   wo.backing_format = e->backing ? "qcow2" : NULL;
-  r = cbt_qcow2_writer_create(b->partial, &wo, &w, &why);
-  if (r < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", b->partial,
-                why ? why : g_strerror(-r));
+  if (!repo_wfile_new(b->repo, e->file, &wo, &b->wf, error))
     return false;
-  }
-  sums = sums_stream_new(e->chunk_size, e->chunk_size);
-  cbt_qcow2_writer_set_stream(w, stream_cb, sums);
+  w = repo_wfile_writer(b->wf);
   if (b->st.pit_export) {
     po.export_name = b->st.pit_export;
     po.release = true;
@@ -558,10 +494,16 @@ run(struct backup *b, GError **error)
   po.cancel = &cancelled;
   po.progress = progress_cb;
   po.opaque = b;
-  /* Data goes to disk while the copy runs, not all in finish. */
-  cbt_qcow2_writer_set_write_behind(w, WRITE_BEHIND);
   set_phase(b, "copying");
   if (!pull_run(&po, &ps, error)) {
+    GError *cause = NULL;
+
+    /* The store's own reason (an S3 error, a lost lock) beats the
+     * writer's errno. */
+    if (!repo_wfile_check(b->wf, &cause)) {
+      g_clear_error(error);
+      g_propagate_error(error, cause);
+    }
     explain_view_failure(b, error);
     return false;
   }
@@ -585,35 +527,16 @@ run(struct backup *b, GError **error)
   }
 
   /* Step 6. */
-  set_phase(b, "syncing the file");
+  set_phase(b, repo_is_s3(b->repo) ? "completing the upload" : "syncing the file");
   e->bytes_copied = ps.copied;
   e->data_bytes = cbt_qcow2_writer_data_bytes(w);
   e->zero_bytes = cbt_qcow2_writer_zero_bytes(w);
-  r = cbt_qcow2_writer_finish(w, &why);
-  if (r < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", b->partial,
-                why ? why : g_strerror(-r));
-    return false;
-  }
-  intact = cbt_qcow2_writer_stream_intact(w);
-  g_clear_pointer(&w, cbt_qcow2_writer_free);
-  cli_debug("finish: done at %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
   g_ptr_array_unref(e->sha256);
   e->sha256 = NULL;
-  set_phase(b, "checksums");
-  if (!file_checksums(b->partial, sums, intact, e->chunk_size, &e->sha256,
-                      &e->file_size, error) ||
+  if (!repo_wfile_commit(b->wf, &e->sha256, &e->file_size, error) ||
       !check_cancel(error))
     return false;
-  cli_debug("checksum: done at %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
-  if (rename(b->partial, final) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: rename to %s: %s", b->partial,
-                final, g_strerror(errno));
-    return false;
-  }
-  /* From here the file is NAME; a failure must remove that instead. */
-  g_free(b->partial);
-  b->partial = g_steal_pointer(&final);
+  cli_debug("file complete at %.2f s", (double)(g_get_monotonic_time() - b->start) / 1e6);
   e->seconds = (double)(g_get_monotonic_time() - b->start) / 1e6;
   set_phase(b, "manifest");
   {
@@ -624,7 +547,8 @@ run(struct backup *b, GError **error)
     /* Listed: nothing to roll back any more. */
     listed = entry;
   }
-  g_clear_pointer(&b->partial, g_free);
+  repo_wfile_keep(b->wf);
+  g_clear_pointer(&b->wf, repo_wfile_free);
 
   /* Step 7. */
   if (b->begun) {
@@ -654,12 +578,13 @@ cmd_backup(int argc, char **argv)
     { "socket", 's', 0, G_OPTION_ARG_FILENAME, &socket_path, "NBD unix socket of cbt-filterd", "PATH" },
     { "uri", 'u', 0, G_OPTION_ARG_STRING, &uri, "NBD URI (nbd://HOST:PORT/NAME, nbd+unix://...)", "URI" },
     { "control", 'c', 0, G_OPTION_ARG_FILENAME, &ctl, "control socket of cbt-filterd", "PATH" },
-    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory (created if missing)", "DIR" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository: a directory (created if missing) or s3://BUCKET/PREFIX", "DIR" },
     { "full", 'f', 0, G_OPTION_ARG_NONE, &full, "take a full backup", NULL },
     { "incremental", 'i', 0, G_OPTION_ARG_NONE, &incremental, "take an incremental backup or fail with exit status 3", NULL },
     { "auto", 'a', 0, G_OPTION_ARG_NONE, &autom, "incremental when possible, else full, saying why (default)", NULL },
     { "connections", 'n', 0, G_OPTION_ARG_INT, &conns, "NBD connections (default 4)", "N" },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &json, "print a JSON summary on stdout", NULL },
+    CLI_S3_OPTION,
     { NULL }
   };
   g_autoptr(GOptionContext) octx =
@@ -709,7 +634,8 @@ cmd_backup(int argc, char **argv)
   control_close(b.ctl);
   repo_free(b.repo);
   g_free(b.cp_id);
-  g_free(b.partial);
+  repo_wfile_free(b.wf);
+  g_free(b.path);
   g_free(b.file);
   return ok ? CLI_EXIT_OK : cli_report(error);
 }

@@ -249,6 +249,9 @@ s3_mpu_list(s3_client *c, const char *bucket, const char *prefix, GPtrArray **up
 
 /* ---- the streaming uploader ------------------------------------------ */
 
+static void abort_upload(s3_upload *u);
+static void wait_idle(s3_upload *u);
+
 struct s3_upload {
   s3_client *c;
   char *bucket;
@@ -262,6 +265,7 @@ struct s3_upload {
   guint8 *cur;              /* the part being filled */
   size_t cur_len;
   bool done;                /* finished or aborted: nothing more to do */
+  bool first_reserved;      /* part 1 comes last (s3_upload_reserve_first) */
 
   GMutex lock;
   GCond cond;
@@ -397,6 +401,60 @@ submit(s3_upload *u, GError **error)
   return true;
 }
 
+void
+s3_upload_reserve_first(s3_upload *u)
+{
+  g_assert(u->next_part == 1 && u->cur_len == 0);
+  u->first_reserved = true;
+  u->next_part = 2;
+}
+
+bool
+s3_upload_finish_first(s3_upload *u, const void *first, size_t len, char **etag,
+                       GError **error)
+{
+  g_autofree char *tag = NULL;
+  char *part_etag = NULL;
+
+  g_assert(u->first_reserved);
+  if (u->done) {
+    g_set_error(error, S3_ERROR, S3_ERROR_FAILED, "S3 upload s3://%s/%s: already ended",
+                u->bucket, u->key);
+    return false;
+  }
+  if (!u->upload_id && u->cur_len == 0) {
+    /* Nothing after the first part: one PUT. */
+    u->done = true;
+    return s3_put_object(u->c, u->bucket, u->key, first, len, NULL, etag, error);
+  }
+  if (len < S3_PART_MIN) {
+    g_set_error(error, S3_ERROR, S3_ERROR_CONFIG,
+                "S3 upload s3://%s/%s: a first part of %zu bytes is below the minimum "
+                "part size", u->bucket, u->key, len);
+    abort_upload(u);
+    return false;
+  }
+  if ((u->cur_len > 0 && !submit(u, error)) ||
+      !s3_mpu_put_part(u->c, u->bucket, u->key, u->upload_id, 1, first, len, &part_etag,
+                       error)) {
+    abort_upload(u);
+    return false;
+  }
+  wait_idle(u);
+  g_mutex_lock(&u->lock);
+  u->etags->pdata[0] = part_etag;
+  g_mutex_unlock(&u->lock);
+  if (!no_error(u, error) ||
+      !s3_mpu_complete(u->c, u->bucket, u->key, u->upload_id, u->etags, &tag, error)) {
+    abort_upload(u);
+    return false;
+  }
+  u->done = true;
+  if (etag)
+    *etag = g_steal_pointer(&tag);
+  return true;
+}
+
 bool
 s3_upload_write(s3_upload *u, const void *data, size_t len, GError **error)
 {
@@ -457,6 +515,7 @@ s3_upload_finish(s3_upload *u, char **etag, GError **error)
                 u->bucket, u->key);
     return false;
   }
+  g_assert(!u->first_reserved);
   if (!u->upload_id) {
     /* Smaller than one part: one PUT. */
     u->done = true;

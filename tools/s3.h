@@ -300,6 +300,15 @@ const char *s3_upload_id(const s3_upload *u);
 /* Send what is left, wait for every part and complete; *@etag (may be
  * NULL) gets the object's ETag.  On failure the upload is aborted. */
 bool s3_upload_finish(s3_upload *u, char **etag, GError **error);
+/* For objects whose beginning is known last (a qcow2 header): after
+ * s3_upload_reserve_first (before the first write) the bytes written are
+ * parts 2, 3, ..., and s3_upload_finish_first sends @first as part 1
+ * (at least S3_PART_MIN bytes unless nothing else was written: then the
+ * object is @first alone, one PUT) and completes.  The object is @first
+ * followed by what was written.  Failure aborts the upload. */
+void s3_upload_reserve_first(s3_upload *u);
+bool s3_upload_finish_first(s3_upload *u, const void *first, size_t len, char **etag,
+                            GError **error);
 /* Stop: wait for the parts in flight, abort the upload (best effort). */
 void s3_upload_free(s3_upload *u);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(s3_upload, s3_upload_free)

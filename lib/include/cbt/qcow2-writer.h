@@ -67,6 +67,27 @@ int cbt_qcow2_writer_create(const char *path,
                             const struct cbt_qcow2_writer_opts *o,
                             cbt_qcow2_writer **out, char **why);
 
+/* Sink mode: no file; the bytes of the image go to @sink instead (the
+ * design note of qcow2-writer.c).  @sink->data gets every byte from
+ * offset cluster_size to the end exactly once, in increasing offset
+ * order without gaps, as the stream of set_stream does (data clusters
+ * from the writing threads, one call at a time; metadata from finish);
+ * @sink->head gets cluster 0, the header, last, from finish.  Either
+ * returns 0 or -errno; an error fails the write (or finish) that handed
+ * the bytes on, and every later write fails with it.  In sink mode a
+ * write to a guest cluster that already has a host cluster fails with
+ * -ENOTSUP (the bytes were handed on and cannot be rewritten), and
+ * set_stream / set_write_behind do nothing useful.  finish does no
+ * syncing: the sink makes the result durable. */
+struct cbt_qcow2_writer_sink {
+  int (*data)(void *opaque, uint64_t offset, const void *buf, size_t len);
+  int (*head)(void *opaque, const void *buf, size_t len);
+  void *opaque;
+};
+int cbt_qcow2_writer_create_sink(const struct cbt_qcow2_writer_opts *o,
+                                 const struct cbt_qcow2_writer_sink *sink,
+                                 cbt_qcow2_writer **out, char **why);
+
 /* Store guest data @buf for [@offset, @offset + @len).  @offset must be
  * cluster aligned; @len a multiple of the cluster size, or ending exactly
  * at the virtual size (the last cluster may be partial).  @len 0 is a
