@@ -22,6 +22,14 @@
  *
  * Building the map reads each file's L1 and L2 tables once, newest file
  * first: the newest entry that is not "unallocated" decides a cluster.
+ * The files are read through repo-read.c, from a directory or from S3.
+ * A file's L2 tables are read in a few large reads, not one per table:
+ * their offsets (from the L1 table) are sorted and gathered into ranges
+ * that bridge gaps of up to TABLE_GAP bytes and hold at most TABLE_BATCH
+ * bytes of tables at a time; cbt backup writes the tables together at the
+ * end of the file, so a file's tables are usually one or two ranges, and
+ * on S3 those ranges are fetched in parallel (pieces of TABLE_GET).  The
+ * header is one read of its first cluster.
  * Memory: one byte per guest cluster while building, plus 24 bytes per
  * run of visible clusters (a full backup is mostly one run per table).
  */
@@ -42,6 +50,10 @@
 
 enum { UNDECIDED = 0, DECIDED = 1 };
 
+#define TABLE_GAP   (UINT64_C(1) << 20)    /* bytes read over between tables */
+#define TABLE_BATCH (UINT64_C(64) << 20)   /* bytes of tables read at once */
+#define TABLE_GET   (UINT64_C(8) << 20)    /* bytes per GET of tables on S3 */
+
 void
 chain_map_free(chain_map *m)
 {
@@ -50,9 +62,7 @@ chain_map_free(chain_map *m)
   for (unsigned i = 0; i < m->nfiles; i++) {
     struct chain_file *f = &m->files[i];
 
-    if (f->fd >= 0)
-      close(f->fd);
-    g_free(f->path);
+    rfile_close(f->rf);
     if (f->runs)
       g_array_unref(f->runs);
   }
@@ -77,31 +87,26 @@ open_file(repo *r, const repo_backup *e, const repo_backup *target, uint64_t cs,
 {
   g_autofree uint8_t *buf = NULL;
   g_autofree char *why = NULL;
-  struct stat st;
+  uint64_t fsize;
   size_t n;
-  int rc;
+  int rc = 0;
 
-  f->path = repo_path(r, e->file);
   f->size = e->file_size;
   f->backup = e;
-  f->fd = repo_open_file(r, e->file, error);
-  if (f->fd < 0) {
+  f->rf = rfile_open(r, e, error);
+  if (!f->rf) {
     g_prefix_error(error, "restoring %s: ", target->file);
     return false;
   }
-  if (fstat(f->fd, &st) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", f->path, g_strerror(errno));
+  f->path = f->rf->name;
+  fsize = f->rf->size;
+  /* The header, its extensions and the backing name are in the first
+   * cluster (the manifest's size; a file with another is refused below). */
+  n = (size_t)MIN(fsize, cs);
+  buf = g_malloc(MAX(n, 1));
+  if (!rfile_pread(f->rf, buf, n, 0, error))
     return false;
-  }
-  n = (size_t)MIN((uint64_t)st.st_size, (uint64_t)CBT_QCOW2_WRITER_MAX_CLUSTER_SIZE);
-  buf = g_malloc(n);
-  rc = cbt_io_pread(f->fd, buf, n, 0);
-  if (rc < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: reading the header: %s", f->path,
-                g_strerror(-rc));
-    return false;
-  }
-  rc = cbt_qcow2_header_decode(buf, n, (uint64_t)st.st_size, info, &why);
+  rc = cbt_qcow2_header_decode(buf, n, fsize, info, &why);
   if (rc == 0 && !e->backing && info->backing_file[0])
     rc = cbt_fail(&why, -EBADMSG, "names backing file '%s', but its chain has none",
                   info->backing_file);
@@ -113,9 +118,9 @@ open_file(repo *r, const repo_backup *e, const repo_backup *target, uint64_t cs,
     rc = cbt_fail(&why, -EBADMSG, "names backing format '%s' for '%s', but its "
                   "chain is qcow2", info->backing_format,
                   info->backing_file);
-  if (rc == 0 && (uint64_t)st.st_size != e->file_size)
+  if (rc == 0 && fsize != e->file_size)
     rc = cbt_fail(&why, -EBADMSG, "%" PRIu64 " bytes, the manifest says %" PRIu64,
-                  (uint64_t)st.st_size, e->file_size);
+                  fsize, e->file_size);
   if (rc == 0 && info->cluster_size != cs)
     rc = cbt_fail(&why, -EBADMSG, "cluster size %" PRIu64 ", the manifest says %"
                   PRIu64, info->cluster_size, cs);
@@ -130,6 +135,94 @@ open_file(repo *r, const repo_backup *e, const repo_backup *target, uint64_t cs,
   return true;
 }
 
+/* One L2 table to read: its L1 index and file offset. */
+struct table {
+  uint64_t l1i, off;
+};
+
+static int
+cmp_table(const void *a, const void *b)
+{
+  const struct table *x = a, *y = b;
+
+  return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* Decide the clusters of L2 table @l1i (at @l2, big-endian) that no newer
+ * file decided. */
+static bool
+map_table(chain_map *m, struct chain_file *f, const struct cbt_qcow2_info *info,
+          uint64_t l1i, const uint64_t *l2, uint8_t *state, GError **error)
+{
+  const uint64_t cs = m->cluster_size;
+  const uint64_t per_l2 = cs / 8;
+
+  for (uint64_t k = 0; k < per_l2; k++) {
+    uint64_t vcl = l1i * per_l2 + k;
+    struct cbt_qcow2_map mp;
+
+    if (vcl >= m->nclusters)
+      break;
+    if (state[vcl] != UNDECIDED)
+      continue;
+    if (cbt_qcow2_l2_decode(be64toh(l2[k]), info->cluster_bits, info->version, &mp) < 0 ||
+        mp.type == CBT_QCOW2_COMPRESSED ||
+        (mp.type == CBT_QCOW2_NORMAL && (mp.host_offset > f->size ||
+                                         f->size - mp.host_offset < cs))) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: the L2 entry of guest offset %"
+                  PRIu64 " is %s (not restoring)", f->path, vcl * cs,
+                  mp.type == CBT_QCOW2_COMPRESSED ? "compressed, which cbt backup "
+                  "never writes" : "corrupt");
+      return false;
+    }
+    if (mp.type == CBT_QCOW2_UNALLOCATED)
+      continue;
+    state[vcl] = DECIDED;
+    if (mp.type == CBT_QCOW2_NORMAL) {
+      struct chain_run *last = f->runs->len ?
+        &g_array_index(f->runs, struct chain_run, f->runs->len - 1) : NULL;
+
+      if (last && last->guest + last->clusters == vcl &&
+          last->host + last->clusters * cs == mp.host_offset) {
+        last->clusters++;
+      } else {
+        struct chain_run run = { mp.host_offset, vcl, 1 };
+
+        g_array_append_val(f->runs, run);
+      }
+    }
+  }
+  return true;
+}
+
+/* Read tables [@t0, @t1) of @tabs (sorted by offset, all inside the file)
+ * as one span of the file, in pieces of TABLE_GET read in parallel on S3,
+ * and map each. */
+static bool
+map_span(chain_map *m, struct chain_file *f, const struct cbt_qcow2_info *info,
+         const struct table *tabs, guint t0, guint t1, uint8_t *state, GError **error)
+{
+  const uint64_t cs = m->cluster_size;
+  const uint64_t start = tabs[t0].off, len = tabs[t1 - 1].off + cs - start;
+  const uint64_t piece = rfile_is_s3(f->rf) ? TABLE_GET : len;
+  const unsigned n = (unsigned)((len + piece - 1) / piece);
+  g_autofree uint8_t *buf = g_malloc(len);
+  g_autofree struct rfile_range *rr = g_new(struct rfile_range, n);
+
+  for (unsigned i = 0; i < n; i++) {
+    rr[i].off = start + i * piece;
+    rr[i].len = (size_t)MIN(piece, len - i * piece);
+    rr[i].buf = buf + i * piece;
+  }
+  if (!rfile_read_ranges(f->rf, rr, n, error))
+    return false;
+  for (guint t = t0; t < t1; t++)
+    if (!map_table(m, f, info, tabs[t].l1i, (const uint64_t *)(buf + (tabs[t].off - start)),
+                   state, error))
+      return false;
+  return true;
+}
+
 /* Read file @fi's tables and decide the clusters no newer file decided. */
 static bool
 map_file(chain_map *m, unsigned fi, const struct cbt_qcow2_info *info, uint8_t *state,
@@ -140,73 +233,40 @@ map_file(chain_map *m, unsigned fi, const struct cbt_qcow2_info *info, uint8_t *
   const uint64_t per_l2 = cs / 8;
   const uint64_t nl1 = MIN((uint64_t)info->l1_size, (m->nclusters + per_l2 - 1) / per_l2);
   g_autofree uint64_t *l1 = g_new(uint64_t, MAX(nl1, 1));
-  g_autofree uint64_t *l2 = g_malloc(cs);
-  int rc;
+  g_autoptr(GArray) tabs = g_array_new(FALSE, FALSE, sizeof(struct table));
+  const struct table *t;
+  guint t0 = 0;
 
   f->runs = g_array_new(FALSE, FALSE, sizeof(struct chain_run));
-  rc = cbt_io_pread(f->fd, l1, nl1 * 8, info->l1_table_offset);
-  if (rc < 0)
-    goto io_error;
+  if (nl1 > 0 && !rfile_pread(f->rf, l1, nl1 * 8, info->l1_table_offset, error))
+    return false;
   for (uint64_t i = 0; i < nl1; i++) {
-    uint64_t l2off;
+    struct table tb = { i, 0 };
     bool copied;
 
-    if (cbt_qcow2_l1_decode(be64toh(l1[i]), info->cluster_bits, &l2off, &copied) < 0 ||
-        (l2off && (l2off > f->size || f->size - l2off < cs))) {
+    if (cbt_qcow2_l1_decode(be64toh(l1[i]), info->cluster_bits, &tb.off, &copied) < 0 ||
+        (tb.off && (tb.off > f->size || f->size - tb.off < cs))) {
       g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: L1 entry %" PRIu64 " is "
                   "corrupt (not restoring)", f->path, i);
       return false;
     }
-    if (!l2off)
-      continue;
-    rc = cbt_io_pread(f->fd, l2, cs, l2off);
-    if (rc < 0)
-      goto io_error;
-    for (uint64_t k = 0; k < per_l2; k++) {
-      uint64_t vcl = i * per_l2 + k;
-      struct cbt_qcow2_map mp;
-
-      if (vcl >= m->nclusters)
-        break;
-      if (state[vcl] != UNDECIDED)
-        continue;
-      if (cbt_qcow2_l2_decode(be64toh(l2[k]), info->cluster_bits, info->version, &mp) < 0 ||
-          mp.type == CBT_QCOW2_COMPRESSED ||
-          (mp.type == CBT_QCOW2_NORMAL && (mp.host_offset > f->size ||
-                                           f->size - mp.host_offset < cs))) {
-        g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: the L2 entry of guest offset %"
-                    PRIu64 " is %s (not restoring)", f->path, vcl * cs,
-                    mp.type == CBT_QCOW2_COMPRESSED ? "compressed, which cbt backup "
-                    "never writes" : "corrupt");
-        return false;
-      }
-      if (mp.type == CBT_QCOW2_UNALLOCATED)
-        continue;
-      state[vcl] = DECIDED;
-      if (mp.type == CBT_QCOW2_NORMAL) {
-        struct chain_run *last = f->runs->len ?
-          &g_array_index(f->runs, struct chain_run, f->runs->len - 1) : NULL;
-
-        if (last && last->guest + last->clusters == vcl &&
-            last->host + last->clusters * cs == mp.host_offset) {
-          last->clusters++;
-        } else {
-          struct chain_run run = { mp.host_offset, vcl, 1 };
-
-          g_array_append_val(f->runs, run);
-        }
-      }
-    }
+    if (tb.off)
+      g_array_append_val(tabs, tb);
   }
+  g_array_sort(tabs, cmp_table);
+  t = (const struct table *)(void *)tabs->data;
+  /* Spans of tables no further apart than TABLE_GAP, at most TABLE_BATCH. */
+  for (guint i = 1; i <= tabs->len; i++)
+    if (i == tabs->len || t[i].off - t[i - 1].off > cs + TABLE_GAP ||
+        t[i].off + cs - t[t0].off > TABLE_BATCH) {
+      if (!map_span(m, f, info, t, t0, i, state, error))
+        return false;
+      t0 = i;
+    }
   g_array_sort(f->runs, cmp_run);
   for (guint i = 0; i < f->runs->len; i++)
     f->data_bytes += g_array_index(f->runs, struct chain_run, i).clusters * cs;
   return true;
-
-io_error:
-  g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: reading its tables: %s", f->path,
-              g_strerror(-rc));
-  return false;
 }
 
 bool
@@ -222,8 +282,6 @@ chain_map_build(repo *r, const repo_backup *b, chain_map **out, GError **error)
     last++;
   m->nfiles = last - first + 1;
   m->files = g_new0(struct chain_file, m->nfiles);
-  for (unsigned i = 0; i < m->nfiles; i++)
-    m->files[i].fd = -1;
   m->cluster_size = b->cluster_size;
   m->image_size = b->image_size;
   if (m->cluster_size < 512 || m->cluster_size > CBT_QCOW2_WRITER_MAX_CLUSTER_SIZE ||

@@ -354,9 +354,9 @@ bool chain_open(repo *r, const repo_backup *b, struct cbt_image **out, GError **
  * the manifest's checksums on threads as the bytes arrive (the design is
  * at the top of stream.c).  cbt restore and cbt verify use it. */
 struct stream_range { uint64_t off, len; };
+struct rfile;
 struct stream_file {
-  int fd;
-  const char *path;               /* for messages */
+  const struct rfile *rf;         /* a directory file or an S3 object */
   uint64_t size;                  /* the manifest's file size */
   GArray *ranges;                 /* struct stream_range, ascending, to read */
   const GPtrArray *sums;          /* the manifest's chunk checksums, or NULL: */
@@ -409,8 +409,8 @@ struct chain_run {
 };
 struct chain_file {
   const repo_backup *backup;
-  char *path;
-  int fd;                         /* read-only, O_CLOEXEC */
+  struct rfile *rf;               /* open for reading (repo-read.c) */
+  const char *path;               /* its name: rf->name */
   uint64_t size;                  /* the manifest's file size (checked) */
   GArray *runs;                   /* struct chain_run: visible data, by host */
   uint64_t data_bytes;            /* in runs */
@@ -514,5 +514,72 @@ struct pull_stats {
   uint64_t dirty;               /* dirty bytes found (incremental) */
 };
 bool pull_run(const struct pull_opts *o, struct pull_stats *st, GError **error);
+
+/* repo-read.c ----------------------------------------------------------- */
+
+/* One backup file opened for reading, in a directory (its descriptor) or
+ * on S3 (ranged GETs); the design is at the top of repo-read.c. */
+struct s3_client;
+typedef struct rfile {
+  char *name;                     /* path or s3://BUCKET/KEY, for messages */
+  uint64_t size;                  /* found on open (fstat, HEAD) */
+  int fd;                         /* directory: O_RDONLY|O_CLOEXEC; S3: -1 */
+  struct s3_client *s3;           /* S3: the repository's (borrowed) */
+  char *bucket, *key;
+  char *etag;                     /* S3: at open; a GET seeing another fails */
+} rfile;
+/* Threads of the fetch pool: ranged GETs in flight at most. */
+#define RFETCH_THREADS 8
+/* Open backup @b's file of @r.  A missing S3 object is CLI_EXIT_DAMAGED;
+ * a directory file is opened with repo_open_file (its errors).  The size
+ * is not checked here.  Caller frees (rfile_close); @r must outlive it. */
+rfile *rfile_open(repo *r, const repo_backup *b, GError **error);
+void rfile_close(rfile *f);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(rfile, rfile_close)
+static inline bool rfile_is_s3(const rfile *f) { return f->s3 != NULL; }
+/* Read exactly @len bytes at @off (any thread).  A file that ends first,
+ * or an S3 object that disappeared or changed, is CLI_EXIT_DAMAGED
+ * naming the range; an I/O or S3 error is CLI_EXIT_FAILED. */
+bool rfile_pread(const rfile *f, void *buf, size_t len, uint64_t off, GError **error);
+/* rfile_pread on a thread of the fetch pool; @done runs there with the
+ * error (or NULL), which it takes. */
+void rfile_fetch(const rfile *f, void *buf, size_t len, uint64_t off,
+                 void (*done)(void *opaque, GError *error), void *opaque);
+/* Read all of @ranges, in parallel on S3; the first error. */
+struct rfile_range { uint64_t off; size_t len; void *buf; };
+bool rfile_read_ranges(const rfile *f, const struct rfile_range *ranges, unsigned n,
+                       GError **error);
+
+/* chain-read.c ---------------------------------------------------------- */
+
+/* Random reads of a backup point through its chain with a cache of file
+ * blocks and readahead (the design is at the top of chain-read.c); any
+ * number of threads may read at once.  cbt mount of an S3 repository. */
+typedef struct chain_reader chain_reader;
+/* Map the manifest's chain of @b (chain_map_build: damage is
+ * CLI_EXIT_DAMAGED).  @r must outlive the reader. */
+bool chain_reader_new(repo *r, const repo_backup *b, chain_reader **out, GError **error);
+void chain_reader_free(chain_reader *cr);
+const chain_map *chain_reader_map(const chain_reader *cr);
+/* Read guest bytes [@off, @off + @len) (inside the image) into @buf. */
+bool chain_reader_read(chain_reader *cr, void *buf, uint64_t len, uint64_t off,
+                       GError **error);
+/* Whether guest offset @off (inside the image) holds data or reads as
+ * zeros, and for how many bytes from @off the answer stays the same. */
+bool chain_reader_is_data(const chain_reader *cr, uint64_t off, uint64_t *len);
+/* A number that names the point's top file as it is now (its name and
+ * S3 ETag): the same for the same object, another after it changed. */
+uint64_t chain_reader_ident(const chain_reader *cr);
+
+/* cmd-mount.c (for cmd-restore-instant.c) ------------------------------- */
+
+/* Mount backup @at of repository @repo_url read-only at @mountpoint, write
+ * "INO FILE\n" (disk.raw's inode number, the backup file) to @ready_fd
+ * once mounted, and serve
+ * until @life_fd (a pipe's read end, taken) reads EOF, then unmount
+ * (lazily) and return the exit status.  Meant for a child process that
+ * does nothing else. */
+int mount_serve_private(const char *repo_url, const char *at, const char *mountpoint,
+                        int ready_fd, int life_fd);
 
 #endif

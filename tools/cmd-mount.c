@@ -14,9 +14,9 @@
  * Reads.  The image is the backup's qcow2 file on top of the manifest's
  * chain, opened as cbt restore opens it (chain.c).  libfuse's
  * multi-threaded loop calls read() on up to MAX_THREADS threads at once;
- * each thread has its own io_uring (the image backends' contract: one
- * ring per thread, lib/include/cbt/image.h) on which it submits the
- * request and reaps until it completes.  Allocated clusters of the top
+ * each runs the request to completion with cbt_image_run_sync, on its
+ * thread's own io_uring (the image backends' contract: one ring per
+ * thread, lib/include/cbt/image.h).  Allocated clusters of the top
  * file are read straight on that ring; everything else (backing files,
  * zero clusters, L2 misses) goes through the qcow2 backend's metadata
  * thread.  Large, parallel reads are what loop devices, qemu-img and
@@ -26,6 +26,18 @@
  * opens (the file never changes while mounted), and lseek(SEEK_DATA /
  * SEEK_HOLE) answers from the chain's block status, so sparse-aware
  * readers (qemu-img's raw driver, cp --sparse) skip what reads as zeros.
+ *
+ * A repository on S3 (--repo s3://...) has no files to open: the chain
+ * is mapped once (chain-map.c, through ranged GETs) and reads go through
+ * chain-read.c, which serves whole blocks of the chain's objects from a
+ * cache filled by ranged GETs, with readahead for readers going forward;
+ * SEEK_DATA / SEEK_HOLE come from the same map.  Nothing is locked on S3
+ * (readers take no lock object); an object that disappears or changes
+ * while mounted fails the reads of it with EIO, and the log names it.
+ * disk.raw then has a fixed inode number derived from the top object's
+ * name and ETag, by which cbt restore --instant recognises the same
+ * backup when it resumes (it serves an S3 point to cbt-filterd through
+ * a private mount: serve_private below).
  *
  * Lifetime.  The repository is locked shared for as long as the file
  * system is mounted, so that pruning cannot remove a file of the chain.
@@ -47,6 +59,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,7 +98,9 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(cbt_image, cbt_image_close)
 /* What the file system serves; read-only after mounting, so the FUSE
  * threads share it without a lock (the counters are atomic). */
 struct mnt {
-  cbt_image *img;
+  cbt_image *img;                 /* directory repository, or */
+  chain_reader *cr;               /* S3 */
+  uint64_t ino;                   /* S3: disk.raw's inode number */
   uint64_t size;                  /* the manifest's exact image size */
   uint64_t blocks;                /* st_blocks: an upper bound, see below */
   time_t mtime;
@@ -97,85 +112,39 @@ struct mnt {
   atomic_uint_fast64_t reads, bytes, errors;
 };
 
-/* --- reading on the calling thread's ring ------------------------------ */
+/* --- reading ------------------------------------------------------------ */
 
+/* The lib's per-thread ring (cbt/uring-io.h, used by block status) is
+ * freed when a FUSE thread ends. */
 static void
-ring_free(gpointer p)
+thread_io_free(gpointer p)
 {
-  struct io_uring *ring = p;
-
-  io_uring_queue_exit(ring);
-  g_free(ring);
-  cbt_io_thread_cleanup();        /* the lib's ring for block status */
+  (void)p;
+  cbt_io_thread_cleanup();
 }
 
-static GPrivate thread_ring = G_PRIVATE_INIT(ring_free);
+static GPrivate thread_io = G_PRIVATE_INIT(thread_io_free);
 
-struct sync_read {
-  struct cbt_image_io io;
-  bool done;
-  int res;
-};
-
-static void
-sync_read_done(struct cbt_image_io *io, int res)
-{
-  struct sync_read *s = cbt_container_of(io, struct sync_read, io);
-
-  s->done = true;
-  s->res = res;
-}
-
-/* Read [@off, @off + @len) of @img into @buf on this thread's ring
- * (created on first use, freed when the thread exits).  Returns 0 or
- * -errno. */
+/* Read [@off, @off + @len) of the disk into @buf; 0 or -errno (logged). */
 static int
-image_read(cbt_image *img, void *buf, uint64_t len, uint64_t off)
+disk_read(struct mnt *m, void *buf, uint64_t len, uint64_t off)
 {
-  struct io_uring *ring = g_private_get(&thread_ring);
-  struct sync_read *s;
+  g_autoptr(GError) err = NULL;
   int r;
 
-  if (!ring) {
-    ring = g_new0(struct io_uring, 1);
-    r = io_uring_queue_init(RING_ENTRIES, ring, 0);
-    if (r < 0) {
-      g_free(ring);
-      return r;
-    }
-    g_private_set(&thread_ring, ring);
+  if (m->cr) {
+    if (chain_reader_read(m->cr, buf, len, off, &err))
+      return 0;
+    if (atomic_fetch_add(&m->errors, 1) < 100)
+      cli_error("%s", err->message);
+    return -EIO;
   }
-  s = g_new0(struct sync_read, 1);
-  s->io.ring = ring;
-  s->io.type = CBT_IO_READ;
-  s->io.offset = off;
-  s->io.len = len;
-  s->io.buf = buf;
-  s->io.complete = sync_read_done;
-  cbt_image_submit(img, &s->io);
-  while (!s->done) {
-    struct io_uring_cqe *cqe;
-
-    r = io_uring_submit_and_wait(ring, 1);
-    if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
-      /* The request is stuck in a ring we cannot drive (never seen in
-       * practice).  Its sqes may still complete and the metadata thread
-       * may still hold it, so ring and request are left allocated and
-       * this thread starts a new ring next time. */
-      g_private_set(&thread_ring, NULL);
-      return r;
-    }
-    while (io_uring_peek_cqe(ring, &cqe) == 0) {
-      struct cbt_aio_op *op = io_uring_cqe_get_data(cqe);
-      int res = cqe->res;
-
-      io_uring_cqe_seen(ring, cqe);
-      if (op)
-        op->done(op, res);
-    }
-  }
-  r = s->res;
-  g_free(s);
+  if (!g_private_get(&thread_io))
+    g_private_set(&thread_io, GINT_TO_POINTER(1));
+  r = cbt_image_run_sync(m->img, CBT_IO_READ, 0, off, len, buf);
+  if (r < 0 && atomic_fetch_add(&m->errors, 1) < 100)
+    cli_error("%s: reading guest offset %" PRIu64 "+%" PRIu64 ": %s", m->file, off, len,
+              g_strerror(-r));
   return r;
 }
 
@@ -196,6 +165,7 @@ mnt_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
   cfg->entry_timeout = CACHE_SECONDS;
   cfg->attr_timeout = CACHE_SECONDS;
   cfg->negative_timeout = CACHE_SECONDS;
+  cfg->use_ino = mnt_get()->ino != 0;
   /* Read-ahead requests are "background" requests: let the kernel keep
    * one in flight per thread. */
   conn->max_background = MAX_THREADS;
@@ -216,11 +186,13 @@ mnt_getattr(const char *path, struct stat *st, struct fuse_file_info *fi)
   if (strcmp(path, "/") == 0) {
     st->st_mode = S_IFDIR | 0555;
     st->st_nlink = 2;
+    st->st_ino = 1;
     return 0;
   }
   if (strcmp(path, DISK_PATH) == 0) {
     st->st_mode = S_IFREG | 0444;
     st->st_nlink = 1;
+    st->st_ino = (ino_t)(m->ino ? m->ino : 2);
     st->st_size = (off_t)m->size;
     st->st_blocks = (blkcnt_t)m->blocks;
     st->st_blksize = IO_BLKSIZE;
@@ -270,15 +242,10 @@ mnt_read(const char *path, char *buf, size_t size, off_t off,
   if ((uint64_t)off >= m->size || size == 0)
     return 0;
   len = MIN((uint64_t)size, m->size - (uint64_t)off);
-  r = image_read(m->img, buf, len, (uint64_t)off);
+  r = disk_read(m, buf, len, (uint64_t)off);
   atomic_fetch_add(&m->reads, 1);
-  if (r < 0) {
-    /* The reader gets the error; the log names what failed. */
-    if (atomic_fetch_add(&m->errors, 1) < 100)
-      cli_error("%s: reading guest offset %jd+%" PRIu64 ": %s", m->file, (intmax_t)off,
-                len, g_strerror(-r));
-    return r;
-  }
+  if (r < 0)
+    return r;                     /* the reader gets it; the log names it */
   atomic_fetch_add(&m->bytes, len);
   return (int)len;
 }
@@ -298,6 +265,18 @@ mnt_lseek(const char *path, off_t off, int whence, struct fuse_file_info *fi)
   if (off < 0 || (uint64_t)off >= m->size)
     return -ENXIO;
   pos = (uint64_t)off;
+  while (m->cr && pos < m->size) {
+    uint64_t len;
+    bool data = chain_reader_is_data(m->cr, pos, &len);
+
+    if (data == (whence == SEEK_DATA))
+      return (off_t)pos;
+    if (len == 0)
+      return -EIO;
+    pos += len;
+  }
+  if (!g_private_get(&thread_io))
+    g_private_set(&thread_io, GINT_TO_POINTER(1));
   while (pos < m->size) {
     struct cbt_extent ext[64];
     int n = m->img->ops->block_status(m->img, pos, m->size - pos, ext, G_N_ELEMENTS(ext));
@@ -396,6 +375,8 @@ static const struct fuse_operations mnt_ops = {
 struct mount_opts {
   const char *repo_dir, *at, *mountpoint;
   bool daemon, allow_other;
+  int ready_fd;                   /* serve_private: "INO FILE\n" once mounted */
+  int life_fd;                    /* serve_private: unmount when it reads EOF */
 };
 
 static bool
@@ -505,11 +486,49 @@ daemon_ready(int ready)
   close(ready);
 }
 
+static bool unmount_path(const char *mp, bool lazy, GError **error);
+
+struct life {
+  int fd;
+  char *mp;
+};
+
+static gpointer
+life_main(gpointer opaque)
+{
+  struct life *l = opaque;
+  g_autoptr(GError) err = NULL;
+  char c;
+
+  /* Nothing is ever written: a read returns when every writer is gone. */
+  while (read(l->fd, &c, 1) != 0 && errno == EINTR)
+    ;
+  cli_debug("%s: its user is done; unmounting", l->mp);
+  if (!unmount_path(l->mp, true, &err))
+    cli_error("%s", err->message);
+  close(l->fd);
+  g_free(l->mp);
+  g_free(l);
+  return NULL;
+}
+
+/* Unmount @mp (lazily: its user may still hold the file open) once
+ * @fd, the read end of a pipe, reads EOF. */
+static void
+watch_life(int fd, const char *mp)
+{
+  struct life *l = g_new0(struct life, 1);
+
+  l->fd = fd;
+  l->mp = g_strdup(mp);
+  g_thread_unref(g_thread_new("life", life_main, l));
+}
+
 static bool
 mount_run(const struct mount_opts *o, GError **error)
 {
   g_autoptr(repo) r = NULL;
-  g_autofree char *mp = NULL, *fsname = NULL, *mopts = NULL, *path = NULL;
+  g_autofree char *mp = NULL, *fsname = NULL, *mopts = NULL;
   struct fuse_args args = FUSE_ARGS_INIT(0, NULL);
   struct fuse_loop_config *lcfg = NULL;
   struct fuse *f = NULL;
@@ -532,16 +551,24 @@ mount_run(const struct mount_opts *o, GError **error)
     return false;
 
   if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
-      !repo_find(r, o->at, &b, error) || !chain_open(r, b, &m.img, error))
+      !repo_find(r, o->at, &b, error))
     goto out;
-  path = repo_path(r, b->file);
+  if (repo_is_s3(r)) {
+    if (!chain_reader_new(r, b, &m.cr, error))
+      goto out;
+    m.ino = chain_reader_ident(m.cr);
+    m.repo_dir = g_strdup(r->dir);
+  } else {
+    if (!chain_open(r, b, &m.img, error))
+      goto out;
+    m.repo_dir = realpath(r->dir, NULL);
+    if (!m.repo_dir)
+      m.repo_dir = g_canonicalize_filename(r->dir, NULL);
+  }
   m.size = b->image_size;
   m.mtime = (time_t)b->time_unix;
   m.uid = geteuid();
   m.gid = getegid();
-  m.repo_dir = realpath(r->dir, NULL);
-  if (!m.repo_dir)
-    m.repo_dir = g_canonicalize_filename(r->dir, NULL);
   m.file = g_strdup(b->file);
   g_snprintf(m.pid, sizeof m.pid, "%ld", (long)getpid());
   /* st_blocks: the data the chain's files store for the disk, an upper
@@ -556,7 +583,7 @@ mount_run(const struct mount_opts *o, GError **error)
   m.blocks = MIN(m.blocks, (m.size + 511) / 512);
 
   {
-    g_autofree char *repo_abs = g_build_filename(m.repo_dir, b->file, NULL);
+    g_autofree char *repo_abs = g_strdup_printf("%s/%s", m.repo_dir, b->file);
 
     fsname = opt_escape(repo_abs);
   }
@@ -597,6 +624,14 @@ mount_run(const struct mount_opts *o, GError **error)
     daemon_ready(ready);
     ready = -1;
   }
+  if (o->ready_fd >= 0) {
+    g_autofree char *msg = g_strdup_printf("%" PRIu64 " %s\n", m.ino, b->file);
+
+    if (write(o->ready_fd, msg, strlen(msg)) < 0)
+      cli_debug("telling that %s is mounted: %s", mp, g_strerror(errno));
+  }
+  if (o->life_fd >= 0)
+    watch_life(o->life_fd, mp);
 
   lcfg = fuse_loop_cfg_create();
   if (!lcfg) {
@@ -631,6 +666,7 @@ out:
   /* Every FUSE thread has ended: close the chain, then (repo_free) drop
    * the lock. */
   cbt_image_close(m.img);
+  chain_reader_free(m.cr);
   g_free(m.repo_dir);
   g_free(m.file);
   if (ready >= 0)
@@ -645,7 +681,8 @@ cmd_mount(int argc, char **argv)
   gboolean daemon = FALSE, allow_other = FALSE;
   GError *error = NULL;
   GOptionEntry entries[] = {
-    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory", "DIR" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository: a directory or s3://BUCKET/PREFIX", "DIR" },
+    CLI_S3_OPTION,
     { "at", 'a', 0, G_OPTION_ARG_STRING, &at, "the backup to mount: seq number, file name or 'latest' (default)", "BACKUP" },
     { "daemon", 'd', 0, G_OPTION_ARG_NONE, &daemon, "run in the background once mounted", NULL },
     { "allow-other", 0, 0, G_OPTION_ARG_NONE, &allow_other, "let other users read the file (FUSE allow_other; needs user_allow_other in /etc/fuse.conf unless root)", NULL },
@@ -676,14 +713,15 @@ cmd_mount(int argc, char **argv)
   if (!dir)
     return cli_usage_error("mount", "--repo is required");
   o = (struct mount_opts){ .repo_dir = dir, .at = at, .mountpoint = argv[1],
-                           .daemon = daemon, .allow_other = allow_other };
+                           .daemon = daemon, .allow_other = allow_other,
+                           .ready_fd = -1, .life_fd = -1 };
   return mount_run(&o, &error) ? CLI_EXIT_OK : cli_report(error);
 }
 
 /* --- cbt umount --------------------------------------------------------- */
 
 static bool
-unmount_path(const char *mp, GError **error)
+unmount_path(const char *mp, bool lazy, GError **error)
 {
   g_autofree char *helper = g_find_program_in_path("fusermount3");
   g_autofree char *err_out = NULL;
@@ -691,7 +729,7 @@ unmount_path(const char *mp, GError **error)
   int status = 0;
 
   if (!helper) {
-    if (geteuid() == 0 && umount2(mp, 0) == 0)
+    if (geteuid() == 0 && umount2(mp, lazy ? MNT_DETACH : 0) == 0)
       return true;
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot unmount: %s", mp,
                 geteuid() == 0 ? g_strerror(errno)
@@ -699,7 +737,10 @@ unmount_path(const char *mp, GError **error)
     return false;
   }
   {
-    const char *av[] = { helper, "-u", mp, NULL };
+    const char *av[] = { helper, "-u", lazy ? "-z" : mp, mp, NULL };
+
+    if (!lazy)
+      av[3] = NULL;
 
     if (!g_spawn_sync(NULL, (char **)av, NULL, G_SPAWN_STDOUT_TO_DEV_NULL, NULL, NULL,
                       NULL, &err_out, &status, &spawn_err)) {
@@ -752,7 +793,7 @@ umount_run(const char *arg, GError **error)
     if (pidfd < 0)
       cli_debug("pidfd_open %ld: %s: not waiting for it", pid, g_strerror(errno));
   }
-  ok = unmount_path(mp, error);
+  ok = unmount_path(mp, false, error);
   if (ok && pidfd >= 0) {
     /* The server's loop ends with the mount; it then closes the chain and
      * unlocks the repository.  Wait for that, so that a backup or prune
@@ -796,4 +837,17 @@ cmd_umount(int argc, char **argv)
   if (argc > 2)
     return cli_usage_error("umount", "unexpected argument '%s'", argv[2]);
   return umount_run(argv[1], &error) ? CLI_EXIT_OK : cli_report(error);
+}
+
+/* --- for cbt restore --instant ---------------------------------------------- */
+
+int
+mount_serve_private(const char *repo_url, const char *at, const char *mountpoint,
+                    int ready_fd, int life_fd)
+{
+  struct mount_opts o = { .repo_dir = repo_url, .at = at, .mountpoint = mountpoint,
+                          .ready_fd = ready_fd, .life_fd = life_fd };
+  GError *error = NULL;
+
+  return mount_run(&o, &error) ? CLI_EXIT_OK : cli_report(error);
 }

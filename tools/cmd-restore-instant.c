@@ -23,6 +23,25 @@
  *     which the daemon closes once the restore is complete, so backups of
  *     the restored machine into the same repository can run afterwards.
  *
+ * A repository on S3 (--repo s3://BUCKET/PREFIX) has no file to hand the
+ * daemon, whose restore reads its source through the image backends on a
+ * file descriptor (filterd/restore.c).  Rather than teach the daemon S3,
+ * the point is mounted privately with FUSE, as cbt mount does (ranged
+ * GETs through the chain, a block cache with readahead: chain-read.c), by
+ * a child process forked before anything else is opened, and the daemon
+ * gets MOUNTPOINT/disk.raw as a raw source.  The daemon and the restore
+ * state stay exactly as for a directory; the source's identity in the
+ * state file is disk.raw's inode number, which the mount derives from the
+ * top object's name and ETag, so a resumed restore accepts the same
+ * backup and refuses a replaced one.  The mount lives as long as the
+ * daemon needs it: the child waits for EOF on a pipe whose write end goes
+ * through the exec as --restore-release-fd (for a directory that is the
+ * lock's descriptor), which the daemon closes once the copy is complete
+ * and it has closed the source, or which closes when the daemon exits
+ * however it exits; the child then unmounts and removes the mountpoint.
+ * (The other way, an NBD or S3 source backend in the daemon, would put
+ * HTTP in the daemon and change filterd for one caller.)
+ *
  * cbt-filterd is $CBT_FILTERD if set, else the one next to this program,
  * else the first on $PATH (as cbt serve finds it).
  */
@@ -33,6 +52,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "cbt/image.h"
@@ -146,40 +166,143 @@ check_resume(const struct instant_opts *o, const repo_backup *b, uint64_t src_in
   return true;
 }
 
+/* Mount the point of S3 repository o->repo_dir privately in a child (see
+ * the top of the file): *@mp is the mountpoint, *@ino disk.raw's inode
+ * number, *@file the backup file the child found for o->at, *@life the
+ * write end to hand the daemon. */
+static bool
+private_mount(const struct instant_opts *o, char **mp, uint64_t *ino, char **file,
+              int *life, GError **error)
+{
+  g_autoptr(GError) err = NULL;
+  g_autofree char *dir = g_dir_make_tmp("cbt-instant-XXXXXX", &err);
+  g_autoptr(GString) line = g_string_new(NULL);
+  int ready[2], lp[2], status = 0;
+  pid_t pid;
+  char c;
+
+  if (!dir) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "a mountpoint for %s: %s", o->repo_dir,
+                err->message);
+    return false;
+  }
+  if (pipe2(ready, O_CLOEXEC) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "pipe: %s", g_strerror(errno));
+    rmdir(dir);
+    return false;
+  }
+  if (pipe2(lp, O_CLOEXEC) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "pipe: %s", g_strerror(errno));
+    close(ready[0]);
+    close(ready[1]);
+    rmdir(dir);
+    return false;
+  }
+  fflush(NULL);
+  pid = fork();
+  if (pid < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "fork: %s", g_strerror(errno));
+    close(ready[0]);
+    close(ready[1]);
+    close(lp[0]);
+    close(lp[1]);
+    rmdir(dir);
+    return false;
+  }
+  if (pid == 0) {
+    int rc;
+
+    close(ready[0]);
+    close(lp[1]);
+    cli_quiet = TRUE;             /* errors still go to stderr */
+    rc = mount_serve_private(o->repo_dir, o->at, dir, ready[1], lp[0]);
+    if (rmdir(dir) < 0)
+      cli_debug("%s: %s", dir, g_strerror(errno));
+    _exit(rc);
+  }
+  close(ready[1]);
+  close(lp[0]);
+  while (read(ready[0], &c, 1) == 1 && c != '\n')
+    g_string_append_c(line, c);
+  close(ready[0]);
+  if (line->len == 0) {
+    /* The child failed (it said why) or died. */
+    close(lp[1]);
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+      ;
+    rmdir(dir);
+    g_set_error(error, CLI_ERROR, WIFEXITED(status) && WEXITSTATUS(status) == CLI_EXIT_DAMAGED
+                ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
+                "%s: cannot serve the backup to cbt-filterd (see above)", o->repo_dir);
+    return false;
+  }
+  {
+    char *end = NULL;
+
+    *ino = g_ascii_strtoull(line->str, &end, 10);
+    *file = g_strdup(end && *end == ' ' ? end + 1 : "");
+  }
+  *mp = g_steal_pointer(&dir);
+  *life = lp[1];
+  return true;
+}
+
 static bool
 instant_run(const struct instant_opts *o, GError **error)
 {
   g_autoptr(repo) r = NULL;
   g_autoptr(GPtrArray) av = g_ptr_array_new_with_free_func(g_free);
   g_autofree char *filterd = NULL, *dir = NULL, *src = NULL, *why = NULL;
+  g_autofree char *mp = NULL, *mfile = NULL;
   struct cbt_image *img = NULL;
   const repo_backup *b = NULL;
+  bool s3 = g_str_has_prefix(o->repo_dir, "s3://");
+  uint64_t src_ino = 0;
   struct stat sb;
-  int lock_fd = -1, rc;
+  int lock_fd = -1, life = -1, rc;
 
-  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
-      !repo_find(r, o->at, &b, error) || !chain_open(r, b, &img, error))
-    return false;
-  cbt_image_close(img);
   filterd = cli_find_filterd();
   if (!filterd) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
                 "cbt-filterd not found (not next to cbt, not on PATH; set CBT_FILTERD)");
     return false;
   }
-  dir = realpath(r->dir, NULL);
-  if (!dir) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", r->dir, g_strerror(errno));
+  /* First, before this process opens anything (threads, connections). */
+  if (s3 && !private_mount(o, &mp, &src_ino, &mfile, &life, error))
     return false;
+  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+      !repo_find(r, o->at, &b, error))
+    return false;
+  if (s3) {
+    if (strcmp(mfile, b->file) != 0) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: the repository changed while "
+                  "starting (%s, then %s): try again", o->repo_dir, mfile, b->file);
+      return false;
+    }
+    src = g_build_filename(mp, "disk.raw", NULL);
+  } else {
+    if (!chain_open(r, b, &img, error))
+      return false;
+    cbt_image_close(img);
+    dir = realpath(r->dir, NULL);
+    if (!dir) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", r->dir, g_strerror(errno));
+      return false;
+    }
+    src = g_build_filename(dir, b->file, NULL);
   }
-  src = g_build_filename(dir, b->file, NULL);
   if (stat(src, &sb) < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", src, g_strerror(errno));
     return false;
   }
+  if (!s3)
+    src_ino = (uint64_t)sb.st_ino;
+  else if ((uint64_t)sb.st_ino != src_ino)
+    cli_debug("%s: inode %" PRIu64 ", the mount said %" PRIu64, src, (uint64_t)sb.st_ino,
+              src_ino);
 
   if (lstat(o->output, &(struct stat){ 0 }) == 0) {
-    if (!check_resume(o, b, (uint64_t)sb.st_ino, error))
+    if (!check_resume(o, b, src_ino, error))
       return false;
   } else if (errno != ENOENT) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", o->output, g_strerror(errno));
@@ -187,7 +310,7 @@ instant_run(const struct instant_opts *o, GError **error)
   } else {
     struct cbt_rstate_info info = {
       .image_size = b->image_size,
-      .source_ino = (uint64_t)sb.st_ino,
+      .source_ino = src_ino,
       .granularity = GRANULARITY,
     };
     struct stat ob;
@@ -228,6 +351,12 @@ instant_run(const struct instant_opts *o, GError **error)
                 g_strerror(errno));
     return false;
   }
+  /* On S3 the same descriptor keeps the private mount instead. */
+  if (life >= 0 && (lock_fd = fcntl(life, F_DUPFD, 3)) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the mount: %s", mp,
+                g_strerror(errno));
+    return false;
+  }
 
   g_ptr_array_add(av, g_strdup(filterd));
   g_ptr_array_add(av, g_strdup("--image"));
@@ -247,6 +376,8 @@ instant_run(const struct instant_opts *o, GError **error)
   cli_argv_add_opt(av, "--control", o->control);
   cli_argv_add_opt(av, "--bitmap", o->bitmap);
   cli_argv_add_opt(av, "--pid-file", o->pid_file);
+  /* The S3 client's connections are of no use to the daemon. */
+  g_clear_pointer(&r, repo_free);
   return cli_exec(filterd, av, o->extra, error);
 }
 
@@ -260,7 +391,8 @@ cmd_restore_instant(int argc, char **argv)
   GError *error = NULL;
   GOptionEntry entries[] = {
     { "instant", 0, 0, G_OPTION_ARG_NONE, &instant, "serve the disk now, copy it in the background", NULL },
-    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory", "DIR" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository: a directory or s3://BUCKET/PREFIX", "DIR" },
+    CLI_S3_OPTION,
     { "at", 'a', 0, G_OPTION_ARG_STRING, &at, "the backup to restore: seq number, file name or 'latest' (default)", "BACKUP" },
     { "output", 'o', 0, G_OPTION_ARG_FILENAME, &out, "FILE.qcow2 or a raw FILE", "OUTPUT" },
     { "state", 0, 0, G_OPTION_ARG_FILENAME, &state, "progress file (default OUTPUT.restore-state)", "FILE" },

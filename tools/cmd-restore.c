@@ -556,8 +556,7 @@ restore(struct restore *rs, GError **error)
     struct chain_file *f = &map->files[i];
     struct stream_file *sf = &files[i];
 
-    sf->fd = f->fd;
-    sf->path = f->path;
+    sf->rf = f->rf;
     sf->size = f->size;
     sf->ranges = g_array_new(FALSE, FALSE, sizeof(struct stream_range));
     if (rs->verify) {
@@ -638,7 +637,8 @@ cmd_restore(int argc, char **argv)
   GError *error = NULL;
   struct restore rs = { 0 };
   GOptionEntry entries[] = {
-    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory", "DIR" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository: a directory or s3://BUCKET/PREFIX", "DIR" },
+    CLI_S3_OPTION,
     { "at", 'a', 0, G_OPTION_ARG_STRING, &at, "the backup to restore: seq number, file name or 'latest' (default)", "BACKUP" },
     { "output", 'o', 0, G_OPTION_ARG_FILENAME, &out, "FILE.raw, FILE.qcow2 or an NBD URI", "OUTPUT" },
     { "no-verify", 0, 0, G_OPTION_ARG_NONE, &no_verify, "do not check the manifest's checksums while reading", NULL },

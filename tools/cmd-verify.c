@@ -20,6 +20,11 @@
  * at the speed the files can be read.  A mismatch is reported and the
  * stream goes on; an I/O error stops it (the files not yet read count as
  * failed, not as verified).
+ *
+ * A repository on S3 is read the same way through repo-read.c: a HEAD
+ * per object for its size (a missing object is damage), the checksums
+ * from parallel ranged GETs, the header from one.  Objects under the
+ * prefix that the manifest does not list are mentioned as files are.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +37,7 @@
 #include "cbt/qcow2.h"
 #include "cbt/uring-io.h"
 #include "cli.h"
+#include "s3.h"
 
 #define HEADER_READ (UINT64_C(2) << 20)   /* the largest cluster */
 
@@ -60,25 +66,21 @@ problem(struct verify *v, json_object *jproblems, const char *fmt, ...)
 }
 
 static bool
-check_header(struct verify *v, const repo_backup *b, const char *path,
-             json_object *jp)
+check_header(struct verify *v, const repo_backup *b, const rfile *rf, json_object *jp)
 {
   g_autofree uint8_t *buf = NULL;
   g_autofree char *why = NULL;
+  g_autoptr(GError) err = NULL;
   struct cbt_qcow2_info info;
-  size_t n = (size_t)MIN(b->file_size, HEADER_READ);
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  const char *path = rf->name;
+  /* On S3 a GET of the first cluster, not of the largest one. */
+  size_t n = (size_t)MIN(b->file_size, rfile_is_s3(rf) ? MAX(b->cluster_size, 4096)
+                                                       : HEADER_READ);
   int r;
 
-  if (fd < 0) {
-    problem(v, jp, "%s: %s", path, g_strerror(errno));
-    return false;
-  }
-  buf = g_malloc(n);
-  r = cbt_io_pread(fd, buf, n, 0);
-  close(fd);
-  if (r < 0) {
-    problem(v, jp, "%s: reading the header: %s", path, g_strerror(-r));
+  buf = g_malloc(MAX(n, 1));
+  if (!rfile_pread(rf, buf, n, 0, &err)) {
+    problem(v, jp, "reading the header: %s", err->message);
     return false;
   }
   r = cbt_qcow2_header_decode(buf, n, b->file_size, &info, &why);
@@ -111,32 +113,36 @@ check_file(struct verify *v, guint i, struct stream_file *sf, GError **error)
   g_autofree char *path = repo_path(v->r, b->file);
   json_object *jb = json_object_new_object();
   json_object *jp = json_object_new_array();
+  g_autoptr(GError) err = NULL;
+  g_autoptr(rfile) rf = NULL;
   struct stat st;
-  int fd;
 
   cli_json_add_str(jb, "file", b->file);
   json_object_object_add(jb, "problems", jp);
   json_object_array_add(v->jbackups, jb);
   v->jp[i] = jp;
 
-  if (stat(path, &st) < 0) {
+  if (!repo_is_s3(v->r) && stat(path, &st) < 0) {
     problem(v, jp, "%s: %s (listed in the manifest as backup %u)", path,
             errno == ENOENT ? "missing" : g_strerror(errno), b->seq);
     return false;
   }
-  if ((uint64_t)st.st_size != b->file_size) {
-    problem(v, jp, "%s: %" PRIu64 " bytes, the manifest says %" PRIu64, path,
-            (uint64_t)st.st_size, b->file_size);
+  rf = rfile_open(v->r, b, &err);
+  if (!rf) {
+    if (err->code == CLI_EXIT_DAMAGED)
+      problem(v, jp, "%s", err->message);
+    else
+      g_propagate_error(error, g_steal_pointer(&err));
     return false;
   }
-  fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
+  if (rf->size != b->file_size) {
+    problem(v, jp, "%s: %" PRIu64 " bytes, the manifest says %" PRIu64, rf->name,
+            rf->size, b->file_size);
     return false;
   }
-  posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-  sf->fd = fd;
-  sf->path = g_steal_pointer(&path);
+  if (rf->fd >= 0)
+    posix_fadvise(rf->fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  sf->rf = g_steal_pointer(&rf);
   sf->size = b->file_size;
   sf->ranges = g_array_new(FALSE, FALSE, sizeof(struct stream_range));
   {
@@ -197,7 +203,7 @@ check_sums(struct verify *v, struct stream_file *files, guint *index, unsigned n
     unsigned at = 0;
 
     for (unsigned k = 0; k < n; k++)
-      if (g_str_has_prefix(err->message, files[k].path))
+      if (g_str_has_prefix(err->message, files[k].rf->name))
         at = k;
     if (v->progress)
       fputc('\n', stderr);
@@ -224,7 +230,8 @@ cmd_verify(int argc, char **argv)
   struct verify v = { 0 };
   uint64_t bytes = 0;
   GOptionEntry entries[] = {
-    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory", "DIR" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository: a directory or s3://BUCKET/PREFIX", "DIR" },
+    CLI_S3_OPTION,
     { "json", 'j', 0, G_OPTION_ARG_NONE, &json, "print the result as JSON on stdout", NULL },
     { NULL }
   };
@@ -272,9 +279,8 @@ cmd_verify(int argc, char **argv)
     for (unsigned k = 0; k < n; k++) {
       const repo_backup *b = g_ptr_array_index(v.r->backups, index[k]);
 
-      check_header(&v, b, files[k].path, v.jp[index[k]]);
-      close(files[k].fd);
-      g_free((char *)files[k].path);
+      check_header(&v, b, files[k].rf, v.jp[index[k]]);
+      rfile_close((rfile *)files[k].rf);
       g_array_unref(files[k].ranges);
     }
     for (guint i = 0; i < v.r->backups->len; i++) {
@@ -288,7 +294,27 @@ cmd_verify(int argc, char **argv)
   }
   g_free(v.jp);
 
-  {
+  if (repo_is_s3(v.r)) {
+    /* Objects the manifest does not know: worth a word, not damage. */
+    g_autofree char *prefix = repo_s3_key(v.r, "");
+    g_autoptr(GPtrArray) objs = NULL;
+
+    if (!s3_list(repo_s3(v.r), repo_s3_bucket(v.r), prefix, "/", 0, &objs, NULL, &lerr))
+      cli_note("listing %s: %s", dir, lerr->message);
+    for (guint k = 0; objs && k < objs->len; k++) {
+      const s3_entry *e = g_ptr_array_index(objs, k);
+      const char *name = e->key + strlen(prefix);
+      bool known = false;
+
+      if (!g_str_has_suffix(name, ".qcow2"))
+        continue;
+      for (guint i = 0; i < v.r->backups->len && !known; i++)
+        known = strcmp(((repo_backup *)g_ptr_array_index(v.r->backups, i))->file, name) == 0;
+      if (!known)
+        cli_note("s3://%s/%s: not listed in the manifest (ignored)", repo_s3_bucket(v.r),
+                 e->key);
+    }
+  } else {
     /* Files the manifest does not know: worth a word, not damage. */
     g_autoptr(GDir) d = g_dir_open(dir, 0, &lerr);
     const char *name;

@@ -26,6 +26,16 @@
  * an eventfd, on which a read is always armed on the ring, so the main
  * thread waits in exactly one place: io_uring_wait_cqe.
  *
+ * Files on S3 (repo-read.c) are read the same way but for the read
+ * itself: a piece is a ranged GET on a thread of the fetch pool instead
+ * of a read on the ring, and its completion comes back through the queue
+ * of finished work, after which it takes the same path as a piece read
+ * from a file (lanes, piece callback, writes).  GETs want larger pieces
+ * (S3_PIECE; a request costs a round trip and some server work) and as
+ * many in flight as the pool has threads and more queued, so that a
+ * connection never idles; a run with an S3 file uses S3_PIECE pieces and
+ * as many buffers as make the same NBUF * PIECE bytes.
+ *
  * Ordering at the end: stream_run returns only when no read, write or
  * lane work is outstanding, so the caller may free what the callbacks
  * used.  On an error nothing new is started; what is in flight is
@@ -50,6 +60,7 @@
 #define QD        32                 /* reads in flight */
 #define RING_SIZE 256
 #define MAX_LANES 4
+#define S3_PIECE  (UINT64_C(4) << 20)
 
 enum op_kind { OP_READ, OP_WRITE, OP_EVENT };
 
@@ -83,6 +94,7 @@ struct wop {
 struct done_item {
   struct stream_piece *p;         /* or NULL: */
   bool held;                      /* stream_hold's work is done */
+  bool fetched;                   /* p's GET is done (error: it failed) */
   bool mismatch;                  /* error is a checksum mismatch */
   unsigned file;
   GError *error;
@@ -126,6 +138,9 @@ struct stream {
   uint64_t hash_seq;              /* next one to hand to a lane */
 
   unsigned reads, writes, refs_out;  /* in flight */
+  unsigned fetches;               /* of the reads: GETs on the fetch pool */
+  uint64_t piece;                 /* PIECE, or S3_PIECE with an S3 file */
+  unsigned nbuf;
   uint64_t bytes_read;
   struct lane lanes[MAX_LANES];
   unsigned nlanes;
@@ -204,7 +219,7 @@ lane_main(gpointer opaque)
         err = g_error_new(CLI_ERROR, CLI_EXIT_DAMAGED,
                           "%s: checksum mismatch in bytes %" PRIu64 "..%" PRIu64
                           " (chunk %" PRIu64 "): the file was modified or is damaged",
-                          f->path, c * chunk, cend - 1, c);
+                          f->rf->name, c * chunk, cend - 1, c);
     }
     {
       struct done_item *d = g_new0(struct done_item, 1);
@@ -315,12 +330,32 @@ get_sqe(stream *s)
 }
 
 static void
+fetch_done(void *opaque, GError *error)
+{
+  struct stream_piece *p = opaque;
+  struct done_item *d = g_new0(struct done_item, 1);
+
+  d->p = p;
+  d->fetched = true;
+  d->error = error;
+  push_done(p->s, d);
+}
+
+/* Read what is left of @p: on the ring, or as a GET for an S3 file. */
+static void
 submit_read(stream *s, struct stream_piece *p)
 {
-  struct io_uring_sqe *sqe = get_sqe(s);
+  const rfile *rf = s->files[p->file].f.rf;
+  struct io_uring_sqe *sqe;
 
-  io_uring_prep_read(sqe, s->files[p->file].f.fd, p->buf + p->got,
-                     (unsigned)(p->len - p->got), p->off + p->got);
+  if (rfile_is_s3(rf)) {
+    s->fetches++;
+    rfile_fetch(rf, p->buf, (size_t)p->len, p->off, fetch_done, p);
+    return;
+  }
+  sqe = get_sqe(s);
+  io_uring_prep_read(sqe, rf->fd, p->buf + p->got, (unsigned)(p->len - p->got),
+                     p->off + p->got);
   io_uring_sqe_set_data(sqe, &p->op);
 }
 
@@ -380,7 +415,7 @@ next_striped(stream *s, struct sfile *sf, uint64_t *off, uint64_t *len)
       sf->lane = (sf->lane + 1) % s->nlanes;
       if (sf->lpos[l] < clen) {
         *off = c0 + sf->lpos[l];
-        *len = MIN(PIECE, clen - sf->lpos[l]);
+        *len = MIN(s->piece, clen - sf->lpos[l]);
         sf->lpos[l] += *len;
         return true;
       }
@@ -429,7 +464,7 @@ start_reads(stream *s)
     }
     r = &g_array_index(sf->f.ranges, struct stream_range, sf->item);
     end = r->off + r->len;
-    len = MIN(PIECE, end - (r->off + sf->pos));
+    len = MIN(s->piece, end - (r->off + sf->pos));
     if (sf->f.sums) {
       uint64_t o = r->off + sf->pos;
       uint64_t cend = (o / sf->f.chunk_size + 1) * sf->f.chunk_size;
@@ -457,6 +492,8 @@ start_reads(stream *s)
   }
 }
 
+static void piece_arrived(stream *s, struct stream_piece *p);
+
 static void
 read_done(stream *s, struct stream_piece *p, int res)
 {
@@ -470,11 +507,11 @@ read_done(stream *s, struct stream_piece *p, int res)
     s->reads--;
     if (res < 0)
       fail(s, g_error_new(CLI_ERROR, CLI_EXIT_FAILED, "%s: reading at offset %" PRIu64
-                          ": %s", f->path, p->off + p->got, g_strerror(-res)));
+                          ": %s", f->rf->name, p->off + p->got, g_strerror(-res)));
     else
       fail(s, g_error_new(CLI_ERROR, CLI_EXIT_DAMAGED, "%s: ends at %" PRIu64
                           ", before the %" PRIu64 " bytes the manifest lists",
-                          f->path, p->off + p->got, f->size));
+                          f->rf->name, p->off + p->got, f->size));
     unref(p);
     return;
   }
@@ -484,6 +521,15 @@ read_done(stream *s, struct stream_piece *p, int res)
     return;
   }
   s->reads--;
+  piece_arrived(s, p);
+}
+
+/* @p's bytes are all there: hash them, hand them to the caller. */
+static void
+piece_arrived(stream *s, struct stream_piece *p)
+{
+  const struct stream_file *f = &s->files[p->file].f;
+
   s->bytes_read += p->len;
   if (s->error) {
     unref(p);
@@ -533,6 +579,19 @@ drain_done(stream *s)
   struct done_item *d;
 
   while ((d = g_async_queue_try_pop(s->done))) {
+    if (d->fetched) {
+      s->fetches--;
+      s->reads--;
+      if (d->error) {
+        fail(s, d->error);
+        unref(d->p);
+      } else {
+        d->p->got = d->p->len;
+        piece_arrived(s, d->p);
+      }
+      g_free(d);
+      continue;
+    }
     if (d->mismatch && s->o->mismatch)
       s->o->mismatch(s->o->opaque, d->file, g_steal_pointer(&d->error));
     else if (d->error)
@@ -561,14 +620,18 @@ stream_run(const struct stream_opts *o, const struct stream_file *files, unsigne
   s->done = g_async_queue_new();
   s->nfiles = nfiles;
   s->files = g_new0(struct sfile, MAX(nfiles, 1u));
+  s->piece = PIECE;
   for (unsigned i = 0; i < nfiles; i++) {
     s->files[i].f = files[i];
     any_sums |= files[i].sums != NULL;
+    if (rfile_is_s3(files[i].rf))
+      s->piece = S3_PIECE;
   }
+  s->nbuf = (unsigned)(NBUF * PIECE / s->piece);
   s->free_bufs = g_ptr_array_new_with_free_func(g_free);
-  for (unsigned i = 0; i < NBUF; i++)
-    g_ptr_array_add(s->free_bufs, g_malloc(PIECE));
-  s->pending = g_new0(struct stream_piece *, NBUF);
+  for (unsigned i = 0; i < s->nbuf; i++)
+    g_ptr_array_add(s->free_bufs, g_malloc(s->piece));
+  s->pending = g_new0(struct stream_piece *, s->nbuf);
 
   r = io_uring_queue_init(RING_SIZE, &s->ring, 0);
   if (r < 0) {
@@ -660,6 +723,21 @@ stream_run(const struct stream_opts *o, const struct stream_file *files, unsigne
   }
 
 out:
+  /* After a broken ring: GETs still write into our buffers. */
+  while (s->fetches > 0) {
+    struct done_item *d = g_async_queue_pop(s->done);
+
+    if (d->fetched) {
+      s->fetches--;
+      if (d->error)
+        g_error_free(d->error);
+      unref(d->p);
+      g_free(d);
+    } else {
+      g_async_queue_push_front(s->done, d);
+      drain_done(s);
+    }
+  }
   for (unsigned i = 0; i < s->nlanes; i++) {
     g_async_queue_push(s->lanes[i].q, &s->lanes[i]);   /* stop */
     g_thread_join(s->lanes[i].thread);
