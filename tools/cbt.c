@@ -32,6 +32,7 @@ static const struct command commands[] = {
   { "restore", cmd_restore, "rebuild the image as of one backup (raw, qcow2 or NBD)" },
   { "verify", cmd_verify, "check the backup files against the manifest checksums" },
   { "list", cmd_list, "list the backups of a repository, chain by chain" },
+  { "prune", cmd_prune, "delete the oldest whole chains of a repository" },
   { "mount", cmd_mount, "show one backup as a read-only disk file (FUSE)" },
   { "umount", cmd_umount, "end a cbt mount" },
   { "serve", cmd_serve, "serve one backup read-only over NBD (cbt-filterd)" },

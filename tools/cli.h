@@ -144,6 +144,7 @@ int cmd_backup(int argc, char **argv);
 int cmd_restore(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_list(int argc, char **argv);
+int cmd_prune(int argc, char **argv);  /* cmd-prune.c */
 int cmd_s3(int argc, char **argv);     /* cmd-s3.c: hidden from cbt --help */
 /* cbt restore --instant (cmd-restore-instant.c): cmd_restore hands argv
  * over when it holds --instant. */
@@ -256,6 +257,10 @@ bool repo_lock_check(repo *r, GError **error);
 /* Delete the repository file @file (exclusive lock held); a missing one
  * is no error. */
 bool repo_delete_file(repo *r, const char *file, GError **error);
+/* Drop the @count oldest backups (whole chains: the one after them is a
+ * full backup, or none is left) with the exclusive lock held: the
+ * manifest is rewritten first, then their files are deleted. */
+bool repo_prune(repo *r, guint count, GError **error);
 /* One manifest entry as JSON (caller owns the object). */
 json_object *repo_backup_to_json(const repo_backup *b);
 

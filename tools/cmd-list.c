@@ -23,8 +23,9 @@ cmd_list(int argc, char **argv)
   json_object *jl;
   unsigned chain = 0;
   GOptionEntry entries[] = {
-    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory", "DIR" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository: a directory or s3://BUCKET/PREFIX", "DIR" },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &json, "print JSON on stdout", NULL },
+    CLI_S3_OPTION,
     { NULL }
   };
   g_autoptr(GOptionContext) octx =

@@ -865,3 +865,36 @@ repo_delete_file(repo *r, const char *file, GError **error)
   }
   return true;
 }
+
+bool
+repo_prune(repo *r, guint count, GError **error)
+{
+  g_autoptr(GPtrArray) gone = NULL;
+  g_autofree char *text = NULL;
+
+  g_assert(count <= r->backups->len);
+  g_assert(count == r->backups->len ||
+           strcmp(((repo_backup *)g_ptr_array_index(r->backups, count))->kind,
+                  "full") == 0);
+  gone = g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
+  for (guint i = 0; i < count; i++)
+    g_ptr_array_add(gone, g_ptr_array_steal_index(r->backups, 0));
+  /* The manifest first: a crash after it leaves files that no manifest
+   * lists (and nothing reads), never a manifest naming missing ones. */
+  text = repo_manifest_text(r, r->next_seq);
+  if (!put_manifest(r, text, error)) {
+    for (guint i = gone->len; i > 0; i--)
+      g_ptr_array_insert(r->backups, 0, g_ptr_array_steal_index(gone, i - 1));
+    return false;
+  }
+  for (guint i = 0; i < gone->len; i++) {
+    const repo_backup *b = g_ptr_array_index(gone, i);
+
+    if (!repo_delete_file(r, b->file, error)) {
+      g_prefix_error(error, "the manifest no longer lists it, but: ");
+      return false;
+    }
+    cli_debug("%s: deleted", b->file);
+  }
+  return true;
+}
