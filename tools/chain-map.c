@@ -95,7 +95,7 @@ open_file(repo *r, const repo_backup *e, const repo_backup *target, uint64_t cs,
   f->backup = e;
   f->rf = rfile_open(r, e, error);
   if (!f->rf) {
-    g_prefix_error(error, "restoring %s: ", target->file);
+    g_prefix_error(error, "reading %s: ", target->file);
     return false;
   }
   f->path = f->rf->name;
