@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# cbt backup into an S3 repository (s3://BUCKET/PREFIX) on a real Ceph
+# RADOS Gateway (tests/ceph-rgw.sh), against the real daemon:
+#   - a full backup larger than the first chunk (so the file is a
+#     multipart upload whose part 1, holding the header, is sent last)
+#     and two incrementals; list shows them chain by chain; the objects
+#     are plain qcow2 files (downloaded with cbt s3 get: qemu-img check,
+#     qemu-img compare with the image as it was); every point restores
+#     (cbt restore --repo s3://) equal to the image at that point, and
+#     verify passes; no multipart upload and no lock object is left;
+#   - cbt prune --keep-chains 1 after a second chain deletes the first
+#     chain whole (manifest and objects), the rest still restores, and
+#     cbt-nightly.sh runs against the S3 repository with its log lines;
+#   - errors: a wrong secret key, a missing bucket and an endpoint that
+#     is down each exit 1 with one line naming the cause, leave no
+#     checkpoint in progress and the repository unchanged (manifest
+#     byte for byte, same objects).
+
+source "$(dirname "$0")/functions.sh"
+# shellcheck source=tests/ceph-rgw.sh
+source "$testsdir/ceph-rgw.sh"
+requires ceph-mon ceph-mgr ceph-osd radosgw radosgw-admin monmaptool osdmaptool \
+    curl cmp qemu-io qemu-img jq flock
+
+ceph_rgw_start "$tmp/ceph" || die "the Ceph cluster did not come up (see above)"
+bucket=s3://cbt-repo
+repo=$bucket/vm1
+cbt s3 mb "$bucket" || die "cannot create the bucket"
+
+disk=$tmp/disk.img
+csock=$tmp/ctl.sock
+truncate -s 160M "$disk"
+start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap" --control "$csock"
+dsock=$sock
+io() { qio -f raw "$uri" "$@"; }
+status_json() { ctl "$csock" '{"execute":"status"}'; }
+no_checkpoint()
+{
+    local st
+    st=$(status_json)
+    jq -e '.return.checkpoint == null' <<<"$st" >/dev/null ||
+        die "$1: a checkpoint is still in progress: $st"
+}
+
+backup()
+{
+    summary=$(cbt backup --socket "$dsock" --control "$csock" --repo "$repo" --json "$@" \
+              2>"$tmp/backup.err") || {
+        cat "$tmp/backup.err" >&2
+        die "cbt backup $*: exit $?"
+    }
+}
+field() { jq -r ".$1" <<<"$summary"; }
+objects() { cbt s3 ls "$repo/" | awk '{ print $2 }' | sort; }
+
+# Point 1: 90 MiB of data, more than the 64 MiB first chunk.
+io -c 'write -P 0x11 0 40M' -c 'write -P 0x22 60M 50M' -c 'write -P 0x33 159M 1M'
+backup
+[ "$(field kind)" = full ] || die "first backup is not full: $summary"
+cp --sparse=always "$disk" "$tmp/point1.raw"
+files=("$(field file)")
+[ "$(field '"file-size"')" -gt $((64 << 20)) ] || die "the full backup is too small: $summary"
+
+# Points 2 and 3: incrementals.
+io -c 'write -P 0x44 4k 4k' -c 'write -z 60M 128k' -c 'write -P 0x55 120M 2M'
+backup --incremental
+[ "$(field kind)" = incremental ] || die "second backup not incremental: $summary"
+cp --sparse=always "$disk" "$tmp/point2.raw"
+files+=("$(field file)")
+io -c 'discard 0 1M' -c 'write -P 0x66 100M 8M'
+backup --incremental
+cp --sparse=always "$disk" "$tmp/point3.raw"
+files+=("$(field file)")
+
+list=$(cbt list --repo "$repo" --json)
+[ "$(jq -c '[.count, .chains]' <<<"$list")" = "[3,1]" ] || die "list: $list"
+[ "$(jq -r '[.backups[].file] | join(" ")' <<<"$list")" = "${files[*]}" ] ||
+    die "list shows other files: $list"
+cbt list --repo "$repo" | grep -q "chain 1:" || die "list without chains"
+
+# The objects are the qcow2 files: download, check, compare.
+mkdir "$tmp/dl"
+for f in "${files[@]}"; do
+    cbt s3 get "$repo/$f" "$tmp/dl/$f" || die "cannot download $f"
+    qemu-img check -q "$tmp/dl/$f" || die "$f: qemu-img check failed"
+done
+qemu-img compare -q -f qcow2 -F raw "$tmp/dl/${files[0]}" "$tmp/point1.raw" ||
+    die "the downloaded full backup differs from the image"
+qemu-img compare -q -f qcow2 -F raw "$tmp/dl/${files[2]}" "$tmp/point3.raw" ||
+    die "the downloaded chain differs from the image at point 3"
+
+# Every point restores from S3.
+for n in 1 2 3; do
+    cbt restore --repo "$repo" --at $n --output "$tmp/r$n.raw" 2>/dev/null ||
+        die "restore of point $n from S3 failed"
+    cmp "$tmp/r$n.raw" "$tmp/point$n.raw" || die "restore of point $n differs"
+    rm -f "$tmp/r$n.raw"
+done
+cbt verify --repo "$repo" >/dev/null 2>&1 || die "verify of the S3 repository failed"
+[ -z "$(cbt s3 uploads "$repo/")" ] || die "uploads left: $(cbt s3 uploads "$repo/")"
+objects | grep -qx 'vm1/lock' && die "the lock object was left behind"
+
+# Errors: one line naming the cause, exit 1, nothing changed.
+cbt s3 get "$repo/manifest.json" "$tmp/manifest.before"
+objects >"$tmp/objects.before"
+io -c 'write -P 0x77 2M 1M'
+unchanged()
+{
+    cbt s3 get "$repo/manifest.json" "$tmp/manifest.after"
+    cmp -s "$tmp/manifest.before" "$tmp/manifest.after" || die "$1: the manifest changed"
+    objects | cmp -s - "$tmp/objects.before" || die "$1: the objects changed: $(objects)"
+    no_checkpoint "$1"
+}
+expect_rc 1 env AWS_SECRET_ACCESS_KEY=wrong-secret-key "$CBT_CLI" backup \
+    --socket "$dsock" --control "$csock" --repo "$repo"
+has "the secret key does not match the access key"
+[ "$(grep -c 'cbt:' <<<"$out")" -eq 1 ] || die "more than one line for a wrong key: $out"
+unchanged "wrong secret key"
+expect_rc 1 cbt backup --socket "$dsock" --control "$csock" --repo s3://no-such-bucket/vm1
+has "no such bucket"
+no_checkpoint "missing bucket"
+down=$(free_tcp_port)
+expect_rc 1 env AWS_MAX_ATTEMPTS=2 "$CBT_CLI" backup --socket "$dsock" --control "$csock" \
+    --repo "$repo" --s3-endpoint "http://127.0.0.1:$down"
+has "cannot connect to http://127.0.0.1:$down"
+unchanged "endpoint down"
+
+# Retention: a second chain, then keep 1: the first chain goes whole.
+backup --full
+files2=("$(field file)")
+io -c 'write -P 0x88 30M 1M'
+backup
+files2+=("$(field file)")
+cp --sparse=always "$disk" "$tmp/point5.raw"
+cbt prune --repo "$repo" --keep-chains 1 --dry-run >"$tmp/dry" || die "prune --dry-run failed"
+grep -q "would prune 1 of 2 chains (3 backups)" "$tmp/dry" || die "dry run: $(cat "$tmp/dry")"
+[ "$(cbt list --repo "$repo" --json | jq .count)" = 5 ] || die "--dry-run pruned"
+cbt prune --repo "$repo" --keep-chains 1 >"$tmp/prune" || die "prune failed"
+[ "$(cbt list --repo "$repo" --json | jq -c '[.count, .chains]')" = "[2,1]" ] ||
+    die "after prune: $(cbt list --repo "$repo")"
+for f in "${files[@]}"; do
+    objects | grep -qx "vm1/$f" && die "$f of the pruned chain is still there"
+done
+for f in "${files2[@]}"; do
+    objects | grep -qx "vm1/$f" || die "$f of the kept chain is gone"
+done
+cbt restore --repo "$repo" --output "$tmp/r5.raw" 2>/dev/null || die "restore after prune"
+cmp "$tmp/r5.raw" "$tmp/point5.raw" || die "restore after prune differs"
+
+# The nightly job against the S3 repository: two more chains, keep 2.
+export CBT=$CBT_CLI CBT_REPO=$repo CBT_CONTROL=$csock CBT_SOCKET=$dsock
+export CBT_LOG=$tmp/nightly.log KEEP_CHAINS=2 CBT_NIGHTLY_LOCK=$tmp/nightly.lock
+CBT_BACKUP_ARGS=--full bash "$CBT_SOURCE_DIR/tools/cbt-nightly.sh" || die "nightly 1 failed"
+grep -q "2 chains, keeping up to 2: nothing to prune" "$CBT_LOG" ||
+    die "nightly 1 log: $(cat "$CBT_LOG")"
+CBT_BACKUP_ARGS=--full bash "$CBT_SOURCE_DIR/tools/cbt-nightly.sh" || die "nightly 2 failed"
+for f in "${files2[@]}"; do
+    grep -q "pruned $f" "$CBT_LOG" || die "nightly did not log pruning $f: $(cat "$CBT_LOG")"
+done
+grep -qE 'cbt-nightly\[[0-9]+\]: pruned 1 of 3 chains \(KEEP_CHAINS=2\)' "$CBT_LOG" ||
+    die "no prune summary in the nightly log: $(cat "$CBT_LOG")"
+[ "$(cbt list --repo "$repo" --json | jq -c '[.count, .chains]')" = "[2,2]" ] ||
+    die "after the nightly runs: $(cbt list --repo "$repo")"
+exit 0
