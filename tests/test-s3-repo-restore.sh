@@ -7,11 +7,14 @@
 # served by the real daemon, made into a directory and uploaded under a
 # prefix with `cbt s3 put` (the layout is the directory's: the qcow2
 # files, then manifest.json); the disk is copied after each backup as the
-# reference of that point.
+# reference of that point.  A second repository under another prefix is
+# written by `cbt backup --repo s3://` itself: a full and an incremental.
 #   - cbt restore --repo s3:// of every point, to a raw file, a qcow2 file
 #     and an NBD export: equal to the disk at that point (cmp);
 #     --s3-endpoint instead of AWS_ENDPOINT_URL works the same;
 #   - cbt verify --repo s3://: OK;
+#   - both points of the repository cbt backup wrote restore equal and
+#     verify OK;
 #   - cbt mount --repo s3:// of the middle point: MOUNTPOINT/disk.raw
 #     equal to the disk at that point, SEEK_DATA/SEEK_HOLE as the chain;
 #   - cbt restore --instant --repo s3://: serves at once, reaches
@@ -82,6 +85,15 @@ cp --sparse=always "$disk" "$tmp/point2.img"
 io -c 'write -P 0xd1 5M 64k' -c 'write -P 0xd2 33M 2M' -c 'write -z 41M 1M'
 backup --incremental
 cp --sparse=always "$disk" "$tmp/point3.img"
+# The same disk backed up by cbt backup straight into S3 (another prefix):
+# a full of point 3, and an incremental of a point 4.
+s3repo2=s3://$bucket/vm2
+cbt backup --socket "$dsock" --control "$csock" --repo "$s3repo2" --full >/dev/null \
+    2>"$tmp/backup.err" || { cat "$tmp/backup.err" >&2; die "cbt backup --full to S3 failed"; }
+io -c 'write -P 0xe1 1M 3M' -c 'write -z 30M 2M' -c 'write -P 0xe2 62M 64k'
+cbt backup --socket "$dsock" --control "$csock" --repo "$s3repo2" --incremental >/dev/null \
+    2>"$tmp/backup.err" || { cat "$tmp/backup.err" >&2; die "cbt backup --incremental to S3 failed"; }
+cp --sparse=always "$disk" "$tmp/point4.img"
 stop_filterd "$dpid"
 
 # The layout is the directory's: the backup files first, the manifest last.
@@ -114,6 +126,15 @@ cbt restore --repo "$s3repo" --at 3 --output "$uri" 2>/dev/null ||
     die "restore --at 3 from S3 into NBD failed"
 stop_filterd "$tpid"
 cmp "$tmp/point3.img" "$tmp/target.img" || die "restore --at 3 from S3 into NBD differs"
+
+# What cbt backup wrote to S3 reads back the same.
+for p in 1 2; do
+    cbt restore --repo "$s3repo2" --at $p --output "$tmp/v$p.raw" 2>/dev/null ||
+        die "restore --at $p of $s3repo2 failed"
+    cmp "$tmp/point$((p + 2)).img" "$tmp/v$p.raw" || die "restore --at $p of $s3repo2 differs"
+done
+expect_rc 0 cbt verify --repo "$s3repo2"
+has "2 backups"
 
 # --s3-endpoint rather than the environment.
 (
