@@ -699,6 +699,7 @@ struct tjob {
   uint32_t cs;
   uint64_t nclusters;
   unsigned t, nthreads;
+  bool once;                  /* write each cluster once (sink mode) */
 };
 
 static void *
@@ -720,7 +721,7 @@ thread_writer(void *opaque)
     uint64_t off = order[i] * j->cs;
 
     assert_int_equal(cbt_qcow2_writer_write(j->w, off, j->model + off, j->cs), 0);
-    if (i % 5 == 0)
+    if (i % 5 == 0 && !j->once)
       assert_int_equal(cbt_qcow2_writer_write(j->w, off, j->model + off, j->cs), 0);
   }
   return NULL;
@@ -745,7 +746,7 @@ test_threads(void **state)
   for (uint64_t ci = 0; ci < nclusters; ci += 7)
     memset(model + ci * cs, 0, cs);
   for (unsigned t = 0; t < nthreads; t++) {
-    jobs[t] = (struct tjob){ w, model, cs, nclusters, t, nthreads };
+    jobs[t] = (struct tjob){ w, model, cs, nclusters, t, nthreads, false };
     assert_int_equal(pthread_create(&tids[t], NULL, thread_writer, &jobs[t]), 0);
   }
   for (unsigned t = 0; t < nthreads; t++)
@@ -761,6 +762,144 @@ test_threads(void **state)
   assert_int_equal(data + zero, nclusters * cs);
   assert_int_equal(cbt_qcow2_writer_data_bytes(w), data);
   img_close(&im);
+}
+
+/* Sink mode: no file; the bytes arrive in file order (checked here) and
+ * the header last.  Put together they must be a valid image holding what
+ * eight threads wrote (each cluster once), a partial last cluster
+ * included; rewriting a cluster is refused without changing anything;
+ * a sink error fails the write and everything after it. */
+struct sink_buf {
+  GMutex lock;
+  GByteArray *bytes;          /* the file as assembled */
+  uint64_t end;               /* next offset expected */
+  bool head_seen, out_of_order;
+  uint64_t fail_at;           /* fail data reaching this offset (0: never) */
+};
+
+static int
+sink_data(void *opaque, uint64_t off, const void *buf, size_t len)
+{
+  struct sink_buf *sb = opaque;
+  int r = 0;
+
+  g_mutex_lock(&sb->lock);
+  if (off != sb->end || sb->head_seen)
+    sb->out_of_order = true;
+  if (sb->fail_at && off + len > sb->fail_at) {
+    r = -ENOSPC;
+  } else {
+    if (sb->bytes->len < off + len)
+      g_byte_array_set_size(sb->bytes, (guint)(off + len));
+    memcpy(sb->bytes->data + off, buf, len);
+    sb->end = off + len;
+  }
+  g_mutex_unlock(&sb->lock);
+  return r;
+}
+
+static int
+sink_head(void *opaque, const void *buf, size_t len)
+{
+  struct sink_buf *sb = opaque;
+
+  memcpy(sb->bytes->data, buf, len);
+  sb->head_seen = true;
+  return 0;
+}
+
+static cbt_qcow2_writer *
+create_sink_ok(struct sink_buf *sb, uint64_t size, uint32_t cs, const char *backing)
+{
+  struct cbt_qcow2_writer_opts o = {
+    .size = size, .cluster_size = cs, .backing_file = backing,
+    .backing_format = backing ? "qcow2" : NULL,
+  };
+  struct cbt_qcow2_writer_sink sink = { sink_data, sink_head, sb };
+  cbt_qcow2_writer *w = NULL;
+  g_autofree char *why = NULL;
+
+  g_mutex_init(&sb->lock);
+  sb->bytes = g_byte_array_new();
+  g_byte_array_set_size(sb->bytes, cs);
+  sb->end = cs;
+  if (cbt_qcow2_writer_create_sink(&o, &sink, &w, &why) < 0)
+    fail_msg("create_sink: %s", why);
+  return w;
+}
+
+static void
+test_sink(void **state)
+{
+  struct fixture *fx = *state;
+  const uint32_t cs = 4096;
+  const uint64_t nclusters = 3000, size = nclusters * cs - 1000;
+  struct sink_buf sb = { 0 };
+  g_autoptr(cbt_qcow2_writer) w = create_sink_ok(&sb, size, cs, "b");
+  g_autofree uint8_t *model = g_malloc0(nclusters * cs);
+  g_autofree uint8_t *got = g_malloc(nclusters * cs);
+  g_autofree uint8_t *junk = g_malloc(cs);
+  pthread_t tids[8];
+  struct tjob jobs[8];
+  uint64_t s = 9;
+  struct img im;
+  int fd;
+
+  fill_random(model, size, &s);
+  for (uint64_t ci = 0; ci < nclusters; ci += 5)
+    memset(model + ci * cs, 0, cs);
+  for (unsigned t = 0; t < 8; t++) {
+    jobs[t] = (struct tjob){ w, model, cs, nclusters - 1, t, 8, true };
+    assert_int_equal(pthread_create(&tids[t], NULL, thread_writer, &jobs[t]), 0);
+  }
+  for (unsigned t = 0; t < 8; t++)
+    pthread_join(tids[t], NULL);
+  /* The partial last cluster. */
+  assert_int_equal(cbt_qcow2_writer_write(w, (nclusters - 1) * cs,
+                                          model + (nclusters - 1) * cs,
+                                          size - (nclusters - 1) * cs), 0);
+  /* A rewrite is refused; zeroing a written cluster is fine. */
+  fill_random(junk, cs, &s);
+  assert_int_equal(cbt_qcow2_writer_write(w, 1 * cs, junk, cs), -ENOTSUP);
+  assert_int_equal(cbt_qcow2_writer_zero(w, 2 * cs, cs), 0);
+  memset(model + 2 * cs, 0, cs);
+  finish_ok(w);
+  assert_true(sb.head_seen);
+  assert_false(sb.out_of_order);
+  assert_true(cbt_qcow2_writer_stream_intact(w));
+
+  fd = open(fx->path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  assert_true(fd >= 0);
+  assert_int_equal(write(fd, sb.bytes->data, sb.bytes->len), (ssize_t)sb.bytes->len);
+  close(fd);
+  img_open(&im, fx->path);
+  img_check(&im);
+  img_read(&im, 0, size, got, BACKING_BYTE);
+  assert_memory_equal(got, model, size);
+  img_close(&im);
+  g_byte_array_unref(sb.bytes);
+  g_mutex_clear(&sb.lock);
+}
+
+static void
+test_sink_error(void **state)
+{
+  const uint32_t cs = 4096;
+  struct sink_buf sb = { .fail_at = 10 * cs };
+  g_autoptr(cbt_qcow2_writer) w = create_sink_ok(&sb, 100 * cs, cs, NULL);
+  g_autofree uint8_t *a = g_malloc(8 * cs);
+  g_autofree char *why = NULL;
+  uint64_t s = 4;
+
+  (void)state;
+  fill_random(a, 8 * cs, &s);
+  assert_int_equal(cbt_qcow2_writer_write(w, 0, a, 8 * cs), 0);
+  assert_int_equal(cbt_qcow2_writer_write(w, 8 * cs, a, 8 * cs), -ENOSPC);
+  assert_true(cbt_qcow2_writer_write(w, 50 * cs, a, cs) < 0);
+  assert_true(cbt_qcow2_writer_finish(w, &why) < 0);
+  assert_false(sb.head_seen);
+  g_byte_array_unref(sb.bytes);
+  g_mutex_clear(&sb.lock);
 }
 
 /* 64 TiB virtual disk: L1 of 131072 entries, sparse file. */
@@ -808,6 +947,8 @@ main(void)
     cmocka_unit_test_setup_teardown(test_empty, setup, teardown),
     cmocka_unit_test_setup_teardown(test_threads, setup, teardown),
     cmocka_unit_test_setup_teardown(test_large, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_sink, setup, teardown),
+    cmocka_unit_test(test_sink_error),
   };
 
   return cmocka_run_group_tests(tests, NULL, NULL);
