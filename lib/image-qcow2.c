@@ -22,7 +22,11 @@
  * between concurrent allocators.  We chose this over a per-request async
  * metadata state machine: the fast path (the steady state of a VM disk) is
  * exactly as cheap, and the crash-ordering below is easy to see in one
- * sequential function.
+ * sequential function.  The thread takes every request queued at once and
+ * writes the data of the plain writes among them (in place, or into
+ * clusters that read as zeros: the allocating writes of a fresh image)
+ * with one submission on a ring of its own before it installs their L2
+ * entries ("batched writes" below).
  *
  * Locking: q->lock protects the L1 table, the L2 cache (the hash table
  * and the contents of the tables) and the metadata set.  Only the
@@ -104,6 +108,9 @@
 #define MAX_BACKING_DEPTH 16
 #define MAX_ALLOC_RUN     256u          /* clusters per allocating write */
 #define MAX_SQE_BYTES     (1u << 30)
+#define BATCH_JOBS        64u           /* jobs the metadata thread takes at once */
+#define BATCH_OPS         128u          /* data writes in one batch */
+#define BATCH_RING        256u
 
 enum { ST_FUA_FLUSH = 1 };              /* io->stage: data done, flush */
 
@@ -150,11 +157,14 @@ struct q2 {
   uint32_t rt_clusters;
   bool rt_dirty;
   uint64_t free_cursor;          /* first cluster index worth scanning */
+  uint64_t fresh_from;           /* clusters from here on read as zeros (note_alloc) */
   GArray *frees;                 /* uint64_t host cluster indices */
   uint64_t comp_entry;           /* L2 entry of the cluster in comp_buf */
   uint8_t *comp_buf;
   uint8_t *cow_buf;
   int broken;                    /* -errno once a metadata write failed */
+
+  struct q2_batch *batch;        /* NULL: no batch ring, all writes synchronous */
 
   GThread *thread;
   GAsyncQueue *queue;
@@ -167,6 +177,28 @@ struct q2_job {
   int efd;
   uint64_t val;
   int res;
+};
+
+/* One data write of a batch (see batch_plan). */
+struct q2_bop {
+  struct cbt_aio_op op;
+  struct q2 *q;
+  struct q2_job *job;
+  const uint8_t *buf;
+  uint8_t *own;                  /* buf, when the op owns it */
+  uint64_t host;                 /* where buf goes */
+  uint64_t len, done;
+  uint64_t cluster;              /* host offset of the clusters it allocated */
+  uint64_t vcl, k;               /* then map k guest clusters from vcl there */
+  struct cbt_qcow2_map old;      /* what vcl mapped before (k == 1) */
+  int res;
+};
+
+struct q2_batch {
+  struct io_uring ring;
+  unsigned n;                    /* ops queued */
+  unsigned inflight;             /* sqes not completed yet */
+  struct q2_bop ops[BATCH_OPS];
 };
 
 static inline struct q2 *to_q2(struct cbt_image *img) { return (struct q2 *)img; }
@@ -589,10 +621,26 @@ reftable_grow(struct q2 *q, uint64_t min_entries)
   q->rt_entries = n;
 }
 
+/* Clusters [@c, @c + @n) were handed out.  q->fresh_from stays above
+ * every cluster ever handed out since open and above the end of the file
+ * at open, so a cluster at or past it has never held anything: it lies in
+ * a hole or past the end of the file and reads as zeros, and a write into
+ * part of it needs no zeros written around the data (batch_plan).  A
+ * cluster given back (alloc_undo, apply_frees) stays below the mark: it
+ * may hold old bytes. */
+static void
+note_alloc(struct q2 *q, uint64_t c, uint64_t n)
+{
+  if (c + n > q->fresh_from)
+    q->fresh_from = c + n;
+}
+
 static struct q2_table *
 new_refblock(struct q2 *q, uint64_t b, uint64_t c)
 {
   struct q2_table *t = g_new0(struct q2_table, 1);
+
+  note_alloc(q, c, 1);
 
   if (b >= q->rt_entries)
     reftable_grow(q, b + 1);
@@ -629,6 +677,7 @@ alloc_big(struct q2 *q, uint64_t k, uint64_t *host)
     new_refblock(q, start / q->rb_entries + i, start + k + i);
   for (uint64_t c = start; c < start + k + m; c++)
     rc_set(cache_get(&q->rb, c / q->rb_entries), c % q->rb_entries, 1);
+  note_alloc(q, start, k + m);
   *host = start << q->cbits;
   return 0;
 }
@@ -686,6 +735,7 @@ alloc_run(struct q2 *q, uint64_t k, uint64_t *host)
       return r < 0 ? r : -EIO;
     rc_set(t, c % q->rb_entries, 1);
   }
+  note_alloc(q, start, k);
   q->free_cursor = start + k;
   *host = start << q->cbits;
   return 0;
@@ -1321,25 +1371,353 @@ slow_run(struct q2 *q, struct cbt_image_io *io)
   return r;
 }
 
+/* ---- batched writes (metadata thread) ------------------------------- */
+
+/* Allocating writes arrive one per request, a queue depth of them at a
+ * time.  Run one by one, each waited for its data write before the next
+ * was looked at.  Instead the metadata thread takes every job queued
+ * (slow_thread) and plans the writes among them that need no copy-on-write
+ * read: in-place writes, and writes into clusters that read as zeros.
+ * Planning allocates in memory and queues the data write; batch_run
+ * submits all of them with one system call, waits for all, and only then
+ * installs the L2 entries (an entry never points at data not yet written)
+ * and completes the jobs.  The ordering of the file's top comment is
+ * unchanged: data, refcounts, L2 tables and L1 still reach the disk in
+ * writeback's order, and a FUA job in the batch costs one writeback for
+ * the whole batch.
+ *
+ * Two jobs of one batch never touch the same guest cluster: a job that
+ * would is planned only after the batch before it has run, so every
+ * lookup sees the mapping the earlier writes left.  Any other job (reads,
+ * zeroes, trims, flushes, copy-on-write from a backing file or a shared
+ * cluster) runs the batch first and then runs synchronously, so the jobs
+ * keep their order.
+ *
+ * Zeros around the data.  A 4 KiB write into a new 64 KiB cluster would
+ * otherwise write 60 KiB of zeros.  A cluster at or past q->fresh_from
+ * has never held anything (note_alloc): it reads as zeros already, so
+ * only the data is written, at its place in the cluster.  The file may
+ * then end inside the last cluster (qemu-img check allows less than one
+ * cluster missing at the end, and reads past the end give zeros), and
+ * holes stay holes.  A reused cluster gets data and zeros in one write of
+ * the whole cluster, as before. */
+
+/* How many batch ops the rest of WRITE @io needs, or 0 if it needs a
+ * copy-on-write read (or a lookup failed): it then runs synchronously. */
+static unsigned
+batch_ops_for(struct q2 *q, const struct cbt_image_io *io)
+{
+  uint64_t off = io->offset + io->done, len = io->len - io->done;
+  unsigned n = 0;
+
+  while (len > 0) {
+    uint64_t vcl = off >> q->cbits, in = off & (q->csize - 1);
+    uint64_t piece = q->csize - in < len ? q->csize - in : len;
+    struct cbt_qcow2_map m;
+
+    if (n == BATCH_OPS || map_slow(q, vcl, &m) < 0)
+      return 0;
+    if (!(m.type == CBT_QCOW2_NORMAL && m.copied) &&
+        !((m.type == CBT_QCOW2_UNALLOCATED || m.type == CBT_QCOW2_ZERO_PLAIN) &&
+          (whole_cluster(q, off, in, piece) || reads_as_zero(q, &m))))
+      return 0;
+    n++;
+    off += piece;
+    len -= piece;
+  }
+  return n;
+}
+
+/* Whether a queued op writes into guest clusters [@first, @last]. */
+static bool
+batch_touches(const struct q2_batch *b, uint64_t first, uint64_t last)
+{
+  for (unsigned i = 0; i < b->n; i++) {
+    const struct q2_bop *op = &b->ops[i];
+    uint64_t k = op->k ? op->k : 1;
+
+    if (op->vcl <= last && first < op->vcl + k)
+      return true;
+  }
+  return false;
+}
+
+/* Plan the rest of WRITE @job (batch_ops_for said it fits) into the
+ * batch: allocate and queue, as write_range does synchronously.  Returns
+ * 0 or -errno; on an error the job fails, and what it queued already
+ * still runs. */
+static int
+batch_plan(struct q2 *q, struct q2_job *job)
+{
+  struct q2_batch *b = q->batch;
+  struct cbt_image_io *io = job->io;
+  uint64_t off = io->offset + io->done, len = io->len - io->done;
+  const uint8_t *data = (const uint8_t *)io->buf + io->done;
+
+  while (len > 0) {
+    uint64_t vcl = off >> q->cbits, in = off & (q->csize - 1);
+    uint64_t n = q->csize - in < len ? q->csize - in : len;
+    struct q2_bop *op = &b->ops[b->n];
+    struct cbt_qcow2_map m;
+    uint64_t host, fresh = q->fresh_from;
+    int r = map_slow(q, vcl, &m);
+
+    if (r == 0)
+      r = check_mapping(q, vcl, &m);
+    if (r < 0)
+      return r;
+    memset(op, 0, sizeof *op);
+    op->q = q;
+    op->job = job;
+    op->vcl = vcl;
+    op->buf = data;
+    op->old = m;
+    if (m.type == CBT_QCOW2_NORMAL && m.copied) {
+      op->host = m.host_offset + in;
+    } else if (whole_cluster(q, off, in, n)) {
+      /* A run of whole unallocated clusters: one allocation, one write. */
+      uint64_t k = 1;
+
+      while (k < MAX_ALLOC_RUN && k < q->rb_entries / 2 && n < len) {
+        struct cbt_qcow2_map m2;
+        uint64_t step = q->csize < len - n ? q->csize : len - n;
+
+        if (!whole_cluster(q, off + n, 0, step))
+          break;
+        r = map_slow(q, vcl + k, &m2);
+        if (r < 0)
+          return r;
+        if (m2.type != CBT_QCOW2_UNALLOCATED && m2.type != CBT_QCOW2_ZERO_PLAIN)
+          break;
+        n += step;
+        k++;
+      }
+      r = alloc_run(q, k, &host);
+      if (r == 0)
+        r = check_overlap(q, vcl, host, k << q->cbits);
+      if (r < 0)
+        return r;
+      op->host = op->cluster = host;
+      op->k = k;
+    } else {
+      /* Part of a cluster that reads as zeros. */
+      r = alloc_run(q, 1, &host);
+      if (r == 0)
+        r = check_overlap(q, vcl, host, q->csize);
+      if (r < 0)
+        return r;
+      op->cluster = host;
+      op->k = 1;
+      if ((host >> q->cbits) >= fresh) {
+        op->host = host + in;
+      } else {
+        op->own = g_malloc0(q->csize);
+        memcpy(op->own + in, data, n);
+        op->buf = op->own;
+        op->host = host;
+      }
+    }
+    op->len = op->own ? q->csize : n;
+    b->n++;
+    off += n;
+    data += n;
+    len -= n;
+  }
+  return 0;
+}
+
+static void batch_submit(struct q2 *q, struct q2_bop *op);
+
+static void
+bop_done(struct cbt_aio_op *aop, int res)
+{
+  struct q2_bop *op = cbt_container_of(aop, struct q2_bop, op);
+
+  op->q->batch->inflight--;
+  if (res == -EAGAIN || res == -EINTR) {
+    batch_submit(op->q, op);
+    return;
+  }
+  if (res <= 0) {
+    op->res = res < 0 ? res : -EIO;
+    return;
+  }
+  op->done += (uint64_t)res;
+  if (op->done < op->len)
+    batch_submit(op->q, op);        /* short write: the rest */
+}
+
+/* Queue the rest of @op's write; a failure to get an sqe fails the op. */
+static void
+batch_submit(struct q2 *q, struct q2_bop *op)
+{
+  struct io_uring *ring = &q->batch->ring;
+  struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+  uint64_t rest = op->len - op->done;
+
+  if (!sqe) {
+    int r = io_uring_submit(ring);
+
+    sqe = r < 0 ? NULL : io_uring_get_sqe(ring);
+    if (!sqe) {
+      op->res = r < 0 ? r : -EBUSY;
+      return;
+    }
+  }
+  io_uring_prep_write(sqe, q->fd, op->buf + op->done,
+                      rest > MAX_SQE_BYTES ? MAX_SQE_BYTES : (unsigned)rest,
+                      op->host + op->done);
+  op->op.done = bop_done;
+  io_uring_sqe_set_data(sqe, &op->op);
+  cbt_fi_sqe(CBT_FI_IMAGE, sqe);       /* tests: may fail it */
+  q->batch->inflight++;
+}
+
+/* Write the batch's data, then install what it allocated (or give it back
+ * if its write failed) and set each job's result.  The jobs are not
+ * signalled here. */
+static void
+batch_run(struct q2 *q)
+{
+  struct q2_batch *b = q->batch;
+
+  if (b->n == 0)
+    return;
+  for (unsigned i = 0; i < b->n; i++)
+    batch_submit(q, &b->ops[i]);
+  while (b->inflight > 0) {
+    struct io_uring_cqe *cqe;
+    struct cbt_aio_op *aop;
+    int r = io_uring_submit_and_wait(&b->ring, 1);
+
+    if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
+      /* The ring is unusable and writes may still run: nothing can be
+       * installed safely, and giving clusters back could let another
+       * write land in them.  Fail the jobs; the clusters leak. */
+      q->broken = r;
+      for (unsigned i = 0; i < b->n; i++) {
+        if (b->ops[i].res == 0)
+          b->ops[i].res = r;
+        b->ops[i].k = 0;
+        b->ops[i].cluster = 0;
+      }
+      b->inflight = 0;
+      break;
+    }
+    while (io_uring_peek_cqe(&b->ring, &cqe) == 0) {
+      aop = io_uring_cqe_get_data(cqe);
+      r = cqe->res;
+      io_uring_cqe_seen(&b->ring, cqe);
+      aop->done(aop, r);
+    }
+  }
+  for (unsigned i = 0; i < b->n; i++) {
+    struct q2_bop *op = &b->ops[i];
+    int r = op->res;
+
+    if (r < 0 && op->cluster) {
+      alloc_undo(q, op->cluster, op->k);
+    } else if (r == 0) {
+      for (uint64_t j = 0; j < op->k && r == 0; j++)
+        r = set_l2(q, op->vcl + j,
+                   cbt_qcow2_l2_encode(op->cluster + (j << q->cbits), false));
+      if (r == 0 && op->k == 1)
+        defer_free(q, &op->old);
+    }
+    if (r < 0 && op->job->res == 0)
+      op->job->res = r;
+    g_free(op->own);
+  }
+  b->n = 0;
+}
+
+/* Run @job: plan it into the batch if it can be (0), else run the batch
+ * and then the job synchronously (1: the job is done). */
+static bool
+batch_or_run(struct q2 *q, struct q2_job *job)
+{
+  struct cbt_image_io *io = job->io;
+  struct q2_batch *b = q->batch;
+  unsigned nops = 0;
+
+  if (b && io->type == CBT_IO_WRITE && io->stage != ST_FUA_FLUSH && !q->broken &&
+      !g_atomic_int_get(&q->corrupt)) {
+    uint64_t first = (io->offset + io->done) >> q->cbits;
+    uint64_t last = (io->offset + io->len - 1) >> q->cbits;
+
+    if (batch_touches(b, first, last) || b->n == BATCH_OPS)
+      batch_run(q);
+    nops = batch_ops_for(q, io);
+    if (nops > BATCH_OPS - b->n) {
+      batch_run(q);
+      nops = batch_ops_for(q, io);
+    }
+  }
+  if (nops == 0) {
+    if (b)
+      batch_run(q);
+    job->res = slow_run(q, io);
+    return true;
+  }
+  job->res = batch_plan(q, job);
+  io->done = io->len;
+  return false;
+}
+
 static gpointer
 slow_thread(gpointer arg)
 {
   struct q2 *q = arg;
+  struct q2_job **jobs = g_new(struct q2_job *, BATCH_JOBS);
+  bool stop = false;
 
-  for (;;) {
-    struct q2_job *job = g_async_queue_pop(q->queue);
+  q->batch = g_new0(struct q2_batch, 1);
+  if (io_uring_queue_init(BATCH_RING, &q->batch->ring, 0) < 0)
+    g_clear_pointer(&q->batch, g_free);    /* all writes synchronous */
+  while (!stop) {
+    unsigned n = 0;
+    bool fua = false;
 
-    if (!job->io) {
-      g_free(job);
-      break;
+    jobs[n++] = g_async_queue_pop(q->queue);
+    while (n < BATCH_JOBS && (jobs[n] = g_async_queue_try_pop(q->queue)))
+      n++;
+    for (unsigned i = 0; i < n; i++) {
+      if (!jobs[i]->io) {
+        stop = true;
+        continue;
+      }
+      jobs[i]->res = 0;
+      if (!batch_or_run(q, jobs[i]))
+        fua |= (jobs[i]->io->flags & CBT_IO_FUA) != 0;
     }
-    job->res = slow_run(q, job->io);
+    if (q->batch)
+      batch_run(q);
+    if (fua) {
+      /* One writeback makes every FUA write of the batch durable. */
+      int r = writeback(q);
+
+      for (unsigned i = 0; r < 0 && i < n; i++) {
+        if (jobs[i]->io && (jobs[i]->io->flags & CBT_IO_FUA) && jobs[i]->res == 0)
+          jobs[i]->res = r;
+      }
+    }
     if (!q->pub.read_only && !q->broken && too_dirty(q))
       writeback(q);              /* an error marks the image broken */
-    /* The worker may free the job as soon as the eventfd fires. */
-    if (eventfd_write(job->efd, 1) < 0)
-      abort();                   /* cannot happen for a valid eventfd */
+    for (unsigned i = 0; i < n; i++) {
+      if (!jobs[i]->io) {
+        g_free(jobs[i]);
+        continue;
+      }
+      /* The worker may free the job as soon as the eventfd fires. */
+      if (eventfd_write(jobs[i]->efd, 1) < 0)
+        abort();                 /* cannot happen for a valid eventfd */
+    }
   }
+  if (q->batch) {
+    io_uring_queue_exit(&q->batch->ring);
+    g_clear_pointer(&q->batch, g_free);
+  }
+  g_free(jobs);
   cbt_io_thread_cleanup();
   return NULL;
 }
@@ -1981,6 +2359,7 @@ open_q2(const char *path, bool read_only, bool direct,
   q->pub.direct = false;
   q->pub.direct_align = 512;
 
+  q->fresh_from = ((uint64_t)st.st_size + q->csize - 1) >> q->cbits;
   r = load_tables(q, (uint64_t)st.st_size, why);
   if (r < 0)
     goto fail;
