@@ -9,7 +9,11 @@
 #     files, and each restores equal to its own image;
 #   - one writer per repository: while the first host's backup runs, a
 #     backup of the second daemon into the first's prefix fails (exit 1)
-#     naming the holder of the lock object, and changes nothing.
+#     naming the holder of the lock object, and changes nothing;
+#   - a writer that loses its lock stops: the lock object of a running
+#     backup (ttl 4 s, refreshed every second) is deleted behind its back
+#     while its daemon is stopped; the backup exits 1 saying the lock is
+#     lost, aborts its checkpoint, and the manifest stays as it was.
 
 source "$(dirname "$0")/functions.sh"
 # shellcheck source=tests/ceph-rgw.sh
@@ -21,12 +25,13 @@ ceph_rgw_start "$tmp/ceph" || die "the Ceph cluster did not come up (see above)"
 bucket=s3://cbt-fleet
 cbt s3 mb "$bucket" || die "cannot create the bucket"
 
-declare -A dsock csock repo files
+declare -A dsock csock repo files dpid
 for h in a b; do
     truncate -s 256M "$tmp/$h.img"
     start_filterd --image "$tmp/$h.img" --bitmap "$tmp/$h.bitmap" --control "$tmp/$h.ctl"
     dsock[$h]=$sock
     csock[$h]=$tmp/$h.ctl
+    dpid[$h]=$pid
 done
 repo[a]=$bucket/vm
 repo[b]=$bucket/vm2
@@ -106,4 +111,26 @@ jq -e '.return.checkpoint == null' <<<"$st" >/dev/null || die "host b: checkpoin
 wait_backup a
 cbt restore --repo "${repo[a]}" --output "$tmp/a.r2.raw" 2>/dev/null || die "restore of a failed"
 cmp "$tmp/a.r2.raw" "$tmp/a.img" || die "host a restores to something else after the conflict"
+
+# The lock taken away from a running backup: it must stop.
+cbt s3 get "${repo[b]}/manifest.json" "$tmp/manifest.before"
+io b -c 'write -P 0xb4 0 200M'
+CBT_S3_LOCK_TTL=4 backup_bg b --full --connections 1
+for (( i = 0; i < 600; i++ )); do
+    [ -n "$(cbt s3 uploads "${repo[b]}/" 2>/dev/null)" ] && break
+    kill -0 "${bpid[b]}" 2>/dev/null || die "host b's backup ended before its upload was seen"
+    sleep 0.05
+done
+kill -STOP "${dpid[b]}"
+cleanup_fn kill -CONT "${dpid[b]}"
+cbt s3 rm "${repo[b]}/lock" || die "cannot delete the lock object"
+sleep 3                           # > one refresh period (ttl/4 = 1 s)
+kill -CONT "${dpid[b]}"
+rc=0
+wait "${bpid[b]}" || rc=$?
+[ "$rc" -eq 1 ] || die "backup that lost its lock: exit $rc: $(cat "$tmp/b.err")"
+grep -q "the repository lock is lost" "$tmp/b.err" || die "lock loss not named: $(cat "$tmp/b.err")"
+grep -q "checkpoint .* aborted" "$tmp/b.err" || die "checkpoint not aborted: $(cat "$tmp/b.err")"
+cbt s3 get "${repo[b]}/manifest.json" "$tmp/manifest.after"
+cmp -s "$tmp/manifest.before" "$tmp/manifest.after" || die "the manifest changed after the lock was lost"
 exit 0
