@@ -11,6 +11,9 @@
 #   - cbt prune --keep-chains 1 after a second chain deletes the first
 #     chain whole (manifest and objects), the rest still restores, and
 #     cbt-nightly.sh runs against the S3 repository with its log lines;
+#   - what unfinished runs leave (an unlisted object older than every
+#     listed one, one at or past next-seq, an incomplete multipart
+#     upload) is removed by the next backup, other objects are not;
 #   - errors: a wrong secret key, a missing bucket and an endpoint that
 #     is down each exit 1 with one line naming the cause, leave no
 #     checkpoint in progress and the repository unchanged (manifest
@@ -147,10 +150,30 @@ done
 cbt restore --repo "$repo" --output "$tmp/r5.raw" 2>/dev/null || die "restore after prune"
 cmp "$tmp/r5.raw" "$tmp/point5.raw" || die "restore after prune differs"
 
+# Leftovers of runs that did not finish, cleaned by the next writer under
+# the lock: an unlisted object older than every listed one (a prune that
+# did not get to delete it), one newer than next-seq (a backup that did
+# not get to list it), an incomplete multipart upload (a killed backup);
+# objects that are no backup files are left alone.
+head -c 6M /dev/urandom >"$tmp/junk"
+cbt s3 put "$tmp/junk" "$repo/000002-inc-20200101T000000Z.qcow2" >/dev/null
+cbt s3 put "$tmp/junk" "$repo/000099-full-20300101T000000Z.qcow2" >/dev/null
+cbt s3 put "$tmp/junk" "$repo/notes.txt" >/dev/null
+cbt s3 put --no-complete "$tmp/junk" "$repo/000100-full-20300101T000000Z.qcow2" >/dev/null
+[ -n "$(cbt s3 uploads "$repo/")" ] || die "no incomplete upload to clean"
+
 # The nightly job against the S3 repository: two more chains, keep 2.
 export CBT=$CBT_CLI CBT_REPO=$repo CBT_CONTROL=$csock CBT_SOCKET=$dsock
 export CBT_LOG=$tmp/nightly.log KEEP_CHAINS=2 CBT_NIGHTLY_LOCK=$tmp/nightly.lock
 CBT_BACKUP_ARGS=--full bash "$CBT_SOURCE_DIR/tools/cbt-nightly.sh" || die "nightly 1 failed"
+for w in "000002-inc-20200101T000000Z.qcow2: removed (pruned from the manifest by a prune that did not finish)" \
+         "000099-full-20300101T000000Z.qcow2: removed (finished but never entered in the manifest)" \
+         "000100-full-20300101T000000Z.qcow2: aborted an upload left by a backup that did not finish"; do
+    grep -qF "$w" "$CBT_LOG" || die "not in the nightly log: $w: $(cat "$CBT_LOG")"
+done
+[ -z "$(cbt s3 uploads "$repo/")" ] || die "uploads left: $(cbt s3 uploads "$repo/")"
+objects | grep -qx "vm1/notes.txt" || die "an object that is no backup file was removed"
+cbt s3 rm "$repo/notes.txt"
 grep -q "2 chains, keeping up to 2: nothing to prune" "$CBT_LOG" ||
     die "nightly 1 log: $(cat "$CBT_LOG")"
 CBT_BACKUP_ARGS=--full bash "$CBT_SOURCE_DIR/tools/cbt-nightly.sh" || die "nightly 2 failed"

@@ -243,8 +243,12 @@ bool repo_find(const repo *r, const char *name, const repo_backup **out,
 guint repo_chain_start(const repo *r, const repo_backup *b);
 /* Remove what a killed run left (exclusive lock held): *.partial files,
  * manifest temp files, and backup files not (yet) in the manifest whose
- * seq is >= next_seq.  Each removal is a note. */
+ * seq is >= next_seq, or older than every listed one (an interrupted
+ * prune; S3: also leftover multipart uploads).  Each removal is a note. */
 bool repo_clean_stale(repo *r, GError **error);
+/* Why an unlisted backup file with sequence number @seq is stale (a
+ * backup or a prune that did not finish), or NULL if it is not. */
+const char *repo_stale_reason(const repo *r, unsigned seq);
 /* The file name for the next backup of @kind at @now. Caller frees. */
 char *repo_next_file(const repo *r, const char *kind, GDateTime *now);
 /* Append @b (ownership taken) and rewrite the manifest atomically: temp

@@ -259,9 +259,20 @@ repo_s3_put_manifest(repo *r, const char *text, GError **error)
   /* Ours right now, so no writer that took over an expired lock of ours
    * can have written a manifest we would overwrite. */
   g_mutex_lock(&s->lock_mutex);
-  ok = !s->lost && s3_lock_refresh(s->lock, error);
-  if (s->lost)
+  if (s->lost) {
     g_propagate_error(error, g_error_copy(s->lost));
+    ok = false;
+  } else {
+    GError *err = NULL;
+
+    ok = s3_lock_refresh(s->lock, &err);
+    if (!ok && err->code == S3_ERROR_LOCKED) {
+      g_prefix_error(&err, "the repository lock is lost: ");
+      s->lost = g_error_copy(err);
+    }
+    if (!ok)
+      g_propagate_error(error, err);
+  }
   if (ok)
     ok = s3_put_object(s->c, s->bucket, key, text, strlen(text), NULL, NULL, error);
   g_mutex_unlock(&s->lock_mutex);
@@ -313,14 +324,14 @@ repo_s3_clean_stale(repo *r, GError **error)
   for (guint i = 0; i < entries->len; i++) {
     const s3_entry *e = g_ptr_array_index(entries, i);
     const char *name = e->key + plen;
+    const char *why;
     unsigned seq;
 
-    if (!backup_name(name, &seq) || seq < r->next_seq || listed(r, name))
+    if (!backup_name(name, &seq) || listed(r, name) || !(why = repo_stale_reason(r, seq)))
       continue;
     if (!s3_delete_object(s->c, s->bucket, e->key, error))
       return false;
-    cli_note("s3://%s/%s: removed (finished but never entered in the manifest)",
-             s->bucket, e->key);
+    cli_note("s3://%s/%s: removed (%s)", s->bucket, e->key, why);
   }
   return true;
 }

@@ -32,7 +32,10 @@
  * replaced atomically (temp file, fsync, rename, fsync of the directory).
  * So the manifest lists only complete files; a crash leaves at most a
  * .partial file or an unlisted NAME whose seq is next-seq, and
- * repo_clean_stale removes both under the lock.
+ * repo_clean_stale removes both under the lock.  Pruning (repo_prune)
+ * rewrites the manifest before it deletes files, so a crash there leaves
+ * unlisted files older than every listed one, which repo_clean_stale
+ * removes too.
  *
  * Checksums (checksum.c) are SHA-256 over the backup file's own bytes, so
  * `sha256sum`-style tools can check a chunk without knowing qcow2.  cbt
@@ -643,6 +646,20 @@ repo_next_file(const repo *r, const char *kind, GDateTime *now)
 
 /* --- stale files ------------------------------------------------------- */
 
+const char *
+repo_stale_reason(const repo *r, unsigned seq)
+{
+  if (seq >= r->next_seq)
+    return "finished but never entered in the manifest";
+  /* Chains only grow forwards and prune drops the oldest: an unlisted
+   * file older than every listed one was pruned from the manifest by a
+   * prune that did not get to delete it. */
+  if (r->backups->len &&
+      seq < ((const repo_backup *)g_ptr_array_index(r->backups, 0))->seq)
+    return "pruned from the manifest by a prune that did not finish";
+  return NULL;
+}
+
 static bool
 listed(const repo *r, const char *name)
 {
@@ -678,8 +695,8 @@ repo_clean_stale(repo *r, GError **error)
                strlen(REPO_MANIFEST) + 7) {
       why = "manifest temp file left by an interrupted update";
     } else if (g_str_has_suffix(name, ".qcow2") && sscanf(name, "%6u-", &seq) == 1 &&
-               seq >= r->next_seq && !listed(r, name)) {
-      why = "finished but never entered in the manifest";
+               !listed(r, name)) {
+      why = repo_stale_reason(r, seq);
     }
     if (!why)
       continue;
