@@ -268,6 +268,20 @@ bool repo_prune(repo *r, guint count, GError **error);
 /* One manifest entry as JSON (caller owns the object). */
 json_object *repo_backup_to_json(const repo_backup *b);
 
+/* Whether @name is a file the manifest lists. */
+bool repo_listed(const repo *r, const char *name);
+
+/* repo-dir.c ------------------------------------------------------------ */
+
+/* For repo.c: the directory backend (repo_path and repo_open_file above
+ * are defined there too). */
+bool repo_dir_open(repo *r, const char *dir, enum repo_lock lock, bool create,
+                   GError **error);
+void repo_dir_close(repo *r);
+bool repo_dir_put_manifest(repo *r, const char *text, GError **error);
+bool repo_dir_clean_stale(repo *r, GError **error);
+bool repo_dir_delete_file(repo *r, const char *file, GError **error);
+
 /* repo-s3.c ------------------------------------------------------------- */
 
 /* A repository in an S3 bucket: the directory layout with PREFIX/ in

@@ -287,15 +287,6 @@ backup_name(const char *name, unsigned *seq)
          sscanf(name, "%6u-", seq) == 1;
 }
 
-static bool
-listed(const repo *r, const char *name)
-{
-  for (guint i = 0; i < r->backups->len; i++)
-    if (strcmp(((repo_backup *)g_ptr_array_index(r->backups, i))->file, name) == 0)
-      return true;
-  return false;
-}
-
 bool
 repo_s3_clean_stale(repo *r, GError **error)
 {
@@ -327,7 +318,7 @@ repo_s3_clean_stale(repo *r, GError **error)
     const char *why;
     unsigned seq;
 
-    if (!backup_name(name, &seq) || listed(r, name) || !(why = repo_stale_reason(r, seq)))
+    if (!backup_name(name, &seq) || repo_listed(r, name) || !(why = repo_stale_reason(r, seq)))
       continue;
     if (!s3_delete_object(s->c, s->bucket, e->key, error))
       return false;

@@ -26,16 +26,18 @@
  * incremental's backing file is the entry just before it.  Readers reject
  * a manifest that breaks this, so restore never follows a wrong chain.
  *
- * Ordering that keeps the repository consistent across a crash: a backup
- * is written to NAME.partial, completed and fsynced, renamed to NAME (and
- * the directory fsynced), and only then listed in the manifest, which is
- * replaced atomically (temp file, fsync, rename, fsync of the directory).
- * So the manifest lists only complete files; a crash leaves at most a
- * .partial file or an unlisted NAME whose seq is next-seq, and
- * repo_clean_stale removes both under the lock.  Pruning (repo_prune)
- * rewrites the manifest before it deletes files, so a crash there leaves
- * unlisted files older than every listed one, which repo_clean_stale
- * removes too.
+ * Storage (the "backends"): repo-dir.c keeps a repository in a directory
+ * (flock, fsync and rename), repo-s3.c in an S3 bucket (lock object,
+ * multipart uploads, one PUT for the manifest); repo-write.c writes a new
+ * backup file into either.  This file holds what they share: the manifest
+ * model, its parsing and writing, and the dispatch to the backend.
+ * Either backend lists a file in the manifest only once it is complete
+ * and replaces the manifest atomically, so the manifest lists only
+ * complete files; a crash leaves at most a partial file or upload, or an
+ * unlisted file whose seq is >= next-seq, and repo_clean_stale removes
+ * them under the lock.  Pruning (repo_prune) rewrites the manifest before
+ * it deletes files, so a crash there leaves unlisted files older than
+ * every listed one, which repo_clean_stale removes too.
  *
  * Checksums (checksum.c) are SHA-256 over the backup file's own bytes, so
  * `sha256sum`-style tools can check a chunk without knowing qcow2.  cbt
@@ -43,32 +45,22 @@
  * appended in order, the metadata after them); only chunk 0, which holds
  * the header written last, is read back.
  *
- * Locking: backup takes an exclusive flock on DIR/.lock and writes its pid
- * there (for the "locked by pid N" message); restore and verify take a
- * shared one so that pruning cannot delete files they read; list takes
- * none (the manifest is replaced atomically).  The locks never wait.
+ * Locking: backup and prune hold the repository exclusively, restore and
+ * verify shared (S3 has no shared lock), list not at all; the backends
+ * say how.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
-#include <signal.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
-#include "cbt/fault-inject.h"
-#include "cbt/uring-io.h"
 #include "cbt/util.h"
 #include "cli.h"
 
 #define MANIFEST_FORMAT  "cbt-backup-repository"
 #define MANIFEST_VERSION 1
 /* A manifest is small (a few KiB per backup); refuse absurd ones. */
-#define MANIFEST_MAX     REPO_MANIFEST_MAX
 
 repo_backup *
 repo_backup_new(void)
@@ -100,60 +92,12 @@ repo_free(repo *r)
 {
   if (!r)
     return;
-  if (r->lock_fd >= 0) {
-    /* Clear our pid before unlocking so that a conflict with a later
-     * shared holder does not name us.  A failure is harmless: a reported
-     * pid is checked for liveness first. */
-    if (ftruncate(r->lock_fd, 0) < 0)
-      cli_debug("%s: cannot clear the lock file: %s", r->dir, g_strerror(errno));
-    close(r->lock_fd);
-  }
+  repo_dir_close(r);
   repo_s3_free(r->s3);
   g_free(r->dir);
   if (r->backups)
     g_ptr_array_unref(r->backups);
   g_free(r);
-}
-
-char *
-repo_path(const repo *r, const char *file)
-{
-  return g_build_filename(r->dir, file, NULL);
-}
-
-int
-repo_open_file(const repo *r, const char *file, GError **error)
-{
-  g_autofree char *path = repo_path(r, file);
-  struct stat st;
-  int fd, flags;
-
-  if (r->s3) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
-                "%s: a file of an S3 repository cannot be opened as a local file", path);
-    return -1;
-  }
-  /* The name has no '/' (plain_name), so only the last component could be
-   * a link; O_NONBLOCK keeps a FIFO from blocking the open. */
-  fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-  if (fd < 0) {
-    int err = errno;
-
-    g_set_error(error, CLI_ERROR, err == ELOOP ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
-                "%s: %s", path, err == ELOOP
-                ? "is a symbolic link (backup files never are; it may lead out of "
-                  "the repository)" : g_strerror(err));
-    return -1;
-  }
-  if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: not a regular file", path);
-    close(fd);
-    return -1;
-  }
-  flags = fcntl(fd, F_GETFL);
-  if (flags >= 0)
-    (void)fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
-  return fd;
 }
 
 const repo_backup *
@@ -177,65 +121,6 @@ is_hex_id(const char *s)
   for (; *s; s++)
     if (!g_ascii_isxdigit(*s))
       return false;
-  return true;
-}
-
-/* --- locking ----------------------------------------------------------- */
-
-static bool
-take_lock(repo *r, enum repo_lock lock, GError **error)
-{
-  g_autofree char *path = repo_path(r, REPO_LOCK_FILE);
-  int fd;
-
-  if (lock == REPO_LOCK_NONE)
-    return true;
-  fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0 && lock == REPO_LOCK_SHARED && (errno == EROFS || errno == EACCES)) {
-    /* A read-only repository (backup media mounted ro): nobody can be
-     * writing it, so reading needs no lock. */
-    cli_debug("%s: %s: reading without a lock", path, g_strerror(errno));
-    return true;
-  }
-  if (fd < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
-    return false;
-  }
-  if (flock(fd, (lock == REPO_LOCK_EXCLUSIVE ? LOCK_EX : LOCK_SH) | LOCK_NB) < 0) {
-    int err = errno;
-    char buf[32] = "";
-    ssize_t n;
-    long holder = 0;
-
-    if (err != EWOULDBLOCK) {
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: flock: %s", path,
-                  g_strerror(err));
-      close(fd);
-      return false;
-    }
-    n = pread(fd, buf, sizeof buf - 1, 0);
-    close(fd);
-    if (n > 0) {
-      buf[n] = '\0';
-      holder = strtol(buf, NULL, 10);
-    }
-    if (holder > 0 && kill((pid_t)holder, 0) == 0)
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
-                  "repository %s is locked by pid %ld (another backup is running)",
-                  r->dir, holder);
-    else
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
-                  "repository %s is locked by another process "
-                  "(a backup, restore, verify or prune is running)", r->dir);
-    return false;
-  }
-  if (lock == REPO_LOCK_EXCLUSIVE) {
-    g_autofree char *pid = g_strdup_printf("%ld\n", (long)getpid());
-
-    if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, strlen(pid), 0) < 0)
-      cli_debug("%s: cannot record our pid: %s", path, g_strerror(errno));
-  }
-  r->lock_fd = fd;
   return true;
 }
 
@@ -408,62 +293,6 @@ parse_entry(json_object *e, repo_backup *prev, repo_backup **out,
   return true;
 }
 
-/* Read the manifest at @path into *@text (NUL-terminated), *@len bytes.
- * It must be a regular file (a FIFO would block the read) of at most
- * MANIFEST_MAX bytes (checked before reading).  -ENOENT quietly, any other
- * failure with @error set. */
-static int
-read_manifest(const char *path, char **text, gsize *len, GError **error)
-{
-  g_autofree char *why = NULL;
-  g_autofree char *buf = NULL;
-  struct stat st;
-  size_t got = 0;
-  int fd, r = 0;
-
-  fd = cbt_open_regular(path, O_RDONLY | O_CLOEXEC, &st, &why);
-  if (fd == -ENOENT)
-    return fd;
-  if (fd < 0) {
-    g_set_error(error, CLI_ERROR, fd == -EINVAL ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
-                "%s", why);
-    return fd;
-  }
-  if ((uint64_t)st.st_size > MANIFEST_MAX) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: larger than %u MiB", path,
-                MANIFEST_MAX >> 20);
-    close(fd);
-    return -EFBIG;
-  }
-  /* Up to one byte past the limit, in case it grows while we read. */
-  buf = g_malloc((size_t)st.st_size + 2);
-  while (got < (size_t)st.st_size + 1) {
-    ssize_t n = read(fd, buf + got, (size_t)st.st_size + 1 - got);
-
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n < 0) {
-      r = -errno;
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
-      break;
-    }
-    if (n == 0)
-      break;
-    got += (size_t)n;
-  }
-  close(fd);
-  if (r < 0)
-    return r;
-  if (got > (size_t)st.st_size) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: changed while it was read", path);
-    return -EAGAIN;
-  }
-  buf[got] = '\0';
-  *len = got;
-  *text = g_steal_pointer(&buf);
-  return 0;
-}
-
 bool
 repo_parse_manifest(repo *r, const char *text, size_t len, const char *where,
                     GError **error)
@@ -475,9 +304,9 @@ repo_parse_manifest(repo *r, const char *text, size_t len, const char *where,
   json_object *v = NULL, *list = NULL;
   uint64_t next = 0, version = 0;
 
-  if (len > MANIFEST_MAX) {
+  if (len > REPO_MANIFEST_MAX) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: larger than %u MiB", where,
-                MANIFEST_MAX >> 20);
+                REPO_MANIFEST_MAX >> 20);
     return false;
   }
   tok = json_tokener_new();
@@ -531,58 +360,17 @@ repo_parse_manifest(repo *r, const char *text, size_t len, const char *where,
   return true;
 }
 
-static bool
-load_manifest(repo *r, bool create, GError **error)
-{
-  g_autofree char *path = repo_path(r, REPO_MANIFEST);
-  g_autofree char *text = NULL;
-  gsize len = 0;
-  int rc;
-
-  r->backups = g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
-  r->next_seq = 1;
-  rc = read_manifest(path, &text, &len, error);
-  if (rc == -ENOENT) {
-    if (create)
-      return true;
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
-                "%s: not a backup repository (no " REPO_MANIFEST ")", r->dir);
-    return false;
-  }
-  if (rc < 0)
-    return false;
-  return repo_parse_manifest(r, text, len, path, error);
-}
-
 bool
 repo_open(const char *dir, enum repo_lock lock, bool create, repo **out,
           GError **error)
 {
   g_autoptr(repo) r = g_new0(repo, 1);
-  struct stat st;
 
   r->lock_fd = -1;
-  if (g_ascii_strncasecmp(dir, "s3://", 5) == 0) {
-    r->backups = g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
-    r->next_seq = 1;
-    if (!repo_s3_open(r, dir, lock, create, error))
-      return false;
-    *out = g_steal_pointer(&r);
-    return true;
-  }
-  r->dir = g_strdup(dir);
-  if (create && g_mkdir_with_parents(dir, 0755) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot create: %s", dir,
-                g_strerror(errno));
-    return false;
-  }
-  if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", dir,
-                errno && !S_ISDIR(st.st_mode) ? g_strerror(errno) : "not a directory");
-    return false;
-  }
-  /* Lock first, so the manifest we read is the one we may replace. */
-  if (!take_lock(r, lock, error) || !load_manifest(r, create, error))
+  r->backups = g_ptr_array_new_with_free_func((GDestroyNotify)repo_backup_free);
+  r->next_seq = 1;
+  if (g_ascii_strncasecmp(dir, "s3://", 5) == 0 ? !repo_s3_open(r, dir, lock, create, error)
+                                                : !repo_dir_open(r, dir, lock, create, error))
     return false;
   *out = g_steal_pointer(&r);
   return true;
@@ -660,8 +448,8 @@ repo_stale_reason(const repo *r, unsigned seq)
   return NULL;
 }
 
-static bool
-listed(const repo *r, const char *name)
+bool
+repo_listed(const repo *r, const char *name)
 {
   for (guint i = 0; i < r->backups->len; i++)
     if (strcmp(((repo_backup *)g_ptr_array_index(r->backups, i))->file, name) == 0)
@@ -672,43 +460,7 @@ listed(const repo *r, const char *name)
 bool
 repo_clean_stale(repo *r, GError **error)
 {
-  g_autoptr(GError) err = NULL;
-  g_autoptr(GDir) d = NULL;
-  const char *name;
-
-  if (r->s3)
-    return repo_s3_clean_stale(r, error);
-  g_assert(r->lock_fd >= 0);
-  d = g_dir_open(r->dir, 0, &err);
-  if (!d) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s", err->message);
-    return false;
-  }
-  while ((name = g_dir_read_name(d))) {
-    g_autofree char *path = NULL;
-    const char *why = NULL;
-    unsigned seq = 0;
-
-    if (g_str_has_suffix(name, ".qcow2" REPO_PARTIAL_SUFFIX)) {
-      why = "left by a backup that did not finish";
-    } else if (g_str_has_prefix(name, REPO_MANIFEST ".") && strlen(name) ==
-               strlen(REPO_MANIFEST) + 7) {
-      why = "manifest temp file left by an interrupted update";
-    } else if (g_str_has_suffix(name, ".qcow2") && sscanf(name, "%6u-", &seq) == 1 &&
-               !listed(r, name)) {
-      why = repo_stale_reason(r, seq);
-    }
-    if (!why)
-      continue;
-    path = repo_path(r, name);
-    if (unlink(path) < 0 && errno != ENOENT) {
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot remove: %s", path,
-                  g_strerror(errno));
-      return false;
-    }
-    cli_note("%s: removed (%s)", path, why);
-  }
-  return true;
+  return r->s3 ? repo_s3_clean_stale(r, error) : repo_dir_clean_stale(r, error);
 }
 
 /* --- manifest writing -------------------------------------------------- */
@@ -744,78 +496,6 @@ repo_backup_to_json(const repo_backup *b)
   return o;
 }
 
-static bool
-fsync_dir(const char *dir, GError **error)
-{
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  int r;
-
-  if (fd < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", dir, g_strerror(errno));
-    return false;
-  }
-  cbt_fi_tag_fd(fd, CBT_FI_MANIFEST);  /* tests: this sync is the manifest's */
-  r = cbt_io_fsync(fd);
-  cbt_fi_untag_fd(fd);
-  close(fd);
-  if (r < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: fsync: %s", dir, g_strerror(-r));
-    return false;
-  }
-  return true;
-}
-
-/* Write @text to @dir/@name atomically: a temp file in the same directory
- * is written and fsynced, renamed over @name, and the directory fsynced, so
- * after a crash @name is either the old or the new content, never a mix.
- * Fails (and @name is unchanged) unless the rename happened; a failure to
- * fsync the directory after it is only a warning. */
-static bool
-write_atomic(const char *dir, const char *name, const char *text, GError **error)
-{
-  g_autofree char *path = g_build_filename(dir, name, NULL);
-  g_autofree char *tmp = g_strdup_printf("%s.XXXXXX", path);
-  size_t len = strlen(text);
-  int fd = mkostemp(tmp, O_CLOEXEC);
-  int r;
-
-  if (fd < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot create a temp file: %s",
-                path, g_strerror(errno));
-    return false;
-  }
-  if (fchmod(fd, 0644) < 0)
-    cli_debug("%s: fchmod: %s", tmp, g_strerror(errno));
-  cbt_fi_tag_fd(fd, CBT_FI_MANIFEST);  /* tests: may fail its I/O */
-  r = cbt_io_pwrite(fd, text, len, 0);
-  if (r == 0)
-    r = cbt_io_fsync(fd);
-  close(fd);
-  if (r < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: writing: %s", tmp, g_strerror(-r));
-    unlink(tmp);
-    return false;
-  }
-  if (rename(tmp, path) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: rename to %s: %s", tmp, path,
-                g_strerror(errno));
-    unlink(tmp);
-    return false;
-  }
-  /* Readers see the new content from here on, so this is no failure to
-   * undo (a caller that did would remove what the new content lists):
-   * only a crash may still bring the old content back, which every
-   * reader of @name has to survive anyway. */
-  {
-    g_autoptr(GError) err = NULL;
-
-    if (!fsync_dir(dir, &err))
-      cli_error("warning: %s: %s is replaced but may not survive a crash", err->message,
-                path);
-  }
-  return true;
-}
-
 char *
 repo_manifest_text(const repo *r, unsigned next_seq)
 {
@@ -840,10 +520,8 @@ repo_manifest_text(const repo *r, unsigned next_seq)
 static bool
 put_manifest(repo *r, const char *text, GError **error)
 {
-  if (r->s3)
-    return repo_s3_put_manifest(r, text, error);
-  g_assert(r->lock_fd >= 0);
-  return write_atomic(r->dir, REPO_MANIFEST, text, error);
+  return r->s3 ? repo_s3_put_manifest(r, text, error)
+               : repo_dir_put_manifest(r, text, error);
 }
 
 bool
@@ -870,17 +548,7 @@ repo_lock_check(repo *r, GError **error)
 bool
 repo_delete_file(repo *r, const char *file, GError **error)
 {
-  g_autofree char *path = NULL;
-
-  if (r->s3)
-    return repo_s3_delete_file(r, file, error);
-  path = repo_path(r, file);
-  if (unlink(path) < 0 && errno != ENOENT) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: cannot remove: %s", path,
-                g_strerror(errno));
-    return false;
-  }
-  return true;
+  return r->s3 ? repo_s3_delete_file(r, file, error) : repo_dir_delete_file(r, file, error);
 }
 
 bool
