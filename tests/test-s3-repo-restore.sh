@@ -20,6 +20,8 @@
 #   - cbt restore --instant --repo s3://: serves at once, reaches
 #     standalone (complete, the private FUSE mount of the point gone) and
 #     the output equals the disk at that point;
+#   - cbt serve --repo s3://: the export equals the point; the private
+#     mount is gone when the daemon has exited;
 #   - a byte flipped in the full backup's object (a modified copy
 #     uploaded over it): restore exits 4 naming the object and the byte
 #     range of the bad chunk, and leaves no output; verify exits 4 naming
@@ -215,6 +217,30 @@ done
 stop_filterd "$ipid"
 qemu-img compare -f qcow2 -F raw "$out" "$tmp/point2.img" >/dev/null ||
     die "the instant restore's output differs from point 2"
+
+# ---- cbt serve --------------------------------------------------------------
+
+"$CBT_CLI" serve --repo "$s3repo" --at 1 --socket "$tmp/serve.sock" \
+    --pid-file "$tmp/serve.pid" >"$tmp/serve.log" 2>&1 &
+spid=$!
+_daemon_log[$spid]=$tmp/serve.log
+cleanup_fn _kill_daemon "$spid"
+for (( i = 0; i < 600; i++ )); do
+    [ -s "$tmp/serve.pid" ] && [ -S "$tmp/serve.sock" ] && break
+    kill -0 $spid 2>/dev/null || { cat "$tmp/serve.log" >&2; die "cbt serve exited"; }
+    sleep 0.1
+done
+nbdcopy "nbd+unix:///?socket=$tmp/serve.sock" "$tmp/served.raw" || die "nbdcopy of cbt serve"
+cmp "$tmp/point1.img" "$tmp/served.raw" || die "cbt serve of point 1 from S3 differs"
+smnt=$(sed -n 's|.*serving \(/.*\)/disk.raw (raw.*|\1|p' "$tmp/serve.log" | head -1)
+[ -n "$smnt" ] || { cat "$tmp/serve.log" >&2; die "no private mount named in the log"; }
+stop_filterd "$spid"
+for (( i = 0; i < 100; i++ )); do
+    grep -qF " $smnt " /proc/mounts || [ -e "$smnt" ] || break
+    sleep 0.1
+done
+! grep -qF " $smnt " /proc/mounts || die "$smnt still mounted after cbt serve ended"
+[ ! -e "$smnt" ] || die "$smnt not removed after cbt serve ended"
 
 # ---- damage ---------------------------------------------------------------
 

@@ -594,15 +594,18 @@ bool chain_reader_is_data(const chain_reader *cr, uint64_t off, uint64_t *len);
  * S3 ETag): the same for the same object, another after it changed. */
 uint64_t chain_reader_ident(const chain_reader *cr);
 
-/* cmd-mount.c (for cmd-restore-instant.c) ------------------------------- */
+/* cmd-mount.c (for cmd-restore-instant.c and cmd-serve.c) -------------- */
 
-/* Mount backup @at of repository @repo_url read-only at @mountpoint, write
- * "INO FILE\n" (disk.raw's inode number, the backup file) to @ready_fd
- * once mounted, and serve
- * until @life_fd (a pipe's read end, taken) reads EOF, then unmount
- * (lazily) and return the exit status.  Meant for a child process that
- * does nothing else. */
-int mount_serve_private(const char *repo_url, const char *at, const char *mountpoint,
-                        int ready_fd, int life_fd);
+/* Mount backup @at of repository @repo_url read-only in a new private
+ * directory, from a child process forked at once (so call it before this
+ * process starts threads or opens the repository), and wait until it is
+ * mounted.  *@mp is the mountpoint (MP/disk.raw the disk), *@ino
+ * disk.raw's inode number (chain_reader_ident), *@file the backup file
+ * the child found for @at, *@life the write end of a pipe (O_CLOEXEC):
+ * the child unmounts (lazily), removes *@mp and exits once every copy of
+ * it is closed.  A child that fails says why on stderr; the error is then
+ * CLI_EXIT_DAMAGED if it was damage. */
+bool mount_private(const char *repo_url, const char *at, char **mp, uint64_t *ino,
+                   char **file, int *life, GError **error);
 
 #endif

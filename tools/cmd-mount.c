@@ -37,7 +37,7 @@
  * disk.raw then has a fixed inode number derived from the top object's
  * name and ETag, by which cbt restore --instant recognises the same
  * backup when it resumes (it serves an S3 point to cbt-filterd through
- * a private mount: serve_private below).
+ * a private mount: mount_private below; so does cbt serve).
  *
  * Lifetime.  The repository is locked shared for as long as the file
  * system is mounted, so that pruning cannot remove a file of the chain.
@@ -839,11 +839,12 @@ cmd_umount(int argc, char **argv)
   return umount_run(argv[1], &error) ? CLI_EXIT_OK : cli_report(error);
 }
 
-/* --- for cbt restore --instant ---------------------------------------------- */
+/* --- private mounts, for cbt restore --instant and cbt serve ------------------ */
 
-int
-mount_serve_private(const char *repo_url, const char *at, const char *mountpoint,
-                    int ready_fd, int life_fd)
+/* The child's side of mount_private. */
+static int
+serve_private(const char *repo_url, const char *at, const char *mountpoint, int ready_fd,
+              int life_fd)
 {
   struct mount_opts o = { .repo_dir = repo_url, .at = at, .mountpoint = mountpoint,
                           .ready_fd = ready_fd, .life_fd = life_fd };
@@ -851,3 +852,81 @@ mount_serve_private(const char *repo_url, const char *at, const char *mountpoint
 
   return mount_run(&o, &error) ? CLI_EXIT_OK : cli_report(error);
 }
+
+bool
+mount_private(const char *repo_url, const char *at, char **mp, uint64_t *ino, char **file,
+              int *life, GError **error)
+{
+  g_autoptr(GError) err = NULL;
+  g_autofree char *dir = g_dir_make_tmp("cbt-point-XXXXXX", &err);
+  g_autoptr(GString) line = g_string_new(NULL);
+  int ready[2], lp[2], status = 0;
+  pid_t pid;
+  char c;
+
+  if (!dir) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "a mountpoint for %s: %s", repo_url,
+                err->message);
+    return false;
+  }
+  if (pipe2(ready, O_CLOEXEC) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "pipe: %s", g_strerror(errno));
+    rmdir(dir);
+    return false;
+  }
+  if (pipe2(lp, O_CLOEXEC) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "pipe: %s", g_strerror(errno));
+    close(ready[0]);
+    close(ready[1]);
+    rmdir(dir);
+    return false;
+  }
+  fflush(NULL);
+  pid = fork();
+  if (pid < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "fork: %s", g_strerror(errno));
+    close(ready[0]);
+    close(ready[1]);
+    close(lp[0]);
+    close(lp[1]);
+    rmdir(dir);
+    return false;
+  }
+  if (pid == 0) {
+    int rc;
+
+    close(ready[0]);
+    close(lp[1]);
+    cli_quiet = TRUE;             /* errors still go to stderr */
+    rc = serve_private(repo_url, at, dir, ready[1], lp[0]);
+    if (rmdir(dir) < 0)
+      cli_debug("%s: %s", dir, g_strerror(errno));
+    _exit(rc);
+  }
+  close(ready[1]);
+  close(lp[0]);
+  while (read(ready[0], &c, 1) == 1 && c != '\n')
+    g_string_append_c(line, c);
+  close(ready[0]);
+  if (line->len == 0) {
+    /* The child failed (it said why) or died. */
+    close(lp[1]);
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+      ;
+    rmdir(dir);
+    g_set_error(error, CLI_ERROR, WIFEXITED(status) && WEXITSTATUS(status) == CLI_EXIT_DAMAGED
+                ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
+                "%s: cannot serve the backup to cbt-filterd (see above)", repo_url);
+    return false;
+  }
+  {
+    char *end = NULL;
+
+    *ino = g_ascii_strtoull(line->str, &end, 10);
+    *file = g_strdup(end && *end == ' ' ? end + 1 : "");
+  }
+  *mp = g_steal_pointer(&dir);
+  *life = lp[1];
+  return true;
+}
+

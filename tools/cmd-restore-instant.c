@@ -52,7 +52,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "cbt/image.h"
@@ -166,87 +165,6 @@ check_resume(const struct instant_opts *o, const repo_backup *b, uint64_t src_in
   return true;
 }
 
-/* Mount the point of S3 repository o->repo_dir privately in a child (see
- * the top of the file): *@mp is the mountpoint, *@ino disk.raw's inode
- * number, *@file the backup file the child found for o->at, *@life the
- * write end to hand the daemon. */
-static bool
-private_mount(const struct instant_opts *o, char **mp, uint64_t *ino, char **file,
-              int *life, GError **error)
-{
-  g_autoptr(GError) err = NULL;
-  g_autofree char *dir = g_dir_make_tmp("cbt-instant-XXXXXX", &err);
-  g_autoptr(GString) line = g_string_new(NULL);
-  int ready[2], lp[2], status = 0;
-  pid_t pid;
-  char c;
-
-  if (!dir) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "a mountpoint for %s: %s", o->repo_dir,
-                err->message);
-    return false;
-  }
-  if (pipe2(ready, O_CLOEXEC) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "pipe: %s", g_strerror(errno));
-    rmdir(dir);
-    return false;
-  }
-  if (pipe2(lp, O_CLOEXEC) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "pipe: %s", g_strerror(errno));
-    close(ready[0]);
-    close(ready[1]);
-    rmdir(dir);
-    return false;
-  }
-  fflush(NULL);
-  pid = fork();
-  if (pid < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "fork: %s", g_strerror(errno));
-    close(ready[0]);
-    close(ready[1]);
-    close(lp[0]);
-    close(lp[1]);
-    rmdir(dir);
-    return false;
-  }
-  if (pid == 0) {
-    int rc;
-
-    close(ready[0]);
-    close(lp[1]);
-    cli_quiet = TRUE;             /* errors still go to stderr */
-    rc = mount_serve_private(o->repo_dir, o->at, dir, ready[1], lp[0]);
-    if (rmdir(dir) < 0)
-      cli_debug("%s: %s", dir, g_strerror(errno));
-    _exit(rc);
-  }
-  close(ready[1]);
-  close(lp[0]);
-  while (read(ready[0], &c, 1) == 1 && c != '\n')
-    g_string_append_c(line, c);
-  close(ready[0]);
-  if (line->len == 0) {
-    /* The child failed (it said why) or died. */
-    close(lp[1]);
-    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-      ;
-    rmdir(dir);
-    g_set_error(error, CLI_ERROR, WIFEXITED(status) && WEXITSTATUS(status) == CLI_EXIT_DAMAGED
-                ? CLI_EXIT_DAMAGED : CLI_EXIT_FAILED,
-                "%s: cannot serve the backup to cbt-filterd (see above)", o->repo_dir);
-    return false;
-  }
-  {
-    char *end = NULL;
-
-    *ino = g_ascii_strtoull(line->str, &end, 10);
-    *file = g_strdup(end && *end == ' ' ? end + 1 : "");
-  }
-  *mp = g_steal_pointer(&dir);
-  *life = lp[1];
-  return true;
-}
-
 static bool
 instant_run(const struct instant_opts *o, GError **error)
 {
@@ -268,7 +186,7 @@ instant_run(const struct instant_opts *o, GError **error)
     return false;
   }
   /* First, before this process opens anything (threads, connections). */
-  if (s3 && !private_mount(o, &mp, &src_ino, &mfile, &life, error))
+  if (s3 && !mount_private(o->repo_dir, o->at, &mp, &src_ino, &mfile, &life, error))
     return false;
   if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
       !repo_find(r, o->at, &b, error))

@@ -19,6 +19,13 @@
  *     without FD_CLOEXEC, so no backup or pruning can change the files
  *     (between the check and the daemon's open, or while it serves).
  *
+ * A repository on S3 has no file for the daemon to open: the point is
+ * mounted privately with FUSE by a child process (cmd-mount.c,
+ * mount_private: ranged GETs through the chain), and the daemon serves
+ * MOUNTPOINT/disk.raw as a raw image.  The pipe that keeps the mount goes
+ * through the exec as a descriptor the daemon never closes, so the mount
+ * ends when the daemon exits, however it exits.
+ *
  * cbt-filterd is $CBT_FILTERD if set, else the cbt-filterd next to this
  * program (both are installed in bindir), else the first on $PATH.
  */
@@ -37,25 +44,64 @@ struct serve_opts {
   char **extra;                   /* more cbt-filterd options, or NULL */
 };
 
+/* The options every cbt serve passes on, and the exec. */
+static bool
+serve_exec(const struct serve_opts *o, const char *filterd, GPtrArray *av, GError **error)
+{
+  cli_argv_add_opt(av, "--socket", o->socket);
+  cli_argv_add_opt(av, "--listen", o->listen);
+  cli_argv_add_opt(av, "--export-name", o->export_name);
+  cli_argv_add_opt(av, "--pid-file", o->pid_file);
+  return cli_exec(filterd, av, o->extra, error);
+}
+
 static bool
 serve_run(const struct serve_opts *o, GError **error)
 {
   g_autoptr(repo) r = NULL;
   g_autoptr(GPtrArray) av = g_ptr_array_new_with_free_func(g_free);
-  g_autofree char *filterd = NULL, *dir = NULL;
+  g_autofree char *filterd = NULL, *dir = NULL, *mp = NULL, *mfile = NULL;
   struct cbt_image *img = NULL;
   const repo_backup *b = NULL;
+  uint64_t ino = 0;
+  int life = -1;
 
-  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
-      !repo_find(r, o->at, &b, error) || !chain_open(r, b, &img, error))
-    return false;
-  cbt_image_close(img);
   filterd = cli_find_filterd();
   if (!filterd) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED,
                 "cbt-filterd not found (not next to cbt, not on PATH; set CBT_FILTERD)");
     return false;
   }
+  if (g_str_has_prefix(o->repo_dir, "s3://")) {
+    /* First, before this process opens anything (threads, connections). */
+    if (!mount_private(o->repo_dir, o->at, &mp, &ino, &mfile, &life, error) ||
+        !repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+        !repo_find(r, o->at, &b, error))
+      return false;
+    if (strcmp(mfile, b->file) != 0) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: the repository changed while "
+                  "starting (%s, then %s): try again", o->repo_dir, mfile, b->file);
+      return false;
+    }
+    if (fcntl(life, F_DUPFD, 3) < 0) {
+      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the mount: %s", mp,
+                  g_strerror(errno));
+      return false;
+    }
+    g_ptr_array_add(av, g_strdup(filterd));
+    g_ptr_array_add(av, g_strdup("--image"));
+    g_ptr_array_add(av, g_build_filename(mp, "disk.raw", NULL));
+    g_ptr_array_add(av, g_strdup("--format=raw"));
+    g_ptr_array_add(av, g_strdup("--read-only"));
+    g_ptr_array_add(av, g_strdup_printf("--description=cbt backup %u (%s) of %s", b->seq,
+                                        b->file, o->repo_dir));
+    g_clear_pointer(&r, repo_free);   /* its connections are no use to the daemon */
+    return serve_exec(o, filterd, av, error);
+  }
+  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+      !repo_find(r, o->at, &b, error) || !chain_open(r, b, &img, error))
+    return false;
+  cbt_image_close(img);
   dir = realpath(r->dir, NULL);
   if (!dir) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", r->dir, g_strerror(errno));
@@ -76,12 +122,8 @@ serve_run(const struct serve_opts *o, GError **error)
   g_ptr_array_add(av, g_strdup("--read-only"));
   g_ptr_array_add(av, g_strdup_printf("--description=cbt backup %u (%s) of %s", b->seq,
                                       b->file, dir));
-  cli_argv_add_opt(av, "--socket", o->socket);
-  cli_argv_add_opt(av, "--listen", o->listen);
-  cli_argv_add_opt(av, "--export-name", o->export_name);
-  cli_argv_add_opt(av, "--pid-file", o->pid_file);
   cli_debug("serving %s read-only", b->file);
-  return cli_exec(filterd, av, o->extra, error);
+  return serve_exec(o, filterd, av, error);
 }
 
 int
@@ -91,7 +133,8 @@ cmd_serve(int argc, char **argv)
   g_autofree char *export_name = NULL, *pid_file = NULL;
   GError *error = NULL;
   GOptionEntry entries[] = {
-    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository directory", "DIR" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &dir, "repository: a directory or s3://BUCKET/PREFIX", "DIR" },
+    CLI_S3_OPTION,
     { "at", 'a', 0, G_OPTION_ARG_STRING, &at, "the backup to serve: seq number, file name or 'latest' (default)", "BACKUP" },
     { "socket", 's', 0, G_OPTION_ARG_FILENAME, &socket, "listen on a unix socket", "PATH" },
     { "listen", 'l', 0, G_OPTION_ARG_STRING, &listen, "listen on TCP", "HOST:PORT" },
