@@ -217,8 +217,10 @@ map_span(chain_map *m, struct chain_file *f, const struct cbt_qcow2_info *info,
   if (!rfile_read_ranges(f->rf, rr, n, error))
     return false;
   for (guint t = t0; t < t1; t++)
-    if (!map_table(m, f, info, tabs[t].l1i, (const uint64_t *)(buf + (tabs[t].off - start)),
-                   state, error))
+    /* Tables are cluster aligned in the file, so in @buf (g_malloc'd). */
+    if (!map_table(m, f, info, tabs[t].l1i,
+                   (const uint64_t *)(const void *)(buf + (tabs[t].off - start)), state,
+                   error))
       return false;
   return true;
 }
