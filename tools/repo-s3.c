@@ -51,6 +51,7 @@ struct repo_s3 {
   GThread *refresher;
   bool stop;
   GError *lost;                 /* why the lock is no longer ours */
+  gint lost_flag;               /* atomic: lost is set (read without the mutex) */
   guint ttl;
 };
 
@@ -105,8 +106,9 @@ refresher_main(gpointer opaque)
     if (err->code == S3_ERROR_LOCKED ||
         g_get_monotonic_time() - last_ok > (gint64)s->ttl * G_TIME_SPAN_SECOND * 3 / 4) {
       g_prefix_error(&err, "the repository lock is lost: ");
+      cli_debug("%s", err->message);   /* the backup reports it when it stops */
       s->lost = err;
-      cli_error("%s", err->message);
+      g_atomic_int_set(&s->lost_flag, 1);
     } else {
       cli_debug("%s (trying again in %u s)", err->message, s->ttl / 4);
       g_error_free(err);
@@ -144,7 +146,9 @@ repo_s3_lock_check(repo *r, GError **error)
   struct repo_s3 *s = r->s3;
   bool ok = true;
 
-  if (!s || !s->lock)
+  /* The data path calls this for every piece: no waiting on the mutex,
+   * which a refresh holds for a round trip, unless the lock is lost. */
+  if (!s || !s->lock || !g_atomic_int_get(&s->lost_flag))
     return true;
   g_mutex_lock(&s->lock_mutex);
   if (s->lost) {
@@ -269,6 +273,7 @@ repo_s3_put_manifest(repo *r, const char *text, GError **error)
     if (!ok && err->code == S3_ERROR_LOCKED) {
       g_prefix_error(&err, "the repository lock is lost: ");
       s->lost = g_error_copy(err);
+      g_atomic_int_set(&s->lost_flag, 1);
     }
     if (!ok)
       g_propagate_error(error, err);
