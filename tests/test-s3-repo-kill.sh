@@ -31,6 +31,7 @@ csock=$tmp/ctl.sock
 truncate -s 1G "$disk"
 start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap" --control "$csock"
 dsock=$sock
+dpid=$pid
 io() { qio -f raw "$uri" "$@"; }
 status_json() { ctl "$csock" '{"execute":"status"}'; }
 
@@ -53,7 +54,12 @@ for (( i = 0; i < 600; i++ )); do
     sleep 0.05
 done
 [ -n "$(cbt s3 uploads "$repo/" 2>/dev/null)" ] || die "no upload under way after 30 s"
+# Hold the backup where it is (its reads wait for the stopped daemon), so
+# radosgw dies in the middle of it however fast the machine is.
+kill -STOP "$dpid"
+cleanup_fn kill -CONT "$dpid"
 ceph_rgw_stop_rgw "$tmp/ceph"
+kill -CONT "$dpid"
 rc=0
 wait "$bpid" || rc=$?
 [ "$rc" -eq 1 ] || die "backup with radosgw killed: exit $rc, expected 1: $(cat "$tmp/kill.err")"

@@ -117,10 +117,11 @@ cbt s3 get "${repo[b]}/manifest.json" "$tmp/manifest.before"
 io b -c 'write -P 0xb4 0 200M'
 CBT_S3_LOCK_TTL=4 backup_bg b --full --connections 1
 for (( i = 0; i < 600; i++ )); do
-    [ -n "$(cbt s3 uploads "${repo[b]}/" 2>/dev/null)" ] && break
-    kill -0 "${bpid[b]}" 2>/dev/null || die "host b's backup ended before its upload was seen"
+    cbt s3 head "${repo[b]}/lock" >/dev/null 2>&1 && break
+    kill -0 "${bpid[b]}" 2>/dev/null || die "host b's backup ended before its lock was seen"
     sleep 0.05
 done
+# The daemon stopped holds the backup before it has written much.
 kill -STOP "${dpid[b]}"
 cleanup_fn kill -CONT "${dpid[b]}"
 cbt s3 rm "${repo[b]}/lock" || die "cannot delete the lock object"
