@@ -8,6 +8,8 @@
 #     qemu-img compare with the image as it was); every point restores
 #     (cbt restore --repo s3://) equal to the image at that point, and
 #     verify passes; no multipart upload and no lock object is left;
+#   - a full backup writes nothing to local disk (no staging copy) and
+#     stays below 400 MiB of memory;
 #   - cbt prune --keep-chains 1 after a second chain deletes the first
 #     chain whole (manifest and objects), the rest still restores, and
 #     cbt-nightly.sh runs against the S3 repository with its log lines;
@@ -129,7 +131,25 @@ has "cannot connect to http://127.0.0.1:$down"
 unchanged "endpoint down"
 
 # Retention: a second chain, then keep 1: the first chain goes whole.
-backup --full
+# ... streamed, not staged: the backup writes (next to) nothing to local
+# disk, and its memory stays bounded (64 MiB held for the header, a few
+# 8 MiB parts, the NBD buffers).
+"$PYTHON" - "$tmp/usage" "$CBT_CLI" backup --socket "$dsock" --control "$csock" \
+    --repo "$repo" --json --full >"$tmp/full2.json" 2>"$tmp/backup.err" <<'PYEOF' ||
+import resource, subprocess, sys
+rc = subprocess.run(sys.argv[2:]).returncode
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write("%d %d\n" % (u.ru_oublock, u.ru_maxrss))
+sys.exit(rc)
+PYEOF
+    die "second full backup failed: $(cat "$tmp/backup.err")"
+summary=$(cat "$tmp/full2.json")
+read -r oblocks maxrss <"$tmp/usage"
+echo "full backup to S3: $((oblocks / 2)) KiB written to local disk, peak RSS $((maxrss >> 10)) MiB" >&2
+[ "$(field '"file-size"')" -gt $((90 << 20)) ] || die "the second full backup is small: $summary"
+[ "$oblocks" -lt 2048 ] ||
+    die "the backup to S3 wrote $((oblocks / 2)) KiB to local disk (a staging copy?)"
+[ "$maxrss" -lt $((400 << 10)) ] || die "the backup to S3 used $((maxrss >> 10)) MiB of memory"
 files2=("$(field file)")
 io -c 'write -P 0x88 30M 1M'
 backup
