@@ -323,8 +323,8 @@ s3_lock_acquire_flags(s3_client *c, const char *bucket, const char *key, guint t
       s3_object_info_clear(&info);
       if (!verify(l, error))
         return false;
-      cli_note("S3 lock s3://%s/%s: took over a lock that %s", bucket, key,
-               was_expired ? "had expired" : "a dead process on this host left");
+      cli_note("S3 lock s3://%s/%s: took over %s", bucket, key,
+               was_expired ? "an expired lock" : "a lock that a dead process on this host left");
       *out = g_steal_pointer(&l);
       return true;
     }
