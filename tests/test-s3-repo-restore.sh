@@ -23,7 +23,9 @@
 #   - cbt serve --repo s3://: the export equals the point; the private
 #     mount is gone when the daemon has exited;
 #   - a byte flipped in the full backup's object (a modified copy
-#     uploaded over it): restore exits 4 naming the object and the byte
+#     uploaded over it): a mount made before fails the reads it had not
+#     made yet (EIO; the log names the replaced object); restore exits 4
+#     naming the object and the byte
 #     range of the bad chunk, and leaves no output; verify exits 4 naming
 #     it too;
 #   - the full backup's object deleted: restore, verify and mount exit 4
@@ -250,7 +252,24 @@ cp "$repo/$full" "$tmp/bad.qcow2"
 # A data byte of the full backup (its first guest cluster, after the header).
 printf '\x5a' | dd of="$tmp/bad.qcow2" bs=1 seek=$((65536 + 1000)) conv=notrunc status=none
 cmp -s "$repo/$full" "$tmp/bad.qcow2" && die "the byte flipped nothing"
+# A mount made before the object is replaced refuses to mix versions:
+# what it had not read yet fails with EIO, and the log says why.
+cbt mount --repo "$s3repo" --at 1 "$mnt" >"$tmp/mount2.log" 2>&1 &
+mpid=$!
+_daemon_log[$mpid]=$tmp/mount2.log
+cleanup_fn _kill_daemon "$mpid"
+for (( i = 0; i < 300; i++ )); do
+    [ -f "$mnt/disk.raw" ] && break
+    kill -0 $mpid 2>/dev/null || { cat "$tmp/mount2.log" >&2; die "cbt mount exited"; }
+    sleep 0.1
+done
 cbt s3 put "$tmp/bad.qcow2" "$key" >/dev/null || die "uploading the damaged copy"
+dd if="$mnt/disk.raw" of=/dev/null bs=64k count=1 2>/dev/null &&
+    die "a read of the replaced object through the mount succeeded"
+grep -qF "$key: replaced while being read" "$tmp/mount2.log" ||
+    { cat "$tmp/mount2.log" >&2; die "the mount's log does not name the replaced object"; }
+cbt umount "$mnt" || die "cbt umount $mnt"
+wait $mpid || die "cbt mount exited with $?"
 expect_rc 4 cbt restore --repo "$s3repo" --at 3 --output "$tmp/bad.raw"
 has "$key: checksum mismatch in bytes 0.."
 has "not restoring ${files[2]}"
