@@ -17,9 +17,10 @@
 #     verify OK;
 #   - cbt mount --repo s3:// of the middle point: MOUNTPOINT/disk.raw
 #     equal to the disk at that point, SEEK_DATA/SEEK_HOLE as the chain;
-#   - cbt restore --instant --repo s3://: serves at once, reaches
-#     standalone (complete, the private FUSE mount of the point gone) and
-#     the output equals the disk at that point;
+#   - cbt restore --instant --repo s3://: serves at once; killed (-9)
+#     while copying, its private FUSE mount of the point goes too, and
+#     the same command resumes; it reaches standalone (complete, the
+#     mount gone) and the output equals the disk at that point;
 #   - cbt serve --repo s3://: the export equals the point; the private
 #     mount is gone when the daemon has exited;
 #   - a byte flipped in the full backup's object (a modified copy
@@ -186,16 +187,53 @@ wait $mpid || die "cbt mount exited with $?"
 out=$tmp/instant.qcow2
 isock=$tmp/instant.sock
 ictl=$tmp/instant-ctl.sock
-"$CBT_CLI" restore --instant --repo "$s3repo" --at 2 --output "$out" --socket "$isock" \
-    --control "$ictl" --pid-file "$tmp/instant.pid" >"$tmp/instant.log" 2>&1 &
-ipid=$!
-_daemon_log[$ipid]=$tmp/instant.log
-cleanup_fn _kill_daemon "$ipid"
-for (( i = 0; i < 600; i++ )); do
-    [ -s "$tmp/instant.pid" ] && [ -S "$isock" ] && break
-    kill -0 $ipid 2>/dev/null || { cat "$tmp/instant.log" >&2; die "instant restore exited"; }
-    sleep 0.1
-done
+# instant LOG ARGS...: cbt restore --instant of point 2 in the background,
+# waits (bounded) until it serves; sets $ipid.
+instant()
+{
+    local ilog=$1 i
+    shift
+    rm -f "$tmp/instant.pid"
+    "$CBT_CLI" restore --instant --repo "$s3repo" --at 2 --output "$out" --socket "$isock" \
+        --control "$ictl" --pid-file "$tmp/instant.pid" "$@" >"$ilog" 2>&1 &
+    ipid=$!
+    _daemon_log[$ipid]=$ilog
+    cleanup_fn _kill_daemon "$ipid"
+    for (( i = 0; i < 600; i++ )); do
+        [ -s "$tmp/instant.pid" ] && [ -S "$isock" ] && return 0
+        kill -0 $ipid 2>/dev/null || { cat "$ilog" >&2; die "instant restore exited"; }
+        sleep 0.1
+    done
+    die "instant restore: no socket after 60 s"
+}
+# private_mount LOG: the private mount of the point the daemon reads.
+private_mount() { sed -n 's|.*instant restore of \(.*\)/disk.raw into.*|\1|p' "$1" | head -1; }
+# gone MOUNTPOINT: wait (bounded) until it is unmounted and removed.
+gone()
+{
+    local i
+    for (( i = 0; i < 100; i++ )); do
+        grep -qF " $1 " /proc/mounts || [ -e "$1" ] || return 0
+        sleep 0.1
+    done
+    grep -qF " $1 " /proc/mounts && die "$1 still mounted"
+    die "$1 not removed"
+}
+
+# Slowed down and killed: the mount goes with the daemon, and the same
+# command resumes (the source's identity, the mount's inode number, is
+# the same for the same object).
+instant "$tmp/instant0.log" --rate 1M
+pmnt=$(private_mount "$tmp/instant0.log")
+[ -n "$pmnt" ] || { cat "$tmp/instant0.log" >&2; die "no private mount named in the log"; }
+grep -qF " $pmnt " /proc/mounts || die "$pmnt is not mounted while the daemon runs"
+sleep 1
+kill -KILL $ipid
+wait $ipid 2>/dev/null || true
+gone "$pmnt"
+instant "$tmp/instant.log"
+grep -q "resuming the instant restore" "$tmp/instant.log" ||
+    { cat "$tmp/instant.log" >&2; die "the second run did not resume"; }
 [ -S "$isock" ] || die "instant restore: no socket after 60 s"
 nbdcopy "nbd+unix:///?socket=$isock" "$tmp/instant-served.raw" ||
     die "nbdcopy of the instant restore failed"
@@ -208,14 +246,9 @@ for (( i = 0; i < 600; i++ )); do
 done
 json_true '.complete' "$st" || die "instant restore not complete after 60 s: $st"
 # The private mount of the point ends with the copy.
-pmnt=$(sed -n 's|.*instant restore of \(.*\)/disk.raw into.*|\1|p' "$tmp/instant.log" | head -1)
+pmnt=$(private_mount "$tmp/instant.log")
 [ -n "$pmnt" ] || die "no private mount named in the log"
-for (( i = 0; i < 100; i++ )); do
-    grep -qF " $pmnt " /proc/mounts || [ -e "$pmnt" ] || break
-    sleep 0.1
-done
-! grep -qF " $pmnt " /proc/mounts || die "$pmnt still mounted after the copy"
-[ ! -e "$pmnt" ] || die "$pmnt not removed after the copy"
+gone "$pmnt"
 stop_filterd "$ipid"
 qemu-img compare -f qcow2 -F raw "$out" "$tmp/point2.img" >/dev/null ||
     die "the instant restore's output differs from point 2"
@@ -237,12 +270,7 @@ cmp "$tmp/point1.img" "$tmp/served.raw" || die "cbt serve of point 1 from S3 dif
 smnt=$(sed -n 's|.*serving \(/.*\)/disk.raw (raw.*|\1|p' "$tmp/serve.log" | head -1)
 [ -n "$smnt" ] || { cat "$tmp/serve.log" >&2; die "no private mount named in the log"; }
 stop_filterd "$spid"
-for (( i = 0; i < 100; i++ )); do
-    grep -qF " $smnt " /proc/mounts || [ -e "$smnt" ] || break
-    sleep 0.1
-done
-! grep -qF " $smnt " /proc/mounts || die "$smnt still mounted after cbt serve ended"
-[ ! -e "$smnt" ] || die "$smnt not removed after cbt serve ended"
+gone "$smnt"
 
 # ---- damage ---------------------------------------------------------------
 
