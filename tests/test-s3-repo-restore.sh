@@ -29,8 +29,10 @@
 #     naming the object and the byte
 #     range of the bad chunk, and leaves no output; verify exits 4 naming
 #     it too;
-#   - the full backup's object deleted: restore, verify and mount exit 4
-#     saying which object is missing.
+#   - the full backup's object deleted: restore, verify, mount and
+#     instant restore exit 4 saying which object is missing; one of
+#     another size than the manifest's: restore and verify exit 4 naming
+#     both sizes.
 #
 # Set CBT_S3_TEST_ENV=DIR/env (written by `tests/ceph-rgw.sh start DIR`)
 # to use a cluster that is already running instead of starting one.
@@ -320,3 +322,12 @@ expect_rc 4 "$CBT_CLI" restore --instant --repo "$s3repo" --at 1 --output "$tmp/
     --socket "$tmp/mi.sock"
 has "$key: missing"
 [ ! -e "$tmp/mi.raw" ] || die "a failed instant restore left its output"
+
+# An object of another size than the manifest's.
+head -c -65536 "$repo/$full" >"$tmp/short.qcow2"
+cbt s3 put "$tmp/short.qcow2" "$key" >/dev/null || die "uploading a short copy"
+expect_rc 4 cbt restore --repo "$s3repo" --at 2 --output "$tmp/short.raw"
+has "$key: $(stat -c %s "$tmp/short.qcow2") bytes, the manifest says $(stat -c %s "$repo/$full")"
+[ ! -e "$tmp/short.raw" ] || die "a failed restore left its output"
+expect_rc 4 cbt verify --repo "$s3repo"
+has "$key: $(stat -c %s "$tmp/short.qcow2") bytes, the manifest says"
