@@ -463,6 +463,7 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(snapshot, snapshot_unref)
  * while it is served (see the top of restore.c). */
 struct restore_config {
   const char *source;            /* --restore-from: the backup point's image */
+  const char *source_format;     /* --restore-from-format, or NULL: detect */
   const char *state;             /* --restore-state: the progress file */
   uint64_t rate;                 /* --restore-rate, bytes/s, 0: unlimited */
   int release_fd;                /* --restore-release-fd, or -1 */

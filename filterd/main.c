@@ -80,6 +80,7 @@ static GOptionEntry entries[] = {
   { "restore-state", 0, 0, G_OPTION_ARG_FILENAME, &restore_cfg.state, "Instant restore: its progress file (restore-state-format.md)", "FILE" },
   { "restore-rate", 0, 0, G_OPTION_ARG_STRING, &opt_restore_rate, "Instant restore: copy at most SIZE bytes per second in the background (default: no limit)", "SIZE" },
   { "restore-sync-interval", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT, &restore_cfg.sync_interval, "Instant restore: record the progress every S seconds (default 1; FLUSH always does)", "S" },
+  { "restore-from-format", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_STRING, &restore_cfg.source_format, "Instant restore: the format of --restore-from, raw or qcow2 (default: detect; cbt restore --instant gives raw for an S3 point, a disk that may begin with anything)", "FORMAT" },
   { "restore-release-fd", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT, &restore_cfg.release_fd, "Instant restore: close this inherited descriptor once the backup is no longer read", "FD" },
   { "verbose", 'v', 0, G_OPTION_ARG_NONE, &log_verbose, "Log every connection and failed request", NULL },
   { NULL }

@@ -980,7 +980,7 @@ restore_open(const struct restore_config *cfg, GError **error)
                 "was made for", cfg->source, info->source_name, cfg->state);
     return false;
   }
-  rc = cbt_image_open(cfg->source, NULL, true, false, &r->src, &why);
+  rc = cbt_image_open(cfg->source, cfg->source_format, true, false, &r->src, &why);
   if (rc < 0) {
     g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(-rc), "--restore-from %s",
                 why ? why : g_strerror(-rc));

@@ -282,6 +282,10 @@ instant_run(const struct instant_opts *o, GError **error)
   g_ptr_array_add(av, g_strdup(is_qcow2(o->output) ? "--format=qcow2" : "--format=raw"));
   g_ptr_array_add(av, g_strdup("--restore-from"));
   g_ptr_array_add(av, g_strdup(src));
+  /* The private mount's disk.raw is a disk, which may begin with
+   * anything, a qcow2 magic too: never let the daemon guess. */
+  g_ptr_array_add(av, g_strdup(s3 ? "--restore-from-format=raw"
+                                   : "--restore-from-format=qcow2"));
   g_ptr_array_add(av, g_strdup("--restore-state"));
   g_ptr_array_add(av, g_strdup(o->state));
   if (lock_fd >= 0)
