@@ -21,6 +21,8 @@
 #     while copying, its private FUSE mount of the point goes too, and
 #     the same command resumes; it reaches standalone (complete, the
 #     mount gone) and the output equals the disk at that point;
+#   - the same of a point whose disk begins with the qcow2 magic, into
+#     a raw output: equal (the daemon is told its source is raw);
 #   - cbt serve --repo s3://: the export equals the point; the private
 #     mount is gone when the daemon has exited;
 #   - a byte flipped in the full backup's object (a modified copy
@@ -97,7 +99,10 @@ cp --sparse=always "$disk" "$tmp/point3.img"
 s3repo2=s3://$bucket/vm2
 cbt backup --socket "$dsock" --control "$csock" --repo "$s3repo2" --full >/dev/null \
     2>"$tmp/backup.err" || { cat "$tmp/backup.err" >&2; die "cbt backup --full to S3 failed"; }
-io -c 'write -P 0xe1 1M 3M' -c 'write -z 30M 2M' -c 'write -P 0xe2 62M 64k'
+# Point 4 begins with the qcow2 magic: a disk may hold anything.
+printf 'QFI\xfb' >"$tmp/magic"
+io -c 'write -P 0xe1 1M 3M' -c 'write -z 30M 2M' -c 'write -P 0xe2 62M 64k' \
+   -c "write -s $tmp/magic 0 4"
 cbt backup --socket "$dsock" --control "$csock" --repo "$s3repo2" --incremental >/dev/null \
     2>"$tmp/backup.err" || { cat "$tmp/backup.err" >&2; die "cbt backup --incremental to S3 failed"; }
 cp --sparse=always "$disk" "$tmp/point4.img"
@@ -254,6 +259,27 @@ gone "$pmnt"
 stop_filterd "$ipid"
 qemu-img compare -f qcow2 -F raw "$out" "$tmp/point2.img" >/dev/null ||
     die "the instant restore's output differs from point 2"
+
+# A point whose disk begins with the qcow2 magic, into a raw output: the
+# daemon is told the source is raw, it does not guess.
+rm -f "$tmp/instant.pid"
+"$CBT_CLI" restore --instant --repo "$s3repo2" --at 2 --output "$tmp/instant4.raw" \
+    --socket "$tmp/instant4.sock" --control "$tmp/instant4-ctl.sock" \
+    --pid-file "$tmp/instant.pid" >"$tmp/instant4.log" 2>&1 &
+ipid=$!
+_daemon_log[$ipid]=$tmp/instant4.log
+cleanup_fn _kill_daemon "$ipid"
+for (( i = 0; i < 600; i++ )); do
+    st=$(ctl "$tmp/instant4-ctl.sock" '{"execute":"status"}' 2>/dev/null |
+         jq -c '.return.restore' 2>/dev/null) || st=
+    [ -n "$st" ] && json_true '.complete and (."source-open" | not)' "$st" && break
+    kill -0 $ipid 2>/dev/null || { cat "$tmp/instant4.log" >&2; die "instant restore exited"; }
+    sleep 0.1
+done
+json_true '.complete' "$st" || die "instant restore of point 4 not complete after 60 s: $st"
+gone "$(private_mount "$tmp/instant4.log")"
+stop_filterd "$ipid"
+cmp "$tmp/point4.img" "$tmp/instant4.raw" || die "the instant restore of point 4 differs"
 
 # ---- cbt serve --------------------------------------------------------------
 
