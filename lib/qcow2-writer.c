@@ -54,6 +54,20 @@
  * It is no durability promise (no metadata, no cache flush): finish still
  * fdatasyncs.
  *
+ * Direct I/O (set_direct): the file is written with O_DIRECT, so the data
+ * goes from the caller's buffer to the disk without a copy into the page
+ * cache and without writeback work later (write-behind is then not
+ * needed: every write has reached the device when it returns).  Offsets
+ * and lengths are whole clusters (at least DIO_ALIGN); a buffer that is
+ * not DIO_ALIGN-aligned in memory is copied through an aligned bounce
+ * buffer (file_pwrite).  The file's size is extended ahead of the data
+ * (ftruncate, in GROW_STEP steps), because a write past the end of file
+ * is serialised and waited for by the file system (ext4 takes the inode
+ * lock exclusively for it), while writes inside the size run side by
+ * side; finish cuts the file to its real end before the first fdatasync.
+ * The crash ordering does not change: until the header is written,
+ * cluster 0 is a hole.
+ *
  * Ordering: the header is written only after the data and all other
  * metadata are durable (fdatasync in finish), so a valid header never
  * points at metadata that a crash could lose.  Until then cluster 0 is a
@@ -80,6 +94,7 @@
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -106,6 +121,12 @@
 #define SECTOR                 512u
 /* Metadata written at finish is gathered into writes of up to this size. */
 #define STAGE_BYTES            (4u << 20)
+/* Direct I/O: memory, offset and length alignment we require. */
+#define DIO_ALIGN              4096u
+/* Direct I/O: the bounce buffer for unaligned memory, at most. */
+#define BOUNCE_BYTES           ((size_t)1 << 20)
+/* Direct I/O: the file's size runs this far ahead of the data. */
+#define GROW_STEP              (UINT64_C(256) << 20)
 
 /* The header is struct cbt_qcow2_header_disk (cbt/qcow2.h), written with
  * its version 3 fields and no compression_type. */
@@ -163,6 +184,8 @@ struct cbt_qcow2_writer {
   struct cbt_qcow2_writer_sink sink;  /* sink mode: fd is -1, sink.data set */
   bool stream_broken;         /* atomics */
   uint64_t write_behind;      /* window bytes, 0: off */
+  bool direct;                /* fd is O_DIRECT (set_direct) */
+  uint64_t grown;             /* under lock: file size set ahead (direct) */
 
   bool finished;
 };
@@ -525,6 +548,67 @@ cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window)
   w->write_behind = window;
 }
 
+int
+cbt_qcow2_writer_set_direct(cbt_qcow2_writer *w)
+{
+  int fl;
+
+  if (w->fd < 0 || w->next_host != w->cluster_size || w->cluster_size % DIO_ALIGN)
+    return -EINVAL;
+  fl = fcntl(w->fd, F_GETFL);
+  if (fl < 0 || fcntl(w->fd, F_SETFL, fl | O_DIRECT) < 0)
+    return -errno;
+  w->direct = true;
+  return 0;
+}
+
+/* pwrite @len bytes at @off to the file.  With O_DIRECT, memory that is
+ * not aligned goes through an aligned bounce buffer; offsets and lengths
+ * are whole clusters, aligned by set_direct's check. */
+static int
+file_pwrite(cbt_qcow2_writer *w, const void *buf, size_t len, uint64_t off)
+{
+  const uint8_t *p = buf;
+  void *bounce = NULL;
+  size_t cap;
+  int r = 0;
+
+  if (!w->direct || (uintptr_t)buf % DIO_ALIGN == 0)
+    return cbt_io_pwrite(w->fd, buf, len, off);
+  cap = MIN(len, BOUNCE_BYTES);
+  if (posix_memalign(&bounce, DIO_ALIGN, cap) != 0)
+    return -ENOMEM;
+  while (len > 0 && r == 0) {
+    size_t n = MIN(len, cap);
+
+    memcpy(bounce, p, n);
+    r = cbt_io_pwrite(w->fd, bounce, n, off);
+    p += n;
+    off += n;
+    len -= n;
+  }
+  free(bounce);
+  return r;
+}
+
+/* Direct I/O, under w->lock: keep the file's size ahead of the host
+ * clusters handed out up to @h1 (see the top).  Under the lock, because
+ * the size only ever grows: no write can have gone past a size set later.
+ * A failure is harmless: the writes then extend the file themselves. */
+static void
+grow_file(cbt_qcow2_writer *w, uint64_t h1)
+{
+  uint64_t to;
+
+  if (h1 <= w->grown)
+    return;
+  to = (h1 / GROW_STEP + 1) * GROW_STEP;
+  if (ftruncate(w->fd, (off_t)to) == 0)
+    w->grown = to;
+  else
+    w->grown = UINT64_MAX;        /* do not try again */
+}
+
 /* The host range [@h0, @h1) was reported: writeback as described at the
  * top.  Errors are ignored: finish's fdatasync reports them. */
 static void
@@ -561,7 +645,7 @@ write_partial(cbt_qcow2_writer *w, uint64_t host, const uint8_t *p, size_t n,
   if (!*bounce)
     return -ENOMEM;
   memcpy(*bounce, p, n);
-  return w->fd < 0 ? 0 : cbt_io_pwrite(w->fd, *bounce, w->cluster_size, host);
+  return w->fd < 0 ? 0 : file_pwrite(w, *bounce, w->cluster_size, host);
 }
 
 /* Hand @len bytes at file offset @off on: to the sink (its result), or
@@ -625,7 +709,7 @@ pass:
   w->streamed = h1;
   g_cond_broadcast(&w->stream_cond);
   g_mutex_unlock(&w->stream_lock);
-  if (w->write_behind && !failed && w->fd >= 0)
+  if (w->write_behind && !w->direct && !failed && w->fd >= 0)
     write_behind(w, h0, h1);
   return r;
 }
@@ -715,6 +799,8 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
     set_entry(w, ci, c[i].host | CBT_QCOW2_COPIED);
   }
   h1 = w->next_host;
+  if (w->direct)
+    grow_file(w, h1);
   g_mutex_unlock(&w->lock);
 
   /* Outside the lock: the data, one write per run of clusters that are
@@ -734,11 +820,11 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
       uint64_t whole = bytes - bytes % cs;
 
       if (whole && w->fd >= 0)
-        r = cbt_io_pwrite(w->fd, p + i * cs, whole, c[i].host);
+        r = file_pwrite(w, p + i * cs, whole, c[i].host);
       if (r == 0)
         r = write_partial(w, c[j - 1].host, p + (j - 1) * cs, bytes % cs, &tail);
     } else if (w->fd >= 0) {
-      r = cbt_io_pwrite(w->fd, p + i * cs, bytes, c[i].host);
+      r = file_pwrite(w, p + i * cs, bytes, c[i].host);
     }
     i = j;
   }
@@ -822,7 +908,7 @@ cbt_qcow2_writer_cluster_size(const cbt_qcow2_writer *w)
 /* Sequential writer for the metadata area: whole clusters are filled in a
  * staging buffer and written in large pieces. */
 struct seqw {
-  int fd;
+  int fd;                     /* w->fd, or -1 in sink mode */
   cbt_qcow2_writer *w;        /* its stream_fn sees what is written */
   uint32_t cs;
   uint8_t *buf;
@@ -837,7 +923,7 @@ seqw_flush(struct seqw *s)
 
   if (s->used) {
     if (s->fd >= 0)
-      r = cbt_io_pwrite(s->fd, s->buf, s->used, s->off);
+      r = file_pwrite(s->w, s->buf, s->used, s->off);
     if (r == 0 && (s->w->stream_fn || s->w->sink.data))
       r = stream_out(s->w, s->off, s->buf, s->used);
     s->off += s->used;
@@ -1029,7 +1115,7 @@ write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
     r = w->sink.head(w->sink.opaque, buf, w->cluster_size);
     return r < 0 ? cbt_fail(why, r, "writing header: %s", g_strerror(-r)) : 0;
   }
-  r = cbt_io_pwrite(w->fd, buf, w->cluster_size, 0);
+  r = file_pwrite(w, buf, w->cluster_size, 0);
   if (r < 0)
     return cbt_fail(why, r, "writing header: %s", g_strerror(-r));
   if (w->stream_fn)
@@ -1083,6 +1169,9 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
     return r;
   if (w->sink.data)
     return write_header(w, &h, why);  /* the sink orders it after the rest */
+  /* Direct I/O grew the file ahead of the data: cut it to its end. */
+  if (w->direct && ftruncate(w->fd, (off_t)s.off) < 0)
+    return cbt_fail(why, -errno, "ftruncate: %s", g_strerror(errno));
   /* Everything the header points at is durable before the header. */
   r = cbt_io_fdatasync(w->fd);
   if (r < 0)

@@ -42,6 +42,7 @@
 #define BS_MAX       (UINT64_C(1) << 30)   /* bytes per block status query */
 #define MAX_TRIM     (UINT64_C(1) << 30)   /* bytes per release (TRIM) */
 #define BASE_ALLOC   "base:allocation"
+#define BUF_ALIGN    4096u        /* read buffers: for the writer's O_DIRECT */
 #define NBD_DIRTY    1u           /* the dirty flag of a dirty-bitmap context */
 
 struct item {
@@ -554,7 +555,9 @@ pull_run(const struct pull_opts *o, struct pull_stats *st, GError **error)
     for (unsigned k = 0; k < DEPTH; k++) {
       p.w[i].slots[k].w = &p.w[i];
       p.w[i].slots[k].p = &p;
-      p.w[i].slots[k].buf = g_malloc(MAX_REQ);
+      /* Page aligned, so a writer with O_DIRECT writes it as it is. */
+      if (posix_memalign((void **)&p.w[i].slots[k].buf, BUF_ALIGN, MAX_REQ) != 0)
+        g_error("out of memory for read buffers");
     }
     p.w[i].thread = g_thread_new("pull", worker_main, &p.w[i]);
   }
@@ -598,7 +601,7 @@ out:
     if (p.w[i].releases)
       g_array_unref(p.w[i].releases);
     for (unsigned k = 0; k < DEPTH; k++)
-      g_free(p.w[i].slots[k].buf);
+      free(p.w[i].slots[k].buf);     /* posix_memalign */
   }
   g_free(p.w);
   g_array_unref(p.items);

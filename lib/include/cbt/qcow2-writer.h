@@ -162,6 +162,15 @@ bool cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w);
  * progress to the disk. */
 void cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window);
 
+/* Write the file with O_DIRECT (before the first write; the cluster size
+ * must be a multiple of 4096): no copy into the page cache, no writeback
+ * later, so write-behind is not needed and is skipped.  Buffers need not
+ * be aligned (unaligned ones are copied), but 4096-aligned ones are
+ * written as they are.  Returns 0, or -errno when the file system does
+ * not allow O_DIRECT (-EINVAL also for a writer that cannot use it); the
+ * writer then works as before. */
+int cbt_qcow2_writer_set_direct(cbt_qcow2_writer *w);
+
 /* Guest bytes that currently read as data stored in this file / as zero
  * clusters stored in this file (the last cluster counts only up to the
  * virtual size).  Zeros left unallocated on an image without backing file
