@@ -74,8 +74,8 @@ check_header(struct verify *v, const repo_backup *b, const rfile *rf, json_objec
   struct cbt_qcow2_info info;
   const char *path = rf->name;
   /* On S3 a GET of the first cluster, not of the largest one. */
-  size_t n = (size_t)MIN(b->file_size, rfile_is_s3(rf) ? MAX(b->cluster_size, 4096)
-                                                       : HEADER_READ);
+  size_t n = (size_t)MIN(b->file_size, rfile_is_s3(rf)
+                         ? CLAMP(b->cluster_size, 4096, HEADER_READ) : HEADER_READ);
   int r;
 
   buf = g_malloc(MAX(n, 1));
