@@ -14,6 +14,10 @@ verify upstream).  CONTROL_FILE, read at each request, holds one rule:
     fail-parts-once CODE NAME
                            the same for the first such request only, then
                            pass
+    stall-parts            read every upload-part request and answer
+                           nothing while the rule is a stall (a stalled
+                           store), then close the connection
+    stall                  the same for every request
 
 Each injected failure is logged on stderr.  Runs until killed.
 """
@@ -23,6 +27,7 @@ import os
 import socketserver
 import sys
 import threading
+import time
 
 upstream_port = int(sys.argv[1])
 port_file, control_file = sys.argv[2], sys.argv[3]
@@ -47,6 +52,13 @@ class Proxy(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         r = rule()
+        if r[0] == "stall" or (r[0] == "stall-parts" and "partNumber=" in self.path):
+            print("s3-fault-proxy: %s %s -> stalled" % (self.command, self.path),
+                  file=sys.stderr, flush=True)
+            while rule()[0] in ("stall", "stall-parts"):
+                time.sleep(0.2)
+            self.close_connection = True
+            return
         if "partNumber=" in self.path and r[0] in ("fail-parts", "fail-parts-once"):
             if r[0] == "fail-parts" or not once_done.is_set():
                 once_done.set()

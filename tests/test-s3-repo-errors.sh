@@ -10,6 +10,13 @@
 #     is aborted, the upload aborted, the manifest and objects unchanged;
 #   - 507 InsufficientCapacity (the store is full): exit 1 at once (not
 #     retried), "the store is full", repository unchanged;
+#   - a stalled store (the proxy reads the parts and answers nothing):
+#     SIGTERM stops the backup in seconds, not after tries x 60 s of
+#     curl's stall timeout: exit 1 naming the signal, checkpoint aborted,
+#     upload aborted (the rest of the store still answers), repository
+#     unchanged;
+#   - a store that stalls every request: SIGTERM still ends the run (the
+#     cleanup gets a bounded grace), and the next run cleans its upload;
 #   - the next backup, with the server healthy again, succeeds with the
 #     changes of the failed runs in it.
 
@@ -94,11 +101,54 @@ has "the store is full (InsufficientCapacity"
 grep -q "try 2 of" <<<"$out" && die "a full store was retried: $out"
 unchanged "store full"
 
-# Healthy again: the next backup has the failed runs' changes.
+# A stalled store, then SIGTERM.  timeout only guards against a hang: the
+# run ends well before it (the grace is 5 s), however slow the machine.
+stalled_backup()
+{
+    local what=$1 n rc=0 bpid
+    : >"$tmp/proxy.log"
+    echo stall-parts >"$ctlf"
+    # The binary itself, not the cbt function: $! must be its pid.
+    "$CBT_CLI" backup --socket "$dsock" --control "$csock" --repo "$repo" --full \
+        >/dev/null 2>"$tmp/stall.err" &
+    bpid=$!
+    for (( n = 0; n < 1200; n++ )); do
+        grep -q "partNumber=.*-> stalled" "$tmp/proxy.log" && break
+        kill -0 "$bpid" 2>/dev/null || die "$what: the backup ended before stalling: $(cat "$tmp/stall.err")"
+        sleep 0.05
+    done
+    grep -q "partNumber=.*-> stalled" "$tmp/proxy.log" || die "$what: no part reached the proxy"
+    echo "$what" >"$ctlf"
+    kill -TERM "$bpid"
+    timeout 30 tail --pid="$bpid" -f /dev/null ||
+        { kill -KILL "$bpid"; die "$what: the backup did not stop after SIGTERM"; }
+    wait "$bpid" || rc=$?
+    out=$(cat "$tmp/stall.err")
+    [ "$rc" -eq 1 ] || die "$what: exit $rc after SIGTERM, expected 1: $out"
+    grep -q "SIGTERM" <<<"$out" || die "$what: the message does not name SIGTERM: $out"
+    if grep -q "gave up after" <<<"$out"; then
+        die "$what: a cancelled request was retried: $out"
+    fi
+}
+io -c 'write -P 0x33 50M 60M'
+stalled_backup stall-parts
+has "checkpoint"
+unchanged "SIGTERM while the store stalls the parts"
+
+stalled_backup stall
+echo pass >"$ctlf"
+no_checkpoint "SIGTERM while the store stalls everything"
+cbt s3 get "$repo/manifest.json" "$tmp/manifest.after"
+cmp -s "$tmp/manifest.before" "$tmp/manifest.after" ||
+    die "SIGTERM while the store stalls everything: the manifest changed"
+
+# Healthy again: the next backup has the failed runs' changes (and
+# removes the upload the last run could not abort).
 echo pass >"$ctlf"
 summary=$(cbt backup --socket "$dsock" --control "$csock" --repo "$repo" --json 2>/dev/null) ||
     die "backup after the errors failed"
 [ "$(jq -r .kind <<<"$summary")" = incremental ] || die "not incremental: $summary"
+[ -z "$(cbt s3 uploads "$repo/")" ] || die "uploads left: $(cbt s3 uploads "$repo/")"
 cbt restore --repo "$repo" --output "$tmp/r2.raw" 2>/dev/null || die "restore failed"
 cmp "$tmp/r2.raw" "$disk" || die "restore after the errors differs"
 exit 0

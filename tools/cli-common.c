@@ -303,6 +303,7 @@ cli_json_print(json_object *obj, GError **error)
 /* --- S3 repositories ---------------------------------------------------- */
 
 char *cli_s3_endpoint;
+const volatile sig_atomic_t *cli_s3_cancel;
 
 bool
 cli_s3_client(s3_client **out, GError **error)
@@ -321,5 +322,7 @@ cli_s3_client(s3_client **out, GError **error)
     cfg.path_style = false;
   *out = s3_client_new(&cfg, error);
   s3_config_clear(&cfg);
+  if (*out)
+    s3_client_set_cancel(*out, cli_s3_cancel);
   return *out != NULL;
 }

@@ -131,6 +131,9 @@ extern char *cli_s3_endpoint;
   { "s3-endpoint", 0, 0, G_OPTION_ARG_STRING, &cli_s3_endpoint, \
     "S3 endpoint of an s3:// repository (default: $AWS_ENDPOINT_URL)", "URL" }
 bool cli_s3_client(s3_client **out, GError **error);
+/* When set (before cli_s3_client), the clients it makes stop their
+ * requests once *cli_s3_cancel is non-zero (s3_client_set_cancel). */
+extern const volatile sig_atomic_t *cli_s3_cancel;
 
 /* cmd-bitmap.c ---------------------------------------------------------- */
 

@@ -622,6 +622,7 @@ cmd_backup(int argc, char **argv)
   b.connections = (unsigned)conns;
   b.progress = !cli_quiet && !json && isatty(STDERR_FILENO);
   install_signals();
+  cli_s3_cancel = &cancelled;   /* S3 requests stop on the signal too */
 
   g_mutex_init(&b.bar_lock);
   ok = run(&b, &error);

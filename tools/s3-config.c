@@ -65,6 +65,7 @@ s3_config_from_env(s3_config *cfg, GError **error)
   cfg->max_attempts = 5;
   cfg->retry_base_ms = 200;
   cfg->retry_max_ms = 5000;
+  cfg->retry_budget_ms = 120000;
   cfg->region = g_strdup((v = env_nonempty("AWS_REGION")) ? v :
                          (v = env_nonempty("AWS_DEFAULT_REGION")) ? v : "us-east-1");
   if ((v = env_nonempty("AWS_ENDPOINT_URL_S3")) || (v = env_nonempty("AWS_ENDPOINT_URL"))) {

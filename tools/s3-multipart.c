@@ -65,8 +65,10 @@ s3_mpu_put_part(s3_client *c, const char *bucket, const char *key, const char *u
   g_autofree char *num = g_strdup_printf("%u", part);
   g_autofree char *op = g_strdup_printf("upload part %u", part);
   g_autofree char *query = s3_query("partNumber", num, "uploadId", upload_id, NULL);
+  /* A part begun after the cancel is not sent: the grace is for the
+   * cleanup (s3_client_set_cancel). */
   s3_request r = { .op = op, .method = "PUT", .bucket = bucket, .key = key,
-                   .query = query, .body = data, .body_len = len };
+                   .query = query, .body = data, .body_len = len, .no_grace = true };
   bool ok;
 
   if (part < 1 || part > S3_MAX_PARTS || len > S3_PART_MAX) {

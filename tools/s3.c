@@ -27,7 +27,18 @@
  * payload checksum mismatch; after max_attempts tries in all it fails,
  * naming the last cause and how many tries it took.  Between tries we
  * sleep retry_base_ms * 2^(try-1), capped at retry_max_ms, of which a
- * random half (so that parallel requests spread out).  Requests are
+ * random half (so that parallel requests spread out).  A try that moves
+ * no byte for LOW_SPEED_SECONDS is a broken connection; no new try starts
+ * once retry_budget_ms have passed since the first, so a stalled store
+ * fails a request in about three minutes rather than tries x 60 s.
+ *
+ * Cancellation (s3_client_set_cancel): curl calls on_progress about once
+ * a second whatever the transfer does, and it aborts a request that
+ * began before the flag was set; the sleep between tries wakes every
+ * 100 ms to look.  Requests that begin after it share one grace period,
+ * so that a cancelled backup still aborts its upload and releases its
+ * lock on a healthy store, and stops in seconds on a stalled one.
+ * Requests are
  * retried whatever their method: every S3 call we make is idempotent or
  * checked by its caller (a conditional PUT that succeeded but whose
  * answer was lost fails its retry with 412; s3-lock.c reads the lock
@@ -69,8 +80,10 @@ struct s3_client {
   char *base_path;          /* path of the endpoint, "" or "/..." */
   char *sigv4;              /* "aws:amz:REGION:s3" */
   bool https;
-  GMutex lock;              /* protects idle */
+  GMutex lock;              /* protects idle, grace_end */
   GPtrArray *idle;          /* CURL * */
+  const volatile sig_atomic_t *cancel;
+  gint64 grace_end;         /* end of the cleanup grace (monotonic), 0; lock */
 };
 
 /* ---- client ---------------------------------------------------------- */
@@ -168,6 +181,37 @@ const char *
 s3_client_region(const s3_client *c)
 {
   return c->cfg.region;
+}
+
+void
+s3_client_set_cancel(s3_client *c, const volatile sig_atomic_t *flag)
+{
+  c->cancel = flag;
+}
+
+static bool
+is_cancelled(const s3_client *c)
+{
+  return c->cancel && *c->cancel;
+}
+
+
+/* Milliseconds left of the grace that requests started after the cancel
+ * share (s3_client_set_cancel), starting it if this is the first; 0 when
+ * it is over. */
+static gint64
+grace_left_ms(s3_client *c)
+{
+  gint64 now = g_get_monotonic_time();
+  gint64 end;
+
+  g_mutex_lock(&c->lock);
+  if (c->grace_end == 0) {
+    c->grace_end = now + (gint64)S3_CANCEL_GRACE_MS * 1000;
+  }
+  end = c->grace_end;
+  g_mutex_unlock(&c->lock);
+  return end > now ? (end - now + 999) / 1000 : 0;
 }
 
 static CURL *
@@ -303,10 +347,37 @@ object_name(const s3_request *r)
 
 struct xfer {
   CURL *h;
+  s3_client *c;
   s3_request *r;
   size_t sent;              /* bytes of r->body handed to curl */
   bool overflow;            /* the response was larger than allowed */
+  bool abort_on_cancel;     /* begun before the cancel: stop it */
+  bool cancelled;           /* on_progress stopped it */
 };
+
+/* "cancelled by SIGTERM", for messages. */
+static const char *
+cancel_reason(const s3_client *c)
+{
+  sig_atomic_t sig = c->cancel ? *c->cancel : 0;
+
+  return sig == SIGTERM ? "cancelled by SIGTERM"
+         : sig == SIGINT ? "cancelled by SIGINT" : "cancelled";
+}
+
+static int
+on_progress(void *opaque, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+            curl_off_t ulnow)
+{
+  struct xfer *x = opaque;
+
+  (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+  if (x->abort_on_cancel && is_cancelled(x->c)) {
+    x->cancelled = true;
+    return 1;
+  }
+  return 0;
+}
 
 static size_t
 on_read(char *buf, size_t size, size_t n, void *opaque)
@@ -586,13 +657,15 @@ describe_refusal(const s3_request *r, int ecode, const char *code,
   return g_strdup_printf("%s (%s)%s", what, detail, hint);
 }
 
-/* One try of @r on handle @h.  Returns the verdict and, unless DONE, the
- * error it would be in *@error (S3_ERROR domain). */
+/* One try of @r on handle @h, within @timeout_ms in all if not 0 (a
+ * request begun after the cancel), else stopped by the cancel.  Returns
+ * the verdict and, unless DONE, the error it would be in *@error
+ * (S3_ERROR domain). */
 static enum verdict
 try_once(s3_client *c, CURL *h, s3_request *r, const char *url, struct curl_slist *hdrs,
-         GError **error)
+         gint64 timeout_ms, GError **error)
 {
-  struct xfer x = { .h = h, .r = r };
+  struct xfer x = { .h = h, .c = c, .r = r, .abort_on_cancel = timeout_ms == 0 };
   char errbuf[CURL_ERROR_SIZE] = "";
   g_autofree char *name = NULL;
   g_autofree char *code = NULL;
@@ -625,6 +698,13 @@ try_once(s3_client *c, CURL *h, s3_request *r, const char *url, struct curl_slis
   curl_easy_setopt(h, CURLOPT_WRITEDATA, &x);
   curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
   curl_easy_setopt(h, CURLOPT_HEADERDATA, &x);
+  if (c->cancel) {
+    curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(h, CURLOPT_XFERINFODATA, &x);
+  }
+  if (timeout_ms > 0)
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
   if (c->cfg.ca_bundle)
     curl_easy_setopt(h, CURLOPT_CAINFO, c->cfg.ca_bundle);
 
@@ -652,6 +732,12 @@ try_once(s3_client *c, CURL *h, s3_request *r, const char *url, struct curl_slis
   name = object_name(r);
 
   if (rc != CURLE_OK) {
+    if (x.cancelled || (timeout_ms > 0 && rc == CURLE_OPERATION_TIMEDOUT)) {
+      g_set_error(error, S3_ERROR, S3_ERROR_CANCELLED, "S3 %s %s: %s%s", r->op, name,
+                  cancel_reason(c),
+                  x.cancelled ? "" : " (and the store did not answer in time)");
+      return FAIL;
+    }
     if (x.overflow) {
       if (r->dst)
         g_set_error(error, S3_ERROR, S3_ERROR_PROTOCOL,
@@ -698,13 +784,34 @@ try_once(s3_client *c, CURL *h, s3_request *r, const char *url, struct curl_slis
   return retry ? RETRY : FAIL;
 }
 
+/* Sleep @ms, waking to look at the cancel flag; false if it is set. */
+static bool
+sleep_unless_cancelled(s3_client *c, guint64 ms)
+{
+  gint64 end = g_get_monotonic_time() + (gint64)ms * 1000;
+
+  for (;;) {
+    gint64 left = end - g_get_monotonic_time();
+
+    if (is_cancelled(c))
+      return false;
+    if (left <= 0)
+      return true;
+    g_usleep((gulong)MIN(left, 100000));
+  }
+}
+
 bool
 s3_perform(s3_client *c, s3_request *r, GError **error)
 {
+  /* Begun after the cancel: cleanup, one try within the grace.  Looked
+   * at before the hash, which takes a while for a part. */
+  bool after_cancel = is_cancelled(c);
   g_autofree char *url = request_url(c, r);
   g_autofree char *hash = payload_hash(c, r);
   g_autofree char *hash_hdr = g_strdup_printf("x-amz-content-sha256: %s", hash);
   g_autofree char *token_hdr = NULL;
+  g_autofree char *name = object_name(r);
   struct curl_slist *hdrs = NULL;
   gint64 start = g_get_monotonic_time();
   GError *err = NULL;
@@ -732,14 +839,23 @@ s3_perform(s3_client *c, s3_request *r, GError **error)
   for (r->attempts = 1;; r->attempts++) {
     enum verdict v;
     guint64 delay_ms;
+    gint64 timeout_ms = 0;
 
     g_clear_error(&err);
-    v = try_once(c, h, r, url, hdrs, &err);
+    if (after_cancel && (r->no_grace || (timeout_ms = grace_left_ms(c)) == 0)) {
+      g_set_error(&err, S3_ERROR, S3_ERROR_CANCELLED, "S3 %s %s: %s (not sent)", r->op, name,
+                  cancel_reason(c));
+      break;
+    }
+    v = try_once(c, h, r, url, hdrs, timeout_ms, &err);
     if (v == DONE) {
       ok = true;
       break;
     }
-    if (v == FAIL || r->attempts >= c->cfg.max_attempts)
+    if (v == FAIL || after_cancel || r->attempts >= c->cfg.max_attempts)
+      break;
+    if (c->cfg.retry_budget_ms &&
+        g_get_monotonic_time() - start >= (gint64)c->cfg.retry_budget_ms * 1000)
       break;
     /* Equal jitter: half the exponential step, plus a random half. */
     delay_ms = (guint64)c->cfg.retry_base_ms << MIN(r->attempts - 1, 20u);
@@ -747,7 +863,12 @@ s3_perform(s3_client *c, s3_request *r, GError **error)
     delay_ms = delay_ms / 2 + (guint64)g_random_int_range(0, (gint32)(delay_ms / 2 + 1));
     cli_note("%s; try %u of %u in %.1f s", err->message, r->attempts + 1,
              c->cfg.max_attempts, (double)delay_ms / 1000);
-    g_usleep(delay_ms * 1000);
+    if (!sleep_unless_cancelled(c, delay_ms)) {
+      g_clear_error(&err);
+      g_set_error(&err, S3_ERROR, S3_ERROR_CANCELLED, "S3 %s %s: %s", r->op, name,
+                  cancel_reason(c));
+      break;
+    }
   }
   give_handle(c, h);
   curl_slist_free_all(hdrs);
@@ -757,7 +878,7 @@ s3_perform(s3_client *c, s3_request *r, GError **error)
               (double)(g_get_monotonic_time() - start) / 1e6);
     return true;
   }
-  if (r->attempts > 1) {
+  if (r->attempts > 1 && err->code != S3_ERROR_CANCELLED) {
     /* Say how hard we tried. */
     g_set_error(error, S3_ERROR, err->code, "%s; gave up after %u tries in %.1f s",
                 err->message, r->attempts,

@@ -24,6 +24,7 @@
 #ifndef CBT_S3_H
 #define CBT_S3_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -50,6 +51,7 @@ enum s3_error_code {
   S3_ERROR_SERVER,          /* 5xx or SlowDown, still after retries */
   S3_ERROR_PROTOCOL,        /* a response we cannot use */
   S3_ERROR_LOCKED,          /* s3-lock.c: another owner holds the lock */
+  S3_ERROR_CANCELLED,       /* the client's cancel flag was set */
 };
 
 typedef struct s3_config s3_config;
@@ -61,6 +63,16 @@ s3_client *s3_client_new(const s3_config *cfg, GError **error);
 void s3_client_free(s3_client *c);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(s3_client, s3_client_free)
 const char *s3_client_region(const s3_client *c);
+/* Cancellation (a signal handler sets *@flag, e.g. to the signal number;
+ * NULL: none).  Once *@flag is non-zero, a request in progress stops
+ * within about a second (curl's progress callback, and the sleeps between
+ * tries, look at it) and fails with S3_ERROR_CANCELLED; requests started
+ * afterwards (the cleanup: aborting an upload, releasing a lock) get one
+ * try each, all of them together within S3_CANCEL_GRACE_MS of the first,
+ * and then fail with S3_ERROR_CANCELLED without being sent.  Set it
+ * before the client is shared between threads. */
+#define S3_CANCEL_GRACE_MS 5000
+void s3_client_set_cancel(s3_client *c, const volatile sig_atomic_t *flag);
 
 /* What a HEAD or GET tells about an object. */
 typedef struct s3_object_info {
@@ -88,6 +100,8 @@ typedef struct s3_request {
   size_t dst_cap;           /* of this size; else into body_out */
   size_t max_body;          /* cap of body_out for 2xx (0: 16 MiB) */
   bool error_in_200;        /* a 200 may carry <Error> (complete) */
+  bool no_grace;            /* not cleanup (a part): begun after the
+                             * cancel, fail it unsent */
 
   long status;              /* last HTTP status, 0 if none */
   GByteArray *body_out;
@@ -133,6 +147,7 @@ struct s3_config {
   guint max_attempts;       /* >= 1 */
   guint retry_base_ms;      /* first backoff; doubles per attempt */
   guint retry_max_ms;       /* cap of one backoff */
+  guint retry_budget_ms;    /* no new try starts this long after the first */
 };
 
 bool s3_config_from_env(s3_config *cfg, GError **error);
