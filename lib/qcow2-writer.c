@@ -36,7 +36,8 @@
  * Streaming the file's bytes in order (set_stream, for checksums while
  * writing): host clusters for new data are handed out in increasing order,
  * so each write() that allocates owns one contiguous host range
- * [h0, h1).  After its data is written it waits, under w->stream_lock,
+ * [h0, h1).  After its data is written (with direct I/O: before, see
+ * cbt_qcow2_writer_write) it waits, under w->stream_lock,
  * until everything before h0 was reported (w->streamed == h0), reports
  * its range and moves w->streamed to h1.  Every range handed out is
  * passed on, also by a write that failed (it reports nothing and marks
@@ -634,20 +635,6 @@ cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w)
          w->error == 0;
 }
 
-/* Write @n bytes of the last, partial guest cluster padded with zeros to a
- * whole cluster, so the host cluster never holds stale bytes past the
- * virtual size.  The padded cluster is left in *@bounce (caller frees). */
-static int
-write_partial(cbt_qcow2_writer *w, uint64_t host, const uint8_t *p, size_t n,
-              uint8_t **bounce)
-{
-  *bounce = g_try_malloc0(w->cluster_size);
-  if (!*bounce)
-    return -ENOMEM;
-  memcpy(*bounce, p, n);
-  return w->fd < 0 ? 0 : file_pwrite(w, *bounce, w->cluster_size, host);
-}
-
 /* Hand @len bytes at file offset @off on: to the sink (its result), or
  * to the stream watcher (0). */
 static int
@@ -723,6 +710,7 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
   const uint8_t *p = buf;
   const uint64_t cs = w ? w->cluster_size : 0;
   uint64_t first, n, new_data = 0, h0, h1;
+  bool streamed;
   int r;
 
   r = check_range(w, offset, len);
@@ -803,6 +791,28 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
     grow_file(w, h1);
   g_mutex_unlock(&w->lock);
 
+  /* The partial last cluster is written padded with zeros to a whole
+   * cluster, so the host cluster never holds stale bytes past the virtual
+   * size. */
+  if (len % cs != 0 && !c[n - 1].zero) {
+    tail = g_try_malloc0(cs);
+    if (tail)
+      memcpy(tail, p + (n - 1) * cs, len % cs);
+    else
+      r = -ENOMEM;            /* the turn is still passed on below */
+  }
+  /* With direct I/O the stream's turn comes before the data write: the
+   * watcher needs only @buf, so a slow write does not hold up the threads
+   * behind this one in file order, and this write runs while the next
+   * thread's range is reported.  (A write that then fails sets w->error,
+   * which makes the stream not intact.)  Write-behind and the sink need
+   * the turn after the write. */
+  streamed = (w->stream_fn || w->write_behind || w->sink.data) && h1 > h0;
+  if (streamed && w->direct && !w->write_behind && !w->sink.data) {
+    r = stream_report(w, c, n, p, len, tail, h0, h1, r < 0);
+    streamed = false;
+  }
+
   /* Outside the lock: the data, one write per run of clusters that are
    * contiguous both in @buf and in the file. */
   for (uint64_t i = 0; i < n && r == 0;) {
@@ -821,14 +831,14 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
 
       if (whole && w->fd >= 0)
         r = file_pwrite(w, p + i * cs, whole, c[i].host);
-      if (r == 0)
-        r = write_partial(w, c[j - 1].host, p + (j - 1) * cs, bytes % cs, &tail);
+      if (r == 0 && w->fd >= 0)
+        r = file_pwrite(w, tail, cs, c[j - 1].host);
     } else if (w->fd >= 0) {
       r = file_pwrite(w, p + i * cs, bytes, c[i].host);
     }
     i = j;
   }
-  if ((w->stream_fn || w->write_behind || w->sink.data) && h1 > h0) {
+  if (streamed) {
     int sr = stream_report(w, c, n, p, len, tail, h0, h1, r < 0);
 
     if (r == 0)

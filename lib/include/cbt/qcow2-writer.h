@@ -134,7 +134,9 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(cbt_qcow2_writer, cbt_qcow2_writer_free)
  * hashes the file this way instead of reading it back).  Set before the
  * first write.  @fn is then called with every byte of the file from
  * offset cluster_size to its end exactly once, in increasing offset order
- * without gaps, each piece after it was written: the data clusters (from
+ * without gaps, each piece after it was written (with set_direct the data
+ * clusters just before: a write that then fails makes the stream not
+ * intact, see below): the data clusters (from
  * the threads that write them, one call at a time, so a thread may wait
  * for its turn until the writes before it in the file are reported), then
  * the metadata from finish.  Last, finish reports cluster 0, the header,
