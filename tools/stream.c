@@ -60,6 +60,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <liburing.h>
@@ -147,6 +148,8 @@ struct stream {
 
   struct sfile *files;
   unsigned nfiles, cur;           /* file being read */
+  uint8_t *bufs;                  /* nbuf buffers of piece bytes, one block */
+  bool bufs_fixed;                /* registered with the ring as buffer 0 */
   GPtrArray *free_bufs;
   struct stream_piece **pending;  /* read, waiting for its turn to hash */
   unsigned npending;
@@ -376,8 +379,12 @@ submit_read(stream *s, struct stream_piece *p)
     /* Rounded up: at most the buffer (s->piece is a multiple of it). */
     uint64_t n = (p->len - p->got + DIO_ALIGN - 1) / DIO_ALIGN * DIO_ALIGN;
 
-    io_uring_prep_read(sqe, s->files[p->file].dfd, p->buf + p->got, (unsigned)n,
-                       p->off + p->got);
+    if (s->bufs_fixed)
+      io_uring_prep_read_fixed(sqe, s->files[p->file].dfd, p->buf + p->got, (unsigned)n,
+                               p->off + p->got, 0);
+    else
+      io_uring_prep_read(sqe, s->files[p->file].dfd, p->buf + p->got, (unsigned)n,
+                         p->off + p->got);
   } else {
     io_uring_prep_read(sqe, rf->fd, p->buf + p->got, (unsigned)(p->len - p->got),
                        p->off + p->got);
@@ -406,9 +413,13 @@ static void
 submit_wop(stream *s, struct wop *w)
 {
   struct io_uring_sqe *sqe = get_sqe(s);
+  const uint8_t *b = w->buf + w->done;
+  unsigned n = (unsigned)(w->len - w->done);
 
-  io_uring_prep_write(sqe, w->fd, w->buf + w->done, (unsigned)(w->len - w->done),
-                      w->off + w->done);
+  if (s->bufs_fixed && b >= s->bufs && b + n <= s->bufs + s->nbuf * s->piece)
+    io_uring_prep_write_fixed(sqe, w->fd, b, n, w->off + w->done, 0);
+  else
+    io_uring_prep_write(sqe, w->fd, b, n, w->off + w->done);
   io_uring_sqe_set_data(sqe, &w->op);
 }
 
@@ -684,9 +695,10 @@ stream_run(const struct stream_opts *o, const struct stream_file *files, unsigne
       s->piece = S3_PIECE;
   }
   s->nbuf = (unsigned)(NBUF * PIECE / s->piece);
-  s->free_bufs = g_ptr_array_new_with_free_func(g_aligned_free);
+  s->bufs = g_aligned_alloc(s->nbuf, s->piece, DIO_ALIGN);
+  s->free_bufs = g_ptr_array_new();
   for (unsigned i = 0; i < s->nbuf; i++)
-    g_ptr_array_add(s->free_bufs, g_aligned_alloc(1, s->piece, DIO_ALIGN));
+    g_ptr_array_add(s->free_bufs, s->bufs + i * s->piece);
   s->pending = g_new0(struct stream_piece *, s->nbuf);
 
   r = io_uring_queue_init(RING_SIZE, &s->ring, 0);
@@ -695,6 +707,19 @@ stream_run(const struct stream_opts *o, const struct stream_file *files, unsigne
     goto out;
   }
   s->ring_ok = true;
+  {
+    /* Pinned once here instead of at every direct read and write (the
+     * page pinning was 6% of a verified restore's samples).  Counted
+     * against RLIMIT_MEMLOCK for a user without CAP_IPC_LOCK: without
+     * it, plain reads and writes. */
+    struct iovec iov = { .iov_base = s->bufs, .iov_len = s->nbuf * s->piece };
+
+    r = io_uring_register_buffers(&s->ring, &iov, 1);
+    s->bufs_fixed = r == 0;
+    if (r < 0)
+      cli_debug("io_uring: cannot register the buffers (%s): plain reads and writes",
+                g_strerror(-r));
+  }
   s->efd = eventfd(0, EFD_CLOEXEC);
   if (s->efd < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "eventfd: %s", g_strerror(errno));
@@ -810,6 +835,7 @@ out:
       close(s->files[i].dfd);
   g_async_queue_unref(s->done);
   g_ptr_array_unref(s->free_bufs);
+  g_aligned_free(s->bufs);
   g_free(s->pending);
   g_free(s->files);
   if (s->error)
