@@ -15,18 +15,20 @@
  * copy-on-write, backing file and compressed reads, WRITE_ZEROES, TRIM,
  * FLUSH, FUA) is handed over with the rest of the request.  The metadata
  * thread runs the request to completion with the synchronous io_uring
- * helpers (cbt/uring-io.h) and then writes an eventfd whose read the worker
- * had queued on its own ring; that read's completion finishes the request
- * on the worker.  Worker threads therefore never wait for I/O, and all
- * metadata changes are serialised on one thread, so they need no ordering
- * between concurrent allocators.  We chose this over a per-request async
- * metadata state machine: the fast path (the steady state of a VM disk) is
- * exactly as cheap, and the crash-ordering below is easy to see in one
- * sequential function.  The thread takes every request queued at once and
- * writes the data of the plain writes among them (in place, or into
- * clusters that read as zeros: the allocating writes of a fresh image)
- * with one submission on a ring of its own before it installs their L2
- * entries ("batched writes" below).
+ * helpers (cbt/uring-io.h) and then posts a completion into the worker's
+ * ring (IORING_OP_MSG_RING from a ring of its own, one submission for all
+ * the requests it finished together), which finishes the request on the
+ * worker.  Kernels without MSG_RING get an eventfd per request instead,
+ * whose read the worker queued on its ring.  Worker threads therefore never
+ * wait for I/O, and all metadata changes are serialised on one thread, so
+ * they need no ordering between concurrent allocators.  We chose this over
+ * a per-request async metadata state machine: the fast path (the steady
+ * state of a VM disk) is exactly as cheap, and the crash-ordering below is
+ * easy to see in one sequential function.  The thread takes every request
+ * queued at once and writes the data of the plain writes among them (in
+ * place, or into clusters that read as zeros: the allocating writes of a
+ * fresh image) with one submission on a ring of its own before it installs
+ * their L2 entries ("batched writes" below).
  *
  * Locking: q->lock protects the L1 table, the L2 cache (the hash table
  * and the contents of the tables) and the metadata set.  Only the
@@ -165,6 +167,7 @@ struct q2 {
   int broken;                    /* -errno once a metadata write failed */
 
   struct q2_batch *batch;        /* NULL: no batch ring, all writes synchronous */
+  bool msg_ring;                 /* jobs are signalled with IORING_OP_MSG_RING */
 
   GThread *thread;
   GAsyncQueue *queue;
@@ -1664,6 +1667,80 @@ batch_or_run(struct q2 *q, struct q2_job *job)
   return false;
 }
 
+/* Queue the message that completes @job in its worker's ring: the
+ * worker's loop calls job->op.done, as for any of its own sqes.  Our
+ * cqe for it carries the job too, to resend it. */
+static void
+msg_post(struct io_uring *ring, struct q2_job *job)
+{
+  struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+
+  /* jobs_signal keeps fewer messages queued than the ring has entries. */
+  if (!sqe)
+    abort();
+  io_uring_prep_msg_ring(sqe, job->io->ring->ring_fd, 0,
+                         (uint64_t)(uintptr_t)&job->op, 0);
+  io_uring_sqe_set_data(sqe, job);
+}
+
+/* Post the queued messages and wait for all @queued of them.  A message
+ * the target ring could not take (its CQ overflowing) is sent again; any
+ * other failure would leave a request hanging for good. */
+static void
+msg_flush(struct io_uring *ring, unsigned queued)
+{
+  while (queued > 0) {
+    struct io_uring_cqe *cqe;
+    int r = io_uring_submit_and_wait(ring, 1);
+
+    if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY)
+      abort();
+    while (io_uring_peek_cqe(ring, &cqe) == 0) {
+      struct q2_job *job = io_uring_cqe_get_data(cqe);
+      int res = cqe->res;
+
+      io_uring_cqe_seen(ring, cqe);
+      if (res == -EOVERFLOW || res == -EAGAIN || res == -EINTR) {
+        g_usleep(1000);
+        msg_post(ring, job);
+      } else if (res < 0) {
+        abort();
+      } else {
+        queued--;
+      }
+    }
+  }
+}
+
+/* Tell the workers that @n jobs are done.  The worker may free a job as
+ * soon as it learns that, so nothing of a job is touched after. */
+static void
+jobs_signal(struct q2 *q, struct q2_job **jobs, unsigned n)
+{
+  unsigned queued = 0;
+
+  for (unsigned i = 0; i < n; i++) {
+    struct q2_job *job = jobs[i];
+
+    if (!job->io) {
+      g_free(job);
+    } else if (job->efd >= 0) {
+      if (eventfd_write(job->efd, 1) < 0)
+        abort();                 /* cannot happen for a valid eventfd */
+    } else {
+      /* Straight into the worker's ring: no eventfd to make, read and
+       * close per request, and one system call for the whole batch. */
+      if (queued == BATCH_RING / 2) {
+        msg_flush(&q->batch->ring, queued);
+        queued = 0;
+      }
+      msg_post(&q->batch->ring, job);
+      queued++;
+    }
+  }
+  msg_flush(q->batch ? &q->batch->ring : NULL, queued);
+}
+
 static gpointer
 slow_thread(gpointer arg)
 {
@@ -1671,9 +1748,6 @@ slow_thread(gpointer arg)
   struct q2_job **jobs = g_new(struct q2_job *, BATCH_JOBS);
   bool stop = false;
 
-  q->batch = g_new0(struct q2_batch, 1);
-  if (io_uring_queue_init(BATCH_RING, &q->batch->ring, 0) < 0)
-    g_clear_pointer(&q->batch, g_free);    /* all writes synchronous */
   while (!stop) {
     unsigned n = 0;
     bool fua = false;
@@ -1703,19 +1777,7 @@ slow_thread(gpointer arg)
     }
     if (!q->pub.read_only && !q->broken && too_dirty(q))
       writeback(q);              /* an error marks the image broken */
-    for (unsigned i = 0; i < n; i++) {
-      if (!jobs[i]->io) {
-        g_free(jobs[i]);
-        continue;
-      }
-      /* The worker may free the job as soon as the eventfd fires. */
-      if (eventfd_write(jobs[i]->efd, 1) < 0)
-        abort();                 /* cannot happen for a valid eventfd */
-    }
-  }
-  if (q->batch) {
-    io_uring_queue_exit(&q->batch->ring);
-    g_clear_pointer(&q->batch, g_free);
+    jobs_signal(q, jobs, n);
   }
   g_free(jobs);
   cbt_io_thread_cleanup();
@@ -1755,6 +1817,19 @@ job_done(struct cbt_aio_op *op, int res)
   io->complete(io, res);
 }
 
+/* The metadata thread's message (jobs_signal): the job is done. */
+static void
+job_msg_done(struct cbt_aio_op *op, int res)
+{
+  struct q2_job *job = cbt_container_of(op, struct q2_job, op);
+  struct cbt_image_io *io = job->io;
+
+  (void)res;
+  res = job->res;
+  g_free(job);
+  io->complete(io, res);
+}
+
 /* Hand the rest of @io to the metadata thread. */
 static void
 handoff(struct q2 *q, struct cbt_image_io *io)
@@ -1763,6 +1838,12 @@ handoff(struct q2 *q, struct cbt_image_io *io)
   struct io_uring_sqe *sqe;
 
   job->io = io;
+  if (q->msg_ring) {
+    job->efd = -1;
+    job->op.done = job_msg_done;
+    g_async_queue_push(q->queue, job);
+    return;
+  }
   job->op.done = job_done;
   job->efd = eventfd(0, EFD_CLOEXEC);
   if (job->efd < 0) {
@@ -2084,6 +2165,10 @@ q2_free(struct q2 *q)
   }
   if (q->queue)
     g_async_queue_unref(q->queue);
+  if (q->batch) {
+    io_uring_queue_exit(&q->batch->ring);
+    g_free(q->batch);
+  }
   if (q->l2.map)
     g_hash_table_destroy(q->l2.map);
   if (q->rb.map)
@@ -2400,6 +2485,22 @@ open_q2(const char *path, bool read_only, bool direct,
   q->comp_buf = g_malloc(q->csize);
   q->cow_buf = g_malloc(q->csize);
   q->queue = g_async_queue_new();
+  q->batch = g_new0(struct q2_batch, 1);
+  if (io_uring_queue_init(BATCH_RING, &q->batch->ring, 0) < 0) {
+    /* All writes synchronous, jobs signalled through eventfds. */
+    g_clear_pointer(&q->batch, g_free);
+  } else {
+    struct io_uring_probe *probe = io_uring_get_probe_ring(&q->batch->ring);
+
+    q->msg_ring = probe && io_uring_opcode_supported(probe, IORING_OP_MSG_RING);
+    if (probe)
+      io_uring_free_probe(probe);
+#ifdef CBT_FAULT_INJECTION
+    /* Tests: the eventfd path of kernels without MSG_RING. */
+    if (g_getenv("CBT_QCOW2_NO_MSG_RING"))
+      q->msg_ring = false;
+#endif
+  }
   q->thread = g_thread_try_new("qcow2-meta", slow_thread, q, NULL);
   if (!q->thread) {
     r = -EAGAIN;

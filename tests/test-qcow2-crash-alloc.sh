@@ -83,3 +83,15 @@ fio --ioengine=nbd --uri="$uri" --do_verify=1 final.fio >fio.out 2>&1 ||
     { cat fio.out; die "fio write+verify through NBD after the crashes failed"; }
 stop_filterd
 qemu-img check $img >check.out 2>&1 || { cat check.out; die "not clean after a clean run"; }
+
+# Test builds: the same through the eventfd completions of kernels without
+# IORING_OP_MSG_RING.
+if [ "${CBT_FAULT_INJECTION:-0}" = 1 ]; then
+    CBT_QCOW2_NO_MSG_RING=1 start_filterd --image $img
+    job final 3 | sed 's/^offset=.*/offset=800M/' >final.fio
+    fio --ioengine=nbd --uri="$uri" --do_verify=1 final.fio >fio.out 2>&1 ||
+        { cat fio.out; die "fio write+verify through NBD (eventfd) failed"; }
+    stop_filterd
+    qemu-img check $img >check.out 2>&1 ||
+        { cat check.out; die "not clean after a clean run (eventfd)"; }
+fi
