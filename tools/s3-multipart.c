@@ -220,7 +220,7 @@ s3_mpu_list(s3_client *c, const char *bucket, const char *prefix, GPtrArray **up
       s3_request_clear(&r);
       return false;
     }
-    if (!s3_xml_list_uploads((const char *)r.body_out->data, r.body_out->len, &page,
+    if (!s3_xml_list_uploads((const char *)r.body_out->data, r.body_out->len, true, &page,
                              &err)) {
       g_set_error(error, S3_ERROR, S3_ERROR_PROTOCOL,
                   "S3 list multipart uploads s3://%s/%s: %s", bucket, prefix, err->message);

@@ -358,17 +358,22 @@ s3_uploads_page_clear(s3_uploads_page *p)
 }
 
 bool
-s3_xml_list_uploads(const char *body, size_t len, s3_uploads_page *page, GError **error)
+s3_xml_list_uploads(const char *body, size_t len, bool url_asked, s3_uploads_page *page,
+                    GError **error)
 {
   g_autoptr(xnode) root = parse(body, len, "ListMultipartUploadsResult", error);
   const char *enc, *km, *um;
-  bool url;
+  bool url, url_keys;
 
   memset(page, 0, sizeof *page);
   if (!root)
     return false;
   enc = text(root, "EncodingType");
   url = enc && strcmp(enc, "url") == 0;
+  /* RGW (18) encodes the keys as asked but sends no <EncodingType>, and
+   * its NextKeyMarker unencoded: trust the request for the keys, the
+   * response for the marker. */
+  url_keys = url || url_asked;
   page->uploads = g_ptr_array_new_with_free_func((GDestroyNotify)s3_upload_entry_free);
   page->truncated = is_true(root, "IsTruncated");
   km = text(root, "NextKeyMarker");
@@ -392,7 +397,7 @@ s3_xml_list_uploads(const char *body, size_t len, s3_uploads_page *page, GError 
       goto fail;
     }
     u = g_new0(s3_upload_entry, 1);
-    if (!(u->key = decode(key, url, "key", error)))
+    if (!(u->key = decode(key, url_keys, "key", error)))
       goto fail;
     u->upload_id = g_strdup(id);
     u->initiated = g_strdup(init ? init : "");

@@ -266,8 +266,12 @@ typedef struct s3_uploads_page {
 } s3_uploads_page;
 
 void s3_uploads_page_clear(s3_uploads_page *p);
-bool s3_xml_list_uploads(const char *body, size_t len, s3_uploads_page *page,
-                         GError **error);
+/* @url_asked: the request had encoding-type=url.  Keys are then decoded
+ * even when the response does not say <EncodingType>url</EncodingType>
+ * (Ceph RGW encodes them without saying so); NextKeyMarker is decoded
+ * only when it says so (RGW sends it as is, AWS encoded). */
+bool s3_xml_list_uploads(const char *body, size_t len, bool url_asked,
+                         s3_uploads_page *page, GError **error);
 
 /* s3-multipart.c -------------------------------------------------------- */
 
