@@ -66,6 +66,8 @@
  * is serialised and waited for by the file system (ext4 takes the inode
  * lock exclusively for it), while writes inside the size run side by
  * side; finish cuts the file to its real end before the first fdatasync.
+ * The step is small (more than the writes in flight, little more), so
+ * the file's size still tells how far the copy is (tests watch it).
  * The crash ordering does not change: until the header is written,
  * cluster 0 is a hole.
  *
@@ -127,7 +129,7 @@
 /* Direct I/O: the bounce buffer for unaligned memory, at most. */
 #define BOUNCE_BYTES           ((size_t)1 << 20)
 /* Direct I/O: the file's size runs this far ahead of the data. */
-#define GROW_STEP              (UINT64_C(256) << 20)
+#define GROW_STEP              (UINT64_C(16) << 20)
 
 /* The header is struct cbt_qcow2_header_disk (cbt/qcow2.h), written with
  * its version 3 fields and no compression_type. */
