@@ -47,6 +47,8 @@
 
 #define DEFAULT_CONNECTIONS 4
 #define MAX_CONNECTIONS     64
+/* A copy of at least this many bytes is written O_DIRECT; see run(). */
+#define DIRECT_MIN          (UINT64_C(256) << 20)
 
 static volatile sig_atomic_t cancelled;
 
@@ -93,9 +95,10 @@ struct backup {
   char *path;                     /* its final path or URL (summary) */
   bool progress;                  /* draw a progress bar */
   /* The bar: bytes stored of planned, and what the run is doing.  The
-   * copy counts bytes handed to writeback (the writer's write-behind keeps
-   * the page cache at most two windows ahead of the disk); the bar says
-   * 100% only when the run is complete, checkpoint committed. */
+   * copy counts bytes written to the disk (O_DIRECT) or handed to
+   * writeback (the writer's write-behind keeps the page cache at most two
+   * windows ahead of the disk); the bar says 100% only when the run is
+   * complete, checkpoint committed. */
   GMutex bar_lock;
   uint64_t done, planned;
   const char *phase;
@@ -477,6 +480,21 @@ run(struct backup *b, GError **error)
   if (!repo_wfile_new(b->repo, e->file, &wo, &b->wf, error))
     return false;
   w = repo_wfile_writer(b->wf);
+  /* A large copy is written O_DIRECT: no copy into the page cache and no
+   * writeback afterwards (a 2 GiB full: 2.5 s of CPU through the page
+   * cache, 1.4-1.6 s direct).  A small one goes through the page cache,
+   * where the final fdatasync writes it at once; direct, each piece would
+   * be a synchronous write (a 1%-dirty incremental of a 2 GiB disk, 328
+   * pieces of 64 KiB: 0.12-0.19 s through the cache, 0.64 s direct).  On
+   * S3 there is no file (set_direct refuses). */
+  if ((incremental ? b->st.cp_dirty_bytes : e->image_size) >= DIRECT_MIN &&
+      !repo_is_s3(b->repo)) {
+    int rc = cbt_qcow2_writer_set_direct(w);
+
+    if (rc < 0)
+      cli_debug("%s: no direct I/O (%s): writing through the page cache",
+                repo_wfile_name(b->wf), g_strerror(-rc));
+  }
   if (b->st.pit_export) {
     po.export_name = b->st.pit_export;
     po.release = true;

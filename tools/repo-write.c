@@ -5,8 +5,7 @@
  * as the bytes pass, and make the file visible under its name only in
  * repo_wfile_commit; the manifest entry comes after that (repo_add).
  *
- * Directory: the writer writes DIR/NAME.partial (O_DIRECT where the file
- * system allows it), reporting its bytes in
+ * Directory: the writer writes DIR/NAME.partial, reporting its bytes in
  * file order (set_stream) to a sums_stream that hashes every chunk but
  * the first; chunk 0, whose first cluster is the header written last,
  * is read back at commit (at most REPO_CHUNK_SIZE).  Commit fsyncs (the
@@ -274,15 +273,10 @@ new_dir(repo_wfile *f, const struct cbt_qcow2_writer_opts *wo, GError **error)
     return false;
   }
   cbt_qcow2_writer_set_stream(f->w, stream_cb, f->sums);
-  /* Data goes to disk while the copy runs, not all in finish: written
-   * O_DIRECT (no page-cache copy, no writeback afterwards), or where the
-   * file system refuses that, through the page cache with write-behind. */
-  rc = cbt_qcow2_writer_set_direct(f->w);
-  if (rc < 0) {
-    cli_debug("%s: no direct I/O (%s): writing through the page cache", f->name,
-              g_strerror(-rc));
-    cbt_qcow2_writer_set_write_behind(f->w, WRITE_BEHIND);
-  }
+  /* Data goes to disk while the copy runs, not all in finish.  (A caller
+   * that switches the writer to O_DIRECT, cmd-backup.c for large copies,
+   * needs no write-behind: the writer then skips it.) */
+  cbt_qcow2_writer_set_write_behind(f->w, WRITE_BEHIND);
   return true;
 }
 
