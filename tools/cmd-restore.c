@@ -358,8 +358,18 @@ sink_open(struct restore *rs, GError **error)
     return false;
   }
   {
+    /* Only where the file system says it takes direct writes of our
+     * alignment: a refused write would fail the restore. */
+    struct statx stx;
     char path[64];
 
+    if (statx(rs->fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) < 0 ||
+        !(stx.stx_mask & STATX_DIOALIGN) || stx.stx_dio_offset_align == 0 ||
+        stx.stx_dio_offset_align > DIO_ALIGN || stx.stx_dio_mem_align > DIO_ALIGN) {
+      cli_debug("%s: no direct I/O of %u-byte alignment: writing through the page cache",
+                out, DIO_ALIGN);
+      return true;
+    }
     snprintf(path, sizeof path, "/proc/self/fd/%d", rs->fd);
     rs->dfd = open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
     if (rs->dfd < 0)

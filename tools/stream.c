@@ -44,7 +44,8 @@
  * and the cache's own upkeep; the reads are large and QD deep, so the
  * disk does not miss readahead.  A read that is not aligned (a range of
  * --no-verify that does not start on a page, the rest after a short
- * read), a file system without O_DIRECT or a read it refuses with EINVAL
+ * read), a file system that does not report direct I/O of that alignment
+ * (statx STATX_DIOALIGN) or a read it refuses with EINVAL
  * goes through the caller's buffered descriptor instead.  The end of a
  * file need not be aligned: a direct read is rounded up to the page and
  * the bytes past the piece, if any, are ignored.
@@ -60,6 +61,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -392,15 +394,21 @@ submit_read(stream *s, struct stream_piece *p)
   io_uring_sqe_set_data(sqe, &p->op);
 }
 
-/* @rf opened again O_DIRECT, or -1 (S3, no /proc, no O_DIRECT here). */
+/* @rf opened again O_DIRECT, or -1 (S3, no /proc, a file system that
+ * does not report direct I/O of DIO_ALIGN alignment). */
 static int
 open_direct(const rfile *rf)
 {
+  struct statx stx;
   char path[64];
   int fd;
 
   if (rfile_is_s3(rf) || rf->fd < 0)
     return -1;
+  if (statx(rf->fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) < 0 ||
+      !(stx.stx_mask & STATX_DIOALIGN) || stx.stx_dio_offset_align == 0 ||
+      stx.stx_dio_offset_align > DIO_ALIGN || stx.stx_dio_mem_align > DIO_ALIGN)
+    return -1;                    /* e.g. tmpfs: no direct I/O to speak of */
   snprintf(path, sizeof path, "/proc/self/fd/%d", rf->fd);
   fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
   if (fd < 0)
