@@ -39,7 +39,12 @@
 # 3x SIZE_MIB free, on the disk you want to measure).
 #
 # The medians of ROUNDS runs and the ratios are printed; every run is
-# printed as it happens.  Timing is wall clock (date +%s.%N).
+# printed as it happens.  Timing is wall clock (date +%s.%N).  With each
+# run the CPU seconds (user + system) of the command and of the daemon
+# during it are printed too: on a loaded machine the scheduler shares the
+# CPUs by demand, so the CPU a side needs, more than its wall time, says
+# how it will fare (cbt backup hashes every byte with SHA-256; nbdcopy
+# hashes nothing).
 
 set -euo pipefail
 
@@ -88,18 +93,28 @@ uncache()
 }
 warm() { cat "$img" >/dev/null; }
 
-declare -A times
-# run NAME CMD...: time CMD (wall), append to times[NAME], print it.
+declare -A times cpus dcpus
+# cpu_of PID: user + system CPU seconds of process PID so far, all threads.
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"; }
+# run NAME CMD...: time CMD (wall; CPU of CMD and of the daemon), append
+# to times[NAME], cpus[NAME] and dcpus[NAME], print them.
 run()
 {
-    local name=$1 s e t
+    local name=$1 s e t c d0 d1 rc=0 TIMEFORMAT='%3U %3S'
     shift
+    d0=$(cpu_of "$dpid")
     s=$(date +%s.%N)
-    "$@" >"$dir/last.log" 2>&1 || { cat "$dir/last.log"; echo "backup-compare: $name failed" >&2; exit 1; }
+    { time "$@" >"$dir/last.log" 2>&1 || rc=$?; } 2>"$dir/cpu"
     e=$(date +%s.%N)
+    d1=$(cpu_of "$dpid")
+    (( rc == 0 )) || { cat "$dir/last.log"; echo "backup-compare: $name failed" >&2; exit 1; }
     t=$(python3 -c "print(f'{$e - $s:.3f}')")
+    c=$(awk '{ printf "%.2f", $1 + $2 }' "$dir/cpu")
+    d1=$(python3 -c "print(f'{$d1 - $d0:.2f}')")
     times[$name]="${times[$name]:-} $t"
-    printf '  %-12s %8.3f s\n' "$name" "$t"
+    cpus[$name]="${cpus[$name]:-} $c"
+    dcpus[$name]="${dcpus[$name]:-} $d1"
+    printf '  %-12s %8.3f s   cpu %5.2f s, daemon %5.2f s\n' "$name" "$t" "$c" "$d1"
 }
 
 # dirty_1pct: write 1% of the disk as random 64 KiB blocks.
@@ -161,6 +176,11 @@ echo
 echo "medians of $rounds rounds (${size_mib} MiB image):"
 for k in full nbdcopy incremental restore restore-nv qemu-img verify cat; do
     printf '  %-12s %8.3f s   (%s )\n' "$k" "$(med $k)" "${times[$k]}"
+done
+medof() { tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+echo "CPU seconds, medians (the command / the daemon during it):"
+for k in full nbdcopy; do
+    printf '  %-12s %6.2f / %5.2f\n' "$k" "$(medof "${cpus[$k]}")" "$(medof "${dcpus[$k]}")"
 done
 echo "ratios (target in brackets):"
 echo "  full backup / nbdcopy          $(ratio "$(med full)" "$(med nbdcopy)")   [<= 1.0]"
