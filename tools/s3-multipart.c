@@ -21,9 +21,19 @@
  * and hands each full part to a thread pool of @jobs threads, each
  * running one synchronous s3_mpu_put_part at a time on its own pooled
  * connection.  The writer blocks while @jobs parts are in flight, so
- * memory is (jobs + 1) * part_size whatever the object's size.  Buffers
- * of finished parts are reused.  The first part error is kept and every
- * later call returns it; finishing or freeing a failed upload aborts it.
+ * memory is (jobs + 1) * part_size whatever the object's size.  (Up to
+ * @jobs more queued parts, to absorb a bursty writer, made no difference
+ * measurable on the loaded test machine: not done.)  Buffers of finished
+ * parts are reused.  The first part error is
+ * kept and every later call returns it; finishing or freeing a failed
+ * upload aborts it.
+ *
+ * An object whose beginning comes last (s3_upload_reserve_first)
+ * reserves the part numbers 1..FIRST_PARTS for it, and sends it at the
+ * end cut into up to FIRST_PARTS parts of at least part_size, through
+ * the pool like the others: the tail of a backup is then its 64 MiB
+ * head sent @jobs parts at a time, not one long PUT.  The numbers it
+ * does not need stay unused (complete skips them).
  *
  * Locking: u->lock protects inflight, next_part's ETag slot, the free
  * buffers and the first error; the writer is the only thread touching
@@ -96,12 +106,15 @@ static char *
 multipart_etag(GPtrArray *etags)
 {
   g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_MD5);
+  guint parts = 0;
 
   for (guint i = 0; i < etags->len; i++) {
     const char *e = g_ptr_array_index(etags, i);
     guint8 md5[16];
 
-    if (!e || strlen(e) != 32)
+    if (!e)
+      continue;             /* a part number left unused */
+    if (strlen(e) != 32)
       return NULL;
     for (guint j = 0; j < 16; j++) {
       int hi = g_ascii_xdigit_value(e[2 * j]), lo = g_ascii_xdigit_value(e[2 * j + 1]);
@@ -111,8 +124,9 @@ multipart_etag(GPtrArray *etags)
       md5[j] = (guint8)(hi << 4 | lo);
     }
     g_checksum_update(sum, md5, sizeof md5);
+    parts++;
   }
-  return g_strdup_printf("%s-%u", g_checksum_get_string(sum), etags->len);
+  return g_strdup_printf("%s-%u", g_checksum_get_string(sum), parts);
 }
 
 bool
@@ -127,8 +141,11 @@ s3_mpu_complete(s3_client *c, const char *bucket, const char *key, const char *u
   bool ok;
 
   for (guint i = 0; i < etags->len; i++) {
-    g_autofree char *e = g_markup_escape_text(g_ptr_array_index(etags, i), -1);
+    g_autofree char *e = NULL;
 
+    if (!g_ptr_array_index(etags, i))
+      continue;             /* S3 allows gaps in the part numbers */
+    e = g_markup_escape_text(g_ptr_array_index(etags, i), -1);
     g_string_append_printf(body, "<Part><PartNumber>%u</PartNumber><ETag>\"%s\"</ETag>"
                            "</Part>", i + 1, e);
   }
@@ -254,6 +271,9 @@ s3_mpu_list(s3_client *c, const char *bucket, const char *prefix, GPtrArray **up
 static void abort_upload(s3_upload *u);
 static void wait_idle(s3_upload *u);
 
+/* Part numbers reserved for the beginning sent last. */
+#define FIRST_PARTS 16u
+
 struct s3_upload {
   s3_client *c;
   char *bucket;
@@ -280,8 +300,9 @@ struct s3_upload {
 
 struct part_task {
   guint part;
-  guint8 *buf;
+  const guint8 *data;
   size_t len;
+  guint8 *buf;              /* data's part buffer, or NULL: the caller's */
 };
 
 static void
@@ -293,14 +314,15 @@ upload_part(gpointer data, gpointer user)
   GError *err = NULL;
   bool ok;
 
-  ok = s3_mpu_put_part(u->c, u->bucket, u->key, u->upload_id, t->part, t->buf, t->len,
+  ok = s3_mpu_put_part(u->c, u->bucket, u->key, u->upload_id, t->part, t->data, t->len,
                        &etag, &err);
   g_mutex_lock(&u->lock);
   if (ok)
     u->etags->pdata[t->part - 1] = etag;
   else if (!u->error)
     u->error = g_steal_pointer(&err);
-  g_ptr_array_add(u->spare, t->buf);
+  if (t->buf)
+    g_ptr_array_add(u->spare, t->buf);
   u->inflight--;
   g_cond_broadcast(&u->cond);
   g_mutex_unlock(&u->lock);
@@ -365,41 +387,57 @@ no_error(s3_upload *u, GError **error)
   return ok;
 }
 
-/* Hand the current part to the pool and start a new one. */
+/* Queue part @part of @len bytes at @data once there is room.  @buf is
+ * the part buffer @data is in, which goes back to the spares, or NULL:
+ * @data is the caller's and stays valid until wait_idle.  Called with
+ * u->lock held; fails with the first part error. */
 static bool
-submit(s3_upload *u, GError **error)
+push_part(s3_upload *u, guint part, const guint8 *data, size_t len, guint8 *buf,
+          GError **error)
 {
   struct part_task *t;
 
-  if (!u->upload_id && !s3_mpu_create(u->c, u->bucket, u->key, &u->upload_id, error))
-    return false;
-  g_mutex_lock(&u->lock);
   while (u->inflight >= u->jobs && !u->error)
     g_cond_wait(&u->cond, &u->lock);
   if (u->error) {
     g_propagate_error(error, g_error_copy(u->error));
-    g_mutex_unlock(&u->lock);
     return false;
   }
+  t = g_new0(struct part_task, 1);
+  t->part = part;
+  t->data = data;
+  t->len = len;
+  t->buf = buf;
+  if (u->etags->len < part)
+    g_ptr_array_set_size(u->etags, (gint)part);
+  u->inflight++;
+  g_thread_pool_push(u->pool, t, NULL);
+  return true;
+}
+
+/* Hand the current part to the pool and start a new one. */
+static bool
+submit(s3_upload *u, GError **error)
+{
+  if (!u->upload_id && !s3_mpu_create(u->c, u->bucket, u->key, &u->upload_id, error))
+    return false;
   if (u->next_part > S3_MAX_PARTS) {
-    g_mutex_unlock(&u->lock);
     g_set_error(error, S3_ERROR, S3_ERROR_CONFIG,
                 "S3 upload s3://%s/%s: more than %u parts of %zu bytes; use larger parts",
                 u->bucket, u->key, S3_MAX_PARTS, u->part_size);
     return false;
   }
-  t = g_new0(struct part_task, 1);
-  t->part = u->next_part++;
-  t->buf = u->cur;
-  t->len = u->cur_len;
-  g_ptr_array_set_size(u->etags, (gint)t->part);
-  u->inflight++;
+  g_mutex_lock(&u->lock);
+  if (!push_part(u, u->next_part, u->cur, u->cur_len, u->cur, error)) {
+    g_mutex_unlock(&u->lock);
+    return false;
+  }
+  u->next_part++;
   u->cur = u->spare->len ? g_ptr_array_steal_index_fast(u->spare, u->spare->len - 1) : NULL;
   g_mutex_unlock(&u->lock);
   if (!u->cur)
     u->cur = g_malloc(u->part_size);
   u->cur_len = 0;
-  g_thread_pool_push(u->pool, t, NULL);
   return true;
 }
 
@@ -408,7 +446,7 @@ s3_upload_reserve_first(s3_upload *u)
 {
   g_assert(u->next_part == 1 && u->cur_len == 0);
   u->first_reserved = true;
-  u->next_part = 2;
+  u->next_part = FIRST_PARTS + 1;
 }
 
 bool
@@ -416,7 +454,9 @@ s3_upload_finish_first(s3_upload *u, const void *first, size_t len, char **etag,
                        GError **error)
 {
   g_autofree char *tag = NULL;
-  char *part_etag = NULL;
+  guint n;
+  size_t piece;
+  bool ok = true;
 
   g_assert(u->first_reserved);
   if (u->done) {
@@ -436,16 +476,25 @@ s3_upload_finish_first(s3_upload *u, const void *first, size_t len, char **etag,
     abort_upload(u);
     return false;
   }
-  if ((u->cur_len > 0 && !submit(u, error)) ||
-      !s3_mpu_put_part(u->c, u->bucket, u->key, u->upload_id, 1, first, len, &part_etag,
-                       error)) {
+  if (u->cur_len > 0 && !submit(u, error)) {
     abort_upload(u);
     return false;
   }
-  wait_idle(u);
+  /* Parts 1..n of at least part_size each (so at least S3_PART_MIN: none
+   * of them is the object's last part), the last one taking the rest. */
+  n = (guint)MIN((size_t)FIRST_PARTS, MAX((size_t)1, len / u->part_size));
+  piece = len / n;
   g_mutex_lock(&u->lock);
-  u->etags->pdata[0] = part_etag;
+  for (guint i = 0; i < n && ok; i++)
+    ok = push_part(u, i + 1, (const guint8 *)first + (size_t)i * piece,
+                   i + 1 < n ? piece : len - (size_t)i * piece, NULL, error);
   g_mutex_unlock(&u->lock);
+  /* Also on failure: no part may still read @first when we return. */
+  wait_idle(u);
+  if (!ok) {
+    abort_upload(u);
+    return false;
+  }
   if (!no_error(u, error) ||
       !s3_mpu_complete(u->c, u->bucket, u->key, u->upload_id, u->etags, &tag, error)) {
     abort_upload(u);

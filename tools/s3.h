@@ -283,7 +283,8 @@ bool s3_xml_list_uploads(const char *body, size_t len, bool url_asked,
 #define S3_MAX_PARTS 10000u
 
 /* The five calls.  Part numbers count from 1.  *@etag of a part is the
- * caller's; complete takes the parts' ETags in order.  Abort of an upload
+ * caller's; complete takes the parts' ETags in order, [i] for part i + 1,
+ * a NULL for a number not used (S3 allows gaps).  Abort of an upload
  * that no longer exists succeeds. */
 bool s3_mpu_create(s3_client *c, const char *bucket, const char *key, char **upload_id,
                    GError **error);
