@@ -512,7 +512,6 @@ dispatch_request(struct request *req)
   case NBD_CMD_WRITE:
     io->type = CBT_IO_WRITE;
     io->buf = req->buf;
-    io->flags |= CBT_IO_INLINE;        /* see image-raw.c */
     break;
   case NBD_CMD_FLUSH:
     io->type = CBT_IO_FLUSH;

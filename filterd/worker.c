@@ -7,10 +7,7 @@
  * completes inline from the page cache, and one sendmsg carrying the
  * replies of every request finished in the same loop turn.  With sockets
  * and files on the same ring, a whole loop turn costs one io_uring_enter
- * (io_uring_submit_and_wait), however many requests it moves.  A small
- * buffered WRITE is the exception: the kernel cannot do it inline from
- * io_uring on ext4 and would hand it to an io-wq thread, so it is one
- * pwrite on this thread (CBT_IO_INLINE, image-raw.c), as nbdkit does.  So:
+ * (io_uring_submit_and_wait), however many requests it moves.  So:
  *   - N workers (default: one per core), each with its own ring, buffer pool
  *     and request free list; no locks on the data path.
  *   - A connection is owned by one worker for its life.  Connections are

@@ -9,18 +9,6 @@
  *               writing zeros when the file system cannot  [-> fdatasync]
  * FUA writes use RWF_DSYNC so the data is durable when the write completes.
  *
- * Small buffered writes the caller marks CBT_IO_INLINE are one pwrite on
- * the caller's thread instead, completed inside submit.  io_uring cannot
- * run a buffered write inline on a file system without async buffered
- * writes (ext4 among them): it hands every one to an io-wq thread, and
- * serialises those of one file there anyway, so a 4 KiB write costs two
- * thread switches and a wakeup of the submitter for a copy into the page
- * cache that takes a few microseconds (measured: ~3.6 context switches per
- * QD1 write against ~1 for a read).  A FUA write (which waits for the
- * device) and large transfers stay on the ring.  The write's sqe is still
- * prepared, on the stack, and shown to fault injection, so a test's rule
- * counts and fails it as before.
- *
  * With --cache=none a second O_DIRECT descriptor serves requests whose
  * offset, length and buffer are aligned; everything else, and all
  * fallocate/fsync calls, use the buffered descriptor.  Linux keeps the page
@@ -57,10 +45,6 @@ enum raw_stage {
   ST_WRITE_ZEROES,               /* ZERO by writing a zero buffer */
   ST_SYNC,                       /* FUA after trim/zero */
 };
-
-/* Largest write done inline (CBT_IO_INLINE): copying it into the page
- * cache takes well under the cost of the io-wq round trip it saves. */
-#define INLINE_MAX (64 * 1024)
 
 /* Writes of zeros come from this buffer (page aligned for O_DIRECT). */
 #define ZERO_BUF_SIZE (1024 * 1024)
@@ -302,44 +286,6 @@ raw_done(struct cbt_aio_op *op, int res)
   }
 }
 
-/* A CBT_IO_INLINE write: pwrite on this thread until done, then
- * complete.  A fault injected into its sqe hands over to the ring path
- * (raw_done), as the ring would have. */
-static void
-raw_write_inline(struct raw_image *r, struct cbt_image_io *io)
-{
-  while (io->done < io->len) {
-    struct io_uring_sqe sqe;
-    uint64_t off = io->offset + io->done;
-    const uint8_t *p = (const uint8_t *)io->buf + io->done;
-    ssize_t n;
-
-    memset(&sqe, 0, sizeof sqe);
-    io_uring_prep_write(&sqe, r->fd, p, (unsigned)(io->len - io->done), off);
-    io->op.done = raw_done;
-    io_uring_sqe_set_data(&sqe, &io->op);
-    cbt_fi_sqe(CBT_FI_IMAGE, &sqe);
-    if (sqe.opcode != IORING_OP_WRITE) {
-      struct cbt_aio_op *op = (struct cbt_aio_op *)(uintptr_t)sqe.user_data;
-      op->done(op, 0);                 /* the injected error's wrapper */
-      return;
-    }
-    n = pwrite(r->fd, p, sqe.len, (off_t)off);
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n < 0) {
-      io->complete(io, -errno);
-      return;
-    }
-    if (n == 0) {
-      io->complete(io, -EIO);          /* as raw_done: the image shrank */
-      return;
-    }
-    io->done += (uint64_t)n;
-  }
-  io->complete(io, 0);
-}
-
 static void
 raw_submit(struct cbt_image *img, struct cbt_image_io *io)
 {
@@ -356,11 +302,6 @@ raw_submit(struct cbt_image *img, struct cbt_image_io *io)
   }
   if (io->type == CBT_IO_ZERO && r->no_punch && !(io->flags & CBT_IO_NO_HOLE)) {
     raw_zero_fallback(r, io);
-    return;
-  }
-  if (io->type == CBT_IO_WRITE && (io->flags & (CBT_IO_INLINE | CBT_IO_FUA)) == CBT_IO_INLINE &&
-      io->len <= INLINE_MAX && !is_aligned(r, io->offset, io->len, io->buf)) {
-    raw_write_inline(r, io);
     return;
   }
   res = raw_queue(r, io);

@@ -44,10 +44,6 @@ enum cbt_io_type {
 #define CBT_IO_FUA        (1u << 0)   /* durable before completion */
 #define CBT_IO_NO_HOLE    (1u << 1)   /* ZERO: keep the range allocated */
 #define CBT_IO_FAST_ZERO  (1u << 2)   /* ZERO: fail -ENOTSUP unless cheap */
-/* The caller's thread may block for a small transfer: a backend may do it
- * with a plain syscall inside submit (and complete there) instead of
- * letting the kernel hand it to an io-wq thread (image-raw.c). */
-#define CBT_IO_INLINE     (1u << 3)
 
 struct cbt_image;
 
