@@ -40,6 +40,7 @@
 
 #define MAX_REQ      (2u << 20)   /* bytes per read */
 #define DEPTH        8            /* reads in flight per connection */
+#define BYTES_PER_CONN (UINT64_C(64) << 20)  /* planned bytes per extra connection */
 #define BS_MAX       (UINT64_C(1) << 30)   /* bytes per block status query */
 #define MAX_TRIM     (UINT64_C(1) << 30)   /* bytes per release (TRIM) */
 #define BASE_ALLOC   "base:allocation"
@@ -531,21 +532,28 @@ pull_run(const struct pull_opts *o, struct pull_stats *st, GError **error)
   p.nw = MAX(o->connections, 1u);
   p.w = g_new0(struct worker, p.nw);
 
-  /* Connect all first: a refused connection fails before any work. */
+  /* The first connection plans; the others are opened only when the plan
+   * has work for them (a small incremental spends no handshakes on
+   * connections that would sit idle), and all before any data is copied,
+   * so a refused connection still fails before any work. */
   for (unsigned i = 0; i < p.nw; i++) {
     p.w[i].p = &p;
     p.w[i].releases = g_array_new(FALSE, FALSE, sizeof(struct extent));
-    if (!(p.w[i].h = connect_one(o, error)))
-      goto out;
-    if (i == 0 && p.nw > 1 && nbd_can_multi_conn(p.w[0].h) != 1) {
-      cli_note("NBD %s: the server does not advertise multi-conn: using one connection",
-               where(o));
-      p.nw = 1;
-    }
+  }
+  if (!(p.w[0].h = connect_one(o, error)))
+    goto out;
+  if (p.nw > 1 && nbd_can_multi_conn(p.w[0].h) != 1) {
+    cli_note("NBD %s: the server does not advertise multi-conn: using one connection",
+             where(o));
+    p.nw = 1;
   }
   if (!make_plan(&p, p.w[0].h, st, error))
     goto out;
   cli_debug("plan: %u items, %" PRIu64 " bytes to read", p.items->len, st->planned);
+  p.nw = (unsigned)MIN((uint64_t)p.nw, MAX(UINT64_C(1), st->planned / BYTES_PER_CONN));
+  for (unsigned i = 1; i < p.nw; i++)
+    if (!(p.w[i].h = connect_one(o, error)))
+      goto out;
 
   if (o->release && nbd_can_trim(p.w[0].h) == 1) {
     atomic_store(&p.release, true);
