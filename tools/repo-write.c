@@ -14,14 +14,22 @@
  *
  * S3: the writer runs in sink mode (no file): its bytes arrive in file
  * order on the writing threads (one at a time, ordered by the writer)
- * and go into a streaming multipart upload (s3_upload, several parts in
- * flight), except the first chunk [0, REPO_CHUNK_SIZE), which is held in
- * memory because its first cluster, the header, comes last: at commit it
- * is hashed and sent as part 1, and the upload is completed.  Memory is
- * that chunk (64 MiB) plus (UPLOAD_JOBS + 1) parts, whatever the size of
- * the backup; nothing is staged on disk.  A file no larger than the
- * chunk is one PUT.  Before anything is handed to the store the
- * repository lock is checked: a lost lock stops the backup.
+ * and go into a streaming multipart upload (s3_upload, UPLOAD_JOBS parts
+ * in flight), except the first chunk [0, REPO_CHUNK_SIZE), which is held
+ * in memory because its first cluster, the header, comes last: at commit
+ * it is hashed and sent as part 1, and the upload is completed.  The
+ * parts are the checksum chunks (part size = REPO_CHUNK_SIZE, so part k
+ * is chunk k - 1, and a short last chunk is the short last part): each
+ * chunk is hashed once, here, as its bytes pass, and that SHA-256 is both
+ * the manifest's and the part's payload hash over http://
+ * (s3_upload_part_sha256), so the S3 client does not hash the bytes a
+ * second time.  A file too large for 10000 parts of a chunk (an image
+ * over ~560 GiB) gets larger parts, which the client hashes itself; so
+ * does a file no larger than the chunk, which is one PUT.  Memory is the
+ * head chunk plus (UPLOAD_JOBS + 1) parts: 64 MiB + 4 x 64 MiB = 320 MiB
+ * whatever the size of the backup; nothing is staged on disk.  Before
+ * anything is handed to the store the repository lock is checked: a lost
+ * lock stops the backup.
  *
  * Errors: the sink callbacks can only return -errno to the writer, so
  * the first storage error (S3's GError, naming operation and cause) is
@@ -35,6 +43,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -46,8 +55,7 @@
 #include "cli.h"
 
 #define WRITE_BEHIND   (UINT64_C(64) << 20)   /* directory: writeback window */
-#define PART_SIZE_MIN  ((size_t)8 << 20)      /* S3: part size, at least */
-#define UPLOAD_JOBS    4                      /* S3: parts in flight */
+#define UPLOAD_JOBS    3                      /* S3: parts in flight (64 MiB) */
 
 struct repo_wfile {
   repo *r;
@@ -65,6 +73,9 @@ struct repo_wfile {
   s3_upload *up;
   uint8_t *head;                /* [0, chunk) of the file until commit */
   uint64_t end;                 /* bytes from cluster_size on handed over */
+  EVP_MD_CTX *sha;              /* the chunk being handed over */
+  GPtrArray *hex;               /* [i]: SHA-256 of chunk i; [0] at commit */
+  bool aligned;                 /* parts are chunks: their hash is ours */
   GMutex err_lock;
   GError *error;                /* the first storage error */
 };
@@ -107,6 +118,30 @@ repo_wfile_check(repo_wfile *f, GError **error)
 
 /* --- the S3 sink --------------------------------------------------------- */
 
+static void
+sha_update(EVP_MD_CTX *c, const void *buf, size_t len)
+{
+  if (EVP_DigestUpdate(c, buf, len) != 1)
+    g_error("libcrypto: SHA-256 update failed");
+}
+
+/* Finish @c as lower-case hex and make it ready for the next chunk. */
+static char *
+sha_hex(EVP_MD_CTX *c)
+{
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned n = 0;
+  char *hex;
+
+  if (EVP_DigestFinal_ex(c, md, &n) != 1 || n != 32 ||
+      EVP_DigestInit_ex(c, EVP_sha256(), NULL) != 1)
+    g_error("libcrypto: SHA-256 final failed");
+  hex = g_malloc(65);
+  for (unsigned i = 0; i < 32; i++)
+    snprintf(hex + 2 * i, 3, "%02x", md[i]);
+  return hex;
+}
+
 /* Bytes [@off, @off + @len) of the file, in order (see the top). */
 static int
 sink_data(void *opaque, uint64_t off, const void *buf, size_t len)
@@ -133,14 +168,28 @@ sink_data(void *opaque, uint64_t off, const void *buf, size_t len)
     p += n;
     len -= n;
   }
-  if (len > 0) {
-    sums_stream_feed(f->sums, off, p, len);
-    if (!s3_upload_write(f->up, p, len, &err)) {
+  while (len > 0) {
+    size_t n = (size_t)MIN((uint64_t)len, f->chunk - off % f->chunk);
+
+    /* Hashed before it is handed over: the part that this completes
+     * goes out with its chunk's hash. */
+    sha_update(f->sha, p, n);
+    if ((off + n) % f->chunk == 0) {
+      char *hex = sha_hex(f->sha);
+
+      g_ptr_array_add(f->hex, hex);
+      if (f->aligned)
+        s3_upload_part_sha256(f->up, hex, (size_t)f->chunk);
+    }
+    if (!s3_upload_write(f->up, p, n, &err)) {
       keep_error(f, err);
       return -EIO;
     }
+    off += n;
+    p += n;
+    len -= n;
   }
-  f->end = off + len;
+  f->end = off;
   return 0;
 }
 
@@ -156,15 +205,17 @@ sink_head(void *opaque, const void *buf, size_t len)
   return 0;
 }
 
-/* The part size for a file of about @image_size bytes: S3 allows 10000
- * parts, and the file is the image's data plus ~1% metadata at most. */
+/* The part size for a file of about @image_size bytes: the checksum
+ * chunk, so that each part's payload hash is its chunk's SHA-256, unless
+ * the file needs larger parts to stay within S3's 10000 (the file is the
+ * image's data plus ~1% metadata at most: images above ~560 GiB). */
 static size_t
-part_size_for(uint64_t image_size)
+part_size_for(uint64_t image_size, uint64_t chunk)
 {
   uint64_t want = image_size / 9000 + 1;
 
   want = (want + ((1u << 20) - 1)) & ~(uint64_t)((1u << 20) - 1);
-  return (size_t)MIN(MAX(want, (uint64_t)PART_SIZE_MIN), (uint64_t)S3_PART_MAX);
+  return (size_t)MIN(MAX(want, chunk), (uint64_t)S3_PART_MAX);
 }
 
 static bool
@@ -173,14 +224,24 @@ new_s3(repo_wfile *f, const struct cbt_qcow2_writer_opts *wo, GError **error)
   g_autofree char *key = repo_s3_key(f->r, f->file);
   struct cbt_qcow2_writer_sink sink = { sink_data, sink_head, f };
   g_autofree char *why = NULL;
+  size_t part_size = part_size_for(wo->size, f->chunk);
   int rc;
 
   f->name = g_strdup_printf("s3://%s/%s", repo_s3_bucket(f->r), key);
-  f->up = s3_upload_new(repo_s3(f->r), repo_s3_bucket(f->r), key,
-                        part_size_for(wo->size), UPLOAD_JOBS, error);
+  f->up = s3_upload_new(repo_s3(f->r), repo_s3_bucket(f->r), key, part_size,
+                        UPLOAD_JOBS, error);
   if (!f->up)
     return false;
-  s3_upload_reserve_first(f->up);
+  f->aligned = part_size == f->chunk;
+  s3_upload_reserve_first(f->up, (size_t)f->chunk);
+  f->sha = EVP_MD_CTX_new();
+  if (!f->sha || EVP_DigestInit_ex(f->sha, EVP_sha256(), NULL) != 1) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: libcrypto: cannot set up "
+                "SHA-256", f->name);
+    return false;
+  }
+  f->hex = g_ptr_array_new_with_free_func(g_free);
+  g_ptr_array_add(f->hex, NULL);              /* chunk 0, the head */
   f->head = g_try_malloc(f->chunk);
   if (!f->head) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: out of memory", f->name);
@@ -231,16 +292,20 @@ commit_s3(repo_wfile *f, GPtrArray **sums, uint64_t *size, GError **error)
   }
   *size = f->end;
   n0 = (size_t)MIN(f->end, f->chunk);
-  if (f->end > f->chunk) {
-    hex = sums_stream_end(f->sums);
-    g_free(g_ptr_array_index(hex, 0));
-    g_ptr_array_index(hex, 0) = sha256_hex(f->head, n0);
-  } else {
-    hex = g_ptr_array_new_with_free_func(g_free);
-    g_ptr_array_add(hex, sha256_hex(f->head, n0));
+  if (f->end > f->chunk && f->end % f->chunk != 0) {
+    /* The short last chunk is the short last part. */
+    char *last = sha_hex(f->sha);
+
+    g_ptr_array_add(f->hex, last);
+    if (f->aligned)
+      s3_upload_part_sha256(f->up, last, (size_t)(f->end % f->chunk));
   }
+  g_assert(f->hex->len == (f->end + f->chunk - 1) / f->chunk);
+  g_ptr_array_index(f->hex, 0) = sha256_hex(f->head, n0);
+  hex = g_steal_pointer(&f->hex);
   if (!repo_lock_check(f->r, error) ||
-      !s3_upload_finish_first(f->up, f->head, n0, NULL, error))
+      !s3_upload_finish_first(f->up, f->head, n0, g_ptr_array_index(hex, 0), NULL,
+                              error))
     return false;
   g_clear_pointer(&f->head, g_free);
   f->committed = true;
@@ -366,7 +431,8 @@ repo_wfile_new(repo *r, const char *file, const struct cbt_qcow2_writer_opts *wo
   f->r = r;
   f->file = g_strdup(file);
   f->chunk = REPO_CHUNK_SIZE;
-  f->sums = sums_stream_new(f->chunk, f->chunk);
+  if (!repo_is_s3(r))
+    f->sums = sums_stream_new(f->chunk, f->chunk);
   if (!(repo_is_s3(r) ? new_s3(f, wo, error) : new_dir(f, wo, error)))
     return false;
   *out = g_steal_pointer(&f);
@@ -408,6 +474,9 @@ repo_wfile_free(repo_wfile *f)
                 g_strerror(errno));
   }
   sums_stream_free(f->sums);
+  EVP_MD_CTX_free(f->sha);
+  if (f->hex)
+    g_ptr_array_unref(f->hex);
   g_free(f->head);
   g_clear_error(&f->error);
   g_mutex_clear(&f->err_lock);

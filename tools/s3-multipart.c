@@ -29,11 +29,19 @@
  * upload aborts it.
  *
  * An object whose beginning comes last (s3_upload_reserve_first)
- * reserves the part numbers 1..FIRST_PARTS for it, and sends it at the
- * end cut into up to FIRST_PARTS parts of at least part_size, through
- * the pool like the others: the tail of a backup is then its 64 MiB
- * head sent @jobs parts at a time, not one long PUT.  The numbers it
- * does not need stay unused (complete skips them).
+ * reserves the part numbers 1..n for it, and sends it at the end as n
+ * parts of at least part_size (n <= FIRST_PARTS), through the pool like
+ * the others.  A backup's parts are its checksum chunks (64 MiB), so its
+ * head is part 1 alone and n is 1.  The numbers it does not need stay
+ * unused (complete skips them).
+ *
+ * Payload hashes: over http:// every part is signed with its SHA-256.
+ * A writer that hashed the part already (a backup: each part is one
+ * checksum chunk) hands that hash over (s3_upload_part_sha256, and
+ * finish_first's @first_sha256); it goes with the part to its thread
+ * and into the request, so the client does not read the 64 MiB again.
+ * A part of another length than the hash was given for is hashed as
+ * usual.
  *
  * Locking: u->lock protects inflight, next_part's ETag slot, the free
  * buffers and the first error; the writer is the only thread touching
@@ -72,13 +80,23 @@ bool
 s3_mpu_put_part(s3_client *c, const char *bucket, const char *key, const char *upload_id,
                 guint part, const void *data, size_t len, char **etag, GError **error)
 {
+  return s3_mpu_put_part_sha256(c, bucket, key, upload_id, part, data, len, NULL, etag,
+                                error);
+}
+
+bool
+s3_mpu_put_part_sha256(s3_client *c, const char *bucket, const char *key,
+                       const char *upload_id, guint part, const void *data, size_t len,
+                       const char *payload_sha256, char **etag, GError **error)
+{
   g_autofree char *num = g_strdup_printf("%u", part);
   g_autofree char *op = g_strdup_printf("upload part %u", part);
   g_autofree char *query = s3_query("partNumber", num, "uploadId", upload_id, NULL);
   /* A part begun after the cancel is not sent: the grace is for the
    * cleanup (s3_client_set_cancel). */
   s3_request r = { .op = op, .method = "PUT", .bucket = bucket, .key = key,
-                   .query = query, .body = data, .body_len = len, .no_grace = true };
+                   .query = query, .body = data, .body_len = len,
+                   .payload_sha256 = payload_sha256, .no_grace = true };
   bool ok;
 
   if (part < 1 || part > S3_MAX_PARTS || len > S3_PART_MAX) {
@@ -288,6 +306,9 @@ struct s3_upload {
   size_t cur_len;
   bool done;                /* finished or aborted: nothing more to do */
   bool first_reserved;      /* part 1 comes last (s3_upload_reserve_first) */
+  guint first_parts;        /* the part numbers reserved for it */
+  char *cur_sha256;         /* SHA-256 of the part being filled, when it */
+  size_t cur_sha256_len;    /* is this long (s3_upload_part_sha256) */
 
   GMutex lock;
   GCond cond;
@@ -303,6 +324,7 @@ struct part_task {
   const guint8 *data;
   size_t len;
   guint8 *buf;              /* data's part buffer, or NULL: the caller's */
+  char *sha256;             /* SHA-256 of data, hex, or NULL: hash it */
 };
 
 static void
@@ -314,8 +336,8 @@ upload_part(gpointer data, gpointer user)
   GError *err = NULL;
   bool ok;
 
-  ok = s3_mpu_put_part(u->c, u->bucket, u->key, u->upload_id, t->part, t->data, t->len,
-                       &etag, &err);
+  ok = s3_mpu_put_part_sha256(u->c, u->bucket, u->key, u->upload_id, t->part, t->data,
+                              t->len, t->sha256, &etag, &err);
   g_mutex_lock(&u->lock);
   if (ok)
     u->etags->pdata[t->part - 1] = etag;
@@ -327,6 +349,7 @@ upload_part(gpointer data, gpointer user)
   g_cond_broadcast(&u->cond);
   g_mutex_unlock(&u->lock);
   g_clear_error(&err);
+  g_free(t->sha256);
   g_free(t);
 }
 
@@ -389,11 +412,12 @@ no_error(s3_upload *u, GError **error)
 
 /* Queue part @part of @len bytes at @data once there is room.  @buf is
  * the part buffer @data is in, which goes back to the spares, or NULL:
- * @data is the caller's and stays valid until wait_idle.  Called with
- * u->lock held; fails with the first part error. */
+ * @data is the caller's and stays valid until wait_idle.  @sha256 (may
+ * be NULL) is @data's SHA-256, hex, copied.  Called with u->lock held;
+ * fails with the first part error. */
 static bool
 push_part(s3_upload *u, guint part, const guint8 *data, size_t len, guint8 *buf,
-          GError **error)
+          const char *sha256, GError **error)
 {
   struct part_task *t;
 
@@ -408,6 +432,7 @@ push_part(s3_upload *u, guint part, const guint8 *data, size_t len, guint8 *buf,
   t->data = data;
   t->len = len;
   t->buf = buf;
+  t->sha256 = g_strdup(sha256);
   if (u->etags->len < part)
     g_ptr_array_set_size(u->etags, (gint)part);
   u->inflight++;
@@ -419,6 +444,8 @@ push_part(s3_upload *u, guint part, const guint8 *data, size_t len, guint8 *buf,
 static bool
 submit(s3_upload *u, GError **error)
 {
+  g_autofree char *sha256 = g_steal_pointer(&u->cur_sha256);
+
   if (!u->upload_id && !s3_mpu_create(u->c, u->bucket, u->key, &u->upload_id, error))
     return false;
   if (u->next_part > S3_MAX_PARTS) {
@@ -427,8 +454,14 @@ submit(s3_upload *u, GError **error)
                 u->bucket, u->key, S3_MAX_PARTS, u->part_size);
     return false;
   }
+  if (sha256 && u->cur_sha256_len != u->cur_len) {
+    cli_debug("S3 upload s3://%s/%s: part %u has %zu bytes, its hash was for %zu: "
+              "hashing it again", u->bucket, u->key, u->next_part, u->cur_len,
+              u->cur_sha256_len);
+    g_clear_pointer(&sha256, g_free);
+  }
   g_mutex_lock(&u->lock);
-  if (!push_part(u, u->next_part, u->cur, u->cur_len, u->cur, error)) {
+  if (!push_part(u, u->next_part, u->cur, u->cur_len, u->cur, sha256, error)) {
     g_mutex_unlock(&u->lock);
     return false;
   }
@@ -442,16 +475,34 @@ submit(s3_upload *u, GError **error)
 }
 
 void
-s3_upload_reserve_first(s3_upload *u)
+s3_upload_part_sha256(s3_upload *u, const char *hex, size_t len)
+{
+  g_free(u->cur_sha256);
+  u->cur_sha256 = g_strdup(hex);
+  u->cur_sha256_len = len;
+}
+
+/* How many parts the first @len bytes are cut into: at least part_size
+ * each (so at least S3_PART_MIN: none of them is the object's last
+ * part), FIRST_PARTS at most. */
+static guint
+first_parts(const s3_upload *u, size_t len)
+{
+  return (guint)MIN((size_t)FIRST_PARTS, MAX((size_t)1, len / u->part_size));
+}
+
+void
+s3_upload_reserve_first(s3_upload *u, size_t max_first)
 {
   g_assert(u->next_part == 1 && u->cur_len == 0);
   u->first_reserved = true;
-  u->next_part = FIRST_PARTS + 1;
+  u->first_parts = first_parts(u, max_first);
+  u->next_part = u->first_parts + 1;
 }
 
 bool
-s3_upload_finish_first(s3_upload *u, const void *first, size_t len, char **etag,
-                       GError **error)
+s3_upload_finish_first(s3_upload *u, const void *first, size_t len,
+                       const char *first_sha256, char **etag, GError **error)
 {
   g_autofree char *tag = NULL;
   guint n;
@@ -480,14 +531,15 @@ s3_upload_finish_first(s3_upload *u, const void *first, size_t len, char **etag,
     abort_upload(u);
     return false;
   }
-  /* Parts 1..n of at least part_size each (so at least S3_PART_MIN: none
-   * of them is the object's last part), the last one taking the rest. */
-  n = (guint)MIN((size_t)FIRST_PARTS, MAX((size_t)1, len / u->part_size));
+  /* Parts 1..n, the last one taking the rest.  One part is @first
+   * whole, and its hash is @first_sha256. */
+  n = MIN(first_parts(u, len), u->first_parts);
   piece = len / n;
   g_mutex_lock(&u->lock);
   for (guint i = 0; i < n && ok; i++)
     ok = push_part(u, i + 1, (const guint8 *)first + (size_t)i * piece,
-                   i + 1 < n ? piece : len - (size_t)i * piece, NULL, error);
+                   i + 1 < n ? piece : len - (size_t)i * piece, NULL,
+                   n == 1 ? first_sha256 : NULL, error);
   g_mutex_unlock(&u->lock);
   /* Also on failure: no part may still read @first when we return. */
   wait_idle(u);
@@ -603,6 +655,7 @@ s3_upload_free(s3_upload *u)
   if (u->pool)
     g_thread_pool_free(u->pool, FALSE, TRUE);
   g_free(u->cur);
+  g_free(u->cur_sha256);
   g_ptr_array_unref(u->etags);
   g_ptr_array_unref(u->spare);
   g_clear_error(&u->error);

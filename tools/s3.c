@@ -15,8 +15,10 @@
  *     nothing that curl might not send as given;
  *   - the payload hash is taken from our x-amz-content-sha256 header
  *     (curl cannot hash a body it streams): SHA-256 of the body over
- *     http://, where the signature is all that protects the bytes, and
- *     UNSIGNED-PAYLOAD over https://, where TLS does, as the AWS SDKs do.
+ *     http://, where the signature is all that protects the bytes (taken
+ *     from the caller when it has hashed them already: s3_request's
+ *     payload_sha256), and UNSIGNED-PAYLOAD over https://, where TLS
+ *     does, as the AWS SDKs do.
  *
  * Connections: a pool of curl easy handles, each kept with its live
  * connection for the next request; a request takes one handle and gives
@@ -509,9 +511,22 @@ s3_request_clear(s3_request *r)
   r->err_code = NULL;
 }
 
-/* SHA-256 (hex) of what we send, or UNSIGNED-PAYLOAD (see the top).
- * libcrypto's, which uses the CPU's SHA instructions: several times
- * GLib's speed, and it runs over every byte a backup uploads. */
+/* Whether @s looks like a SHA-256 in hex as SigV4 wants it. */
+static bool
+is_sha256_hex(const char *s)
+{
+  size_t i;
+
+  for (i = 0; s[i]; i++)
+    if (!g_ascii_isdigit(s[i]) && !(s[i] >= 'a' && s[i] <= 'f'))
+      return false;
+  return i == 64;
+}
+
+/* SHA-256 (hex) of what we send, or UNSIGNED-PAYLOAD (see the top): the
+ * caller's r->payload_sha256 if it has one (a backup's part is its
+ * checksum chunk, hashed already), else libcrypto's, which uses the
+ * CPU's SHA instructions: several times GLib's speed. */
 static char *
 payload_hash(s3_client *c, const s3_request *r)
 {
@@ -522,6 +537,8 @@ payload_hash(s3_client *c, const s3_request *r)
     return g_strdup(EMPTY_SHA256);
   if (c->https)
     return g_strdup("UNSIGNED-PAYLOAD");
+  if (r->payload_sha256 && is_sha256_hex(r->payload_sha256))
+    return g_strdup(r->payload_sha256);
   if (EVP_Digest(r->body, r->body_len, md, &n, EVP_sha256(), NULL) != 1 || n != 32)
     return g_compute_checksum_for_data(G_CHECKSUM_SHA256, r->body, r->body_len);
   {

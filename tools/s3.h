@@ -95,6 +95,10 @@ typedef struct s3_request {
   const char *query;        /* from s3_query, or NULL */
   const void *body;         /* PUT and POST */
   size_t body_len;
+  const char *payload_sha256; /* SHA-256 of body (64 lowercase hex
+                             * digits) if the caller has it, or NULL:
+                             * over http:// it is sent as the payload
+                             * hash instead of one computed again */
   const char *headers[4];   /* "name: value", lowercase names; signed */
   void *dst;                /* 2xx body into this buffer (ranged GET), */
   size_t dst_cap;           /* of this size; else into body_out */
@@ -291,6 +295,14 @@ bool s3_mpu_create(s3_client *c, const char *bucket, const char *key, char **upl
 bool s3_mpu_put_part(s3_client *c, const char *bucket, const char *key,
                      const char *upload_id, guint part, const void *data, size_t len,
                      char **etag, GError **error);
+/* The same with the SHA-256 of @data (64 lowercase hex digits, or NULL)
+ * known to the caller, who then spares the client a pass over the part
+ * over http:// (s3_request's payload_sha256).  A wrong one is refused
+ * by the server (XAmzContentSHA256Mismatch). */
+bool s3_mpu_put_part_sha256(s3_client *c, const char *bucket, const char *key,
+                            const char *upload_id, guint part, const void *data,
+                            size_t len, const char *payload_sha256, char **etag,
+                            GError **error);
 bool s3_mpu_complete(s3_client *c, const char *bucket, const char *key,
                      const char *upload_id, GPtrArray *etags, char **etag,
                      GError **error);
@@ -320,15 +332,28 @@ const char *s3_upload_id(const s3_upload *u);
 /* Send what is left, wait for every part and complete; *@etag (may be
  * NULL) gets the object's ETag.  On failure the upload is aborted. */
 bool s3_upload_finish(s3_upload *u, char **etag, GError **error);
+/* A writer that hashes what it writes in pieces of the part size (a
+ * backup's checksum chunks) can spare the client a second pass over the
+ * bytes: before the write that completes a part (or before finishing,
+ * for a short last part), it gives the SHA-256 (64 lowercase hex
+ * digits) of that whole part and its length.  The part is then sent
+ * with it as its payload hash (over http://).  A part whose length
+ * turns out to differ is hashed as usual, and so is an object sent as
+ * one PUT. */
+void s3_upload_part_sha256(s3_upload *u, const char *hex, size_t len);
 /* For objects whose beginning is known last (a qcow2 header): after
  * s3_upload_reserve_first (before the first write) the bytes written are
- * parts 2, 3, ..., and s3_upload_finish_first sends @first as part 1
- * (at least S3_PART_MIN bytes unless nothing else was written: then the
- * object is @first alone, one PUT) and completes.  The object is @first
- * followed by what was written.  Failure aborts the upload. */
-void s3_upload_reserve_first(s3_upload *u);
-bool s3_upload_finish_first(s3_upload *u, const void *first, size_t len, char **etag,
-                            GError **error);
+ * parts from 2 on: 2, 3, ... when @max_first (the most s3_upload_finish_first
+ * will be given) is at most the part size, else after the up to 16 part
+ * numbers @first will be cut into.  s3_upload_finish_first sends @first
+ * as those parts (at least S3_PART_MIN bytes unless nothing else was
+ * written: then the object is @first alone, one PUT) and completes;
+ * @first_sha256 (or NULL) is @first's SHA-256, used as the payload hash
+ * when @first is one part.  The object is @first followed by what was
+ * written.  Failure aborts the upload. */
+void s3_upload_reserve_first(s3_upload *u, size_t max_first);
+bool s3_upload_finish_first(s3_upload *u, const void *first, size_t len,
+                            const char *first_sha256, char **etag, GError **error);
 /* Stop: wait for the parts in flight, abort the upload (best effort). */
 void s3_upload_free(s3_upload *u);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(s3_upload, s3_upload_free)
