@@ -1197,6 +1197,33 @@ whole_cluster(const struct q2 *q, uint64_t off, uint64_t in, uint64_t n)
   return in == 0 && (n == q->csize || off + n >= q->pub.size);
 }
 
+/* Grow a run of whole unallocated clusters that starts at guest cluster
+ * @vcl (guest offset @off, @len bytes of data from there, the first *@n
+ * bytes / *@k clusters already in the run): add the next clusters while
+ * they are whole in the request and read as unallocated or plain zero,
+ * up to MAX_ALLOC_RUN and half a refcount block.  0 or -errno. */
+static int
+grow_alloc_run(struct q2 *q, uint64_t off, uint64_t vcl, uint64_t len, uint64_t *n,
+               uint64_t *k)
+{
+  while (*k < MAX_ALLOC_RUN && *k < q->rb_entries / 2 && *n < len) {
+    struct cbt_qcow2_map m2;
+    uint64_t step = q->csize < len - *n ? q->csize : len - *n;
+    int r;
+
+    if (!whole_cluster(q, off + *n, 0, step))
+      break;
+    r = map_slow(q, vcl + *k, &m2);
+    if (r < 0)
+      return r;
+    if (m2.type != CBT_QCOW2_UNALLOCATED && m2.type != CBT_QCOW2_ZERO_PLAIN)
+      break;
+    *n += step;
+    (*k)++;
+  }
+  return 0;
+}
+
 /* Write @len bytes of @data at guest @off (allocating, copy-on-write).
  * Every host cluster data goes to, or whose reference is dropped, is
  * checked against the metadata set first (check_overlap). */
@@ -1223,21 +1250,9 @@ write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
       /* A run of whole unallocated clusters: one allocation, one write. */
       uint64_t k = 1;
 
-      while (k < MAX_ALLOC_RUN && k < q->rb_entries / 2 && n < len) {
-        struct cbt_qcow2_map m2;
-        uint64_t step = q->csize < len - n ? q->csize : len - n;
-
-        if (!whole_cluster(q, off + n, 0, step))
-          break;
-        r = map_slow(q, vcl + k, &m2);
-        if (r < 0)
-          return r;
-        if (m2.type != CBT_QCOW2_UNALLOCATED && m2.type != CBT_QCOW2_ZERO_PLAIN)
-          break;
-        n += step;
-        k++;
-      }
-      r = alloc_run(q, k, &host);
+      r = grow_alloc_run(q, off, vcl, len, &n, &k);
+      if (r == 0)
+        r = alloc_run(q, k, &host);
       if (r == 0)
         r = check_overlap(q, vcl, host, k << q->cbits);
       if (r < 0)
@@ -1481,21 +1496,9 @@ batch_plan(struct q2 *q, struct q2_job *job)
       /* A run of whole unallocated clusters: one allocation, one write. */
       uint64_t k = 1;
 
-      while (k < MAX_ALLOC_RUN && k < q->rb_entries / 2 && n < len) {
-        struct cbt_qcow2_map m2;
-        uint64_t step = q->csize < len - n ? q->csize : len - n;
-
-        if (!whole_cluster(q, off + n, 0, step))
-          break;
-        r = map_slow(q, vcl + k, &m2);
-        if (r < 0)
-          return r;
-        if (m2.type != CBT_QCOW2_UNALLOCATED && m2.type != CBT_QCOW2_ZERO_PLAIN)
-          break;
-        n += step;
-        k++;
-      }
-      r = alloc_run(q, k, &host);
+      r = grow_alloc_run(q, off, vcl, len, &n, &k);
+      if (r == 0)
+        r = alloc_run(q, k, &host);
       if (r == 0)
         r = check_overlap(q, vcl, host, k << q->cbits);
       if (r < 0)

@@ -35,7 +35,7 @@
 
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(EVP_MD_CTX, EVP_MD_CTX_free)
 
-static EVP_MD_CTX *
+EVP_MD_CTX *
 sha_new(void)
 {
   EVP_MD_CTX *c = EVP_MD_CTX_new();
@@ -45,15 +45,14 @@ sha_new(void)
   return c;
 }
 
-static void
+void
 sha_update(EVP_MD_CTX *c, const void *buf, size_t len)
 {
   if (EVP_DigestUpdate(c, buf, len) != 1)
     g_error("libcrypto: SHA-256 update failed");
 }
 
-/* Finish @c as lower-case hex and make it ready for the next message. */
-static char *
+char *
 sha_hex(EVP_MD_CTX *c)
 {
   unsigned char md[EVP_MAX_MD_SIZE];

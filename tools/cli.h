@@ -336,6 +336,15 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(repo_wfile, repo_wfile_free)
 
 /* checksum.c ------------------------------------------------------------ */
 
+/* SHA-256 through libcrypto (SHA-NI where the CPU has it).  sha_new
+ * returns a context ready for sha_update; sha_hex finishes it as 64
+ * lower-case hex digits (caller frees) and readies it for the next
+ * message.  libcrypto failing here means out of memory: they abort. */
+typedef struct evp_md_ctx_st EVP_MD_CTX;
+EVP_MD_CTX *sha_new(void);
+void sha_update(EVP_MD_CTX *c, const void *buf, size_t len);
+char *sha_hex(EVP_MD_CTX *c);
+
 /* SHA-256 of @path in chunks of @chunk bytes, chunks hashed in parallel:
  * *@sums gets one hex string per chunk, *@size the file size.  Caller
  * frees *@sums. */

@@ -118,30 +118,6 @@ repo_wfile_check(repo_wfile *f, GError **error)
 
 /* --- the S3 sink --------------------------------------------------------- */
 
-static void
-sha_update(EVP_MD_CTX *c, const void *buf, size_t len)
-{
-  if (EVP_DigestUpdate(c, buf, len) != 1)
-    g_error("libcrypto: SHA-256 update failed");
-}
-
-/* Finish @c as lower-case hex and make it ready for the next chunk. */
-static char *
-sha_hex(EVP_MD_CTX *c)
-{
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned n = 0;
-  char *hex;
-
-  if (EVP_DigestFinal_ex(c, md, &n) != 1 || n != 32 ||
-      EVP_DigestInit_ex(c, EVP_sha256(), NULL) != 1)
-    g_error("libcrypto: SHA-256 final failed");
-  hex = g_malloc(65);
-  for (unsigned i = 0; i < 32; i++)
-    snprintf(hex + 2 * i, 3, "%02x", md[i]);
-  return hex;
-}
-
 /* Bytes [@off, @off + @len) of the file, in order (see the top). */
 static int
 sink_data(void *opaque, uint64_t off, const void *buf, size_t len)
@@ -234,12 +210,7 @@ new_s3(repo_wfile *f, const struct cbt_qcow2_writer_opts *wo, GError **error)
     return false;
   f->aligned = part_size == f->chunk;
   s3_upload_reserve_first(f->up, (size_t)f->chunk);
-  f->sha = EVP_MD_CTX_new();
-  if (!f->sha || EVP_DigestInit_ex(f->sha, EVP_sha256(), NULL) != 1) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: libcrypto: cannot set up "
-                "SHA-256", f->name);
-    return false;
-  }
+  f->sha = sha_new();
   f->hex = g_ptr_array_new_with_free_func(g_free);
   g_ptr_array_add(f->hex, NULL);              /* chunk 0, the head */
   f->head = g_try_malloc(f->chunk);
