@@ -398,17 +398,17 @@ check_opts(const struct cbt_qcow2_writer_opts *o, uint32_t *cs_out,
   return 0;
 }
 
-int
-cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
-                        cbt_qcow2_writer **out, char **why)
+/* A writer for @o with no output yet (fd -1), named @name in messages:
+ * the part both constructors share.  0 or -errno with *@why. */
+static int
+writer_new(const struct cbt_qcow2_writer_opts *o, const char *name,
+           cbt_qcow2_writer **out, char **why)
 {
   g_autoptr(cbt_qcow2_writer) w = NULL;
   uint32_t cs = 0, l1_size = 0;
   uint64_t disk_size = 0;
   int r;
 
-  if (!path || !o || !out)
-    return cbt_fail(why, -EINVAL, "missing argument");
   r = check_opts(o, &cs, &disk_size, &l1_size, why);
   if (r < 0)
     return r;
@@ -418,7 +418,7 @@ cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
   g_mutex_init(&w->stream_lock);
   g_cond_init(&w->stream_cond);
   w->fd = -1;
-  w->path = g_strdup(path);
+  w->path = g_strdup(name);
   w->size = o->size;
   w->disk_size = disk_size;
   w->cluster_size = cs;
@@ -434,6 +434,22 @@ cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
   if (!w->l2)
     return cbt_fail(why, -ENOMEM, "out of memory for %" PRIu32 " L1 entries",
                 l1_size);
+  *out = g_steal_pointer(&w);
+  return 0;
+}
+
+int
+cbt_qcow2_writer_create(const char *path, const struct cbt_qcow2_writer_opts *o,
+                        cbt_qcow2_writer **out, char **why)
+{
+  g_autoptr(cbt_qcow2_writer) w = NULL;
+  int r;
+
+  if (!path || !o || !out)
+    return cbt_fail(why, -EINVAL, "missing argument");
+  r = writer_new(o, path, &w, why);
+  if (r < 0)
+    return r;
 
   w->fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (w->fd < 0)
@@ -450,36 +466,14 @@ cbt_qcow2_writer_create_sink(const struct cbt_qcow2_writer_opts *o,
                              cbt_qcow2_writer **out, char **why)
 {
   g_autoptr(cbt_qcow2_writer) w = NULL;
-  uint32_t cs = 0, l1_size = 0;
-  uint64_t disk_size = 0;
   int r;
 
   if (!o || !sink || !sink->data || !sink->head || !out)
     return cbt_fail(why, -EINVAL, "missing argument");
-  r = check_opts(o, &cs, &disk_size, &l1_size, why);
+  r = writer_new(o, "(sink)", &w, why);
   if (r < 0)
     return r;
-  w = g_new0(cbt_qcow2_writer, 1);
-  g_mutex_init(&w->lock);
-  g_mutex_init(&w->stream_lock);
-  g_cond_init(&w->stream_cond);
-  w->fd = -1;
-  w->path = g_strdup("(sink)");
-  w->size = o->size;
-  w->disk_size = disk_size;
-  w->cluster_size = cs;
-  w->cluster_bits = (uint32_t)__builtin_ctz(cs);
-  w->l2_entries = cs / 8;
-  w->l1_size = l1_size;
-  w->backing_file = g_strdup(o->backing_file);
-  w->backing_format = g_strdup(o->backing_format);
-  w->next_host = cs;
-  w->streamed = cs;
   w->sink = *sink;
-  w->l2 = g_try_new0(uint64_t *, l1_size);
-  if (!w->l2)
-    return cbt_fail(why, -ENOMEM, "out of memory for %" PRIu32 " L1 entries",
-                l1_size);
   *out = g_steal_pointer(&w);
   return 0;
 }

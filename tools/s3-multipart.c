@@ -217,19 +217,10 @@ s3_mpu_abort(s3_client *c, const char *bucket, const char *key, const char *uplo
   g_autofree char *query = s3_query("uploadId", upload_id, NULL);
   s3_request r = { .op = "abort multipart upload", .method = "DELETE", .bucket = bucket,
                    .key = key, .query = query };
-  GError *err = NULL;
-  bool ok = s3_perform(c, &r, &err);
 
   /* Gone already (aborted, or completed by a run we cannot tell from
    * ours): nothing is left to clean. */
-  if (!ok && err->code == S3_ERROR_NOT_FOUND) {
-    g_clear_error(&err);
-    ok = true;
-  }
-  if (err)
-    g_propagate_error(error, err);
-  s3_request_clear(&r);
-  return ok;
+  return s3_perform_delete(c, &r, error);
 }
 
 bool

@@ -126,17 +126,24 @@ bool
 s3_delete_object(s3_client *c, const char *bucket, const char *key, GError **error)
 {
   s3_request r = { .op = "DELETE", .method = "DELETE", .bucket = bucket, .key = key };
-  GError *err = NULL;
-  bool ok = s3_perform(c, &r, &err);
 
   /* S3 answers 204 for a missing key; some servers say NoSuchKey. */
+  return s3_perform_delete(c, &r, error);
+}
+
+bool
+s3_perform_delete(s3_client *c, s3_request *r, GError **error)
+{
+  GError *err = NULL;
+  bool ok = s3_perform(c, r, &err);
+
   if (!ok && err->code == S3_ERROR_NOT_FOUND) {
     g_clear_error(&err);
     ok = true;
   }
   if (err)
     g_propagate_error(error, err);
-  s3_request_clear(&r);
+  s3_request_clear(r);
   return ok;
 }
 

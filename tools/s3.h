@@ -189,6 +189,9 @@ bool s3_get_range(s3_client *c, const char *bucket, const char *key, uint64_t of
                   size_t len, void *buf, size_t *got, s3_object_info *info,
                   GError **error);
 
+/* Send the DELETE @r (s3_perform) where "not found" means done: success
+ * then, as for any 2xx.  Clears @r. */
+bool s3_perform_delete(s3_client *c, s3_request *r, GError **error);
 /* HEAD: a missing key is S3_ERROR_NOT_FOUND. */
 bool s3_head_object(s3_client *c, const char *bucket, const char *key,
                     s3_object_info *info, GError **error);
