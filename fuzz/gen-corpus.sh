@@ -116,14 +116,20 @@ for mode in crash-safe lazy; do
 done
 
 # ---- manifests: real backups, full then incremental ----------------------
+# one-full is SHA-256 (version 1), old-format-one-full the same as cbt
+# wrote it before the "checksum" field, full-two-inc a chain that mixes
+# SHA-256 and XXH128 (version 2), two-chains adds an XXH128 full.  The
+# regress-* seeds (fuzz findings, README.md) are not made here: kept.
 m=$corpus/manifest
-rm -rf "$m"
 mkdir -p "$m"
+find "$m" -type f ! -name 'regress-*' -delete
 start_filterd --image memory:4M --bitmap "$tmp/m.bitmap" --control "$tmp/ctl-m"
 msock=$sock
 qio -f raw -c 'write -P 0x21 0 64k' "$uri"
-cbt backup --socket "$msock" --control "$tmp/ctl-m" --repo "$tmp/repo" >/dev/null 2>&1
+cbt backup --socket "$msock" --control "$tmp/ctl-m" --repo "$tmp/repo" \
+    --checksum sha256 >/dev/null 2>&1
 cp "$tmp/repo/manifest.json" "$m/one-full"
+jq 'del(.backups[].checksum)' "$tmp/repo/manifest.json" >"$m/old-format-one-full"
 for i in 1 2; do
     qio -f raw -c "write -P 0x2$i ${i}M 4k" "$uri"
     cbt backup --socket "$msock" --control "$tmp/ctl-m" --repo "$tmp/repo" \

@@ -15,6 +15,8 @@ packages=(
     build-essential gcc clang meson ninja-build pkg-config
     liburing-dev libglib2.0-dev libjson-c-dev libnbd-dev zlib1g-dev libssl-dev
     libgnutls28-dev
+    # chunk checksums: XXH128 (tools/checksum.c)
+    libxxhash-dev
     # S3 repositories: HTTP and AWS SigV4 signing (tools/s3.c)
     libcurl4-openssl-dev
     # cbt mount (FUSE): the library and fusermount3
@@ -35,8 +37,9 @@ packages=(
     groff-base man-db
     # S3 tests: a one-node Ceph cluster with a RADOS Gateway (tests/ceph-rgw.sh)
     ceph-mon ceph-mgr ceph-osd radosgw ceph-common curl
-    # tools the test scripts call
-    coreutils util-linux procps jq
+    # tools the test scripts call (xxhash: xxh128sum, to cross-check the
+    # manifest's XXH128 sums)
+    coreutils util-linux procps jq xxhash
 )
 
 # dpkg-query prints one status line per known package; anything that is

@@ -33,3 +33,17 @@ damaged '.backups[0]."time-unix" = 9223372036854775808' '"time-unix" out of rang
 damaged '.backups[0].seconds = "SECONDS-LITERAL"' '"seconds" is not a duration'
 damaged '.backups[0].seconds = "12"' '"seconds" is not a duration'
 damaged '.backups[0].seconds = -1' '"seconds" is not a duration'
+
+# Chunk checksums (issue 11): "checksum" names the algorithm and the sums
+# sit under its name; an entry without it is SHA-256 (old-format-one-full).
+for s in one-full old-format-one-full full-two-inc two-chains; do
+    cp "$CBT_SOURCE_DIR/fuzz/corpus/manifest/$s" "$repo/manifest.json"
+    cbt list --repo "$repo" >/dev/null || die "cbt list on the seed $s failed"
+done
+damaged '.backups[0].checksum = "md5"' 'checksum algorithm "md5" is not one this cbt knows'
+damaged '.backups[0].checksum = 7' '"checksum" has the wrong type'
+damaged '.backups[0].checksum = "xxh128"' 'missing "xxh128"'
+damaged '.backups[0].checksum = "xxh128" | .backups[0].xxh128 = .backups[0].sha256' \
+    'checksum 0 is malformed'
+damaged 'del(.backups[0].sha256)' 'missing "sha256"'
+damaged '.version = 3' 'manifest version 3 is not supported'

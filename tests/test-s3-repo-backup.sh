@@ -10,6 +10,10 @@
 #     verify passes; no multipart upload and no lock object is left;
 #   - a full backup writes nothing to local disk (no staging copy) and
 #     stays below 400 MiB of memory;
+#   - the first chain has SHA-256 checksums (the S3 default), the second
+#     full backup is taken with --checksum xxh128 (a multipart upload
+#     whose parts the client hashes itself) and its incremental is
+#     SHA-256 again: that mixed chain verifies and restores;
 #   - cbt prune --keep-chains 1 after a second chain deletes the first
 #     chain whole (manifest and objects), the rest still restores, and
 #     cbt-nightly.sh runs against the S3 repository with its log lines;
@@ -62,6 +66,7 @@ objects() { cbt s3 ls "$repo/" | awk '{ print $2 }' | sort; }
 io -c 'write -P 0x11 0 40M' -c 'write -P 0x22 60M 50M' -c 'write -P 0x33 159M 1M'
 backup
 [ "$(field kind)" = full ] || die "first backup is not full: $summary"
+[ "$(field checksum)" = sha256 ] || die "an S3 backup should default to sha256: $summary"
 cp --sparse=always "$disk" "$tmp/point1.raw"
 files=("$(field file)")
 [ "$(field '"file-size"')" -gt $((64 << 20)) ] || die "the full backup is too small: $summary"
@@ -135,7 +140,8 @@ unchanged "endpoint down"
 # disk, and its memory stays bounded (64 MiB held for the header, a few
 # 8 MiB parts, the NBD buffers).
 "$PYTHON" - "$tmp/usage" "$CBT_CLI" backup --socket "$dsock" --control "$csock" \
-    --repo "$repo" --json --full >"$tmp/full2.json" 2>"$tmp/backup.err" <<'PYEOF' ||
+    --repo "$repo" --json --full --checksum xxh128 >"$tmp/full2.json" \
+    2>"$tmp/backup.err" <<'PYEOF' ||
 import resource, subprocess, sys
 rc = subprocess.run(sys.argv[2:]).returncode
 u = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -147,6 +153,7 @@ summary=$(cat "$tmp/full2.json")
 read -r oblocks maxrss <"$tmp/usage"
 echo "full backup to S3: $((oblocks / 2)) KiB written to local disk, peak RSS $((maxrss >> 10)) MiB" >&2
 [ "$(field '"file-size"')" -gt $((90 << 20)) ] || die "the second full backup is small: $summary"
+[ "$(field checksum)" = xxh128 ] || die "--checksum xxh128 was not used: $summary"
 [ "$oblocks" -lt 2048 ] ||
     die "the backup to S3 wrote $((oblocks / 2)) KiB to local disk (a staging copy?)"
 [ "$maxrss" -lt $((400 << 10)) ] || die "the backup to S3 used $((maxrss >> 10)) MiB of memory"
@@ -169,6 +176,9 @@ for f in "${files2[@]}"; do
 done
 cbt restore --repo "$repo" --output "$tmp/r5.raw" 2>/dev/null || die "restore after prune"
 cmp "$tmp/r5.raw" "$tmp/point5.raw" || die "restore after prune differs"
+[ "$(cbt list --repo "$repo" --json | jq -c '[.backups[].checksum]')" = \
+  '["xxh128","sha256"]' ] || die "the kept chain should mix xxh128 and sha256"
+cbt verify --repo "$repo" >/dev/null 2>&1 || die "verify of the mixed S3 chain failed"
 
 # Leftovers of runs that did not finish, cleaned by the next writer under
 # the lock: an unlisted object older than every listed one (a prune that

@@ -170,6 +170,13 @@ int cmd_serve(int argc, char **argv);
 #define REPO_PARTIAL_SUFFIX ".partial"
 #define REPO_CHUNK_SIZE   (UINT64_C(64) << 20)   /* checksum granule */
 
+/* The algorithm of a backup's chunk checksums (checksum.c has the
+ * functions): the manifest names it per entry ("checksum"). */
+enum chunk_alg {
+  CHUNK_SHA256,               /* every manifest before "checksum"; S3 default */
+  CHUNK_XXH128,               /* XXH3 128-bit; the directory default */
+};
+
 typedef struct repo_backup {
   unsigned seq;               /* 1, 2, ...: never reused in a repository */
   char *kind;                 /* "full" or "incremental" */
@@ -188,7 +195,8 @@ typedef struct repo_backup {
   uint64_t zero_bytes;        /* guest bytes stored as zero clusters */
   uint64_t file_size;         /* of the qcow2 file */
   uint64_t chunk_size;        /* checksum granule */
-  GPtrArray *sha256;          /* hex strings, one per chunk of the file */
+  enum chunk_alg checksum;    /* of @sums */
+  GPtrArray *sums;            /* hex strings, one per chunk of the file */
 } repo_backup;
 
 struct repo_s3;
@@ -314,9 +322,9 @@ struct cbt_qcow2_writer;
 struct cbt_qcow2_writer_opts;
 typedef struct repo_wfile repo_wfile;
 /* Start file @file of @r (exclusive lock held) for an image described by
- * @wo.  Caller frees (repo_wfile_free). */
+ * @wo, its chunks to be summed with @alg.  Caller frees (repo_wfile_free). */
 bool repo_wfile_new(repo *r, const char *file, const struct cbt_qcow2_writer_opts *wo,
-                    repo_wfile **out, GError **error);
+                    enum chunk_alg alg, repo_wfile **out, GError **error);
 /* The writer to fill (thread-safe as cbt_qcow2_writer_write is); owned by
  * the wfile. */
 struct cbt_qcow2_writer *repo_wfile_writer(repo_wfile *f);
@@ -326,8 +334,9 @@ const char *repo_wfile_name(const repo_wfile *f);
  * (an S3 error, the lock lost): better than the writer's errno. */
 bool repo_wfile_check(repo_wfile *f, GError **error);
 /* Finish the writer and make the file complete under its name; *@sums
- * (caller's) gets the SHA-256 of each REPO_CHUNK_SIZE chunk, *@size the
- * file size.  Then list it (repo_add) and call repo_wfile_keep. */
+ * (caller's) gets the checksum (the @alg given to repo_wfile_new) of each
+ * REPO_CHUNK_SIZE chunk, *@size the file size.  Then list it (repo_add)
+ * and call repo_wfile_keep. */
 bool repo_wfile_commit(repo_wfile *f, GPtrArray **sums, uint64_t *size, GError **error);
 void repo_wfile_keep(repo_wfile *f);
 /* Free; unless kept, remove what was written (partial or committed). */
@@ -339,29 +348,52 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(repo_wfile, repo_wfile_free)
 /* SHA-256 through libcrypto (SHA-NI where the CPU has it).  sha_new
  * returns a context ready for sha_update; sha_hex finishes it as 64
  * lower-case hex digits (caller frees) and readies it for the next
- * message.  libcrypto failing here means out of memory: they abort. */
+ * message.  libcrypto failing here means out of memory: they abort.
+ * (The S3 upload uses these: its payload hash is always SHA-256.) */
 typedef struct evp_md_ctx_st EVP_MD_CTX;
 EVP_MD_CTX *sha_new(void);
 void sha_update(EVP_MD_CTX *c, const void *buf, size_t len);
 char *sha_hex(EVP_MD_CTX *c);
 
-/* SHA-256 of @path in chunks of @chunk bytes, chunks hashed in parallel:
- * *@sums gets one hex string per chunk, *@size the file size.  Caller
- * frees *@sums. */
-bool repo_checksum_file(const char *path, uint64_t chunk, GPtrArray **sums,
-                        uint64_t *size, GError **error);
-/* The SHA-256 (hex, caller frees) of [@off, @off + @len) of the file open
- * on @fd (@path names it in the error), read through cbt/uring-io.h. */
-char *sums_range(int fd, const char *path, uint64_t off, uint64_t len,
-                 GError **error);
+/* The manifest's name of @alg ("sha256", "xxh128") and the length of its
+ * hex text (64, 32). */
+const char *chunk_alg_name(enum chunk_alg alg);
+size_t chunk_alg_hex_len(enum chunk_alg alg);
+/* *@out = the algorithm named @name; false for a name we do not know. */
+bool chunk_alg_parse(const char *name, enum chunk_alg *out);
 
-/* Per-chunk SHA-256 of a file whose bytes are fed in order.  Bytes below
- * @start (a multiple of @chunk) are ignored: their chunks are someone
- * else's business and stay NULL in the result.  Feeding anything but the
- * next bytes (a gap, an overlap) marks the stream broken: the caller must
- * then hash the file another way.  One thread at a time. */
+/* One checksum being computed, whichever the algorithm: new, update with
+ * the bytes in order, hex to finish.  chunk_hash_hex returns the
+ * lower-case hex of the canonical digest (what sha256sum or xxh128sum
+ * print; caller frees) and readies @h for the next message.  One thread
+ * at a time per chunk_hash; a library failure (out of memory) aborts. */
+typedef struct chunk_hash chunk_hash;
+chunk_hash *chunk_hash_new(enum chunk_alg alg);
+void chunk_hash_free(chunk_hash *h);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(chunk_hash, chunk_hash_free)
+void chunk_hash_update(chunk_hash *h, const void *buf, size_t len);
+char *chunk_hash_hex(chunk_hash *h);
+/* The hex checksum of @len bytes at @buf in one call (caller frees). */
+char *chunk_hash_data(enum chunk_alg alg, const void *buf, size_t len);
+
+/* The @alg checksums of @path in chunks of @chunk bytes, chunks hashed in
+ * parallel: *@sums gets one hex string per chunk, *@size the file size.
+ * Caller frees *@sums. */
+bool repo_checksum_file(enum chunk_alg alg, const char *path, uint64_t chunk,
+                        GPtrArray **sums, uint64_t *size, GError **error);
+/* The @alg checksum (hex, caller frees) of [@off, @off + @len) of the
+ * file open on @fd (@path names it in the error), read through
+ * cbt/uring-io.h. */
+char *sums_range(enum chunk_alg alg, int fd, const char *path, uint64_t off,
+                 uint64_t len, GError **error);
+
+/* Per-chunk @alg checksums of a file whose bytes are fed in order.  Bytes
+ * below @start (a multiple of @chunk) are ignored: their chunks are
+ * someone else's business and stay NULL in the result.  Feeding anything
+ * but the next bytes (a gap, an overlap) marks the stream broken: the
+ * caller must then hash the file another way.  One thread at a time. */
 typedef struct sums_stream sums_stream;
-sums_stream *sums_stream_new(uint64_t chunk, uint64_t start);
+sums_stream *sums_stream_new(enum chunk_alg alg, uint64_t chunk, uint64_t start);
 void sums_stream_free(sums_stream *s);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(sums_stream, sums_stream_free)
 void sums_stream_feed(sums_stream *s, uint64_t off, const void *buf, size_t len);
@@ -396,6 +428,7 @@ struct stream_file {
   GArray *ranges;                 /* struct stream_range, ascending, to read */
   const GPtrArray *sums;          /* the manifest's chunk checksums, or NULL: */
   uint64_t chunk_size;            /* not checked (then ranges may be any) */
+  enum chunk_alg checksum;        /* the algorithm of @sums */
 };
 typedef struct stream stream;
 struct stream_piece;

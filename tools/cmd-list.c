@@ -2,8 +2,9 @@
  *
  * Reads the manifest without a lock (it is replaced atomically, so a
  * concurrent backup shows up either entirely or not at all).  The JSON
- * form is the manifest's entries without their checksums, each with the
- * number of its chain (1 = oldest) added, for scripts such as
+ * form is the manifest's entries without their checksums (but with
+ * "checksum", the algorithm), each with the number of its chain
+ * (1 = oldest) added, for scripts such as
  * cbt-nightly.sh that prune whole chains.
  */
 #include <inttypes.h>
@@ -57,7 +58,7 @@ cmd_list(int argc, char **argv)
       if (!json)
         printf("chain %u:\n", chain);
     }
-    json_object_object_del(e, "sha256");
+    json_object_object_del(e, chunk_alg_name(b->checksum));   /* "checksum" stays */
     json_object_object_add(e, "chain", json_object_new_int64(chain));
     json_object_array_add(jl, e);
     if (!json) {

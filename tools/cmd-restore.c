@@ -599,8 +599,9 @@ restore(struct restore *rs, GError **error)
       struct stream_range all = { 0, f->size };
 
       g_array_append_val(sf->ranges, all);
-      sf->sums = f->backup->sha256;
+      sf->sums = f->backup->sums;
       sf->chunk_size = f->backup->chunk_size;
+      sf->checksum = f->backup->checksum;
     } else {
       /* Only the visible clusters, in file order, merged. */
       for (guint k = 0; k < f->runs->len; k++) {

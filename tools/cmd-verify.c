@@ -1,8 +1,8 @@
 /* cbt verify: check every backup file against the manifest.
  *
  * For each entry of the manifest, oldest first: the file exists and has
- * the recorded size; the SHA-256 of each chunk matches (a mismatch names
- * the byte range); the qcow2 header decodes (lib/qcow2.c validates it
+ * the recorded size; the checksum of each chunk matches (SHA-256 or
+ * XXH128, as the entry says; a mismatch names the byte range); the qcow2 header decodes (lib/qcow2.c validates it
  * fully), its virtual size and cluster size are the recorded ones, and its
  * backing file and format are exactly the chain's (none for a full, the
  * previous backup for an incremental), so qemu-img and our restore follow
@@ -150,8 +150,9 @@ check_file(struct verify *v, guint i, struct stream_file *sf, GError **error)
 
     g_array_append_val(sf->ranges, all);
   }
-  sf->sums = b->sha256;
+  sf->sums = b->sums;
   sf->chunk_size = b->chunk_size;
+  sf->checksum = b->checksum;
   v->total += b->file_size;
   return true;
 }
@@ -237,7 +238,7 @@ cmd_verify(int argc, char **argv)
   };
   g_autoptr(GOptionContext) octx =
     cli_option_context("verify", "",
-                       "Check every backup file against the manifest: size, SHA-256 of\n"
+                       "Check every backup file against the manifest: size, checksum of\n"
                        "each chunk, qcow2 header, and the backing chain.",
                        CLI_EXIT_CODES_HELP, entries);
 

@@ -1,9 +1,10 @@
 /* Writing one new backup file into a repository, directory or S3, behind
  * one interface (repo_wfile in cli.h), so that cmd-backup.c does not
  * know which it writes to.  Both give the caller a qcow2 writer
- * (lib/qcow2-writer.c) to fill, compute the manifest's per-chunk SHA-256
- * as the bytes pass, and make the file visible under its name only in
- * repo_wfile_commit; the manifest entry comes after that (repo_add).
+ * (lib/qcow2-writer.c) to fill, compute the manifest's per-chunk checksums
+ * (checksum.c: xxh128 or sha256, as the caller chose) as the bytes pass,
+ * and make the file visible under its name only in repo_wfile_commit; the
+ * manifest entry comes after that (repo_add).
  *
  * Directory: the writer writes DIR/NAME.partial, reporting its bytes in
  * file order (set_stream) to a sums_stream that hashes every chunk but
@@ -20,12 +21,16 @@
  * it is hashed and sent as part 1, and the upload is completed.  The
  * parts are the checksum chunks (part size = REPO_CHUNK_SIZE, so part k
  * is chunk k - 1, and a short last chunk is the short last part): each
- * chunk is hashed once, here, as its bytes pass, and that SHA-256 is both
- * the manifest's and the part's payload hash over http://
- * (s3_upload_part_sha256), so the S3 client does not hash the bytes a
- * second time.  A file too large for 10000 parts of a chunk (an image
- * over ~560 GiB) gets larger parts, which the client hashes itself; so
- * does a file no larger than the chunk, which is one PUT.  Memory is the
+ * chunk is hashed once, here, as its bytes pass, and with sha256 (the S3
+ * default) that SHA-256 is both the manifest's and the part's payload
+ * hash over http:// (s3_upload_part_sha256), so the S3 client does not
+ * hash the bytes a second time.  With --checksum xxh128 the manifest gets
+ * XXH128 and the client hashes each part with SHA-256 itself over
+ * http:// (two hashes, the cost sha256 avoids); over https:// it sends
+ * UNSIGNED-PAYLOAD and hashes nothing.  A file too large for 10000 parts
+ * of a chunk (an image over ~560 GiB) gets larger parts, which the client
+ * hashes itself; so does a file no larger than the chunk, which is one
+ * PUT.  Memory is the
  * head chunk plus (UPLOAD_JOBS + 1) parts: 64 MiB + 4 x 64 MiB = 320 MiB
  * whatever the size of the backup; nothing is staged on disk.  Before
  * anything is handed to the store the repository lock is checked: a lost
@@ -48,8 +53,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <openssl/evp.h>
-
 #include "cbt/qcow2-writer.h"
 #include "cbt/util.h"
 #include "cli.h"
@@ -63,6 +66,7 @@ struct repo_wfile {
   char *name;                   /* path or s3://BUCKET/KEY, for messages */
   cbt_qcow2_writer *w;
   sums_stream *sums;
+  enum chunk_alg alg;
   uint64_t chunk;
   bool committed, kept;
 
@@ -73,9 +77,9 @@ struct repo_wfile {
   s3_upload *up;
   uint8_t *head;                /* [0, chunk) of the file until commit */
   uint64_t end;                 /* bytes from cluster_size on handed over */
-  EVP_MD_CTX *sha;              /* the chunk being handed over */
-  GPtrArray *hex;               /* [i]: SHA-256 of chunk i; [0] at commit */
-  bool aligned;                 /* parts are chunks: their hash is ours */
+  chunk_hash *hash;             /* the chunk being handed over */
+  GPtrArray *hex;               /* [i]: checksum of chunk i; [0] at commit */
+  bool aligned;                 /* parts are chunks: their SHA-256 is ours */
   GMutex err_lock;
   GError *error;                /* the first storage error */
 };
@@ -149,9 +153,9 @@ sink_data(void *opaque, uint64_t off, const void *buf, size_t len)
 
     /* Hashed before it is handed over: the part that this completes
      * goes out with its chunk's hash. */
-    sha_update(f->sha, p, n);
+    chunk_hash_update(f->hash, p, n);
     if ((off + n) % f->chunk == 0) {
-      char *hex = sha_hex(f->sha);
+      char *hex = chunk_hash_hex(f->hash);
 
       g_ptr_array_add(f->hex, hex);
       if (f->aligned)
@@ -208,9 +212,9 @@ new_s3(repo_wfile *f, const struct cbt_qcow2_writer_opts *wo, GError **error)
                         UPLOAD_JOBS, error);
   if (!f->up)
     return false;
-  f->aligned = part_size == f->chunk;
+  f->aligned = part_size == f->chunk && f->alg == CHUNK_SHA256;
   s3_upload_reserve_first(f->up, (size_t)f->chunk);
-  f->sha = sha_new();
+  f->hash = chunk_hash_new(f->alg);
   f->hex = g_ptr_array_new_with_free_func(g_free);
   g_ptr_array_add(f->hex, NULL);              /* chunk 0, the head */
   f->head = g_try_malloc(f->chunk);
@@ -226,23 +230,6 @@ new_s3(repo_wfile *f, const struct cbt_qcow2_writer_opts *wo, GError **error)
   }
   f->end = cbt_qcow2_writer_cluster_size(f->w);
   return true;
-}
-
-static char *
-sha256_hex(const void *data, size_t len)
-{
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int n = 0;
-
-  if (EVP_Digest(data, len, md, &n, EVP_sha256(), NULL) != 1 || n != 32)
-    return g_compute_checksum_for_data(G_CHECKSUM_SHA256, data, len);
-  {
-    GString *s = g_string_sized_new(64);
-
-    for (unsigned i = 0; i < n; i++)
-      g_string_append_printf(s, "%02x", md[i]);
-    return g_string_free(s, FALSE);
-  }
 }
 
 static bool
@@ -265,18 +252,19 @@ commit_s3(repo_wfile *f, GPtrArray **sums, uint64_t *size, GError **error)
   n0 = (size_t)MIN(f->end, f->chunk);
   if (f->end > f->chunk && f->end % f->chunk != 0) {
     /* The short last chunk is the short last part. */
-    char *last = sha_hex(f->sha);
+    char *last = chunk_hash_hex(f->hash);
 
     g_ptr_array_add(f->hex, last);
     if (f->aligned)
       s3_upload_part_sha256(f->up, last, (size_t)(f->end % f->chunk));
   }
   g_assert(f->hex->len == (f->end + f->chunk - 1) / f->chunk);
-  g_ptr_array_index(f->hex, 0) = sha256_hex(f->head, n0);
+  g_ptr_array_index(f->hex, 0) = chunk_hash_data(f->alg, f->head, n0);
   hex = g_steal_pointer(&f->hex);
   if (!repo_lock_check(f->r, error) ||
-      !s3_upload_finish_first(f->up, f->head, n0, g_ptr_array_index(hex, 0), NULL,
-                              error))
+      !s3_upload_finish_first(f->up, f->head, n0,
+                              f->alg == CHUNK_SHA256 ? g_ptr_array_index(hex, 0) : NULL,
+                              NULL, error))
     return false;
   g_clear_pointer(&f->head, g_free);
   f->committed = true;
@@ -320,8 +308,8 @@ new_dir(repo_wfile *f, const struct cbt_qcow2_writer_opts *wo, GError **error)
  * chunk but the first, hashed as the writer wrote them) when @intact, the
  * first chunk read back; otherwise the whole file read back. */
 static bool
-file_checksums(const char *path, sums_stream *sums, bool intact, uint64_t chunk,
-               GPtrArray **out, uint64_t *size, GError **error)
+file_checksums(enum chunk_alg alg, const char *path, sums_stream *sums, bool intact,
+               uint64_t chunk, GPtrArray **out, uint64_t *size, GError **error)
 {
   g_autofree char *why = NULL;
   g_autoptr(GPtrArray) hex = NULL;
@@ -332,7 +320,7 @@ file_checksums(const char *path, sums_stream *sums, bool intact, uint64_t chunk,
   if (!intact || !sums_stream_intact(sums)) {
     cli_debug("%s: the file was not written in order: reading it back for the "
               "checksums", path);
-    return repo_checksum_file(path, chunk, out, size, error);
+    return repo_checksum_file(alg, path, chunk, out, size, error);
   }
   fd = cbt_open_regular(path, O_RDONLY | O_CLOEXEC, &st, &why);
   if (fd < 0) {
@@ -346,7 +334,7 @@ file_checksums(const char *path, sums_stream *sums, bool intact, uint64_t chunk,
                 PRIu64 " were written", path, *size, sums_stream_pos(sums));
     return false;
   }
-  first = sums_range(fd, path, 0, MIN(*size, chunk), error);
+  first = sums_range(alg, fd, path, 0, MIN(*size, chunk), error);
   close(fd);
   if (!first)
     return false;
@@ -377,7 +365,7 @@ commit_dir(repo_wfile *f, GPtrArray **sums, uint64_t *size, GError **error)
   }
   intact = cbt_qcow2_writer_stream_intact(f->w);
   g_clear_pointer(&f->w, cbt_qcow2_writer_free);
-  if (!file_checksums(f->partial, f->sums, intact, f->chunk, sums, size, error))
+  if (!file_checksums(f->alg, f->partial, f->sums, intact, f->chunk, sums, size, error))
     return false;
   if (rename(f->partial, f->final) < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: rename to %s: %s", f->partial,
@@ -394,7 +382,7 @@ commit_dir(repo_wfile *f, GPtrArray **sums, uint64_t *size, GError **error)
 
 bool
 repo_wfile_new(repo *r, const char *file, const struct cbt_qcow2_writer_opts *wo,
-               repo_wfile **out, GError **error)
+               enum chunk_alg alg, repo_wfile **out, GError **error)
 {
   g_autoptr(repo_wfile) f = g_new0(repo_wfile, 1);
 
@@ -402,8 +390,9 @@ repo_wfile_new(repo *r, const char *file, const struct cbt_qcow2_writer_opts *wo
   f->r = r;
   f->file = g_strdup(file);
   f->chunk = REPO_CHUNK_SIZE;
+  f->alg = alg;
   if (!repo_is_s3(r))
-    f->sums = sums_stream_new(f->chunk, f->chunk);
+    f->sums = sums_stream_new(alg, f->chunk, f->chunk);
   if (!(repo_is_s3(r) ? new_s3(f, wo, error) : new_dir(f, wo, error)))
     return false;
   *out = g_steal_pointer(&f);
@@ -445,7 +434,7 @@ repo_wfile_free(repo_wfile *f)
                 g_strerror(errno));
   }
   sums_stream_free(f->sums);
-  EVP_MD_CTX_free(f->sha);
+  chunk_hash_free(f->hash);
   if (f->hex)
     g_ptr_array_unref(f->hex);
   g_free(f->head);

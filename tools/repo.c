@@ -11,7 +11,7 @@
  *                                         listed; removed by the next run)
  *
  * manifest.json:
- *   { "format": "cbt-backup-repository", "version": 1, "next-seq": N,
+ *   { "format": "cbt-backup-repository", "version": 1 or 2, "next-seq": N,
  *     "backups": [ ENTRY, ... ] }          oldest first
  * ENTRY: "seq", "kind" ("full" | "incremental"), "file", "backing" (file
  * name or null), "time" (ISO 8601 UTC, when the checkpoint began),
@@ -19,8 +19,18 @@
  * this backup ends at: the next incremental holds the changes since it;
  * null without a bitmap), "bitmap-uuid", "image-size", "granularity",
  * "cluster-size", "bytes-copied", "data-bytes", "zero-bytes",
- * "file-size", "chunk-size", "sha256" (hex SHA-256 of each chunk-size
- * piece of the file, so verify can name the offset of a mismatch).
+ * "file-size", "chunk-size", "checksum" (the algorithm: "sha256" or
+ * "xxh128"; absent means "sha256"), and under the algorithm's own name
+ * ("sha256": [...] or "xxh128": [...]) the hex checksum of each
+ * chunk-size piece of the file, so verify can name the offset of a
+ * mismatch.
+ *
+ * Versions: a manifest whose entries are all sha256 is written as
+ * version 1, exactly as before "checksum" existed but for that field,
+ * which older cbt ignores, so they still read, verify and restore it.
+ * One xxh128 entry makes it version 2, which older cbt refuses with
+ * "manifest version 2 is not supported" instead of failing on a missing
+ * "sha256".  We read both; an entry without "checksum" is sha256.
  *
  * A chain is a full backup and the incrementals after it; each
  * incremental's backing file is the entry just before it.  Readers reject
@@ -39,11 +49,16 @@
  * it deletes files, so a crash there leaves unlisted files older than
  * every listed one, which repo_clean_stale removes too.
  *
- * Checksums (checksum.c) are SHA-256 over the backup file's own bytes, so
- * `sha256sum`-style tools can check a chunk without knowing qcow2.  cbt
- * backup hashes the file as the writer lays it down (data clusters are
+ * Checksums (checksum.c) are over the backup file's own bytes, in the
+ * canonical hex those tools print, so `sha256sum` or `xxh128sum` (Debian
+ * package xxhash) can check a chunk without knowing qcow2:
+ *   dd if=FILE bs=64M skip=K count=1 iflag=fullblock | xxh128sum
+ * cbt backup hashes the file as the writer lays it down (data clusters are
  * appended in order, the metadata after them); only chunk 0, which holds
- * the header written last, is read back.
+ * the header written last, is read back.  New directory repositories get
+ * xxh128, S3 ones sha256 (its part uploads reuse the chunk's SHA-256 as
+ * their payload hash, repo-write.c); `cbt backup --checksum` chooses, and
+ * a chain may mix them: each entry names its own.
  *
  * Locking: backup and prune hold the repository exclusively, restore and
  * verify shared (S3 has no shared lock), list not at all; the backends
@@ -59,7 +74,8 @@
 #include "cli.h"
 
 #define MANIFEST_FORMAT  "cbt-backup-repository"
-#define MANIFEST_VERSION 1
+#define MANIFEST_VERSION_SHA256 1    /* every entry sha256 */
+#define MANIFEST_VERSION         2    /* the newest we read and write */
 /* A manifest is small (a few KiB per backup); refuse absurd ones. */
 
 repo_backup *
@@ -67,7 +83,7 @@ repo_backup_new(void)
 {
   repo_backup *b = g_new0(repo_backup, 1);
 
-  b->sha256 = g_ptr_array_new_with_free_func(g_free);
+  b->sums = g_ptr_array_new_with_free_func(g_free);
   return b;
 }
 
@@ -82,8 +98,8 @@ repo_backup_free(repo_backup *b)
   g_free(b->time);
   g_free(b->checkpoint);
   g_free(b->bitmap_uuid);
-  if (b->sha256)
-    g_ptr_array_unref(b->sha256);
+  if (b->sums)
+    g_ptr_array_unref(b->sums);
   g_free(b);
 }
 
@@ -180,7 +196,9 @@ parse_entry(json_object *e, repo_backup *prev, repo_backup **out,
   g_autoptr(repo_backup) b = repo_backup_new();
   g_autofree char *where = NULL;
   json_object *v = NULL, *sums = NULL;
+  g_autofree char *alg = NULL;
   uint64_t seq = 0, t = 0, nchunks;
+  size_t hex_len;
 
   if (!json_object_is_type(e, json_type_object)) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: a backup entry is not an object",
@@ -209,8 +227,20 @@ parse_entry(json_object *e, repo_backup *prev, repo_backup **out,
       !get_u64(e, "data-bytes", &b->data_bytes, where, error) ||
       !get_u64(e, "zero-bytes", &b->zero_bytes, where, error) ||
       !get_u64(e, "file-size", &b->file_size, where, error) ||
-      !get_u64(e, "chunk-size", &b->chunk_size, where, error) ||
-      !get_member(e, "sha256", json_type_array, false, &sums, where, error))
+      !get_u64(e, "chunk-size", &b->chunk_size, where, error))
+    return false;
+  /* Entries written before "checksum" existed are SHA-256. */
+  if (json_object_object_get_ex(e, "checksum", NULL) &&
+      !get_str(e, "checksum", false, &alg, where, error))
+    return false;
+  if (!chunk_alg_parse(alg ? alg : "sha256", &b->checksum)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
+                "%s: checksum algorithm \"%s\" is not one this cbt knows (sha256, "
+                "xxh128): a newer cbt wrote it?", where, alg);
+    return false;
+  }
+  if (!get_member(e, chunk_alg_name(b->checksum), json_type_array, false, &sums, where,
+                  error))
     return false;
   /* Written back with json_object_new_int64 (repo_add): a larger value
    * would come back negative and make the whole manifest unreadable. */
@@ -278,16 +308,17 @@ parse_entry(json_object *e, repo_backup *prev, repo_backup **out,
                 where, json_object_array_length(sums), b->file_size, b->chunk_size);
     return false;
   }
+  hex_len = chunk_alg_hex_len(b->checksum);
   for (size_t i = 0; i < nchunks; i++) {
     json_object *s = json_object_array_get_idx(sums, i);
 
     if (!s || !json_object_is_type(s, json_type_string) ||
-        json_object_get_string_len(s) != 64) {
+        (size_t)json_object_get_string_len(s) != hex_len) {
       g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: checksum %zu is malformed",
                   where, i);
       return false;
     }
-    g_ptr_array_add(b->sha256, g_strdup(json_object_get_string(s)));
+    g_ptr_array_add(b->sums, g_strdup(json_object_get_string(s)));
   }
   *out = g_steal_pointer(&b);
   return true;
@@ -328,10 +359,10 @@ repo_parse_manifest(repo *r, const char *text, size_t len, const char *where,
   }
   if (!get_u64(root, "version", &version, where, error))
     return false;
-  if (version != MANIFEST_VERSION) {
+  if (version < MANIFEST_VERSION_SHA256 || version > MANIFEST_VERSION) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED,
-                "%s: manifest version %" PRIu64 " is not supported (expected %d)", where,
-                version, MANIFEST_VERSION);
+                "%s: manifest version %" PRIu64 " is not supported (expected %d to %d)",
+                where, version, MANIFEST_VERSION_SHA256, MANIFEST_VERSION);
     return false;
   }
   if (!get_u64(root, "next-seq", &next, where, error) ||
@@ -490,9 +521,10 @@ repo_backup_to_json(const repo_backup *b)
   cli_json_add_u64(o, "zero-bytes", b->zero_bytes);
   cli_json_add_u64(o, "file-size", b->file_size);
   cli_json_add_u64(o, "chunk-size", b->chunk_size);
-  for (guint i = 0; i < b->sha256->len; i++)
-    json_object_array_add(sums, json_object_new_string(g_ptr_array_index(b->sha256, i)));
-  json_object_object_add(o, "sha256", sums);
+  cli_json_add_str(o, "checksum", chunk_alg_name(b->checksum));
+  for (guint i = 0; i < b->sums->len; i++)
+    json_object_array_add(sums, json_object_new_string(g_ptr_array_index(b->sums, i)));
+  json_object_object_add(o, chunk_alg_name(b->checksum), sums);
   return o;
 }
 
@@ -502,9 +534,14 @@ repo_manifest_text(const repo *r, unsigned next_seq)
   g_autoptr(json_object) root = json_object_new_object();
   json_object *list = json_object_new_array();
   const char *text;
+  int version = MANIFEST_VERSION_SHA256;
 
+  /* Version 1 while older cbt can check every entry (see the top). */
+  for (guint i = 0; i < r->backups->len; i++)
+    if (((const repo_backup *)g_ptr_array_index(r->backups, i))->checksum != CHUNK_SHA256)
+      version = MANIFEST_VERSION;
   cli_json_add_str(root, "format", MANIFEST_FORMAT);
-  json_object_object_add(root, "version", json_object_new_int(MANIFEST_VERSION));
+  json_object_object_add(root, "version", json_object_new_int(version));
   json_object_object_add(root, "next-seq", json_object_new_int64(next_seq));
   for (guint i = 0; i < r->backups->len; i++)
     json_object_array_add(list, repo_backup_to_json(g_ptr_array_index(r->backups, i)));

@@ -19,8 +19,11 @@
  * in parallel with a bounded number of buffers, a file read whole is
  * read striped: the chunks of a group of nlanes chunks are read side by
  * side, a piece of each in turn, so every lane has its share of the
- * buffers instead of the first lane holding them all.  A chunk whose SHA-256 differs from the manifest's
- * stops the run: CLI_EXIT_DAMAGED naming the file's byte range.
+ * buffers instead of the first lane holding them all.  A lane hashes
+ * with the algorithm each file's manifest entry names (checksum.c's
+ * chunk_hash: a lane keeps one per algorithm, since a chain may mix
+ * them).  A chunk whose checksum differs from the manifest's stops the
+ * run: CLI_EXIT_DAMAGED naming the file's byte range.
  *
  * Threads talk to the main thread through one queue of finished work and
  * an eventfd, on which a read is always armed on the ring, so the main
@@ -66,7 +69,6 @@
 #include <unistd.h>
 
 #include <liburing.h>
-#include <openssl/evp.h>
 
 #include "cbt/image.h"
 #include "cli.h"
@@ -121,8 +123,8 @@ struct done_item {
 struct lane {
   struct stream *s;
   GThread *thread;
-  GAsyncQueue *q;                 /* struct stream_piece *, NULL: stop */
-  EVP_MD_CTX *ctx;
+  GAsyncQueue *q;                 /* struct stream_piece *, itself: stop */
+  chunk_hash *h[CHUNK_XXH128 + 1]; /* [enum chunk_alg], made when first used */
 };
 
 struct sfile {
@@ -201,16 +203,6 @@ post(stream *s, struct stream_piece *p, bool held, GError *error)
   push_done(s, d);
 }
 
-static char *
-hex_of(const unsigned char *md)
-{
-  char *hex = g_malloc(65);
-
-  for (unsigned i = 0; i < 32; i++)
-    snprintf(hex + 2 * i, 3, "%02x", md[i]);
-  return hex;
-}
-
 static gpointer
 lane_main(gpointer opaque)
 {
@@ -224,17 +216,16 @@ lane_main(gpointer opaque)
     uint64_t c = p->off / chunk;
     uint64_t cend = MIN((c + 1) * chunk, f->size);
     GError *err = NULL;
+    chunk_hash **h = &l->h[f->checksum];
 
-    if (p->off % chunk == 0)
-      EVP_DigestInit_ex(l->ctx, EVP_sha256(), NULL);
-    EVP_DigestUpdate(l->ctx, p->buf, p->len);
+    /* A chunk's pieces come in order, each chunk whole: the hash is
+     * fresh at its first byte (chunk_hash_hex resets it). */
+    if (!*h)
+      *h = chunk_hash_new(f->checksum);
+    chunk_hash_update(*h, p->buf, p->len);
     if (p->off + p->len == cend) {
-      unsigned char md[EVP_MAX_MD_SIZE];
-      unsigned n = 0;
-      g_autofree char *hex = NULL;
+      g_autofree char *hex = chunk_hash_hex(*h);
 
-      EVP_DigestFinal_ex(l->ctx, md, &n);
-      hex = hex_of(md);
       if (c >= f->sums->len ||
           g_ascii_strcasecmp(hex, g_ptr_array_index(f->sums, c)) != 0)
         err = g_error_new(CLI_ERROR, CLI_EXIT_DAMAGED,
@@ -738,10 +729,7 @@ stream_run(const struct stream_opts *o, const struct stream_file *files, unsigne
     for (unsigned i = 0; i < s->nlanes; i++) {
       s->lanes[i].s = s;
       s->lanes[i].q = g_async_queue_new();
-      s->lanes[i].ctx = EVP_MD_CTX_new();
-      if (!s->lanes[i].ctx)
-        g_error("libcrypto: out of memory");
-      s->lanes[i].thread = g_thread_new("sha256", lane_main, &s->lanes[i]);
+      s->lanes[i].thread = g_thread_new("checksum", lane_main, &s->lanes[i]);
     }
   }
   for (unsigned i = 0; i < nfiles; i++) {
@@ -831,7 +819,8 @@ out:
     g_async_queue_push(s->lanes[i].q, &s->lanes[i]);   /* stop */
     g_thread_join(s->lanes[i].thread);
     g_async_queue_unref(s->lanes[i].q);
-    EVP_MD_CTX_free(s->lanes[i].ctx);
+    for (size_t k = 0; k < G_N_ELEMENTS(s->lanes[i].h); k++)
+      chunk_hash_free(s->lanes[i].h[k]);
   }
   drain_done(s);
   if (s->ring_ok)
