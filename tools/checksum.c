@@ -50,7 +50,11 @@
 #include "cbt/util.h"
 #include "cli.h"
 
-#define READ_BUF (4u << 20)
+/* Small enough to stay in the cache between the read and the hash, and a
+ * fresh buffer's page faults are few (4 MiB made reading back a 20 MiB
+ * incremental's chunk 0 take 3.7 ms, 1 MiB 2.4 ms); the file's readahead
+ * keeps the disk busy either way (a full's chunk 0: the same ~30 ms). */
+#define READ_BUF (1u << 20)
 
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(EVP_MD_CTX, EVP_MD_CTX_free)
 

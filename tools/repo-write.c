@@ -57,7 +57,11 @@
 #include "cbt/util.h"
 #include "cli.h"
 
-#define WRITE_BEHIND   (UINT64_C(64) << 20)   /* directory: writeback window */
+/* Directory: the writeback window.  Small, so that little is left for the
+ * fdatasync at the end: a 20 MiB incremental spent 11 ms in it with a
+ * 64 MiB window (none of it written back before), 4 ms with 8 MiB, for
+ * about 1 ms more of copying.  (Copies of 256 MiB or more are direct.) */
+#define WRITE_BEHIND   (UINT64_C(8) << 20)
 #define UPLOAD_JOBS    3                      /* S3: parts in flight (64 MiB) */
 
 struct repo_wfile {
