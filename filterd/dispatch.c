@@ -230,6 +230,14 @@ io_complete(struct cbt_image_io *io, int res)
       tracking_mark(srv.tracking, req->hdr.offset, req->hdr.length);
     quiesce_exit();
   }
+  if (io->linked && conn_linked_write_done(req, res))
+    return;
+  dispatch_io_reply(req, res);
+}
+
+void
+dispatch_io_reply(struct request *req, int res)
+{
   if (res < 0) {
     req->error = cbt_nbd_errno_to_wire(-res);
     if (res != -ENOTSUP || !(req->hdr.flags & NBD_CMD_FLAG_FAST_ZERO))
@@ -402,14 +410,34 @@ restore_read_done(void *arg, int res)
   reply_read(req);
 }
 
+/* cbt_image_io.link of a WRITE: its success reply, sent by the kernel
+ * once the data is written (worker.c, conn_prep_linked_reply). */
+static void
+link_reply(struct cbt_image_io *io, struct io_uring_sqe *sqe)
+{
+  struct request *req = cbt_container_of(io, struct request, io);
+
+  cbt_nbd_simple_reply_encode(req->hdr_bytes, NBD_SUCCESS, req->hdr.cookie);
+  conn_prep_linked_reply(req, sqe);
+}
+
+/* The image I/O of a change.  A plain WRITE on a connection with nothing
+ * else in flight has its reply linked to the write (worker.c). */
+static void
+submit_change(struct request *req)
+{
+  if (req->hdr.type == NBD_CMD_WRITE && !(req->hdr.flags & NBD_CMD_FLAG_FUA) &&
+      conn_can_link_reply(req->c))
+    req->io.link = link_reply;
+  cbt_image_submit(srv.image, &req->io);
+}
+
 /* Resume a guest change once the copies of its protected granules are
  * saved (snapshot_before_write). */
 static void
 submit_after_copy(void *arg)
 {
-  struct request *req = arg;
-
-  cbt_image_submit(srv.image, &req->io);
+  submit_change(arg);
 }
 
 /* Step 4 of a change: during an instant restore its granules hold the
@@ -436,7 +464,7 @@ change_restored(void *arg, int res)
   if (snapshot_before_write(conn_worker(req->c), h->offset, h->length,
                             submit_after_copy, req))
     return;
-  cbt_image_submit(srv.image, &req->io);
+  submit_change(req);
 }
 
 /* Step 3 of a change: its bits are durable (crash-safe mode). */

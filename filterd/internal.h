@@ -263,6 +263,8 @@ struct request {
   size_t charged;                /* bytes taken from memcap.c for it */
   uint32_t have;                 /* WRITE payload bytes received */
   struct cbt_image_io io;
+  uint8_t link_state;            /* enum link_state (worker.c) */
+  int link_res;                  /* the write's result, kept for the send */
 
   /* Reply, as iovecs over hdr_bytes and buf. */
   struct iovec iov[2 * REQ_MAX_CHUNKS + 1];
@@ -303,6 +305,17 @@ void conn_reply(struct request *req);
  * connection's in-flight limit); false if out of memory. */
 bool request_alloc_buf(struct request *req, size_t len);
 void request_release_buf(struct request *req);
+/* A WRITE's reply linked to the write (worker.c explains).  True when
+ * @c has nothing else to send and no other request, so the reply may go
+ * out from the kernel right after the data is written. */
+bool conn_can_link_reply(const struct conn *c);
+/* The image backend's link() for such a write: @req's reply header is
+ * encoded; prepare its send in @sqe. */
+void conn_prep_linked_reply(struct request *req, struct io_uring_sqe *sqe);
+/* From the write's completion (after its tracking and quiesce steps):
+ * true if the linked send has replied or will decide the reply, so the
+ * caller must not touch @req again; false: reply the normal way. */
+bool conn_linked_write_done(struct request *req, int res);
 
 
 /* ---- dispatch.c ---- */
@@ -312,6 +325,10 @@ void dispatch_request(struct request *req);
 /* Build the reply for a request that failed validation or completed with
  * req->error set. */
 void reply_error(struct request *req);
+/* The reply of an image request that completed with @res, once its
+ * changes' tracking is done (also for a linked reply whose send was
+ * cancelled). */
+void dispatch_io_reply(struct request *req, int res);
 
 /* ---- tracking.c ---- */
 struct tracking;

@@ -29,8 +29,15 @@
  *     replies for SEND_STALL seconds is closed: it would hold memory
  *     others need for as long as it likes.  Idle pooled buffers are freed
  *     once a second (workers_tick).
- * The ring is created with SINGLE_ISSUER|DEFER_TASKRUN where the kernel
- * has them (completion work runs only when we wait), else plain.
+ *   - A WRITE's reply is linked to the write when nothing else is in
+ *     flight on its connection (below: "a WRITE's reply linked"), so at
+ *     queue depth 1 the reply leaves from the thread that wrote the data.
+ * The ring is created with SINGLE_ISSUER|COOP_TASKRUN where the kernel
+ * has them, else plain.  Not DEFER_TASKRUN: with it, a write completed
+ * on an io-wq thread is handed back to this thread to be completed, and
+ * the reply linked to it starts only once this thread has woken up to do
+ * that, which is the very trip the link is there to save (measured: 4k
+ * writes at queue depth 1 went from ~15k to ~24-28k IOPS with COOP).
  *
  * Shutdown: a stop message makes each connection cancel its pending
  * receive, finish the requests it already read, send their replies and
@@ -79,6 +86,8 @@ struct conn {
   /* Send side. */
   struct request *sendq_head, *sendq_tail;
   struct cbt_aio_op send_op;
+  struct cbt_aio_op lsend_op;        /* a reply linked to its write */
+  struct request *lreq;              /* that reply's request */
   bool send_pending;
   bool in_flush_list;
   struct conn *flush_next;
@@ -223,6 +232,18 @@ request_alloc_buf(struct request *req, size_t len)
   return true;
 }
 
+/* After requests were freed: a throttled connection may read again, a
+ * closing one may be finished (which may free @c). */
+static void
+conn_after_free(struct conn *c)
+{
+  if (!c->closing && !c->recv_pending) {
+    conn_parse(c);
+    return;
+  }
+  conn_maybe_finish(c);
+}
+
 /* ---- sending ---- */
 
 void
@@ -333,13 +354,127 @@ send_done(struct cbt_aio_op *op, int res)
   }
   /* Replies left in the queue go out now. */
   conn_send(c);
-  /* Freed requests may let a throttled connection read again; conn_parse
-   * ends with conn_maybe_finish, which may free @c. */
-  if (!c->closing && !c->recv_pending) {
-    conn_parse(c);
-    return;
+  conn_after_free(c);
+}
+
+/* ---- a WRITE's reply linked to the write ----
+ *
+ * A client at queue depth 1 waits for each reply before it sends the next
+ * request, and on most file systems (ext4 among them) a buffered write
+ * from io_uring runs on an io-wq thread.  Replied the normal way, the
+ * write's completion must wake this thread, which then sends the reply:
+ * one more thread switch on every request's path, the dearest step where
+ * a wake-up costs an inter-processor interrupt (a VM).  Linked
+ * (IOSQE_IO_LINK, image.h), the thread that wrote the data sends the
+ * reply right after it, and this thread takes in both completions later,
+ * off the client's path.
+ *
+ * Only when the connection has nothing else to send and no other request
+ * (conn_can_link_reply): the linked send is then the connection's one
+ * send in flight, so replies never interleave, and replies queued while
+ * it is in flight wait for it as they would for any send.  The reply can
+ * only be success: the kernel cancels the send (-ECANCELED) when the
+ * write fails or is short, and the request is then replied the normal
+ * way with the write's real outcome.
+ *
+ * A request with a linked reply ends when both completions are in, in
+ * either order: link_state says which is still out.
+ */
+enum link_state {
+  LINK_NONE = 0,                     /* no linked reply (or decided) */
+  LINK_BOTH,                         /* write and send both out */
+  LINK_SEND,                         /* write done (link_res), send out */
+  LINK_WRITE,                        /* reply sent, write completion out */
+};
+
+bool
+conn_can_link_reply(const struct conn *c)
+{
+  return c->inflight == 1 && !c->send_pending && !c->sendq_head && !c->dead &&
+         !c->in_flush_list;
+}
+
+static void linked_send_done(struct cbt_aio_op *op, int res);
+
+void
+conn_prep_linked_reply(struct request *req, struct io_uring_sqe *sqe)
+{
+  struct conn *c = req->c;
+
+  c->lreq = req;
+  req->link_state = LINK_BOTH;
+  c->siov[0].iov_base = req->hdr_bytes;
+  c->siov[0].iov_len = NBD_SIMPLE_REPLY_SIZE;
+  memset(&c->msg, 0, sizeof c->msg);
+  c->msg.msg_iov = c->siov;
+  c->msg.msg_iovlen = 1;
+  /* MSG_WAITALL: io_uring retries a short send until all 16 bytes went. */
+  io_uring_prep_sendmsg(sqe, c->p.fd, &c->msg, MSG_NOSIGNAL | MSG_WAITALL);
+  c->lsend_op.done = linked_send_done;
+  io_uring_sqe_set_data(sqe, &c->lsend_op);
+  c->send_pending = true;
+  if (c->send_progress == 0)
+    c->send_progress = g_get_monotonic_time();
+}
+
+bool
+conn_linked_write_done(struct request *req, int res)
+{
+  struct conn *c = req->c;
+
+  switch (req->link_state) {
+  case LINK_BOTH:
+    req->link_state = LINK_SEND;
+    req->link_res = res;
+    return true;
+  case LINK_WRITE:
+    req->link_state = LINK_NONE;
+    request_free(req);
+    conn_after_free(c);
+    return true;
+  default:
+    return false;                    /* the send was cancelled: reply now */
   }
-  conn_maybe_finish(c);
+}
+
+static void
+linked_send_done(struct cbt_aio_op *op, int res)
+{
+  struct conn *c = cbt_container_of(op, struct conn, lsend_op);
+  struct request *req = g_steal_pointer(&c->lreq);
+  bool sent = res == NBD_SIMPLE_REPLY_SIZE;
+  bool retry = res == -ECANCELED || res == -EINTR || res == -EAGAIN;
+
+  c->send_pending = false;
+  c->send_progress = 0;
+  if (!sent && !retry) {
+    /* The socket is broken, or a part of the reply is gone and the rest
+     * can never be told apart from the next reply: drop the connection. */
+    if (res < 0 && res != -EPIPE && res != -ECONNRESET)
+      log_error("%s: send: %s", c->p.peer, g_strerror(-res));
+    else if (res >= 0)
+      log_error("%s: send: %d of %d bytes; closing connection", c->p.peer, res,
+                NBD_SIMPLE_REPLY_SIZE);
+    c->dead = true;
+    while (c->sendq_head) {
+      struct request *r = c->sendq_head;
+      c->sendq_head = r->next;
+      request_free(r);
+    }
+    c->sendq_tail = NULL;
+    conn_start_close(c);
+  }
+  if (req->link_state == LINK_SEND) {
+    req->link_state = LINK_NONE;
+    if (sent || c->dead)
+      request_free(req);
+    else
+      dispatch_io_reply(req, req->link_res);   /* queues the real reply */
+  } else {
+    req->link_state = sent ? LINK_WRITE : LINK_NONE;
+  }
+  conn_send(c);
+  conn_after_free(c);
 }
 
 /* ---- receiving ---- */
@@ -844,7 +979,7 @@ ring_init(struct io_uring *ring)
   int r;
 
   memset(&p, 0, sizeof p);
-  p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN |
+  p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN |
             IORING_SETUP_CQSIZE;
   p.cq_entries = RING_ENTRIES * 8;
   r = io_uring_queue_init_params(RING_ENTRIES, ring, &p);

@@ -12,21 +12,30 @@ mkdir -p "$mnt"
 mount -t tmpfs -o size=8m tmpfs "$mnt" 2>/dev/null || skip "cannot mount a tmpfs here"
 cleanup_fn umount -l "$mnt"
 
+# Twice: qemu-io's default cache mode (writethrough) sends every write
+# with FUA, replied the normal way; with -t writeback the writes come
+# without FUA, alone on their connection, so the daemon links each reply
+# to its write (worker.c) and the failed write's reply must be the error,
+# not the success the link would have sent had the write worked.
 disk=$mnt/disk.img
-truncate -s 32M "$disk"
-start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap"
+for cache in writethrough writeback; do
+    rm -f "$disk" "$tmp/disk.bitmap"
+    truncate -s 32M "$disk"
+    start_filterd --image "$disk" --bitmap "$tmp/disk.bitmap"
 
-qio -f raw "$uri" -c 'write -P 1 0 1M'
-out=$(qemu-io -f raw "$uri" -c 'write -P 2 4M 16M' 2>&1) &&
-    die "a 16 MiB write into 7 MiB of free space succeeded: $out"
-grep -qi "no space left" <<<"$out" || die "expected ENOSPC, got: $out"
-# The same connection kind keeps working; the first write is intact.
-qio -f raw "$uri" -c 'read -P 1 0 1M'
-# Free the partly written range and write again.
-qio -f raw "$uri" -c 'discard 4M 16M' -c 'write -P 3 4M 4M' -c 'flush' -c 'read -P 3 4M 4M'
-stop_filterd
-cmp -n 1048576 "$disk" <(head -c 1048576 /dev/zero | tr '\0' '\1') ||
-    die "first write lost"
+    qio -t "$cache" -f raw "$uri" -c 'write -P 1 0 1M'
+    out=$(qemu-io -t "$cache" -f raw "$uri" -c 'write -P 2 4M 16M' 2>&1) &&
+        die "$cache: a 16 MiB write into 7 MiB of free space succeeded: $out"
+    grep -qi "no space left" <<<"$out" || die "$cache: expected ENOSPC, got: $out"
+    # The same connection kind keeps working; the first write is intact.
+    qio -t "$cache" -f raw "$uri" -c 'read -P 1 0 1M'
+    # Free the partly written range and write again.
+    qio -t "$cache" -f raw "$uri" -c 'discard 4M 16M' -c 'write -P 3 4M 4M' -c 'flush' \
+        -c 'read -P 3 4M 4M'
+    stop_filterd
+    cmp -n 1048576 "$disk" <(head -c 1048576 /dev/zero | tr '\0' '\1') ||
+        die "$cache: first write lost"
+done
 
 # The bitmap on the full file system: the daemon cannot write it out, so
 # it must not claim it is clean, and says so.
