@@ -270,6 +270,16 @@ with open(sys.argv[1], "wb") as f:
         n -= min(n, len(b))' "$1" "$2" "$3"
 }
 
+# flip_byte FILE OFFSET: invert one byte of FILE in place (damage for the
+# checksum tests).
+flip_byte()
+{
+    local b
+    b=$(od -An -tu1 -j "$2" -N1 "$1" | tr -d ' ')
+    printf "\\$(printf %03o $((b ^ 0xff)))" |
+        dd of="$1" bs=1 seek="$2" count=1 conv=notrunc status=none
+}
+
 # ctl SOCKET JSON...: send each JSON request line to the daemon's control
 # socket on one connection and print each reply line.
 ctl()

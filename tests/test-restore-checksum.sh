@@ -17,7 +17,7 @@
 #   - a flipped byte in the xxh128 incremental's data is caught the same
 #     way.
 source "$(dirname "$0")/functions.sh"
-requires qemu-io qemu-img jq cmp od dd sha256sum "$PYTHON"
+requires qemu-io jq cmp od dd sha256sum "$PYTHON"
 
 size=$((96 * 1024 * 1024))
 disk=$tmp/disk.img
@@ -77,15 +77,6 @@ else
     echo "$progname: xxh128sum is not installed: not cross-checked"
 fi
 
-# flip FILE OFFSET: invert one byte of FILE in place.
-flip()
-{
-    local b
-    b=$(od -An -tu1 -j "$2" -N1 "$1" | tr -d ' ')
-    printf "\\$(printf %03o $((b ^ 0xff)))" |
-        dd of="$1" bs=1 seek="$2" count=1 conv=notrunc status=none
-}
-
 # An old-format manifest: no "checksum" in an entry means SHA-256.
 old=$tmp/old
 cp -a "$repo" "$old"
@@ -106,18 +97,11 @@ cmp "$disk" "$tmp/old.raw" || die "the old-format chain restored other bytes"
 expect_rc 0 cbt restore --repo "$old" --at 1 --output "$tmp/old1.raw"
 cmp "$tmp/disk1.img" "$tmp/old1.raw" || die "the old-format full backup restored other bytes"
 
-# Guest data of the full backup at file offset 70 MiB + 4321 (chunk 1),
-# in a cluster the incremental does not hide (it rewrote 8M..88M, 90M..92M).
-host=$(qemu-img map -f qcow2 --output=json "$old/$full" |
-       jq '[range(65; 95) as $m | ($m * 1048576 + 4321) as $h | .[]
-            | select(.data and .offset <= $h and $h < .offset + .length)
-            | (.start + $h - .offset) as $g
-            | select(($g < 8388608 or $g >= 92274688) and ($g < 94371840 or $g >= 96468992))
-            | $h][0]')
-[ "$host" != null ] && [ "$host" -ge $((64 << 20)) ] ||
-    die "found no guest data of the full backup in its second chunk"
+# A byte of the full backup's second chunk: a checked restore reads every
+# byte of the chain, so it need not be guest data the incremental shows
+# (test-restore-verify shows that such a byte reaches an unchecked one).
 end=$(( $(jq '.backups[0]["file-size"]' "$m") - 1 ))
-flip "$old/$full" "$host"
+flip_byte "$old/$full" $(( (64 << 20) + 4321 ))
 expect_rc 4 cbt verify --repo "$old"
 has "$old/$full: checksum mismatch in bytes 67108864..$end (chunk 1)"
 expect_rc 4 cbt restore --repo "$old" --output "$tmp/oldbad.raw"
@@ -128,7 +112,7 @@ has "$old/$full: checksum mismatch in bytes 67108864..$end (chunk 1)"
 # its first data clusters, after the header and tables).
 bad=$tmp/bad
 cp -a "$repo" "$bad"
-flip "$bad/$inc" $((32 << 20))
+flip_byte "$bad/$inc" $((32 << 20))
 expect_rc 4 cbt verify --repo "$bad"
 has "$bad/$inc: checksum mismatch in bytes 0..67108863 (chunk 0)"
 expect_rc 4 cbt restore --repo "$bad" --output "$tmp/bad.raw"

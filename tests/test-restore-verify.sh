@@ -59,15 +59,6 @@ expect_rc 0 cbt restore --repo "$repo" --output "$uri" --connections 4
 stop_filterd
 cmp "$disk" "$tmp/target.img" || die "NBD restore differs from the disk"
 
-# flip FILE OFFSET: invert one byte of FILE in place.
-flip()
-{
-    local b
-    b=$(od -An -tu1 -j "$2" -N1 "$1" | tr -d ' ')
-    printf "\\$(printf %03o $((b ^ 0xff)))" |
-        dd of="$1" bs=1 seek="$2" count=1 conv=notrunc status=none
-}
-
 # A byte of guest data stored in the full backup's second chunk (file
 # offsets from 64 MiB), in a cluster the incremental does not hide (it
 # rewrote 80M..81M and zeroed 8M..10M): the clusters are stored in the
@@ -85,7 +76,7 @@ range="bytes 67108864..$chunk_end (chunk 1)"
 
 bad=$tmp/bad
 cp -a "$repo" "$bad"
-flip "$bad/$full" "$host"
+flip_byte "$bad/$full" "$host"
 
 expect_rc 4 timeout 60 "$CBT_CLI" restore --repo "$bad" --output "$tmp/bad.raw"
 has "$bad/$full: checksum mismatch in $range"
@@ -112,7 +103,7 @@ cp -a "$repo" "$bad2"
 l1=$(qemu-img info -f qcow2 --output=json "$repo/$inc" >/dev/null &&
      od -An -tu8 --endian=big -j 40 -N8 "$repo/$inc" | tr -d ' ')
 inc_end=$(( $(jq '.backups[1]["file-size"]' "$repo/manifest.json") - 1 ))
-flip "$bad2/$inc" $((l1 + 7))
+flip_byte "$bad2/$inc" $((l1 + 7))
 expect_rc 4 timeout 60 "$CBT_CLI" restore --repo "$bad2" --output "$tmp/bad2.raw"
 has "$bad2/$inc"
 [ ! -e "$tmp/bad2.raw" ] || die "a failed restore left its raw output"
