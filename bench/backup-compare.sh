@@ -3,7 +3,8 @@
 # from one run:
 #
 #   full         `cbt backup --full` (point-in-time view, qcow2 file,
-#                SHA-256 of every chunk, fsync, manifest, checkpoint
+#                XXH128 of every chunk -- the directory default; SHA-256
+#                before it existed --, fsync, manifest, checkpoint
 #                commit)  vs  `nbdcopy --flush` of the same daemon's export
 #                to a raw file
 #   restore      `cbt restore` of the chain full + incremental to a raw file
@@ -43,8 +44,8 @@
 # run the CPU seconds (user + system) of the command and of the daemon
 # during it are printed too: on a loaded machine the scheduler shares the
 # CPUs by demand, so the CPU a side needs, more than its wall time, says
-# how it will fare (cbt backup hashes every byte with SHA-256; nbdcopy
-# hashes nothing).
+# how it will fare (cbt backup hashes every byte, with XXH128 now and
+# SHA-256 before; nbdcopy hashes nothing).
 
 set -euo pipefail
 
