@@ -1971,6 +1971,7 @@ fast_step(struct q2 *q, struct cbt_image_io *io)
     io->op.done = fast_done;
     io_uring_sqe_set_data(sqe, &io->op);
     cbt_fi_sqe(CBT_FI_IMAGE, sqe);     /* tests: may fail it */
+    cbt_image_io_link(io, sqe);        /* an overwrite in place, in one piece */
     return;
   }
   if (io->type == CBT_IO_WRITE && (io->flags & CBT_IO_FUA)) {

@@ -80,26 +80,6 @@ is_aligned(const struct raw_image *r, uint64_t off, uint64_t len,
          (uintptr_t)buf % a == 0;
 }
 
-/* Chain the caller's follow-up (io->link) to @sqe when @sqe carries the
- * whole write: a retry of a short or interrupted transfer never links,
- * and neither does a request whose link could not get its sqe into the
- * same submission (a link cut at a submission boundary would run at once,
- * not after @sqe). */
-static void
-raw_link(struct cbt_image_io *io, struct io_uring_sqe *sqe)
-{
-  void (*link)(struct cbt_image_io *, struct io_uring_sqe *) = io->link;
-
-  io->link = NULL;
-  if (io->type != CBT_IO_WRITE || io->stage != ST_MAIN ||
-      sqe->opcode != IORING_OP_WRITE || io->done != 0 || sqe->len != io->len ||
-      io_uring_sq_space_left(io->ring) < 1)
-    return;
-  sqe->flags |= IOSQE_IO_LINK;
-  link(io, io_uring_get_sqe(io->ring));
-  io->linked = true;
-}
-
 /* Queue the next sqe for @io according to its stage and progress.
  * Returns 0, or -errno if no sqe could be had. */
 static int
@@ -172,9 +152,8 @@ raw_queue(struct raw_image *r, struct cbt_image_io *io)
   io->op.done = raw_done;
   io_uring_sqe_set_data(sqe, &io->op);
   cbt_fi_sqe(CBT_FI_IMAGE, sqe);       /* tests: may fail it */
-  /* After the fault injection, which may have made the write a NOP. */
-  if (io->link)
-    raw_link(io, sqe);
+  if (io->stage == ST_MAIN)
+    cbt_image_io_link(io, sqe);         /* after it: it may make a NOP */
   return 0;
 }
 

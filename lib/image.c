@@ -24,6 +24,25 @@
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
 
+void
+cbt_image_io_link(struct cbt_image_io *io, struct io_uring_sqe *sqe)
+{
+  void (*link)(struct cbt_image_io *, struct io_uring_sqe *) = io->link;
+
+  io->link = NULL;
+  /* The sqe must be the write of every byte of a plain (not FUA) WRITE:
+   * the link fires when it is done.  It must still be a write after the
+   * fault injection, and the linked sqe must go into the same submission
+   * (a link cut at a submission boundary would run at once). */
+  if (!link || io->type != CBT_IO_WRITE || (io->flags & CBT_IO_FUA) ||
+      io->done != 0 || sqe->opcode != IORING_OP_WRITE || sqe->len != io->len ||
+      io_uring_sq_space_left(io->ring) < 1)
+    return;
+  sqe->flags |= IOSQE_IO_LINK;
+  link(io, io_uring_get_sqe(io->ring));
+  io->linked = true;
+}
+
 struct sync_req {
   struct cbt_image_io io;
   bool done;

@@ -2,7 +2,8 @@
 # fio through NBD on qcow2 images: two jobs (two connections), random
 # writes of mixed sizes with flushes, crc32c verify through NBD; then the
 # image, converted to raw by qemu-img, verifies again, and `qemu-img check`
-# is clean.  Small cluster v3, 64K v2, 2M clusters over a raw backing file.
+# is clean; then overwrites at queue depth 1, verified.  Small cluster v3,
+# 64K v2, 2M clusters over a raw backing file.
 
 source "$(dirname "$0")/functions.sh"
 requires fio qemu-img
@@ -46,5 +47,13 @@ for spec in "512 1.1" "65536 0.10" "2097152 1.1 base.raw"; do
         cmp -n $((2 * 1024 * 1024)) -i $((14 * 1024 * 1024)) "$3" out.raw ||
             die "$img: backing file data lost"
     fi
+    # Overwrites in place at queue depth 1: the fast path, where a write
+    # alone on its connection has its reply linked to it (worker.c).
+    start_filterd --image $img
+    fio --ioengine=nbd --uri="$uri" --name=qd1 --rw=randwrite --bs=4k --iodepth=1 \
+        --size=6M --verify=crc32c --verify_fatal=1 --verify_state_save=0 --do_verify=1 \
+        >fio3.out 2>&1 || { cat fio3.out; die "$img: overwrite+verify at QD1 failed"; }
+    stop_filterd
+    qemu-img check $img >check.out 2>&1 || { cat check.out; die "$img: qemu-img check after QD1"; }
     echo "$img: ok"
 done

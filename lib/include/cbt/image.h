@@ -80,6 +80,12 @@ struct cbt_extent {
   uint32_t flags;                /* NBD_STATE_HOLE | NBD_STATE_ZERO */
 };
 
+/* For backends: @sqe, just prepared from @io's ring, is @io's own
+ * operation.  If the caller asked for a link (io->link) and @sqe writes
+ * all of a plain WRITE at once, chain the caller's operation to it and
+ * set io->linked; in every case io->link is used up. */
+void cbt_image_io_link(struct cbt_image_io *io, struct io_uring_sqe *sqe);
+
 struct cbt_image_ops {
   const char *name;
   void (*submit)(struct cbt_image *img, struct cbt_image_io *io);
