@@ -36,8 +36,7 @@
  * Streaming the file's bytes in order (set_stream, for checksums while
  * writing): host clusters for new data are handed out in increasing order,
  * so each write() that allocates owns one contiguous host range
- * [h0, h1).  After its data is written (with direct I/O: before, see
- * cbt_qcow2_writer_write) it waits, under w->stream_lock,
+ * [h0, h1).  After its data is written it waits, under w->stream_lock,
  * until everything before h0 was reported (w->streamed == h0), reports
  * its range and moves w->streamed to h1.  Every range handed out is
  * passed on, also by a write that failed (it reports nothing and marks
@@ -52,24 +51,11 @@
  * before it.  So at most two windows are dirty in the page cache, the
  * disk writes while the copy goes on instead of all at once in finish's
  * fdatasync, and a writer that is faster than the disk is slowed to it.
- * It is no durability promise (no metadata, no cache flush): finish still
- * fdatasyncs.
- *
- * Direct I/O (set_direct): the file is written with O_DIRECT, so the data
- * goes from the caller's buffer to the disk without a copy into the page
- * cache and without writeback work later (write-behind is then not
- * needed: every write has reached the device when it returns).  Offsets
- * and lengths are whole clusters (at least DIO_ALIGN); a buffer that is
- * not DIO_ALIGN-aligned in memory is copied through an aligned bounce
- * buffer (file_pwrite).  The file's size is extended ahead of the data
- * (ftruncate, in GROW_STEP steps), because a write past the end of file
- * is serialised and waited for by the file system (ext4 takes the inode
- * lock exclusively for it), while writes inside the size run side by
- * side; finish cuts the file to its real end before the first fdatasync.
- * The step is small (more than the writes in flight, little more), so
- * the file's size still tells how far the copy is (tests watch it).
- * The crash ordering does not change: until the header is written,
- * cluster 0 is a hole.
+ * A window whose writeback is done is dropped from the cache
+ * (POSIX_FADV_DONTNEED): nothing reads it back through the cache, and a
+ * nightly backup of a large disk must not push the host's working set
+ * (its VMs' data) out of memory.  It is no durability promise (no
+ * metadata, no cache flush): finish still fdatasyncs.
  *
  * Ordering: the header is written only after the data and all other
  * metadata are durable (fdatasync in finish), so a valid header never
@@ -124,12 +110,6 @@
 #define SECTOR                 512u
 /* Metadata written at finish is gathered into writes of up to this size. */
 #define STAGE_BYTES            (4u << 20)
-/* Direct I/O: memory, offset and length alignment we require. */
-#define DIO_ALIGN              4096u
-/* Direct I/O: the bounce buffer for unaligned memory, at most. */
-#define BOUNCE_BYTES           ((size_t)1 << 20)
-/* Direct I/O: the file's size runs this far ahead of the data. */
-#define GROW_STEP              (UINT64_C(16) << 20)
 
 /* The header is struct cbt_qcow2_header_disk (cbt/qcow2.h), written with
  * its version 3 fields and no compression_type. */
@@ -187,8 +167,6 @@ struct cbt_qcow2_writer {
   struct cbt_qcow2_writer_sink sink;  /* sink mode: fd is -1, sink.data set */
   bool stream_broken;         /* atomics */
   uint64_t write_behind;      /* window bytes, 0: off */
-  bool direct;                /* fd is O_DIRECT (set_direct) */
-  uint64_t grown;             /* under lock: file size set ahead (direct) */
 
   bool finished;
 };
@@ -545,65 +523,11 @@ cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window)
   w->write_behind = window;
 }
 
-int
-cbt_qcow2_writer_set_direct(cbt_qcow2_writer *w)
-{
-  int fl;
-
-  if (w->fd < 0 || w->next_host != w->cluster_size || w->cluster_size % DIO_ALIGN)
-    return -EINVAL;
-  fl = fcntl(w->fd, F_GETFL);
-  if (fl < 0 || fcntl(w->fd, F_SETFL, fl | O_DIRECT) < 0)
-    return -errno;
-  w->direct = true;
-  return 0;
-}
-
-/* pwrite @len bytes at @off to the file.  With O_DIRECT, memory that is
- * not aligned goes through an aligned bounce buffer; offsets and lengths
- * are whole clusters, aligned by set_direct's check. */
+/* pwrite @len bytes at @off to the file. */
 static int
 file_pwrite(cbt_qcow2_writer *w, const void *buf, size_t len, uint64_t off)
 {
-  const uint8_t *p = buf;
-  void *bounce = NULL;
-  size_t cap;
-  int r = 0;
-
-  if (!w->direct || (uintptr_t)buf % DIO_ALIGN == 0)
-    return cbt_io_pwrite(w->fd, buf, len, off);
-  cap = MIN(len, BOUNCE_BYTES);
-  if (posix_memalign(&bounce, DIO_ALIGN, cap) != 0)
-    return -ENOMEM;
-  while (len > 0 && r == 0) {
-    size_t n = MIN(len, cap);
-
-    memcpy(bounce, p, n);
-    r = cbt_io_pwrite(w->fd, bounce, n, off);
-    p += n;
-    off += n;
-    len -= n;
-  }
-  free(bounce);
-  return r;
-}
-
-/* Direct I/O, under w->lock: keep the file's size ahead of the host
- * clusters handed out up to @h1 (see the top).  Under the lock, because
- * the size only ever grows: no write can have gone past a size set later.
- * A failure is harmless: the writes then extend the file themselves. */
-static void
-grow_file(cbt_qcow2_writer *w, uint64_t h1)
-{
-  uint64_t to;
-
-  if (h1 <= w->grown)
-    return;
-  to = (h1 / GROW_STEP + 1) * GROW_STEP;
-  if (ftruncate(w->fd, (off_t)to) == 0)
-    w->grown = to;
-  else
-    w->grown = UINT64_MAX;        /* do not try again */
+  return cbt_io_pwrite(w->fd, buf, len, off);
 }
 
 /* The host range [@h0, @h1) was reported: writeback as described at the
@@ -615,10 +539,13 @@ write_behind(cbt_qcow2_writer *w, uint64_t h0, uint64_t h1)
 
   for (uint64_t b = (h0 / win + 1) * win; b <= h1; b += win) {
     (void)sync_file_range(w->fd, (off64_t)(b - win), (off64_t)win, SYNC_FILE_RANGE_WRITE);
-    if (b >= 2 * win)
+    if (b >= 2 * win) {
       (void)sync_file_range(w->fd, (off64_t)(b - 2 * win), (off64_t)win,
                             SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
                             SYNC_FILE_RANGE_WAIT_AFTER);
+      /* Written back, so clean: drop it from the cache. */
+      (void)posix_fadvise(w->fd, (off_t)(b - 2 * win), (off_t)win, POSIX_FADV_DONTNEED);
+    }
   }
 }
 
@@ -692,7 +619,7 @@ pass:
   w->streamed = h1;
   g_cond_broadcast(&w->stream_cond);
   g_mutex_unlock(&w->stream_lock);
-  if (w->write_behind && !w->direct && !failed && w->fd >= 0)
+  if (w->write_behind && !failed && w->fd >= 0)
     write_behind(w, h0, h1);
   return r;
 }
@@ -783,8 +710,6 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
     set_entry(w, ci, c[i].host | CBT_QCOW2_COPIED);
   }
   h1 = w->next_host;
-  if (w->direct)
-    grow_file(w, h1);
   g_mutex_unlock(&w->lock);
 
   /* The partial last cluster is written padded with zeros to a whole
@@ -797,17 +722,7 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
     else
       r = -ENOMEM;            /* the turn is still passed on below */
   }
-  /* With direct I/O the stream's turn comes before the data write: the
-   * watcher needs only @buf, so a slow write does not hold up the threads
-   * behind this one in file order, and this write runs while the next
-   * thread's range is reported.  (A write that then fails sets w->error,
-   * which makes the stream not intact.)  Write-behind and the sink need
-   * the turn after the write. */
   streamed = (w->stream_fn || w->write_behind || w->sink.data) && h1 > h0;
-  if (streamed && w->direct && !w->write_behind && !w->sink.data) {
-    r = stream_report(w, c, n, p, len, tail, h0, h1, r < 0);
-    streamed = false;
-  }
 
   /* Outside the lock: the data, one write per run of clusters that are
    * contiguous both in @buf and in the file. */
@@ -1175,9 +1090,6 @@ cbt_qcow2_writer_finish(cbt_qcow2_writer *w, char **why)
     return r;
   if (w->sink.data)
     return write_header(w, &h, why);  /* the sink orders it after the rest */
-  /* Direct I/O grew the file ahead of the data: cut it to its end. */
-  if (w->direct && ftruncate(w->fd, (off_t)s.off) < 0)
-    return cbt_fail(why, -errno, "ftruncate: %s", g_strerror(errno));
   /* Everything the header points at is durable before the header. */
   r = cbt_io_fdatasync(w->fd);
   if (r < 0)

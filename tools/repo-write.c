@@ -60,7 +60,7 @@
 /* Directory: the writeback window.  Small, so that little is left for the
  * fdatasync at the end: a 20 MiB incremental spent 11 ms in it with a
  * 64 MiB window (none of it written back before), 4 ms with 8 MiB, for
- * about 1 ms more of copying.  (Copies of 256 MiB or more are direct.) */
+ * about 1 ms more of copying.  (cmd-backup.c widens it for large copies.) */
 #define WRITE_BEHIND   (UINT64_C(8) << 20)
 #define UPLOAD_JOBS    3                      /* S3: parts in flight (64 MiB) */
 
@@ -301,9 +301,7 @@ new_dir(repo_wfile *f, const struct cbt_qcow2_writer_opts *wo, GError **error)
     return false;
   }
   cbt_qcow2_writer_set_stream(f->w, stream_cb, f->sums);
-  /* Data goes to disk while the copy runs, not all in finish.  (A caller
-   * that switches the writer to O_DIRECT, cmd-backup.c for large copies,
-   * needs no write-behind: the writer then skips it.) */
+  /* Data goes to disk while the copy runs, not all in finish. */
   cbt_qcow2_writer_set_write_behind(f->w, WRITE_BEHIND);
   return true;
 }

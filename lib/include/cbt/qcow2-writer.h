@@ -134,9 +134,7 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(cbt_qcow2_writer, cbt_qcow2_writer_free)
  * hashes the file this way instead of reading it back).  Set before the
  * first write.  @fn is then called with every byte of the file from
  * offset cluster_size to its end exactly once, in increasing offset order
- * without gaps, each piece after it was written (with set_direct the data
- * clusters just before: a write that then fails makes the stream not
- * intact, see below): the data clusters (from
+ * without gaps, each piece after it was written: the data clusters (from
  * the threads that write them, one call at a time, so a thread may wait
  * for its turn until the writes before it in the file are reported), then
  * the metadata from finish.  Last, finish reports cluster 0, the header,
@@ -157,21 +155,13 @@ bool cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w);
 /* Write data to disk while the file grows, not only in finish: data is
  * handed to writeback in windows of @window bytes in file order, and a
  * writing thread waits until the window two back is on its way to the
- * disk, so at most ~2 windows of the file are dirty in the page cache
- * (set before the first write; 0: off, the default).  finish still
+ * disk, so at most ~2 windows of the file are dirty in the page cache,
+ * and drops the windows written back from the cache (set before the
+ * first write; 0: off, the default).  finish still
  * fdatasyncs; this only spreads the work, and makes a writer that is
  * faster than its disk wait for it, so progress shown by the caller is
  * progress to the disk. */
 void cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window);
-
-/* Write the file with O_DIRECT (before the first write; the cluster size
- * must be a multiple of 4096): no copy into the page cache, no writeback
- * later, so write-behind is not needed and is skipped.  Buffers need not
- * be aligned (unaligned ones are copied), but 4096-aligned ones are
- * written as they are.  Returns 0, or -errno when the file system does
- * not allow O_DIRECT (-EINVAL also for a writer that cannot use it); the
- * writer then works as before. */
-int cbt_qcow2_writer_set_direct(cbt_qcow2_writer *w);
 
 /* Guest bytes that currently read as data stored in this file / as zero
  * clusters stored in this file (the last cluster counts only up to the
