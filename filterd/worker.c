@@ -272,6 +272,21 @@ conn_reply(struct request *req)
 
 static void send_done(struct cbt_aio_op *op, int res);
 
+/* The socket cannot take replies any more: drop the queued ones and
+ * close the connection once its requests are done. */
+static void
+conn_send_broken(struct conn *c)
+{
+  c->dead = true;
+  while (c->sendq_head) {
+    struct request *r = c->sendq_head;
+    c->sendq_head = r->next;
+    request_free(r);
+  }
+  c->sendq_tail = NULL;
+  conn_start_close(c);
+}
+
 static void
 conn_send(struct conn *c)
 {
@@ -316,14 +331,7 @@ send_done(struct cbt_aio_op *op, int res)
   if (res <= 0) {
     if (res < 0 && res != -EPIPE && res != -ECONNRESET)
       log_error("%s: send: %s", c->p.peer, g_strerror(-res));
-    c->dead = true;
-    while (c->sendq_head) {
-      struct request *r = c->sendq_head;
-      c->sendq_head = r->next;
-      request_free(r);
-    }
-    c->sendq_tail = NULL;
-    conn_start_close(c);
+    conn_send_broken(c);
     conn_maybe_finish(c);
     return;
   }
@@ -455,14 +463,7 @@ linked_send_done(struct cbt_aio_op *op, int res)
     else if (res >= 0)
       log_error("%s: send: %d of %d bytes; closing connection", c->p.peer, res,
                 NBD_SIMPLE_REPLY_SIZE);
-    c->dead = true;
-    while (c->sendq_head) {
-      struct request *r = c->sendq_head;
-      c->sendq_head = r->next;
-      request_free(r);
-    }
-    c->sendq_tail = NULL;
-    conn_start_close(c);
+    conn_send_broken(c);
   }
   if (req->link_state == LINK_SEND) {
     req->link_state = LINK_NONE;
