@@ -66,6 +66,20 @@ test_error(void **state)
   g_clear_pointer(&code, g_free);
   g_clear_pointer(&message, g_free);
 
+  /* A message of white space only, or one a NUL byte cuts down to white
+   * space (fuzz-s3-xml found it), is no message. */
+  {
+    static const char ws[] = "<Error><Code>X</Code><Message>\n\0\0)</Message></Error>";
+    static const char ws2[] = "<Error><Message> \t\n</Message></Error>";
+
+    assert_true(s3_xml_error(ws, sizeof ws - 1, &code, &message));
+    assert_string_equal(code, "X");
+    assert_null(message);
+    g_clear_pointer(&code, g_free);
+    assert_true(s3_xml_error(ws2, sizeof ws2 - 1, &code, &message));
+    assert_null(message);
+  }
+
   /* No <Code>: still an error body, the caller falls back to the status. */
   assert_true(s3_xml_error("<Error/>", 8, &code, &message));
   assert_null(code);

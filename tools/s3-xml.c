@@ -234,7 +234,11 @@ s3_xml_error(const char *body, size_t len, char **code, char **message)
   c = text(root, "Code");
   m = text(root, "Message");
   *code = c && *c ? g_strdup(c) : NULL;
-  *message = m && *m ? g_strstrip(g_strdup(m)) : NULL;
+  /* Stripped first: a message of white space only (or cut short by a NUL
+   * byte) is no message. */
+  *message = m ? g_strstrip(g_strdup(m)) : NULL;
+  if (*message && !**message)
+    g_clear_pointer(message, g_free);
   return true;
 }
 
