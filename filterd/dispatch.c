@@ -230,7 +230,7 @@ io_complete(struct cbt_image_io *io, int res)
       tracking_mark(srv.tracking, req->hdr.offset, req->hdr.length);
     quiesce_exit();
   }
-  if (io->linked && conn_linked_write_done(req, res))
+  if (conn_linked_write_done(req, res))
     return;
   dispatch_io_reply(req, res);
 }

@@ -312,9 +312,10 @@ bool conn_can_link_reply(const struct conn *c);
 /* The image backend's link() for such a write: @req's reply header is
  * encoded; prepare its send in @sqe. */
 void conn_prep_linked_reply(struct request *req, struct io_uring_sqe *sqe);
-/* From the write's completion (after its tracking and quiesce steps):
- * true if the linked send has replied or will decide the reply, so the
- * caller must not touch @req again; false: reply the normal way. */
+/* From an image request's completion (after its tracking and quiesce
+ * steps): true if its reply was linked and the linked send has replied or
+ * will decide the reply, so the caller must not touch @req again; false
+ * (never linked, or the send was cancelled): reply the normal way. */
 bool conn_linked_write_done(struct request *req, int res);
 
 

@@ -441,7 +441,7 @@ conn_linked_write_done(struct request *req, int res)
     conn_after_free(c);
     return true;
   default:
-    return false;                    /* the send was cancelled: reply now */
+    return false;                    /* not linked, or the send cancelled */
   }
 }
 

@@ -40,7 +40,6 @@ cbt_image_io_link(struct cbt_image_io *io, struct io_uring_sqe *sqe)
     return;
   sqe->flags |= IOSQE_IO_LINK;
   link(io, io_uring_get_sqe(io->ring));
-  io->linked = true;
 }
 
 struct sync_req {

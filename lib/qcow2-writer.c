@@ -523,13 +523,6 @@ cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window)
   w->write_behind = window;
 }
 
-/* pwrite @len bytes at @off to the file. */
-static int
-file_pwrite(cbt_qcow2_writer *w, const void *buf, size_t len, uint64_t off)
-{
-  return cbt_io_pwrite(w->fd, buf, len, off);
-}
-
 /* The host range [@h0, @h1) was reported: writeback as described at the
  * top.  Errors are ignored: finish's fdatasync reports them. */
 static void
@@ -741,11 +734,11 @@ cbt_qcow2_writer_write(cbt_qcow2_writer *w, uint64_t offset, const void *buf,
       uint64_t whole = bytes - bytes % cs;
 
       if (whole && w->fd >= 0)
-        r = file_pwrite(w, p + i * cs, whole, c[i].host);
+        r = cbt_io_pwrite(w->fd, p + i * cs, whole, c[i].host);
       if (r == 0 && w->fd >= 0)
-        r = file_pwrite(w, tail, cs, c[j - 1].host);
+        r = cbt_io_pwrite(w->fd, tail, cs, c[j - 1].host);
     } else if (w->fd >= 0) {
-      r = file_pwrite(w, p + i * cs, bytes, c[i].host);
+      r = cbt_io_pwrite(w->fd, p + i * cs, bytes, c[i].host);
     }
     i = j;
   }
@@ -844,7 +837,7 @@ seqw_flush(struct seqw *s)
 
   if (s->used) {
     if (s->fd >= 0)
-      r = file_pwrite(s->w, s->buf, s->used, s->off);
+      r = cbt_io_pwrite(s->w->fd, s->buf, s->used, s->off);
     if (r == 0 && (s->w->stream_fn || s->w->sink.data))
       r = stream_out(s->w, s->off, s->buf, s->used);
     s->off += s->used;
@@ -1036,7 +1029,7 @@ write_header(cbt_qcow2_writer *w, struct qcow2_header *h, char **why)
     r = w->sink.head(w->sink.opaque, buf, w->cluster_size);
     return r < 0 ? cbt_fail(why, r, "writing header: %s", g_strerror(-r)) : 0;
   }
-  r = file_pwrite(w, buf, w->cluster_size, 0);
+  r = cbt_io_pwrite(w->fd, buf, w->cluster_size, 0);
   if (r < 0)
     return cbt_fail(why, r, "writing header: %s", g_strerror(-r));
   if (w->stream_fn)

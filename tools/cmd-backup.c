@@ -101,8 +101,7 @@ struct backup {
   /* The bar: bytes stored of planned, and what the run is doing.  The
    * copy counts bytes handed to writeback (the writer's write-behind
    * keeps the page cache at most two windows ahead of the disk); the bar
-   * says 100% only when the run is
-   * complete, checkpoint committed. */
+   * says 100% only when the run is complete, checkpoint committed. */
   GMutex bar_lock;
   uint64_t done, planned;
   const char *phase;

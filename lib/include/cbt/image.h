@@ -58,15 +58,14 @@ struct cbt_image_io {
   void (*complete)(struct cbt_image_io *io, int res);  /* 0 or -errno */
   /* Optional (NULL: none).  A backend that carries out the whole request
    * as one operation may chain a second one to it: it marks its sqe
-   * IOSQE_IO_LINK, calls link() with the next sqe of the same ring for the
-   * caller to prepare, and sets @linked.  The kernel starts the linked
-   * operation only once the first has done all of its bytes, and completes
-   * it with -ECANCELED otherwise.  Used at most once per request.  The
+   * IOSQE_IO_LINK and calls link() with the next sqe of the same ring for
+   * the caller to prepare (so the caller knows).  The kernel starts the
+   * linked operation only once the first has done all of its bytes, and
+   * completes it with -ECANCELED otherwise.  Used at most once per request.  The
    * worker links the reply of a WRITE to the write itself, so the reply
    * leaves as soon as the data is written, without a trip through the
    * event loop (filterd/worker.c). */
   void (*link)(struct cbt_image_io *io, struct io_uring_sqe *sqe);
-  bool linked;
 
   /* Backend state. */
   struct cbt_aio_op op;
@@ -82,8 +81,8 @@ struct cbt_extent {
 
 /* For backends: @sqe, just prepared from @io's ring, is @io's own
  * operation.  If the caller asked for a link (io->link) and @sqe writes
- * all of a plain WRITE at once, chain the caller's operation to it and
- * set io->linked; in every case io->link is used up. */
+ * all of a plain WRITE at once, chain the caller's operation to it; in
+ * every case io->link is used up. */
 void cbt_image_io_link(struct cbt_image_io *io, struct io_uring_sqe *sqe);
 
 struct cbt_image_ops {
