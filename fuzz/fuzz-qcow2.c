@@ -1,4 +1,4 @@
-/* fuzz-qcow2: the qcow2 reader and writer (lib/qcow2.c, lib/image-qcow2.c)
+/* fuzz-qcow2: the qcow2 reader and writer (lib/qcow2.c, lib/image-qcow2*.c)
  * on arbitrary images and backing chains.
  *
  * Input: up to three files separated by the 8 bytes "CBTFUZZ|" (in

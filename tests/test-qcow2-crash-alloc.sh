@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Crash safety of batched allocating writes (lib/image-qcow2.c, "batched
+# Crash safety of batched allocating writes (lib/image-qcow2-slow.c, "batched
 # writes"): on a fresh qcow2 image with 64 KiB clusters, where nearly
 # every 4k write allocates a cluster and only the 4k are written (the rest
 # of the cluster is a hole), fio writes at QD32 and the daemon is killed

@@ -1,6 +1,6 @@
 /* The set of host clusters of a qcow2 file that hold metadata (header, L1
  * table, refcount table, refcount blocks, L2 tables), for the overlap
- * checks of the image backend (lib/image-qcow2.c): guest data must never
+ * checks of the image backend (lib/image-qcow2-meta.c): guest data must never
  * be written to a cluster in the set, and the allocator never hands one
  * out, whatever its refcount says.
  *
