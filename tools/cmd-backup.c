@@ -45,7 +45,6 @@
 #include "cbt/util.h"
 #include "cli.h"
 
-#define DEFAULT_CONNECTIONS 4
 #define MAX_CONNECTIONS     64
 /* A copy of at least LARGE_COPY bytes is written back in windows of
  * LARGE_WINDOW; see run(). */
@@ -588,14 +587,24 @@ run(struct backup *b, GError **error)
   return true;
 }
 
+/* One copy thread per connection: more threads than CPUs only queue for
+ * them and for the output file's inode lock.  A 2 GiB full on 2 CPUs:
+ * 4 connections 1.10-1.17 s, 2 connections 0.97-1.09 s (nbdcopy
+ * 0.97-1.18 s, alternating runs); 1 connection 1.6 s, so at least 2. */
+static gint
+default_connections(void)
+{
+  return (gint)CLAMP(g_get_num_processors(), 2u, 4u);
+}
+
 int
 cmd_backup(int argc, char **argv)
 {
-  struct backup b = { .connections = DEFAULT_CONNECTIONS };
+  struct backup b = { 0 };
   g_autofree char *socket_path = NULL, *uri = NULL, *ctl = NULL, *dir = NULL;
   g_autofree char *checksum = NULL;
   gboolean full = FALSE, incremental = FALSE, autom = FALSE, json = FALSE;
-  gint conns = DEFAULT_CONNECTIONS;
+  gint conns = -1;                     /* not given: default_connections() */
   GError *error = NULL;
   GOptionEntry entries[] = {
     { "socket", 's', 0, G_OPTION_ARG_FILENAME, &socket_path, "NBD unix socket of cbt-filterd", "PATH" },
@@ -605,7 +614,7 @@ cmd_backup(int argc, char **argv)
     { "full", 'f', 0, G_OPTION_ARG_NONE, &full, "take a full backup", NULL },
     { "incremental", 'i', 0, G_OPTION_ARG_NONE, &incremental, "take an incremental backup or fail with exit status 3", NULL },
     { "auto", 'a', 0, G_OPTION_ARG_NONE, &autom, "incremental when possible, else full, saying why (default)", NULL },
-    { "connections", 'n', 0, G_OPTION_ARG_INT, &conns, "NBD connections (default 4)", "N" },
+    { "connections", 'n', 0, G_OPTION_ARG_INT, &conns, "NBD connections (default: one per CPU, 2 to 4)", "N" },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &json, "print a JSON summary on stdout", NULL },
     { "checksum", 0, 0, G_OPTION_ARG_STRING, &checksum, "chunk checksums: xxh128 (default for a directory) or sha256 (default for S3)", "ALG" },
     CLI_S3_OPTION,
@@ -633,6 +642,8 @@ cmd_backup(int argc, char **argv)
     return cli_usage_error("backup", "--control and --repo are required");
   if (full + incremental + autom > 1)
     return cli_usage_error("backup", "--full, --incremental and --auto exclude each other");
+  if (conns == -1)
+    conns = default_connections();
   if (conns < 1 || conns > MAX_CONNECTIONS)
     return cli_usage_error("backup", "--connections must be 1 to %d", MAX_CONNECTIONS);
   b.checksum_set = checksum != NULL;
