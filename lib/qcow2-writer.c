@@ -45,12 +45,17 @@
  * one, so there is no deadlock.
  *
  * Write-behind (set_write_behind): the same turn moves the data to disk as
- * it is appended.  Each time the reported data crosses a window boundary,
- * the window just completed is handed to writeback (sync_file_range
- * WRITE), and the thread then waits for the writeback of the window
- * before it.  So at most two windows are dirty in the page cache, the
- * disk writes while the copy goes on instead of all at once in finish's
- * fdatasync, and a writer that is faster than the disk is slowed to it.
+ * it is appended.  Every WRITE_BEHIND_KICK bytes reported (or every
+ * window, if smaller) are handed to writeback at once (sync_file_range
+ * WRITE), so little is left to write when the copy ends; and each time
+ * the reported data crosses a window boundary, the thread waits for the
+ * writeback of the window before the one just completed.  So at most two
+ * windows are dirty in the page cache, the disk writes while the copy
+ * goes on instead of all at once in finish's fdatasync, and a writer that
+ * is faster than the disk is slowed to it.  (Kicking writeback only once
+ * per 64 MiB window left up to 64 MiB for finish: a 2 GiB full took
+ * 1.03-1.13 s against 0.97-1.10 s with 8 MiB kicks, 4 and 16 MiB being
+ * no better, alternating runs.)
  * A window whose writeback is done is dropped from the cache
  * (POSIX_FADV_DONTNEED): nothing reads it back through the cache, and a
  * nightly backup of a large disk must not push the host's working set
@@ -110,6 +115,8 @@
 #define SECTOR                 512u
 /* Metadata written at finish is gathered into writes of up to this size. */
 #define STAGE_BYTES            (4u << 20)
+/* Write-behind hands data to writeback in pieces of this size (see the top). */
+#define WRITE_BEHIND_KICK      (UINT64_C(8) << 20)
 
 /* The header is struct cbt_qcow2_header_disk (cbt/qcow2.h), written with
  * its version 3 fields and no compression_type. */
@@ -529,9 +536,11 @@ static void
 write_behind(cbt_qcow2_writer *w, uint64_t h0, uint64_t h1)
 {
   const uint64_t win = w->write_behind;
+  const uint64_t kick = MIN(win, WRITE_BEHIND_KICK);
 
+  for (uint64_t k = (h0 / kick + 1) * kick; k <= h1; k += kick)
+    (void)sync_file_range(w->fd, (off64_t)(k - kick), (off64_t)kick, SYNC_FILE_RANGE_WRITE);
   for (uint64_t b = (h0 / win + 1) * win; b <= h1; b += win) {
-    (void)sync_file_range(w->fd, (off64_t)(b - win), (off64_t)win, SYNC_FILE_RANGE_WRITE);
     if (b >= 2 * win) {
       (void)sync_file_range(w->fd, (off64_t)(b - 2 * win), (off64_t)win,
                             SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |

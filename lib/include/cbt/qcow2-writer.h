@@ -153,12 +153,12 @@ void cbt_qcow2_writer_set_stream(cbt_qcow2_writer *w, cbt_qcow2_writer_stream_fn
 bool cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w);
 
 /* Write data to disk while the file grows, not only in finish: data is
- * handed to writeback in windows of @window bytes in file order, and a
- * writing thread waits until the window two back is on its way to the
- * disk, so at most ~2 windows of the file are dirty in the page cache,
- * and drops the windows written back from the cache (set before the
- * first write; 0: off, the default).  finish still
- * fdatasyncs; this only spreads the work, and makes a writer that is
+ * handed to writeback in file order as it is appended (in pieces of at
+ * most 8 MiB), and at each boundary of @window bytes a writing thread
+ * waits until the window before the one just completed is written back,
+ * so at most ~2 windows of the file are dirty in the page cache, and
+ * drops the windows written back from the cache (set before the first
+ * write; 0: off, the default).  finish still fdatasyncs; this only spreads the work, and makes a writer that is
  * faster than its disk wait for it, so progress shown by the caller is
  * progress to the disk. */
 void cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window);
