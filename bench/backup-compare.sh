@@ -189,3 +189,17 @@ echo "  restore / qemu-img convert     $(ratio "$(med restore)" "$(med qemu-img)
 echo "  restore --no-verify / qemu-img $(ratio "$(med restore-nv)" "$(med qemu-img)")"
 echo "  verify / cat                   $(ratio "$(med verify)" "$(med cat)")   [~1.0: the disk's read speed]"
 echo "  incremental (1%) / full        $(ratio "$(med incremental)" "$(med full)")   [<= 0.05]"
+# pairwise A B: the ratio of the two sides within each round (they ran
+# back to back, so they shared that moment's load), and its median.
+pairwise()
+{
+    python3 - "${times[$1]}" "${times[$2]}" <<'PY'
+import statistics, sys
+r = [float(a) / float(b) for a, b in zip(sys.argv[1].split(), sys.argv[2].split())]
+print(" ".join(f"{x:.2f}" for x in r), f"(median {statistics.median(r):.2f})")
+PY
+}
+echo "ratios within each round:"
+echo "  full backup / nbdcopy          $(pairwise full nbdcopy)"
+echo "  restore / qemu-img convert     $(pairwise restore qemu-img)"
+echo "  verify / cat                   $(pairwise verify cat)"
