@@ -54,7 +54,7 @@
  * goes on instead of all at once in finish's fdatasync, and a writer that
  * is faster than the disk is slowed to it.  (Kicking writeback only once
  * per 64 MiB window left up to 64 MiB for finish: a 2 GiB full took
- * 1.03-1.13 s against 0.97-1.10 s with 8 MiB kicks, 4 and 16 MiB being
+ * 1.01-1.14 s against 0.98-1.10 s with 8 MiB kicks, 4 and 16 MiB being
  * no better, alternating runs.)
  * A window whose writeback is done is dropped from the cache
  * (POSIX_FADV_DONTNEED): nothing reads it back through the cache, and a
