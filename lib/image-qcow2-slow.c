@@ -155,19 +155,33 @@ whole_cluster(const struct q2 *q, uint64_t off, uint64_t in, uint64_t n)
   return in == 0 && (n == q->csize || off + n >= q->pub.size);
 }
 
-/* Grow a run of whole unallocated clusters that starts at guest cluster
- * @vcl (guest offset @off, @len bytes of data from there, the first *@n
- * bytes / *@k clusters already in the run): add the next clusters while
- * they are whole in the request and read as unallocated or plain zero,
- * up to MAX_ALLOC_RUN and half a refcount block.  0 or -errno. */
+/* Allocate @k host clusters at *@host for guest clusters from @vcl and
+ * check them against the metadata set.  0 or -errno. */
 static int
-grow_alloc_run(struct q2 *q, uint64_t off, uint64_t vcl, uint64_t len, uint64_t *n,
-               uint64_t *k)
+alloc_checked(struct q2 *q, uint64_t vcl, uint64_t k, uint64_t *host)
 {
+  int r = q2_alloc_run(q, k, host);
+
+  return r < 0 ? r : q2_check_overlap(q, vcl, *host, k << q->cbits);
+}
+
+/* Allocate host clusters for a run of whole unallocated clusters that
+ * starts at guest cluster @vcl (guest offset @off, @len bytes of data
+ * from there, the first *@n bytes of it in the first cluster): the run
+ * grows while the next clusters are whole in the request and read as
+ * unallocated or plain zero, up to MAX_ALLOC_RUN and half a refcount
+ * block.  On return *@n bytes / *@k clusters are in the run, allocated
+ * at *@host and checked against the metadata set.  0 or -errno. */
+static int
+alloc_whole_run(struct q2 *q, uint64_t off, uint64_t vcl, uint64_t len, uint64_t *n,
+                uint64_t *k, uint64_t *host)
+{
+  int r;
+
+  *k = 1;
   while (*k < MAX_ALLOC_RUN && *k < q->rb_entries / 2 && *n < len) {
     struct cbt_qcow2_map m2;
     uint64_t step = q->csize < len - *n ? q->csize : len - *n;
-    int r;
 
     if (!whole_cluster(q, off + *n, 0, step))
       break;
@@ -179,7 +193,7 @@ grow_alloc_run(struct q2 *q, uint64_t off, uint64_t vcl, uint64_t len, uint64_t 
     *n += step;
     (*k)++;
   }
-  return 0;
+  return alloc_checked(q, vcl, *k, host);
 }
 
 /* Write @len bytes of @data at guest @off (allocating, copy-on-write).
@@ -206,13 +220,9 @@ q2_write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
     } else if (whole_cluster(q, off, in, n) &&
                (m.type == CBT_QCOW2_UNALLOCATED || m.type == CBT_QCOW2_ZERO_PLAIN)) {
       /* A run of whole unallocated clusters: one allocation, one write. */
-      uint64_t k = 1;
+      uint64_t k;
 
-      r = grow_alloc_run(q, off, vcl, len, &n, &k);
-      if (r == 0)
-        r = q2_alloc_run(q, k, &host);
-      if (r == 0)
-        r = q2_check_overlap(q, vcl, host, k << q->cbits);
+      r = alloc_whole_run(q, off, vcl, len, &n, &k, &host);
       if (r < 0)
         return r;
       r = cbt_io_pwrite(q->fd, data, n, host);
@@ -240,9 +250,7 @@ q2_write_range(struct q2 *q, uint64_t off, const uint8_t *data, uint64_t len)
       if (reuse) {
         host = m.host_offset;
       } else {
-        r = q2_alloc_run(q, 1, &host);
-        if (r == 0)
-          r = q2_check_overlap(q, vcl, host, q->csize);
+        r = alloc_checked(q, vcl, 1, &host);
         if (r < 0)
           return r;
       }
@@ -452,22 +460,16 @@ batch_plan(struct q2 *q, struct q2_job *job)
       op->host = m.host_offset + in;
     } else if (whole_cluster(q, off, in, n)) {
       /* A run of whole unallocated clusters: one allocation, one write. */
-      uint64_t k = 1;
+      uint64_t k;
 
-      r = grow_alloc_run(q, off, vcl, len, &n, &k);
-      if (r == 0)
-        r = q2_alloc_run(q, k, &host);
-      if (r == 0)
-        r = q2_check_overlap(q, vcl, host, k << q->cbits);
+      r = alloc_whole_run(q, off, vcl, len, &n, &k, &host);
       if (r < 0)
         return r;
       op->host = op->cluster = host;
       op->k = k;
     } else {
       /* Part of a cluster that reads as zeros. */
-      r = q2_alloc_run(q, 1, &host);
-      if (r == 0)
-        r = q2_check_overlap(q, vcl, host, q->csize);
+      r = alloc_checked(q, vcl, 1, &host);
       if (r < 0)
         return r;
       op->cluster = host;
