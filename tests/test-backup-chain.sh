@@ -32,6 +32,17 @@ backup()
 }
 field() { jq -r ".$1" <<<"$summary"; }
 
+# --connections: 1 to 64; without it one per CPU (2 to 4), which every
+# backup below uses.
+for n in 0 65 -1 x; do
+    expect_rc 2 cbt backup --socket "$dsock" --control "$csock" --repo "$repo" --connections "$n"
+    case $n in
+    x) has "--connections" ;;
+    *) has "--connections must be 1 to 64" ;;
+    esac
+    [ ! -e "$repo" ] || die "a refused backup (--connections $n) created the repository"
+done
+
 # Point 1: some data, a hole, a pattern that straddles granules.
 io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 8M 300k' -c 'write -P 0x33 63M 1M'
 backup

@@ -604,7 +604,8 @@ cmd_backup(int argc, char **argv)
   g_autofree char *socket_path = NULL, *uri = NULL, *ctl = NULL, *dir = NULL;
   g_autofree char *checksum = NULL;
   gboolean full = FALSE, incremental = FALSE, autom = FALSE, json = FALSE;
-  gint conns = -1;                     /* not given: default_connections() */
+  g_autofree char *conns_arg = NULL;   /* NULL: default_connections() */
+  gint64 conns;
   GError *error = NULL;
   GOptionEntry entries[] = {
     { "socket", 's', 0, G_OPTION_ARG_FILENAME, &socket_path, "NBD unix socket of cbt-filterd", "PATH" },
@@ -614,7 +615,7 @@ cmd_backup(int argc, char **argv)
     { "full", 'f', 0, G_OPTION_ARG_NONE, &full, "take a full backup", NULL },
     { "incremental", 'i', 0, G_OPTION_ARG_NONE, &incremental, "take an incremental backup or fail with exit status 3", NULL },
     { "auto", 'a', 0, G_OPTION_ARG_NONE, &autom, "incremental when possible, else full, saying why (default)", NULL },
-    { "connections", 'n', 0, G_OPTION_ARG_INT, &conns, "NBD connections (default: one per CPU, 2 to 4)", "N" },
+    { "connections", 'n', 0, G_OPTION_ARG_STRING, &conns_arg, "NBD connections (default: one per CPU, 2 to 4)", "N" },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &json, "print a JSON summary on stdout", NULL },
     { "checksum", 0, 0, G_OPTION_ARG_STRING, &checksum, "chunk checksums: xxh128 (default for a directory) or sha256 (default for S3)", "ALG" },
     CLI_S3_OPTION,
@@ -642,9 +643,9 @@ cmd_backup(int argc, char **argv)
     return cli_usage_error("backup", "--control and --repo are required");
   if (full + incremental + autom > 1)
     return cli_usage_error("backup", "--full, --incremental and --auto exclude each other");
-  if (conns == -1)
+  if (!conns_arg)
     conns = default_connections();
-  if (conns < 1 || conns > MAX_CONNECTIONS)
+  else if (!g_ascii_string_to_signed(conns_arg, 10, 1, MAX_CONNECTIONS, &conns, NULL))
     return cli_usage_error("backup", "--connections must be 1 to %d", MAX_CONNECTIONS);
   b.checksum_set = checksum != NULL;
   if (checksum && !chunk_alg_parse(checksum, &b.checksum))
