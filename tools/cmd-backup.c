@@ -589,8 +589,8 @@ run(struct backup *b, GError **error)
 
 /* One copy thread per connection: more threads than CPUs only queue for
  * them and for the output file's inode lock.  A 2 GiB full on 2 CPUs:
- * 4 connections 1.10-1.17 s, 2 connections 0.97-1.09 s (nbdcopy
- * 0.97-1.18 s, alternating runs); 1 connection 1.6 s, so at least 2. */
+ * 4 connections 1.13-1.50 s, 2 connections 0.96-1.14 s (nbdcopy
+ * 1.03-1.11 s, alternating runs); 1 connection 1.6 s, so at least 2. */
 static gint
 default_connections(void)
 {
