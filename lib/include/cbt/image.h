@@ -61,10 +61,10 @@ struct cbt_image_io {
    * IOSQE_IO_LINK and calls link() with the next sqe of the same ring for
    * the caller to prepare (so the caller knows).  The kernel starts the
    * linked operation only once the first has done all of its bytes, and
-   * completes it with -ECANCELED otherwise.  Used at most once per request.  The
-   * worker links the reply of a WRITE to the write itself, so the reply
-   * leaves as soon as the data is written, without a trip through the
-   * event loop (filterd/worker.c). */
+   * completes it with -ECANCELED otherwise.  Used at most once per
+   * request.  The worker links the reply of a WRITE to the write itself,
+   * so the reply leaves as soon as the data is written, without a trip
+   * through the event loop (filterd/worker.c). */
   void (*link)(struct cbt_image_io *io, struct io_uring_sqe *sqe);
 
   /* Backend state. */

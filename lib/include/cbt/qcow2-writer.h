@@ -158,9 +158,9 @@ bool cbt_qcow2_writer_stream_intact(const cbt_qcow2_writer *w);
  * waits until the window before the one just completed is written back,
  * so at most ~2 windows of the file are dirty in the page cache, and
  * drops the windows written back from the cache (set before the first
- * write; 0: off, the default).  finish still fdatasyncs; this only spreads the work, and makes a writer that is
- * faster than its disk wait for it, so progress shown by the caller is
- * progress to the disk. */
+ * write; 0: off, the default).  finish still fdatasyncs; this only
+ * spreads the work, and makes a writer that is faster than its disk wait
+ * for it, so progress shown by the caller is progress to the disk. */
 void cbt_qcow2_writer_set_write_behind(cbt_qcow2_writer *w, uint64_t window);
 
 /* Guest bytes that currently read as data stored in this file / as zero
