@@ -200,6 +200,12 @@ cli_format_size(uint64_t bytes)
                          units[i]);
 }
 
+unsigned
+cli_copy_threads(void)
+{
+  return CLAMP(g_get_num_processors(), 2u, 4u);
+}
+
 char *
 cli_find_filterd(void)
 {

@@ -94,6 +94,12 @@ char *cli_format_size(uint64_t bytes);
 
 /* 100 * part / whole, 0 when whole is 0. */
 double cli_percent(uint64_t part, uint64_t whole);
+/* Threads for a copy (backup's connections, restore's qcow2 writers): one
+ * per CPU, at least 2 and at most 4.  More than the CPUs only queue for
+ * them and for the output file's lock; fewer than 2 leave the disk idle
+ * while one thread computes.  (A 2 GiB full on 2 CPUs: 4 connections
+ * 1.13-1.50 s, 2 connections 0.96-1.14 s, 1 connection 1.6 s.) */
+unsigned cli_copy_threads(void);
 /* The cbt-filterd to run: $CBT_FILTERD, else the one next to this cbt,
  * else the first on PATH; NULL if none.  g_free it. */
 char *cli_find_filterd(void);

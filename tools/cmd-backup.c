@@ -587,16 +587,6 @@ run(struct backup *b, GError **error)
   return true;
 }
 
-/* One copy thread per connection: more threads than CPUs only queue for
- * them and for the output file's inode lock.  A 2 GiB full on 2 CPUs:
- * 4 connections 1.13-1.50 s, 2 connections 0.96-1.14 s (nbdcopy
- * 1.03-1.11 s, alternating runs); 1 connection 1.6 s, so at least 2. */
-static gint
-default_connections(void)
-{
-  return (gint)CLAMP(g_get_num_processors(), 2u, 4u);
-}
-
 int
 cmd_backup(int argc, char **argv)
 {
@@ -604,7 +594,7 @@ cmd_backup(int argc, char **argv)
   g_autofree char *socket_path = NULL, *uri = NULL, *ctl = NULL, *dir = NULL;
   g_autofree char *checksum = NULL;
   gboolean full = FALSE, incremental = FALSE, autom = FALSE, json = FALSE;
-  g_autofree char *conns_arg = NULL;   /* NULL: default_connections() */
+  g_autofree char *conns_arg = NULL;   /* NULL: cli_copy_threads() */
   gint64 conns;
   GError *error = NULL;
   GOptionEntry entries[] = {
@@ -644,7 +634,7 @@ cmd_backup(int argc, char **argv)
   if (full + incremental + autom > 1)
     return cli_usage_error("backup", "--full, --incremental and --auto exclude each other");
   if (!conns_arg)
-    conns = default_connections();
+    conns = cli_copy_threads();     /* one copy thread per connection */
   else if (!g_ascii_string_to_signed(conns_arg, 10, 1, MAX_CONNECTIONS, &conns, NULL))
     return cli_usage_error("backup", "--connections must be 1 to %d", MAX_CONNECTIONS);
   b.checksum_set = checksum != NULL;

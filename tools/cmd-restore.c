@@ -337,7 +337,7 @@ sink_open(struct restore *rs, GError **error)
     }
     rs->created = true;
     rs->jobs = g_async_queue_new();
-    rs->nworkers = CLAMP((unsigned)g_get_num_processors(), 2u, 4u);
+    rs->nworkers = cli_copy_threads();
     rs->workers = g_new0(GThread *, rs->nworkers);
     for (unsigned i = 0; i < rs->nworkers; i++)
       rs->workers[i] = g_thread_new("qcow2-out", qcow2_worker, rs);
