@@ -993,7 +993,7 @@ void
 snapshot_protect(struct snapshot *s, const struct cbt_bitmap *needed)
 {
   for (uint64_t i = 0; i < s->nwords; i++) {
-    uint64_t v = needed ? atomic_load((_Atomic uint64_t *)&needed->words[i]) : ~UINT64_C(0);
+    uint64_t v = needed ? cbt_bitmap_word(needed, i) : ~UINT64_C(0);
 
     if (i == s->nwords - 1 && s->nbits % 64)
       v &= (UINT64_C(1) << (s->nbits % 64)) - 1;

@@ -720,6 +720,8 @@ load_entry_bits(struct cbt_bmfile *f, struct bmf_entry *e, char **why)
       e->page_crc[p] = cbt_crc32c(0, bytes + p * BMF_PAGE, page_bytes(e, p));
     words_from_le(e->bm.words + first * CBT_BITMAP_WORDS_PER_PAGE,
                   (stop - first * BMF_PAGE) / 8);
+    for (uint64_t p = first; p * BMF_PAGE < stop; p++)
+      cbt_bitmap_page_loaded(&e->bm, p);
     pos = stop;
   }
   return 0;
@@ -751,7 +753,7 @@ load_data(struct cbt_bmfile *f, char **why)
     }
     if (e->bm.nbits % 64) {
       last_mask = ~UINT64_C(0) >> (64 - e->bm.nbits % 64);
-      if (e->bm.words[nwords - 1] & ~last_mask) {
+      if (cbt_bitmap_word(&e->bm, nwords - 1) & ~last_mask) {
         if (f->found_clean)
           return cbt_fail(why, -EBADMSG, "bitmap '%s': bits past the end of the "
                       "image are set", e->name);

@@ -64,6 +64,8 @@
  *    says where the cut happened.  Writes to the target file are
  *    serialised here (a mutex held from cbt_fi_write_begin to
  *    cbt_fi_write_end) so a cut never races a write.
+ *
+ * 3. A stalled bitmap marker: CBT_FI_MARK_STALL (section 3 below).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -511,4 +513,63 @@ cbt_fi_synced(int fd, int r)
   if (r == 0 && is_target(fd))
     forget();
   g_mutex_unlock(&lock);
+}
+
+/* ---- 3. a stalled bitmap marker ----
+ *
+ * CBT_FI_MARK_STALL="OFFSET:MS": the first cbt_bitmap_set_range (or
+ * set_all) in this process that changes the bit of the granule holding
+ * image byte OFFSET sleeps MS milliseconds after its words changed and
+ * before it marks their page for write-out, once.  It prints "cbt fault
+ * injection: bitmap mark of OFFSET stalled" on stderr when the stall
+ * begins.  This is the window in which another thread finds the bit
+ * already set while its page is not yet marked (the crash-safe commit
+ * must not depend on this marker). */
+
+static GOnce stall_once = G_ONCE_INIT;
+static uint64_t stall_offset, stall_ms;
+static atomic_bool stall_armed;
+
+static void G_GNUC_NORETURN
+bad_stall(const char *spec)
+{
+  fprintf(stderr, "cbt fault injection: CBT_FI_MARK_STALL=\"%s\": expected OFFSET:MS\n",
+          spec);
+  fflush(stderr);
+  abort();
+}
+
+static gpointer
+stall_init(gpointer unused)
+{
+  const char *spec = getenv("CBT_FI_MARK_STALL");
+  char *end = NULL;
+
+  (void)unused;
+  if (!spec)
+    return NULL;
+  stall_offset = g_ascii_strtoull(spec, &end, 0);
+  if (!end || *end != ':')
+    bad_stall(spec);
+  stall_ms = g_ascii_strtoull(end + 1, &end, 10);
+  if (*end)
+    bad_stall(spec);
+  atomic_store(&stall_armed, true);
+  return NULL;
+}
+
+void
+cbt_fi_mark_stall(uint64_t start, uint64_t end)
+{
+  bool armed = true;
+
+  g_once(&stall_once, stall_init, NULL);
+  if (!atomic_load(&stall_armed) || stall_offset < start || stall_offset >= end)
+    return;
+  if (!atomic_compare_exchange_strong(&stall_armed, &armed, false))
+    return;
+  fprintf(stderr, "cbt fault injection: bitmap mark of %" PRIu64 " stalled for %"
+          PRIu64 " ms\n", stall_offset, stall_ms);
+  fflush(stderr);
+  g_usleep((gulong)(stall_ms * 1000));
 }

@@ -12,6 +12,8 @@
 #include <endian.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 #include <glib.h>
@@ -505,6 +507,101 @@ test_all_set(void **state)
   cbt_bitmap_destroy(&bm);
 }
 
+/* Pages of words that hold no bit are never read: every such page is made
+ * inaccessible (PROT_NONE), so a read of one kills the test with SIGSEGV
+ * instead of quietly costing a page of memory (some kernels back a read of
+ * untouched anonymous memory with a real page).  4 GiB at 512-byte
+ * granules is 1 MiB of words, which bitmap.c maps rather than allocates;
+ * two pages hold bits. */
+static void
+test_untouched_pages(void **state)
+{
+  const uint64_t page_bytes = UINT64_C(4096) * 8 * 512;   /* image bytes per page */
+  const uint64_t size = UINT64_C(4) << 30;
+  struct cbt_bitmap bm, other, copy;
+  uint8_t out[4096], zero[4096] = { 0 };
+  uint64_t off, len;
+  bool dirty;
+  unsigned runs = 0;
+
+  (void)state;
+  assert_int_equal(sysconf(_SC_PAGESIZE), CBT_BITMAP_PAGE_SIZE);
+  assert_int_equal(cbt_bitmap_init(&bm, size, 512), 0);
+  assert_int_equal(bm.npages, 256);
+  cbt_bitmap_set_range(&bm, 3 * page_bytes + 512, 4096);           /* page 3 */
+  cbt_bitmap_set_range(&bm, 200 * page_bytes - 512, 1024);          /* 199, 200 */
+  for (uint64_t p = 0; p < bm.npages; p++) {
+    bool used = p == 3 || p == 199 || p == 200;
+
+    assert_int_equal(bm.pages_used[p / 64] >> (p % 64) & 1, used);
+    if (!used)
+      assert_int_equal(mprotect(bm.words + p * CBT_BITMAP_WORDS_PER_PAGE,
+                                CBT_BITMAP_PAGE_SIZE, PROT_NONE), 0);
+  }
+
+  assert_int_equal(cbt_bitmap_dirty_bytes(&bm), 4096 + 1024);
+  assert_false(cbt_bitmap_test(&bm, 100 * page_bytes));
+  assert_true(cbt_bitmap_test(&bm, 3 * page_bytes + 512));
+  for (off = 0; off < size; off += len) {
+    len = cbt_bitmap_extent(&bm, off, size - off, &dirty);
+    assert_true(len > 0);
+    runs++;
+  }
+  assert_int_equal(runs, 5);               /* clean, dirty, clean, dirty, clean */
+  assert_int_equal(cbt_bitmap_extent(&bm, 200 * page_bytes - 512, size, &dirty), 1024);
+  assert_true(dirty);
+  assert_true(cbt_bitmap_all_set(&bm, 3 * page_bytes + 512, 4096));
+  assert_false(cbt_bitmap_all_set(&bm, 10 * page_bytes, 512));
+  assert_int_equal(cbt_bitmap_word(&bm, 50 * CBT_BITMAP_WORDS_PER_PAGE), 0);
+  cbt_bitmap_copy_page_le(&bm, 50, out, sizeof out);
+  assert_memory_equal(out, zero, sizeof out);
+
+  /* dup, merge, move and resize copy only the pages that hold bits. */
+  assert_int_equal(cbt_bitmap_dup(&bm, &copy), 0);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&copy), 4096 + 1024);
+  cbt_bitmap_destroy(&copy);
+  assert_int_equal(cbt_bitmap_init(&other, size, 512), 0);
+  assert_int_equal(cbt_bitmap_merge(&other, &bm), 0);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&other), 4096 + 1024);
+  cbt_bitmap_clear_all(&other);
+  assert_int_equal(cbt_bitmap_move(&other, &bm), 0);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&other), 4096 + 1024);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&bm), 0);
+  cbt_bitmap_set_range(&bm, 3 * page_bytes, 512);
+  cbt_bitmap_clear_range(&bm, 0, size);
+  cbt_bitmap_clear_all(&bm);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&bm), 0);
+  cbt_bitmap_set_range(&bm, 199 * page_bytes, 512);
+  assert_int_equal(cbt_bitmap_resize(&bm, size / 2), 0);
+  assert_int_equal(cbt_bitmap_dirty_bytes(&bm), 0);
+  assert_int_equal(cbt_bitmap_resize(&bm, size), 0);
+  cbt_bitmap_destroy(&bm);
+  cbt_bitmap_destroy(&other);
+}
+
+/* mark_range marks every page holding the range's granules, whether or
+ * not their bits changed now (a crash-safe commit whose bits another
+ * thread set must still get them written). */
+static void
+test_mark_range(void **state)
+{
+  const uint64_t page_bytes = UINT64_C(4096) * 8 * 512;
+  struct cbt_bitmap bm;
+
+  (void)state;
+  assert_int_equal(cbt_bitmap_init(&bm, 4 * page_bytes, 512), 0);
+  cbt_bitmap_set_range(&bm, page_bytes - 512, 1024);
+  for (uint64_t p = 0; p < bm.npages; p++)
+    (void)cbt_bitmap_claim_page(&bm, p);
+  cbt_bitmap_set_range(&bm, page_bytes - 512, 1024);   /* already set */
+  assert_int_equal(bm.pages_dirty[0], 0);
+  cbt_bitmap_mark_range(&bm, page_bytes - 512, 1024);
+  assert_int_equal(bm.pages_dirty[0], 0x3);
+  cbt_bitmap_mark_range(&bm, 4 * page_bytes, 512);        /* past the end */
+  assert_int_equal(bm.pages_dirty[0], 0x3);
+  cbt_bitmap_destroy(&bm);
+}
+
 int
 main(void)
 {
@@ -520,6 +617,8 @@ main(void)
     cmocka_unit_test(test_concurrent),
     cmocka_unit_test(test_move),
     cmocka_unit_test(test_all_set),
+    cmocka_unit_test(test_untouched_pages),
+    cmocka_unit_test(test_mark_range),
   };
 
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -16,6 +16,12 @@
  * whenever a word in that page actually changed.  The writer of the bitmap
  * file clears a page's bit (atomic, acquire) before it copies the page, so
  * a change racing with the copy leaves the bit set for the next write-out.
+ *
+ * pages_used has one bit per page of @words too: clear means the page holds
+ * no set bit, and then nothing here reads it.  So a bitmap costs memory
+ * for the pages that hold bits, never for the whole area @size implies,
+ * whatever the kernel does on a read of untouched anonymous memory.  The
+ * bit is set before the first word of the page changes and stays set.
  */
 #ifndef CBT_BITMAP_H
 #define CBT_BITMAP_H
@@ -38,6 +44,7 @@ struct cbt_bitmap {
   uint64_t nbits;         /* ceil(size / granularity) */
   uint64_t *words;        /* npages * 512 words; bits >= nbits are zero */
   uint64_t *pages_dirty;  /* one bit per page of words changed since write-out */
+  uint64_t *pages_used;   /* one bit per page of words that may hold a set bit */
   uint64_t npages;        /* pages of words allocated (at least 1) */
 };
 
@@ -70,7 +77,8 @@ int cbt_bitmap_dup(const struct cbt_bitmap *src, struct cbt_bitmap *dst);
  * either copies the new bits or leaves the page marked for the next one.
  * (A call that finds its bits already set by a concurrent caller returns
  * without waiting for that caller to mark the page; the bits reach disk no
- * later than the write-out after both calls returned.) */
+ * later than the write-out after both calls returned.  A caller that needs
+ * them durable sooner marks the pages itself: cbt_bitmap_mark_range.) */
 void cbt_bitmap_set_range(struct cbt_bitmap *bm, uint64_t offset, uint64_t len);
 
 /* Mark clean every granule that touches [offset, offset + len), clamped to
@@ -122,7 +130,23 @@ bool cbt_bitmap_all_set(const struct cbt_bitmap *bm, uint64_t offset, uint64_t l
  * (on error @bm is unchanged). */
 int cbt_bitmap_resize(struct cbt_bitmap *bm, uint64_t new_size);
 
+/* Word @w of the bits (0 past the end), read atomically; a page that holds
+ * no bit reads as 0 without being touched.  For callers that copy the
+ * bits word by word. */
+uint64_t cbt_bitmap_word(const struct cbt_bitmap *bm, uint64_t w);
+
+/* Mark for write-out every page holding a granule that touches
+ * [offset, offset + len), changed or not.  A crash-safe commit calls it
+ * for the range it makes durable: the bits may have been set by another
+ * thread that has not marked its page yet, and durability must not depend
+ * on that thread. */
+void cbt_bitmap_mark_range(struct cbt_bitmap *bm, uint64_t offset, uint64_t len);
+
 /* For the bitmap file writer (bitmap-file.c) ---------------------------- */
+
+/* The loader filled page @page's words directly: note it as used if any
+ * of its words is non-zero.  Not thread-safe (load time only). */
+void cbt_bitmap_page_loaded(struct cbt_bitmap *bm, uint64_t page);
 
 /* Atomically clear page @page's pages_dirty bit (acquire) and return
  * whether it was set.  Call before copying the page, so a change racing

@@ -59,6 +59,10 @@ bool cbt_fi_write_begin(int fd, uint64_t offset, size_t len);
 void cbt_fi_write_end(void);
 /* After an fdatasync/fsync of @fd returned @r. */
 void cbt_fi_synced(int fd, int r);
+
+/* lib/bitmap.c, after a set changed bits of image bytes [start, end) and
+ * before it marks their page: may sleep (CBT_FI_MARK_STALL). */
+void cbt_fi_mark_stall(uint64_t start, uint64_t end);
 #else
 static inline void cbt_fi_sqe(enum cbt_fi_target target, struct io_uring_sqe *sqe)
 { (void)target; (void)sqe; }
@@ -73,6 +77,8 @@ static inline bool cbt_fi_write_begin(int fd, uint64_t offset, size_t len)
 { (void)fd; (void)offset; (void)len; return false; }
 static inline void cbt_fi_write_end(void) { }
 static inline void cbt_fi_synced(int fd, int r) { (void)fd; (void)r; }
+static inline void cbt_fi_mark_stall(uint64_t start, uint64_t end)
+{ (void)start; (void)end; }
 #endif
 
 #endif
