@@ -16,7 +16,8 @@
  *      take the bits away in between; the second mark is a cheap guard.
  *
  * Crash-safe mode (--tracking crash-safe, bitmap-format.md rules 6-8).
- * A first write to a granule in the interval queues a commit; the syncer
+ * A first write to a granule in the interval queues a commit, which marks
+ * the pages holding its bits for write-out whoever set them; the syncer
  * takes every commit queued at that moment, writes the changed data pages
  * and fdatasyncs once (cbt_bmfile_sync_data: no metadata update), and only
  * after that completed sets the commits' ranges in t->durable and resumes
@@ -241,6 +242,12 @@ tracking_commit(struct tracking *t, struct worker *w, uint64_t offset, uint64_t 
   fw->arg = arg;
   fw->offset = offset;
   fw->len = len;
+  /* The bits are set (tracking_mark returned), but the page holding them
+   * may be unmarked still: another thread's set_range can have changed
+   * them and not yet marked the page, and ours then found nothing to do.
+   * Mark it ourselves, so the write-out that serves this commit copies
+   * the page and syncs it: durability never waits on another thread. */
+  cbt_bitmap_mark_range(t->active, offset, len);
   g_mutex_lock(&t->lock);
   g_ptr_array_add(t->commits, fw);
   g_cond_signal(&t->cond);
