@@ -1,30 +1,34 @@
-/* Request dispatch and reply construction.
+/* Request dispatch and reply construction: a request's whole life.
  *
  * dispatch_request() runs a request that passed cbt_nbd_request_validate()
- * (and whose WRITE payload is in req->buf): it records the range in the
- * dirty tracker when the request changes data, then hands it to the image
- * backend.  The completion builds the reply as iovecs over req->hdr_bytes
- * and req->buf and queues it with conn_reply().
+ * (and whose WRITE payload is in req->buf).  On the main export it passes
+ * down the stack of layers (layer.h: quiesce, instant restore,
+ * point-in-time view, tracking) to the image backend; the completion
+ * builds the reply as iovecs over req->hdr_bytes and req->buf and queues
+ * it with conn_reply().
  *
  * Contract: every request ends in exactly one conn_reply().  An I/O error
  * becomes an NBD error reply and the connection stays usable; only a broken
  * stream (handled in worker.c) drops a connection.
  *
- * Ordering that protects backups: a change passes the checkpoint gate
- * (quiesce.c), its dirty bit is set -- and in crash-safe mode durable --
- * before the data write is submitted, and set again when it completes,
- * before the reply (tracking.c explains why both), so a write the client
- * saw acknowledged is always in the active bitmap.  A FLUSH is acknowledged only once the
- * image data and the bitmap are both durable.
+ * The walk over the stack (req->layer is where the request is):
+ *   - a change (WRITE, WRITE_ZEROES, TRIM) asks each active layer's
+ *     before_change top-down; a layer that waits resumes it through a
+ *     continuation and is asked again; then the image I/O, then
+ *     after_change bottom-up, then the reply.  A layer that fails the
+ *     change (a bit that could not be made durable, a granule that could
+ *     not be copied) fails it with EIO, and the layers above it get
+ *     after_change with the error: data never changes past a layer that
+ *     could not do its part.
+ *   - a READ goes to the first active layer that serves reads (instant
+ *     restore), else to the image;
+ *   - base:allocation asks the layers' block_status, else the image;
+ *   - a FLUSH, or a change with FUA, asks each layer's flush top-down
+ *     after the image I/O: the reply waits until restore progress and
+ *     bitmap are durable too.
  *
- * Requests on the @checkpoint export go to snapshot.c (reads of the
- * point-in-time view, TRIM releases); guest changes on the main export
- * first let snapshot.c save the old data of granules a running backup
- * still needs.
- *
- * During an instant restore (restore.c) reads, base:allocation, guest
- * changes (whose granules are copied from the backup first) and FLUSH/FUA
- * (which also make the restore progress durable) go through restore.c.
+ * Requests on the @checkpoint export are the point-in-time view's own
+ * (reads of the view, TRIM releases) and go to snapshot.c directly.
  *
  * READ replies with structured replies negotiated: the buffer is split at
  * 4 KiB boundaries into data chunks and hole chunks for runs of zeros, so
@@ -38,7 +42,7 @@
 
 #include "cbt/qcow2.h"
 #include "cbt/util.h"
-#include "internal.h"
+#include "worker.h"
 
 #define HOLE_GRAIN 4096u
 #define MAX_BS_EXTENTS 1024u
@@ -187,23 +191,41 @@ changes_data(uint16_t type)
          type == NBD_CMD_WRITE_ZEROES;
 }
 
-static void
-flush_bitmap_done(void *arg, int res)
-{
-  struct request *req = arg;
+/* ---- the stack ---- */
 
-  if (res < 0) {
-    req->error = NBD_EIO;
-    reply_error(req);
-    return;
-  }
-  reply_ok_simple(req);
+/* Top to bottom; layer.h says why in this order.  A new layer is one line
+ * here and one file. */
+static const struct layer *const stack[] = {
+  &quiesce_layer,
+  &restore_layer,
+  &snapshot_layer,
+  &tracking_layer,
+};
+#define N_LAYERS ((uint8_t)G_N_ELEMENTS(stack))
+
+static bool
+layer_on(const struct layer *l)
+{
+  return !l->active || l->active();
 }
 
-/* A FLUSH (or FUA change) whose restore progress is now durable: the
- * bitmap next, if any, then the reply. */
+/* after_change of the active layers above @below (exclusive), bottom-up. */
 static void
-flush_restore_done(void *arg, int res)
+change_up(struct request *req, uint8_t below, int res)
+{
+  for (uint8_t i = below; i-- > 0;) {
+    const struct layer *l = stack[i];
+
+    if (l->after_change && layer_on(l))
+      l->after_change(&req->lr, res);
+  }
+}
+
+static void flush_down(struct request *req);
+
+/* A layer's flush finished: on to the next one, or the error reply. */
+static void
+flush_resumed(void *arg, int res)
 {
   struct request *req = arg;
 
@@ -212,9 +234,19 @@ flush_restore_done(void *arg, int res)
     reply_error(req);
     return;
   }
-  if (req->hdr.type == NBD_CMD_FLUSH && srv.tracking) {
-    tracking_flush(srv.tracking, conn_worker(req->c), flush_bitmap_done, req);
-    return;
+  req->layer++;
+  flush_down(req);
+}
+
+/* From req->layer down: every layer's flush, then the success reply. */
+static void
+flush_down(struct request *req)
+{
+  for (; req->layer < N_LAYERS; req->layer++) {
+    const struct layer *l = stack[req->layer];
+
+    if (l->flush && layer_on(l) && l->flush(&req->lr, flush_resumed, req))
+      return;
   }
   request_release_buf(req);
   reply_ok_simple(req);
@@ -225,11 +257,8 @@ io_complete(struct cbt_image_io *io, int res)
 {
   struct request *req = cbt_container_of(io, struct request, io);
 
-  if (changes_data(req->hdr.type)) {
-    if (srv.tracking)
-      tracking_mark(srv.tracking, req->hdr.offset, req->hdr.length);
-    quiesce_exit();
-  }
+  if (changes_data(req->hdr.type))
+    change_up(req, N_LAYERS, res);
   if (conn_linked_write_done(req, res))
     return;
   dispatch_io_reply(req, res);
@@ -249,19 +278,35 @@ dispatch_io_reply(struct request *req, int res)
     reply_error(req);
     return;
   }
-  if (req->hdr.type == NBD_CMD_READ)
+  if (req->hdr.type == NBD_CMD_READ) {
     reply_read(req);
-  else if (srv.restoring && restore_active() &&
-           (req->hdr.type == NBD_CMD_FLUSH ||
-            ((req->hdr.flags & NBD_CMD_FLAG_FUA) &&
-             !restore_is_durable(req->hdr.offset, req->hdr.length))))
-    restore_flush(conn_worker(req->c), flush_restore_done, req);
-  else if (req->hdr.type == NBD_CMD_FLUSH && srv.tracking)
-    tracking_flush(srv.tracking, conn_worker(req->c), flush_bitmap_done, req);
-  else {
+  } else if (req->hdr.type == NBD_CMD_FLUSH || (req->hdr.flags & NBD_CMD_FLAG_FUA)) {
+    req->layer = 0;
+    flush_down(req);
+  } else {
     request_release_buf(req);
     reply_ok_simple(req);
   }
+}
+
+/* base:allocation of the main export: the first layer that answers, else
+ * the image (meta.c). */
+static int
+base_allocation(const struct request *req, bool req_one, struct cbt_extent *ext,
+                size_t max)
+{
+  for (uint8_t i = 0; i < N_LAYERS; i++) {
+    const struct layer *l = stack[i];
+    int n;
+
+    if (!l->block_status || !layer_on(l))
+      continue;
+    n = l->block_status(req->hdr.offset, req->hdr.length, ext, req_one ? 1 : max);
+    if (n != -ENOTSUP)
+      return n;
+  }
+  return meta_extents(NULL, META_ID_BASE_ALLOCATION, req->hdr.offset,
+                      req->hdr.length, req_one, ext, max);
 }
 
 /* BLOCK_STATUS: one chunk per selected meta context, the last one DONE. */
@@ -282,10 +327,8 @@ do_block_status(struct request *req)
   }
   out = req->buf;
   for (unsigned i = 0; i < p->n_meta; i++) {
-    int n = p->meta_ids[i] == META_ID_BASE_ALLOCATION && !p->snap && srv.restoring &&
-            restore_active()
-            ? restore_block_status(req->hdr.offset, req->hdr.length, ext,
-                                   req_one ? 1 : MAX_BS_EXTENTS)
+    int n = p->meta_ids[i] == META_ID_BASE_ALLOCATION && !p->snap
+            ? base_allocation(req, req_one, ext, MAX_BS_EXTENTS)
             : meta_extents(p->snap, p->meta_ids[i], req->hdr.offset, req->hdr.length,
                            req_one, ext, MAX_BS_EXTENTS);
     uint8_t *h = out + pos;
@@ -371,7 +414,7 @@ dispatch_snapshot(struct request *req)
   case NBD_CMD_READ:
     if (read_prepare(req))
       return;
-    snapshot_read(snap, conn_worker(req->c), h->offset, h->length, req->buf,
+    snapshot_read(snap, conn_exec(req->c), h->offset, h->length, req->buf,
                   snap_read_done, req);
     return;
   case NBD_CMD_BLOCK_STATUS:
@@ -397,8 +440,9 @@ dispatch_snapshot(struct request *req)
   }
 }
 
+/* A READ a layer served (instant restore: from the backup). */
 static void
-restore_read_done(void *arg, int res)
+layer_read_done(void *arg, int res)
 {
   struct request *req = arg;
 
@@ -432,79 +476,51 @@ submit_change(struct request *req)
   cbt_image_submit(srv.image, &req->io);
 }
 
-/* Resume a guest change once the copies of its protected granules are
- * saved (snapshot_before_write). */
-static void
-submit_after_copy(void *arg)
-{
-  submit_change(arg);
-}
+static void change_down(struct request *req);
 
-/* Step 4 of a change: during an instant restore its granules hold the
- * backup's data (restore.c copies them first; asked again after every
- * wait until nothing is left to copy); while a point-in-time view is
- * open, the old data of protected granules is saved; then the image I/O. */
+/* A layer that made a change wait resumes it: asked again, or the change
+ * fails. */
 static void
-change_restored(void *arg, int res)
+change_resumed(void *arg, int res)
 {
   struct request *req = arg;
-  const struct cbt_nbd_request *h = &req->hdr;
 
   if (res < 0) {
-    /* Writing over a granule that is not copied yet would let the copy
-     * destroy the write later: refuse it. */
     req->error = NBD_EIO;
-    quiesce_exit();
+    change_up(req, req->layer, res);
     reply_error(req);
     return;
   }
-  if (srv.restoring && restore_before_write(conn_worker(req->c), h->offset, h->length,
-                                            change_restored, req))
-    return;
-  if (snapshot_before_write(conn_worker(req->c), h->offset, h->length,
-                            submit_after_copy, req))
-    return;
+  change_down(req);
+}
+
+/* A WRITE, WRITE_ZEROES or TRIM from req->layer down: each active
+ * layer's before_change, then the image I/O. */
+static void
+change_down(struct request *req)
+{
+  for (; req->layer < N_LAYERS; req->layer++) {
+    const struct layer *l = stack[req->layer];
+
+    if (l->before_change && layer_on(l) &&
+        l->before_change(&req->lr, change_resumed, req))
+      return;
+  }
   submit_change(req);
 }
 
-/* Step 3 of a change: its bits are durable (crash-safe mode). */
-static void
-change_committed(void *arg, int res)
+/* A READ of the main export: the first active layer that serves reads,
+ * else the image. */
+static bool
+read_by_layer(struct request *req)
 {
-  struct request *req = arg;
+  for (uint8_t i = 0; i < N_LAYERS; i++) {
+    const struct layer *l = stack[i];
 
-  if (res < 0) {
-    /* Never let data change without its bit on disk: refuse the write. */
-    req->error = NBD_EIO;
-    quiesce_exit();
-    reply_error(req);
-    return;
+    if (l->read && layer_on(l) && l->read(&req->lr, layer_read_done, req))
+      return true;
   }
-  change_restored(req, 0);
-}
-
-/* Steps 1 and 2 of a WRITE, WRITE_ZEROES or TRIM: pass the checkpoint
- * gate (quiesce.c), set the dirty bits, and in crash-safe mode wait for
- * them to be durable unless they already are (group commit, tracking.c).
- * The order -- bit durable, then old data saved, then data written -- is
- * what makes both a crash and a running backup safe. */
-static void
-change_start(void *arg)
-{
-  struct request *req = arg;
-  const struct cbt_nbd_request *h = &req->hdr;
-
-  if (!quiesce_enter(conn_worker(req->c), change_start, req))
-    return;
-  if (srv.tracking) {
-    tracking_mark(srv.tracking, h->offset, h->length);
-    if (!tracking_is_durable(srv.tracking, h->offset, h->length)) {
-      tracking_commit(srv.tracking, conn_worker(req->c), h->offset, h->length,
-                      change_committed, req);
-      return;
-    }
-  }
-  change_committed(req, 0);
+  return false;
 }
 
 void
@@ -518,6 +534,11 @@ dispatch_request(struct request *req)
     return;
   }
 
+  req->layer = 0;
+  req->lr = (struct layer_req) {
+    .ex = conn_exec(req->c), .type = h->type, .flags = h->flags,
+    .offset = h->offset, .length = h->length,
+  };
   io->ring = conn_ring(req->c);
   io->complete = io_complete;
   io->offset = h->offset;
@@ -529,11 +550,9 @@ dispatch_request(struct request *req)
   case NBD_CMD_READ:
     if (read_prepare(req))
       return;
-    if (srv.restoring && restore_active()) {
-      restore_read(conn_worker(req->c), h->offset, h->length, req->buf,
-                   restore_read_done, req);
+    req->lr.buf = req->buf;
+    if (read_by_layer(req))
       return;
-    }
     io->type = CBT_IO_READ;
     io->buf = req->buf;
     break;
@@ -567,7 +586,7 @@ dispatch_request(struct request *req)
   }
 
   if (changes_data(h->type)) {
-    change_start(req);
+    change_down(req);
     return;
   }
   cbt_image_submit(srv.image, io);

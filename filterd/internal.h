@@ -28,6 +28,7 @@
 
 #include "cbt/image.h"
 #include "cbt/nbd-proto.h"
+#include "layer.h"
 
 /* ---- log.c ---- */
 extern bool log_verbose;
@@ -238,9 +239,9 @@ size_t bufpool_trim(struct bufpool *p);
 bool memcap_take(size_t len);
 /* Take @len bytes even past the budget (small, bounded buffers). */
 void memcap_charge(size_t len);
-/* Give back what was taken or charged; wakes the workers whose
- * connections wait for memory. */
-void memcap_give(size_t len);
+/* Give back what was taken or charged.  True if connections wait for
+ * memory: the caller wakes their workers. */
+bool memcap_give(size_t len);
 /* A connection starts / stops waiting for memory. */
 void memcap_wait(void);
 void memcap_unwait(void);
@@ -248,88 +249,16 @@ void memcap_unwait(void);
 bool memcap_pressure(void);
 uint64_t memcap_used(void);
 
-/* ---- worker.c ---- */
-struct worker;
-struct conn;
-
-#define REQ_MAX_CHUNKS 16        /* data/hole chunks in one READ reply */
-
-struct request {
-  struct conn *c;
-  struct cbt_nbd_request hdr;
-  uint32_t error;                /* NBD error for the reply */
-  void *buf;                     /* READ/WRITE data or reply payload */
-  size_t buf_len;                /* as passed to bufpool_get */
-  size_t charged;                /* bytes taken from memcap.c for it */
-  uint32_t have;                 /* WRITE payload bytes received */
-  struct cbt_image_io io;
-  uint8_t link_state;            /* enum link_state (worker.c) */
-  int link_res;                  /* the write's result, kept for the send */
-
-  /* Reply, as iovecs over hdr_bytes and buf. */
-  struct iovec iov[2 * REQ_MAX_CHUNKS + 1];
-  unsigned niov;
-  unsigned iov_pos;
-  uint8_t hdr_bytes[REQ_MAX_CHUNKS * 32];
-  struct request *next;          /* send queue / free list */
-};
-
+/* ---- worker.c (the request path itself is in worker.h) ---- */
 bool workers_start(unsigned n, GError **error);
 /* Give a negotiated connection to a worker (any thread). */
 void workers_add_conn(const struct conn_params *p);
 /* Ask every worker to finish its requests and close; waits for them. */
 void workers_stop(void);
-/* Run @fn(@arg) on @w's thread (any thread may call). */
-void worker_post(struct worker *w, void (*fn)(void *), void *arg);
-/* @w's ring, for I/O submitted on @w's thread. */
-struct io_uring *worker_ring(struct worker *w);
-/* On @w's thread: I/O not owned by a connection is in flight on its ring
- * (copies, punches); a stopping worker waits until every hold is gone. */
-void worker_hold(struct worker *w);
-void worker_unhold(struct worker *w);
 unsigned workers_conn_count(void);
-/* memcap.c: buffers were given back; wake connections waiting for them. */
-void workers_memory_freed(void);
 /* From the main loop about once a second: return idle pooled memory;
  * under memory pressure, close clients that stopped reading replies. */
 void workers_tick(void);
-
-/* Called by dispatch.c. */
-struct bufpool *conn_pool(struct conn *c);
-struct io_uring *conn_ring(struct conn *c);
-struct worker *conn_worker(struct conn *c);
-const struct conn_params *conn_params(struct conn *c);
-/* Queue a built reply for sending; the request is freed after it is sent. */
-void conn_reply(struct request *req);
-/* Give @req a pooled buffer of @len bytes (counted against the
- * connection's in-flight limit); false if out of memory. */
-bool request_alloc_buf(struct request *req, size_t len);
-void request_release_buf(struct request *req);
-/* A WRITE's reply linked to the write (worker.c explains).  True when
- * @c has nothing else to send and no other request, so the reply may go
- * out from the kernel right after the data is written. */
-bool conn_can_link_reply(const struct conn *c);
-/* The image backend's link() for such a write: @req's reply header is
- * encoded; prepare its send in @sqe. */
-void conn_prep_linked_reply(struct request *req, struct io_uring_sqe *sqe);
-/* From an image request's completion (after its tracking and quiesce
- * steps): true if its reply was linked and the linked send has replied or
- * will decide the reply, so the caller must not touch @req again; false
- * (never linked, or the send was cancelled): reply the normal way. */
-bool conn_linked_write_done(struct request *req, int res);
-
-
-/* ---- dispatch.c ---- */
-/* Start a validated request (payload, if any, already received).  The
- * request always ends in conn_reply(). */
-void dispatch_request(struct request *req);
-/* Build the reply for a request that failed validation or completed with
- * req->error set. */
-void reply_error(struct request *req);
-/* The reply of an image request that completed with @res, once its
- * changes' tracking is done (also for a linked reply whose send was
- * cancelled). */
-void dispatch_io_reply(struct request *req, int res);
 
 /* ---- tracking.c ---- */
 struct tracking;
@@ -391,9 +320,9 @@ bool tracking_checkpoint_begin(struct tracking *t, enum snapshot_mode mode,
 bool tracking_checkpoint_commit(struct tracking *t, uint64_t id, GError **error);
 /* @id NULL: abort whichever checkpoint is in progress. */
 bool tracking_checkpoint_abort(struct tracking *t, const uint64_t *id, GError **error);
-/* Call done(arg, 0 or -errno) on worker @w once every bit set before this
+/* Call done(arg, 0 or -errno) on @ex once every bit set before this
  * call is durable. */
-void tracking_flush(struct tracking *t, struct worker *w,
+void tracking_flush(struct tracking *t, struct exec *ex,
                     void (*done)(void *arg, int res), void *arg);
 /* Dirty-bitmap meta contexts offered now (ids >= META_ID_DIRTY_FIRST);
  * with @frozen_only just the checkpoint's (the @checkpoint export). */
@@ -410,22 +339,22 @@ void tracking_mark(struct tracking *t, uint64_t offset, uint64_t len);
 bool tracking_is_durable(struct tracking *t, uint64_t offset, uint64_t len);
 /* Crash-safe mode: make the (already marked) bits of [offset, offset+len)
  * durable, sharing one bitmap write + fdatasync with every commit waiting
- * at that moment; then done(arg, 0 or -errno) runs on worker @w. */
-void tracking_commit(struct tracking *t, struct worker *w, uint64_t offset,
+ * at that moment; then done(arg, 0 or -errno) runs on @ex. */
+void tracking_commit(struct tracking *t, struct exec *ex, uint64_t offset,
                      uint64_t len, void (*done)(void *arg, int res), void *arg);
 /* Periodic work from the main loop (about once a second). */
 void tracking_tick(struct tracking *t);
 
 /* ---- quiesce.c ---- */
 /* A data-changing request enters before it is marked: true to go on;
- * false if a checkpoint is being taken, then @cont(@arg) runs on @w once
+ * false if a checkpoint is being taken, then @cont(@arg, 0) runs on @ex once
  * it is over (and must enter again). */
-bool quiesce_enter(struct worker *w, void (*cont)(void *arg), void *arg);
+bool quiesce_enter(struct exec *ex, layer_cont *cont, void *arg);
 /* ... and leaves once its image I/O completed (or it was refused). */
 void quiesce_exit(void);
 /* Hold new changes and wait until none is in flight (at most @timeout_s
  * seconds; on timeout the gate opens again and false is returned). */
-bool quiesce_begin(unsigned timeout_s, GError **error);
+bool quiesce_begin(unsigned timeout_s);
 void quiesce_end(void);
 
 /* ---- snapshot.c ---- */
@@ -457,11 +386,11 @@ void snapshot_unref(struct snapshot *s);
  * is protected any more and its export answers ESHUTDOWN. */
 void snapshot_end(void);
 /* Before a guest change of [offset, offset+len) is submitted: false to go
- * on now, true if it must wait for copies; then @cont(@arg) runs on @w. */
-bool snapshot_before_write(struct worker *w, uint64_t offset, uint64_t len,
-                           void (*cont)(void *arg), void *arg);
+ * on now, true if it must wait for copies; then @cont(@arg, 0) runs on @ex. */
+bool snapshot_before_write(struct exec *ex, uint64_t offset, uint64_t len,
+                           layer_cont *cont, void *arg);
 /* Read the view: @done(@arg, 0 or -errno) is called on this thread. */
-void snapshot_read(struct snapshot *s, struct worker *w, uint64_t offset,
+void snapshot_read(struct snapshot *s, struct exec *ex, uint64_t offset,
                    uint32_t len, void *buf, void (*done)(void *arg, int res),
                    void *arg);
 /* The backup is done with [offset, offset+len): stop protecting the whole
@@ -500,13 +429,13 @@ bool restore_stop(GError **error);
 bool restore_active(void);
 /* Read [offset, offset+len) of the disk into @buf: copied granules from
  * the output, the rest from the backup; @done(@arg, 0 or -errno) runs on
- * this worker's thread, never inside this call. */
-void restore_read(struct worker *w, uint64_t offset, uint32_t len, void *buf,
+ * @ex's thread, never inside this call. */
+void restore_read(struct exec *ex, uint64_t offset, uint32_t len, void *buf,
                   void (*done)(void *arg, int res), void *arg);
 /* Before a guest change of [offset, offset+len) is submitted: false to go
  * on now; true if granules must be copied first, then @cont(@arg, 0 or
- * -EIO) runs on @w, and must call this again (it may have more to copy). */
-bool restore_before_write(struct worker *w, uint64_t offset, uint64_t len,
+ * -EIO) runs on @ex, and must call this again (it may have more to copy). */
+bool restore_before_write(struct exec *ex, uint64_t offset, uint64_t len,
                           void (*cont)(void *arg, int res), void *arg);
 /* base:allocation during a restore; as meta_extents. */
 int restore_block_status(uint64_t offset, uint32_t len, struct cbt_extent *ext,
@@ -514,8 +443,8 @@ int restore_block_status(uint64_t offset, uint32_t len, struct cbt_extent *ext,
 /* Are the copied bits of [offset, offset+len) in the state file already? */
 bool restore_is_durable(uint64_t offset, uint64_t len);
 /* Make every copied bit durable (output flushed first); then @done(@arg,
- * 0 or -errno) runs on @w.  For FLUSH and FUA, before the reply. */
-void restore_flush(struct worker *w, void (*done)(void *arg, int res), void *arg);
+ * 0 or -errno) runs on @ex.  For FLUSH and FUA, before the reply. */
+void restore_flush(struct exec *ex, void (*done)(void *arg, int res), void *arg);
 
 struct restore_status {
   char source[4096], state[4096];

@@ -7,7 +7,7 @@
  * before its header is consumed.  When the budget is spent, the
  * connection stops reading (the client's requests wait in the socket,
  * which is NBD's own back-pressure) and its worker is told when buffers
- * are given back, from any thread.  Small buffers (block status replies)
+ * are given back (memcap_give says when someone waits), from any thread.  Small buffers (block status replies)
  * are charged without waiting: they are bounded per request.
  *
  * Memory held by clients that do not read their replies comes back only
@@ -40,14 +40,13 @@ memcap_charge(size_t len)
   atomic_fetch_add(&used, len);
 }
 
-void
+bool
 memcap_give(size_t len)
 {
   if (len == 0)
-    return;
+    return false;
   atomic_fetch_sub(&used, len);
-  if (atomic_load(&waiting) > 0)
-    workers_memory_freed();
+  return atomic_load(&waiting) > 0;
 }
 
 void

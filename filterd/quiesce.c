@@ -5,7 +5,7 @@
  * of bitmap writes all assume that no WRITE, WRITE_ZEROES or TRIM is
  * between "marked" and "completed" while the bits move.  So every such
  * request passes a gate when it is dispatched and leaves it when its image
- * I/O has completed (dispatch.c).  quiesce_begin() closes the gate and
+ * I/O has completed (the first layer of dispatch.c's stack, layer.h).  quiesce_begin() closes the gate and
  * waits until nothing is inside; requests that arrive meanwhile are parked
  * and resumed on their own worker by quiesce_end().  Reads never pass the
  * gate.  The pause lasts as long as the slowest change already in flight
@@ -21,10 +21,11 @@
 #include <errno.h>
 
 #include "internal.h"
+#include "layer.h"
 
 struct parked {
-  struct worker *w;
-  void (*cont)(void *arg);
+  struct exec *ex;
+  layer_cont *cont;
   void *arg;
 };
 
@@ -35,7 +36,7 @@ static GCond drained;
 static GPtrArray *parked;           /* struct parked * */
 
 bool
-quiesce_enter(struct worker *w, void (*cont)(void *arg), void *arg)
+quiesce_enter(struct exec *ex, layer_cont *cont, void *arg)
 {
   struct parked *p;
 
@@ -50,7 +51,7 @@ quiesce_enter(struct worker *w, void (*cont)(void *arg), void *arg)
     return true;
   }
   p = g_new(struct parked, 1);
-  p->w = w;
+  p->ex = ex;
   p->cont = cont;
   p->arg = arg;
   if (!parked)
@@ -71,7 +72,7 @@ quiesce_exit(void)
 }
 
 bool
-quiesce_begin(unsigned timeout_s, GError **error)
+quiesce_begin(unsigned timeout_s)
 {
   gint64 deadline = g_get_monotonic_time() + (gint64)timeout_s * G_TIME_SPAN_SECOND;
 
@@ -81,8 +82,6 @@ quiesce_begin(unsigned timeout_s, GError **error)
     if (!g_cond_wait_until(&drained, &lock, deadline) && atomic_load(&inside) > 0) {
       g_mutex_unlock(&lock);
       quiesce_end();
-      g_set_error(error, CTL_ERROR, CTL_ERR_GENERIC,
-                  "guest writes in flight did not complete within %u s", timeout_s);
       return false;
     }
   }
@@ -95,7 +94,7 @@ resume(void *arg)
 {
   struct parked *p = arg;
 
-  p->cont(p->arg);
+  p->cont(p->arg, 0);
   g_free(p);
 }
 
@@ -111,6 +110,28 @@ quiesce_end(void)
   /* A resumed request enters again: it may meet the next begin. */
   for (guint i = 0; list && i < list->len; i++) {
     struct parked *p = list->pdata[i];
-    worker_post(p->w, resume, p);
+    exec_post(p->ex, resume, p);
   }
 }
+
+/* ---- the layer ---- */
+
+static bool
+layer_before_change(const struct layer_req *r, layer_cont *k, void *arg)
+{
+  return !quiesce_enter(r->ex, k, arg);
+}
+
+static void
+layer_after_change(const struct layer_req *r, int res)
+{
+  (void)r;
+  (void)res;
+  quiesce_exit();
+}
+
+const struct layer quiesce_layer = {
+  .name = "quiesce",
+  .before_change = layer_before_change,
+  .after_change = layer_after_change,
+};

@@ -72,6 +72,7 @@
 #include "cbt/restore-state.h"
 #include "cbt/util.h"
 #include "internal.h"
+#include "layer.h"
 
 #define RUN_MAX       (UINT64_C(1) << 20)   /* bytes of one copy job, at most */
 #define COPIER_JOBS   4u
@@ -80,7 +81,7 @@
 
 /* A guest request waiting for the copies of its granules. */
 struct rwait {
-  struct worker *w;
+  struct exec *ex;
   atomic_uint pending;
   atomic_int err;
   void (*cont)(void *arg, int res);
@@ -94,7 +95,7 @@ struct record {
 };
 
 struct job {
-  struct worker *w;                 /* NULL: the copier thread */
+  struct exec *ex;                 /* NULL: the copier thread */
   struct io_uring *ring;
   uint64_t g0, n;                   /* granules [g0, g0 + n) */
   uint64_t off, len;                /* their bytes */
@@ -105,7 +106,7 @@ struct job {
 
 /* A flush waiting for the done bits to be durable. */
 struct flush_waiter {
-  struct worker *w;
+  struct exec *ex;
   void (*done)(void *arg, int res);
   void *arg;
   int res;
@@ -233,7 +234,7 @@ wait_put(struct rwait *rw, int res)
   if (res < 0)
     atomic_store(&rw->err, res);
   if (atomic_fetch_sub(&rw->pending, 1) == 1)
-    worker_post(rw->w, run_wait, rw);
+    exec_post(rw->ex, run_wait, rw);
 }
 
 /* ---- copy jobs ---- */
@@ -266,7 +267,7 @@ static void
 job_finish(struct job *j, int res)
 {
   GPtrArray *wake = g_ptr_array_new();
-  struct worker *w = j->w;
+  struct exec *ex = j->ex;
 
   g_mutex_lock(&R->lock);
   for (uint64_t g = j->g0; g < j->g0 + j->n; g++) {
@@ -290,13 +291,13 @@ job_finish(struct job *j, int res)
   if (res < 0)
     log_error("instant restore: copying %" PRIu64 " bytes at offset %" PRIu64
               " from %s: %s", j->len, j->off, R->src_path, g_strerror(-res));
-  if (!w) {
+  if (!ex) {
     copier_job_done(j, res);
     return;
   }
   free(j->buf);
   g_free(j);
-  worker_unhold(w);
+  exec_unhold(ex);
 }
 
 /* Write the next piece of the run: a stretch of granules that are all
@@ -376,21 +377,21 @@ source_zero(uint64_t off, uint64_t len)
   return true;
 }
 
-/* Copy the claimed granules [g0, g0 + n) on @ring (of worker @w, or the
- * copier's when @w is NULL). */
+/* Copy the claimed granules [g0, g0 + n) on @ring (of exec @ex, or the
+ * copier's when @ex is NULL). */
 static void
-job_start(struct worker *w, struct io_uring *ring, uint64_t g0, uint64_t n)
+job_start(struct exec *ex, struct io_uring *ring, uint64_t g0, uint64_t n)
 {
   struct job *j = g_new0(struct job, 1);
 
-  j->w = w;
+  j->ex = ex;
   j->ring = ring;
   j->g0 = g0;
   j->n = n;
   j->off = g0 << R->shift;
   j->len = bytes_of(n, g0 + n == R->nbits);
-  if (w)
-    worker_hold(w);
+  if (ex)
+    exec_hold(ex);
   if (source_zero(j->off, j->len)) {
     job_step(j);
     return;
@@ -413,7 +414,7 @@ job_start(struct worker *w, struct io_uring *ring, uint64_t g0, uint64_t n)
 /* ---- guest changes ---- */
 
 bool
-restore_before_write(struct worker *w, uint64_t offset, uint64_t len,
+restore_before_write(struct exec *ex, uint64_t offset, uint64_t len,
                      void (*cont)(void *arg, int res), void *arg)
 {
   uint64_t runs[2 * 64], nruns = 0;  /* (g0, n) pairs of new jobs */
@@ -455,7 +456,7 @@ restore_before_write(struct worker *w, uint64_t offset, uint64_t len,
     }
     if (!rw) {
       rw = g_new0(struct rwait, 1);
-      rw->w = w;
+      rw->ex = ex;
       rw->cont = cont;
       rw->arg = arg;
       atomic_init(&rw->pending, 1);  /* our own hold, dropped below */
@@ -473,7 +474,7 @@ restore_before_write(struct worker *w, uint64_t offset, uint64_t len,
     R->guest_copies += runs[2 * i + 1];
   g_mutex_unlock(&R->sync_lock);
   for (uint64_t i = 0; i < nruns; i++)
-    job_start(w, worker_ring(w), runs[2 * i], runs[2 * i + 1]);
+    job_start(ex, exec_ring(ex), runs[2 * i], runs[2 * i + 1]);
   /* Copies complete on the ring, never inside job_start, and their
    * wake-ups are posted. */
   wait_put(rw, 0);
@@ -523,7 +524,7 @@ piece_done(struct cbt_image_io *io, int res)
 }
 
 void
-restore_read(struct worker *w, uint64_t offset, uint32_t len, void *buf,
+restore_read(struct exec *ex, uint64_t offset, uint32_t len, void *buf,
              void (*done)(void *arg, int res), void *arg)
 {
   struct rread *rd = g_new0(struct rread, 1);
@@ -545,7 +546,7 @@ restore_read(struct worker *w, uint64_t offset, uint32_t len, void *buf,
     while (stop < end && bit_test(R->done, stop >> R->shift) == from_out)
       stop = MIN(stop + R->gran, end);
     p->rd = rd;
-    p->io.ring = worker_ring(w);
+    p->io.ring = exec_ring(ex);
     p->io.type = CBT_IO_READ;
     p->io.offset = pos;
     p->io.len = stop - pos;
@@ -880,7 +881,7 @@ syncer_main(gpointer arg)
       struct flush_waiter *fw = flushes->pdata[i];
 
       fw->res = r;
-      worker_post(fw->w, flush_done_run, fw);
+      exec_post(fw->ex, flush_done_run, fw);
     }
     maybe_close_source();
     if (atomic_load(&R->stopping))
@@ -890,11 +891,11 @@ syncer_main(gpointer arg)
 }
 
 void
-restore_flush(struct worker *w, void (*done)(void *arg, int res), void *arg)
+restore_flush(struct exec *ex, void (*done)(void *arg, int res), void *arg)
 {
   struct flush_waiter *fw = g_new0(struct flush_waiter, 1);
 
-  fw->w = w;
+  fw->ex = ex;
   fw->done = done;
   fw->arg = arg;
   g_mutex_lock(&R->sync_lock);
@@ -1100,3 +1101,45 @@ restore_get_status(struct restore_status *st)
   st->source_open = R->src != NULL;
   return true;
 }
+
+/* ---- the layer ---- */
+
+static bool
+layer_active(void)
+{
+  return srv.restoring && restore_active();
+}
+
+static bool
+layer_before_change(const struct layer_req *r, layer_cont *k, void *arg)
+{
+  return restore_before_write(r->ex, r->offset, r->length, k, arg);
+}
+
+static bool
+layer_read(const struct layer_req *r, layer_cont *k, void *arg)
+{
+  restore_read(r->ex, r->offset, r->length, r->buf, k, arg);
+  return true;
+}
+
+/* A FLUSH, and a FUA change whose copied granules are not on record yet,
+ * make the restore progress durable before their reply. */
+static bool
+layer_flush(const struct layer_req *r, layer_cont *k, void *arg)
+{
+  if (r->type != NBD_CMD_FLUSH &&
+      (!(r->flags & NBD_CMD_FLAG_FUA) || restore_is_durable(r->offset, r->length)))
+    return false;
+  restore_flush(r->ex, k, arg);
+  return true;
+}
+
+const struct layer restore_layer = {
+  .name = "instant restore",
+  .active = layer_active,
+  .before_change = layer_before_change,
+  .read = layer_read,
+  .block_status = restore_block_status,
+  .flush = layer_flush,
+};

@@ -88,6 +88,7 @@
 #include "cbt/nbd-proto.h"
 #include "cbt/util.h"
 #include "internal.h"
+#include "layer.h"
 
 #define COPY_CHUNK   (1u << 20)
 #define MAX_COPIES   16u
@@ -107,9 +108,9 @@ struct record {
 
 /* A guest request waiting for the copies of its granules. */
 struct snap_wait {
-  struct worker *w;
+  struct exec *ex;
   atomic_uint pending;
-  void (*cont)(void *arg);
+  layer_cont *cont;
   void *arg;
 };
 
@@ -142,7 +143,7 @@ struct snapshot {
 struct copy_job {
   struct snapshot *s;
   struct record *rec;
-  struct worker *w;                 /* runs on this worker's ring */
+  struct exec *ex;                 /* runs on this worker's ring */
   struct io_uring *ring;
   uint64_t base;                    /* image offset of the granule */
   uint64_t glen;                    /* its length (the last may be short) */
@@ -220,30 +221,30 @@ run_wait(void *arg)
 {
   struct snap_wait *sw = arg;
 
-  sw->cont(sw->arg);
+  sw->cont(sw->arg, 0);
   g_free(sw);
 }
 
 /* Drop one hold on @sw; the last one resumes the request on its worker:
- * at once via @local (run by the caller on worker @self after unlocking)
+ * at once via @local (run by the caller on exec @self after unlocking)
  * when that is the request's own worker, else by a posted message. */
 static void
-wait_put(struct snap_wait *sw, struct worker *self, GPtrArray **local)
+wait_put(struct snap_wait *sw, struct exec *self, GPtrArray **local)
 {
   if (atomic_fetch_sub(&sw->pending, 1) != 1)
     return;
-  if (local && sw->w == self) {
+  if (local && sw->ex == self) {
     if (!*local)
       *local = g_ptr_array_new();
     g_ptr_array_add(*local, sw);
     return;
   }
-  worker_post(sw->w, run_wait, sw);
+  exec_post(sw->ex, run_wait, sw);
 }
 
 /* Under s->lock: wake everyone waiting for @rec's copy (see wait_put). */
 static void
-wake_waiters(struct record *rec, struct worker *self, GPtrArray **local)
+wake_waiters(struct record *rec, struct exec *self, GPtrArray **local)
 {
   for (guint i = 0; i < rec->waiters->len; i++)
     wait_put(rec->waiters->pdata[i], self, local);
@@ -316,7 +317,7 @@ fail(struct snapshot *s, const char *fmt, ...)
 /* ---- copy-before-write ---- */
 
 static void copy_chunk(struct copy_job *j);
-static void copy_start(struct snapshot *s, struct record *rec, struct worker *w);
+static void copy_start(struct snapshot *s, struct record *rec, struct exec *ex);
 
 /* Under s->lock: move queued records into the copy slots that are free;
  * returns them for the caller to start after unlocking. */
@@ -340,7 +341,7 @@ take_queued(struct snapshot *s)
 struct start_msg {
   struct snapshot *s;
   struct record *rec;
-  struct worker *w;
+  struct exec *ex;
 };
 
 static void
@@ -348,33 +349,33 @@ start_msg_run(void *arg)
 {
   struct start_msg *m = arg;
 
-  copy_start(m->s, m->rec, m->w);
+  copy_start(m->s, m->rec, m->ex);
   snapshot_unref(m->s);
   g_free(m);
 }
 
 /* Start the copies of @recs.  Each runs on the worker of its first
  * waiter, whose request keeps that worker (and its ring) alive until the
- * copy is done; @w is the calling thread's worker. */
+ * copy is done; @ex is the calling thread's exec. */
 static void
-start_all(struct snapshot *s, GPtrArray *recs, struct worker *w)
+start_all(struct snapshot *s, GPtrArray *recs, struct exec *ex)
 {
   if (!recs)
     return;
   for (guint i = 0; i < recs->len; i++) {
     struct record *rec = recs->pdata[i];
     struct snap_wait *first = rec->waiters->len ? rec->waiters->pdata[0] : NULL;
-    struct worker *target = first ? first->w : w;
+    struct exec *target = first ? first->ex : ex;
 
-    if (target == w) {
-      copy_start(s, rec, w);
+    if (target == ex) {
+      copy_start(s, rec, ex);
     } else {
       struct start_msg *m = g_new(struct start_msg, 1);
 
       m->s = snap_ref(s);
       m->rec = rec;
-      m->w = target;
-      worker_post(target, start_msg_run, m);
+      m->ex = target;
+      exec_post(target, start_msg_run, m);
     }
   }
   g_ptr_array_unref(recs);
@@ -385,7 +386,7 @@ copy_finish(struct copy_job *j, int res)
 {
   struct snapshot *s = j->s;
   struct record *rec = j->rec;
-  struct worker *w = j->w;
+  struct exec *ex = j->ex;
   GPtrArray *next, *local = NULL;
   uint64_t g = rec->g;
 
@@ -398,20 +399,20 @@ copy_finish(struct copy_job *j, int res)
     /* The waiters may now write: every reader from here on must find the
      * record COPIED (both happen under the lock). */
     prot_clear(s, g);
-    wake_waiters(rec, w, &local);
+    wake_waiters(rec, ex, &local);
     if (rec->released)
       drop_record(s, rec);
   } else {
-    wake_waiters(rec, w, &local);
+    wake_waiters(rec, ex, &local);
     drop_record(s, rec);
   }
   next = s->dead ? NULL : take_queued(s);
   g_mutex_unlock(&s->lock);
-  start_all(s, next, w);
+  start_all(s, next, ex);
   run_local(local);
   free(j->buf);
   g_free(j);
-  worker_unhold(w);
+  exec_unhold(ex);
   snapshot_unref(s);
 }
 
@@ -529,16 +530,16 @@ copy_chunk(struct copy_job *j)
 }
 
 static void
-copy_start(struct snapshot *s, struct record *rec, struct worker *w)
+copy_start(struct snapshot *s, struct record *rec, struct exec *ex)
 {
   struct copy_job *j = g_new0(struct copy_job, 1);
   size_t blen;
 
   j->s = snap_ref(s);
   j->rec = rec;
-  j->w = w;
-  j->ring = worker_ring(w);
-  worker_hold(w);
+  j->ex = ex;
+  j->ring = exec_ring(ex);
+  exec_hold(ex);
   j->base = rec->g << s->shift;
   j->glen = gran_len(s, rec->g);
   blen = (size_t)MIN((uint64_t)COPY_CHUNK, j->glen);
@@ -553,8 +554,8 @@ copy_start(struct snapshot *s, struct record *rec, struct worker *w)
 }
 
 bool
-snapshot_before_write(struct worker *w, uint64_t offset, uint64_t len,
-                      void (*cont)(void *arg), void *arg)
+snapshot_before_write(struct exec *ex, uint64_t offset, uint64_t len,
+                      layer_cont *cont, void *arg)
 {
   struct snap_wait *sw = NULL;
   GPtrArray *start = NULL;
@@ -590,7 +591,7 @@ snapshot_before_write(struct worker *w, uint64_t offset, uint64_t len,
     }
     if (!sw) {
       sw = g_new0(struct snap_wait, 1);
-      sw->w = w;
+      sw->ex = ex;
       sw->cont = cont;
       sw->arg = arg;
       atomic_init(&sw->pending, 1);  /* our own hold, dropped below */
@@ -602,7 +603,7 @@ snapshot_before_write(struct worker *w, uint64_t offset, uint64_t len,
     start = take_queued(s);
     g_mutex_unlock(&s->lock);
   }
-  start_all(s, start, w);
+  start_all(s, start, ex);
   snapshot_unref(s);
   if (!sw)
     return false;
@@ -784,13 +785,13 @@ read_image_done(struct cbt_image_io *io, int res)
 }
 
 void
-snapshot_read(struct snapshot *s, struct worker *w, uint64_t offset,
+snapshot_read(struct snapshot *s, struct exec *ex, uint64_t offset,
               uint32_t len, void *buf, void (*done)(void *arg, int res), void *arg)
 {
   struct snap_read *rd = g_new0(struct snap_read, 1);
 
   rd->s = snap_ref(s);
-  rd->ring = worker_ring(w);
+  rd->ring = exec_ring(ex);
   rd->off = offset;
   rd->len = len;
   rd->buf = buf;
@@ -1077,3 +1078,19 @@ snapshot_get_status(struct snapshot_status *st)
   snapshot_unref(s);
   return true;
 }
+
+/* ---- the layer ---- */
+
+/* Guest changes on the main export wait for the copies of the granules a
+ * running backup still needs; reads of the main export are not the
+ * view's business (its own export is served by dispatch_snapshot). */
+static bool
+layer_before_change(const struct layer_req *r, layer_cont *k, void *arg)
+{
+  return snapshot_before_write(r->ex, r->offset, r->length, k, arg);
+}
+
+const struct layer snapshot_layer = {
+  .name = "point-in-time view",
+  .before_change = layer_before_change,
+};

@@ -6,7 +6,8 @@
  * bitmap library records which 4 KiB pages of words changed, so writing
  * the bitmap out costs what changed, not the bitmap's size.
  *
- * Marking order (dispatch.c calls us twice per change):
+ * Marking order (the tracking layer, at the end of this file, is the last
+ * of dispatch.c's stack before the image, and marks twice per change):
  *   1. before the data write is submitted, so the bit exists before the
  *      data can reach the disk; in crash-safe mode the write then waits
  *      until the bit is durable (tracking_commit) unless the in-memory
@@ -77,12 +78,13 @@
 #include "cbt/fault-inject.h"
 #include "cbt/uring-io.h"
 #include "internal.h"
+#include "layer.h"
 
 #define SYNC_INTERVAL 5                    /* seconds */
 #define QUIESCE_TIMEOUT 30                 /* seconds begin waits for writes */
 
 struct flush_waiter {
-  struct worker *w;
+  struct exec *ex;
   void (*done)(void *arg, int res);
   void *arg;
   int res;
@@ -159,13 +161,13 @@ static void
 finish_batch(struct tracking *t, GPtrArray *batch, int r)
 {
   while (batch->len > 0) {
-    struct worker *w = ((struct flush_waiter *)batch->pdata[0])->w;
+    struct exec *ex = ((struct flush_waiter *)batch->pdata[0])->ex;
     GPtrArray *mine = g_ptr_array_new();
 
     for (guint i = 0; i < batch->len;) {
       struct flush_waiter *fw = batch->pdata[i];
 
-      if (fw->w != w) {
+      if (fw->ex != ex) {
         i++;
         continue;
       }
@@ -175,7 +177,7 @@ finish_batch(struct tracking *t, GPtrArray *batch, int r)
       g_ptr_array_add(mine, fw);
       g_ptr_array_remove_index_fast(batch, i);
     }
-    worker_post(w, run_waiters, mine);
+    exec_post(ex, run_waiters, mine);
   }
 }
 
@@ -232,12 +234,12 @@ tracking_is_durable(struct tracking *t, uint64_t offset, uint64_t len)
 }
 
 void
-tracking_commit(struct tracking *t, struct worker *w, uint64_t offset, uint64_t len,
+tracking_commit(struct tracking *t, struct exec *ex, uint64_t offset, uint64_t len,
                 void (*done)(void *arg, int res), void *arg)
 {
   struct flush_waiter *fw = g_new0(struct flush_waiter, 1);
 
-  fw->w = w;
+  fw->ex = ex;
   fw->done = done;
   fw->arg = arg;
   fw->offset = offset;
@@ -255,12 +257,12 @@ tracking_commit(struct tracking *t, struct worker *w, uint64_t offset, uint64_t 
 }
 
 void
-tracking_flush(struct tracking *t, struct worker *w,
+tracking_flush(struct tracking *t, struct exec *ex,
                void (*done)(void *arg, int res), void *arg)
 {
   struct flush_waiter *fw = g_new0(struct flush_waiter, 1);
 
-  fw->w = w;
+  fw->ex = ex;
   fw->done = done;
   fw->arg = arg;
   g_mutex_lock(&t->lock);
@@ -475,7 +477,9 @@ tracking_checkpoint_begin(struct tracking *t, enum snapshot_mode mode,
   /* The point in time: no guest change is in flight from here until
    * quiesce_end (quiesce.c), so the bits and the view describe exactly the
    * changes completed before it. */
-  if (!quiesce_begin(QUIESCE_TIMEOUT, error)) {
+  if (!quiesce_begin(QUIESCE_TIMEOUT)) {
+    g_set_error(error, CTL_ERROR, CTL_ERR_GENERIC,
+                "guest writes in flight did not complete within %u s", QUIESCE_TIMEOUT);
     cbt_bmfile_remove(t->file, t->frozen_name, NULL);
     goto out;
   }
@@ -887,3 +891,50 @@ tracking_close(struct tracking *t, bool mark_clean, GError **error)
   tracking_free(t);
   return ok;
 }
+
+/* ---- the layer ---- */
+
+static bool
+layer_active(void)
+{
+  return srv.tracking != NULL;
+}
+
+/* The bits are set before the change goes to the image and, in crash-safe
+ * mode, durable: a commit is waited for unless they already are. */
+static bool
+layer_before_change(const struct layer_req *r, layer_cont *k, void *arg)
+{
+  struct tracking *t = srv.tracking;
+
+  tracking_mark(t, r->offset, r->length);
+  if (tracking_is_durable(t, r->offset, r->length))
+    return false;
+  tracking_commit(t, r->ex, r->offset, r->length, k, arg);
+  return true;
+}
+
+/* Marked again once the I/O completed, before the reply (see the top). */
+static void
+layer_after_change(const struct layer_req *r, int res)
+{
+  (void)res;
+  tracking_mark(srv.tracking, r->offset, r->length);
+}
+
+static bool
+layer_flush(const struct layer_req *r, layer_cont *k, void *arg)
+{
+  if (r->type != NBD_CMD_FLUSH)
+    return false;
+  tracking_flush(srv.tracking, r->ex, k, arg);
+  return true;
+}
+
+const struct layer tracking_layer = {
+  .name = "tracking",
+  .active = layer_active,
+  .before_change = layer_before_change,
+  .after_change = layer_after_change,
+  .flush = layer_flush,
+};

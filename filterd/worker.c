@@ -55,7 +55,7 @@
 #include <unistd.h>
 
 #include "cbt/util.h"
-#include "internal.h"
+#include "worker.h"
 
 #define RBUF_SIZE          (256 * 1024)
 #define MAX_INFLIGHT       512
@@ -108,6 +108,7 @@ struct wmsg {
 };
 
 struct worker {
+  struct exec ex;                    /* what the layers see (layer.h) */
   unsigned idx;
   pthread_t thread;
   struct io_uring ring;
@@ -125,7 +126,7 @@ struct worker {
   unsigned nconns;
   atomic_uint mem_waiters;           /* connections with mem_wait */
   atomic_bool mem_wake_posted;
-  unsigned holds;                    /* worker_hold(): I/O of no connection */
+  unsigned holds;                    /* exec_hold(): I/O of no connection */
   bool stopping;
   struct cbt_aio_op grace_op;
   struct __kernel_timespec grace_ts;
@@ -147,14 +148,39 @@ static void conn_post_recv(struct conn *c);
 static void conn_parse(struct conn *c);
 static void conn_maybe_finish(struct conn *c);
 static void conn_start_close(struct conn *c);
+static void worker_post(struct worker *w, void (*fn)(void *), void *arg);
+static void workers_memory_freed(void);
 
 
 struct bufpool *conn_pool(struct conn *c) { return c->w->pool; }
 struct io_uring *conn_ring(struct conn *c) { return &c->w->ring; }
-struct worker *conn_worker(struct conn *c) { return c->w; }
-struct io_uring *worker_ring(struct worker *w) { return &w->ring; }
-void worker_hold(struct worker *w) { w->holds++; }
-void worker_unhold(struct worker *w) { w->holds--; }
+struct exec *conn_exec(struct conn *c) { return &c->w->ex; }
+
+/* A worker as an execution context for the layers (layer.h): I/O that is
+ * not a connection's (copies, punches) is counted in holds, and a
+ * stopping worker waits until every hold is gone. */
+static struct worker *
+exec_worker(struct exec *ex)
+{
+  return cbt_container_of(ex, struct worker, ex);
+}
+
+static void
+ex_post(struct exec *ex, void (*fn)(void *), void *arg)
+{
+  worker_post(exec_worker(ex), fn, arg);
+}
+
+static struct io_uring *ex_ring(struct exec *ex) { return &exec_worker(ex)->ring; }
+static void ex_hold(struct exec *ex) { exec_worker(ex)->holds++; }
+static void ex_unhold(struct exec *ex) { exec_worker(ex)->holds--; }
+
+static const struct exec_ops worker_exec_ops = {
+  .post = ex_post,
+  .ring = ex_ring,
+  .hold = ex_hold,
+  .unhold = ex_unhold,
+};
 const struct conn_params *conn_params(struct conn *c) { return &c->p; }
 
 unsigned
@@ -194,7 +220,8 @@ request_release_buf(struct request *req)
     req->buf = NULL;
     req->buf_len = 0;
   }
-  memcap_give(req->charged);
+  if (memcap_give(req->charged))
+    workers_memory_freed();
   req->charged = 0;
 }
 
@@ -827,7 +854,8 @@ workers_add_conn(const struct conn_params *p)
 
 /* ---- cross-thread messages ---- */
 
-void
+/* Run @fn(@arg) on @w's thread (any thread may call). */
+static void
 worker_post(struct worker *w, void (*fn)(void *), void *arg)
 {
   struct wmsg *m = g_new(struct wmsg, 1);
@@ -931,7 +959,9 @@ mem_wake_fn(void *arg)
   }
 }
 
-void
+/* Buffers were given back while connections wait for memory: wake the
+ * workers that have such connections. */
+static void
 workers_memory_freed(void)
 {
   for (unsigned i = 0; i < n_workers; i++) {
@@ -1043,6 +1073,7 @@ workers_start(unsigned n, GError **error)
     int r;
 
     w->idx = i;
+    w->ex.ops = &worker_exec_ops;
     w->pool = bufpool_new();
     g_mutex_init(&w->lock);
     g_queue_init(&w->msgs);
