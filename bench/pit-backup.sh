@@ -78,7 +78,7 @@
 #                      files (QEMU) go [the private temp dir]
 #   QEMU [auto]        0: no QEMU variants; 1: require them
 #   VARIANTS           e.g. "cbt-idle cbt-backup" [all five]
-#   CBT_FILTERD, CBT_CLI   binaries [build/filterd/cbt-filterd, build/tools/cbt]
+#   CBT_FILTERD, CBT_CLI   binaries [build/filterd/cbt-filterd, build/cbt/cbt]
 #   OUT                JSON result file [${TMPDIR:-/tmp}/cbt-pit-backup-DATE.json]
 #   IMAGE_CACHE [reread]  the image's page cache before each run: reread
 #                      (drop, then read sequentially), evict (drop only),
@@ -96,7 +96,7 @@ SIZE_MIB=${SIZE_MIB:-2048}
 QEMU=${QEMU:-auto}
 export IMAGE_CACHE=${IMAGE_CACHE:-reread}
 filterd=${CBT_FILTERD:-$src/build/filterd/cbt-filterd}
-cli=${CBT_CLI:-$src/build/tools/cbt}
+cli=${CBT_CLI:-$src/build/cbt/cbt}
 stamp=$(date +%Y%m%d-%H%M%S)
 OUT=${OUT:-${TMPDIR:-/tmp}/cbt-pit-backup-$stamp.json}
 PY=/usr/bin/python3

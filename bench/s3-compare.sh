@@ -42,7 +42,7 @@ set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=${CBT_BUILD_DIR:-$src/build}
-cbt=$build/tools/cbt
+cbt=$build/cbt/cbt
 filterd=$build/filterd/cbt-filterd
 rounds=${ROUNDS:-3}
 size_mib=${SIZE_MIB:-2048}

@@ -16,7 +16,7 @@ set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "${1:-$src/build}" && pwd)
 export CBT_SOURCE_DIR=$src CBT_BUILD_DIR=$build
-export CBT_FILTERD=$build/filterd/cbt-filterd CBT_CLI=$build/tools/cbt
+export CBT_FILTERD=$build/filterd/cbt-filterd CBT_CLI=$build/cbt/cbt
 # shellcheck source=../tests/functions.sh
 . "$src/tests/functions.sh"
 requires qemu-img qemu-io jq

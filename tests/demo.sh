@@ -74,7 +74,7 @@ else
     ninja -C build >/dev/null || die "build failed: run 'ninja -C build' to see why"
 fi
 [[ -x $filterd ]] || die "$filterd: no such executable"
-cbt=${CBT_CLI:-$(dirname "$(dirname "$filterd")")/tools/cbt}
+cbt=${CBT_CLI:-$(dirname "$(dirname "$filterd")")/cbt/cbt}
 [[ -x $cbt ]] || die "$cbt: no such executable"
 info "daemon: $filterd"
 info "cli:    $cbt"

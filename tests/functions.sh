@@ -299,7 +299,7 @@ PYEOF
 }
 
 # cbt ARGS...: the CLI under test ($CBT_CLI, set by meson).
-: "${CBT_CLI:=$CBT_BUILD_DIR/tools/cbt}"
+: "${CBT_CLI:=$CBT_BUILD_DIR/cbt/cbt}"
 cbt() { "$CBT_CLI" "$@"; }
 
 # expect_rc WANT CMD...: run CMD, require exit status WANT; its stdout and

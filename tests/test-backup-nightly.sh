@@ -6,8 +6,8 @@
 
 source "$(dirname "$0")/functions.sh"
 requires qemu-io jq flock cmp
-: "${CBT_CLI:=$CBT_BUILD_DIR/tools/cbt}"
-nightly=$CBT_SOURCE_DIR/tools/cbt-nightly.sh
+: "${CBT_CLI:=$CBT_BUILD_DIR/cbt/cbt}"
+nightly=$CBT_SOURCE_DIR/cbt/cbt-nightly.sh
 
 disk=$tmp/disk.img
 csock=$tmp/ctl.sock

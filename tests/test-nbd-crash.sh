@@ -35,8 +35,8 @@ for cache in writeback none; do
     nbdcopy "$uri" "$tmp/served.img"
     cmp "$tmp/served.img" "$tmp/after-crash.img" || die "restarted daemon serves other bytes"
     stop_filterd
-    if [ -x "${CBT_CLI:-$CBT_BUILD_DIR/tools/cbt}" ]; then
-        "${CBT_CLI:-$CBT_BUILD_DIR/tools/cbt}" bitmap info --json "$bm" |
+    if [ -x "${CBT_CLI:-$CBT_BUILD_DIR/cbt/cbt}" ]; then
+        "${CBT_CLI:-$CBT_BUILD_DIR/cbt/cbt}" bitmap info --json "$bm" |
             jq -e '.clean == true and .bitmaps[0].inconsistent == true and
                    .bitmaps[0].trusted == false' >/dev/null ||
             die "bitmap should be clean but inconsistent after a crash and a clean stop"

@@ -54,6 +54,6 @@ if [ $status -ne 0 ]; then
 else
     # The file system still had room for the bitmap pages (they were
     # allocated when it was created): then it must be clean and right.
-    "${CBT_CLI:-$CBT_BUILD_DIR/tools/cbt}" bitmap check "$mnt/disk2.bitmap" >/dev/null ||
+    "${CBT_CLI:-$CBT_BUILD_DIR/cbt/cbt}" bitmap check "$mnt/disk2.bitmap" >/dev/null ||
         die "bitmap damaged"
 fi

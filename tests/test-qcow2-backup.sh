@@ -8,7 +8,7 @@ source "$(dirname "$0")/functions.sh"
 requires qemu-img qemu-io nbdinfo jq
 requires_python_nbd
 
-cbt=${CBT_CLI:-$CBT_BUILD_DIR/tools/cbt}
+cbt=${CBT_CLI:-$CBT_BUILD_DIR/cbt/cbt}
 disk=$tmp/disk.qcow2
 csock=$tmp/ctl.sock
 repo=$tmp/repo

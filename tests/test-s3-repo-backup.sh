@@ -195,7 +195,7 @@ cbt s3 put --no-complete "$tmp/junk" "$repo/000100-full-20300101T000000Z.qcow2" 
 # The nightly job against the S3 repository: two more chains, keep 2.
 export CBT=$CBT_CLI CBT_REPO=$repo CBT_CONTROL=$csock CBT_SOCKET=$dsock
 export CBT_LOG=$tmp/nightly.log KEEP_CHAINS=2 CBT_NIGHTLY_LOCK=$tmp/nightly.lock
-CBT_BACKUP_ARGS=--full bash "$CBT_SOURCE_DIR/tools/cbt-nightly.sh" || die "nightly 1 failed"
+CBT_BACKUP_ARGS=--full bash "$CBT_SOURCE_DIR/cbt/cbt-nightly.sh" || die "nightly 1 failed"
 for w in "000002-inc-20200101T000000Z.qcow2: removed (pruned from the manifest by a prune that did not finish)" \
          "000099-full-20300101T000000Z.qcow2: removed (finished but never entered in the manifest)" \
          "000100-full-20300101T000000Z.qcow2: aborted an upload left by a backup that did not finish"; do
@@ -206,7 +206,7 @@ objects | grep -qx "vm1/notes.txt" || die "an object that is no backup file was 
 cbt s3 rm "$repo/notes.txt"
 grep -q "2 chains, keeping up to 2: nothing to prune" "$CBT_LOG" ||
     die "nightly 1 log: $(cat "$CBT_LOG")"
-CBT_BACKUP_ARGS=--full bash "$CBT_SOURCE_DIR/tools/cbt-nightly.sh" || die "nightly 2 failed"
+CBT_BACKUP_ARGS=--full bash "$CBT_SOURCE_DIR/cbt/cbt-nightly.sh" || die "nightly 2 failed"
 for f in "${files2[@]}"; do
     grep -q "pruned $f" "$CBT_LOG" || die "nightly did not log pruning $f: $(cat "$CBT_LOG")"
 done
