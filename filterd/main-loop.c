@@ -3,9 +3,18 @@
  *
  * Nothing here touches the data path.  Accepted sockets go to
  * handshake_start() unless --max-clients are connected already (then the
- * newest is closed and logged), control clients to control_start(); SIGTERM/SIGINT (read from a signalfd, the signals
- * being blocked in every thread) end the loop; a timer fires once a second
- * for periodic jobs (writing the dirty bitmap out).
+ * newest is closed and logged), control clients to control_start();
+ * SIGTERM/SIGINT (read from a signalfd, the signals being blocked in
+ * every thread) end the loop; a timer fires once a second for periodic
+ * jobs (writing the dirty bitmap out).
+ *
+ * Out of descriptors (EMFILE, ENFILE) or memory, accept fails at once and
+ * the connection stays queued on the listening socket, so accepting again
+ * at once would spin.  That socket's accept waits instead, from
+ * BACKOFF_MIN_MS doubling to BACKOFF_MAX_MS, while the loop goes on
+ * serving signals, the timer and the other sockets; the first failure and
+ * the recovery are logged, nothing in between.  The queued clients are
+ * served once descriptors are free.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -21,11 +30,18 @@
 
 #include "internal.h"
 
+#define BACKOFF_MIN_MS 10
+#define BACKOFF_MAX_MS 1000
+
 enum op_kind { OP_ACCEPT, OP_ACCEPT_CONTROL, OP_SIGNAL, OP_TIMER };
 
 struct loop_op {
   enum op_kind kind;
   int fd;
+  char *name;                        /* a listening socket, for logs */
+  bool paused;                       /* accept waits backoff_ms first */
+  unsigned backoff_ms;               /* the current wait, doubling */
+  unsigned failed;                   /* accepts failed since the last success */
   struct sockaddr_storage addr;
   socklen_t addrlen;
   struct signalfd_siginfo si;
@@ -44,6 +60,12 @@ post(struct io_uring *ring, struct loop_op *op)
   switch (op->kind) {
   case OP_ACCEPT:
   case OP_ACCEPT_CONTROL:
+    if (op->paused) {
+      op->ts.tv_sec = op->backoff_ms / 1000;
+      op->ts.tv_nsec = (long long)(op->backoff_ms % 1000) * 1000000;
+      io_uring_prep_timeout(sqe, &op->ts, 0, 0);
+      break;
+    }
     op->addrlen = sizeof op->addr;
     io_uring_prep_accept(sqe, op->fd, (struct sockaddr *)&op->addr,
                          &op->addrlen, SOCK_CLOEXEC);
@@ -101,20 +123,44 @@ refuse(const char *peer)
   quiet = 0;
 }
 
+/* An accept on @op's socket completed with @res.  Returns the accepted
+ * socket, or -1 (then the next post() accepts again, or waits first). */
+static int
+accept_result(struct loop_op *op, int res)
+{
+  if (op->paused) {
+    op->paused = false;              /* waited (-ETIME): try again */
+    return -1;
+  }
+  if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
+    if (op->failed++ == 0)
+      log_error("%s: cannot accept connections: %s; they wait in the socket's "
+                "queue until some are closed (retrying every %d ms at most)",
+                op->name, g_strerror(-res), BACKOFF_MAX_MS);
+    op->backoff_ms = op->backoff_ms ? MIN(op->backoff_ms * 2, BACKOFF_MAX_MS)
+                                    : BACKOFF_MIN_MS;
+    op->paused = true;
+    return -1;
+  }
+  if (res < 0) {
+    if (res != -EINTR && res != -EAGAIN && res != -ECONNABORTED)
+      log_error("%s: accept: %s", op->name, g_strerror(-res));
+    return -1;
+  }
+  if (op->failed) {
+    log_info("%s: accepting connections again (%u attempts failed)", op->name,
+             op->failed);
+    op->failed = 0;
+  }
+  op->backoff_ms = 0;
+  return res;
+}
+
 static void
 on_accept(struct loop_op *op, int res)
 {
   char peer[64];
 
-  if (res < 0) {
-    if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
-      log_error("accept: %s; pausing", g_strerror(-res));
-      g_usleep(100 * 1000);
-    } else if (res != -EINTR && res != -EAGAIN && res != -ECONNABORTED) {
-      log_error("accept: %s", g_strerror(-res));
-    }
-    return;
-  }
   describe_peer(op, peer, sizeof peer);
   if (handshake_count() + workers_conn_count() >= srv.max_clients) {
     refuse(peer);
@@ -162,11 +208,15 @@ main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
   for (size_t i = 0; i < n_listen && i < MAX_LISTEN; i++) {
     ops[n_ops].kind = OP_ACCEPT;
     ops[n_ops].fd = listen_fds[i];
+    ops[n_ops].name = listen_describe(listen_fds[i]);
     post(&ring, &ops[n_ops++]);
   }
   if (control_fd >= 0) {
+    g_autofree char *where = listen_describe(control_fd);
+
     ops[n_ops].kind = OP_ACCEPT_CONTROL;
     ops[n_ops].fd = control_fd;
+    ops[n_ops].name = g_strconcat("control socket ", where, NULL);
     post(&ring, &ops[n_ops++]);
   }
   ops[n_ops].kind = OP_SIGNAL;
@@ -190,13 +240,14 @@ main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
       io_uring_cqe_seen(&ring, cqe);
       switch (op->kind) {
       case OP_ACCEPT:
-        on_accept(op, res);
+        res = accept_result(op, res);
+        if (res >= 0)
+          on_accept(op, res);
         break;
       case OP_ACCEPT_CONTROL:
+        res = accept_result(op, res);
         if (res >= 0)
           control_start(res);
-        else if (res != -EINTR && res != -EAGAIN && res != -ECONNABORTED)
-          log_error("control: accept: %s", g_strerror(-res));
         break;
       case OP_SIGNAL:
         if (res == (int)sizeof op->si && op->si.ssi_signo != SIGHUP) {
@@ -218,5 +269,7 @@ main_loop_run(const int *listen_fds, size_t n_listen, int control_fd,
   /* Closing the ring cancels the pending accepts and the timer. */
   io_uring_queue_exit(&ring);
   close(sfd);
+  for (size_t i = 0; i < n_ops; i++)
+    g_free(ops[i].name);
   return true;
 }

@@ -10,6 +10,13 @@
  * are given back (memcap_give says when someone waits), from any thread.  Small buffers (block status replies)
  * are charged without waiting: they are bounded per request.
  *
+ * A header waits only for memory that other requests hold and will give
+ * back: the budget (at least 64M, main.c) is twice the largest payload a
+ * request may carry (CBT_NBD_MAX_BLOCK, 32 MiB; a WRITE over it closes
+ * its connection, a READ over it is refused without a buffer, worker.c),
+ * so any one request fits once the others are done.  worker.c closes a
+ * connection whose request could never fit, should the limits change.
+ *
  * Memory held by clients that do not read their replies comes back only
  * when they do or go; worker.c closes such a client after SEND_STALL
  * seconds without progress, but only while others wait for memory.

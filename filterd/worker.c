@@ -28,7 +28,9 @@
  *     any connection waits, a client that has not taken a byte of its
  *     replies for SEND_STALL seconds is closed: it would hold memory
  *     others need for as long as it likes.  Idle pooled buffers are freed
- *     once a second (workers_tick).
+ *     once a second (workers_tick).  A WRITE longer than the maximum
+ *     payload (32 MiB) closes its connection at once: its data is never
+ *     read, so no header waits for memory or data it cannot have.
  *   - A WRITE's reply is linked to the write when nothing else is in
  *     flight on its connection (below: "a WRITE's reply linked"), so at
  *     queue depth 1 the reply leaves from the thread that wrote the data.
@@ -624,8 +626,8 @@ conn_handle_header(struct conn *c, const struct cbt_nbd_request *hdr, size_t cha
 }
 
 /* The budget a request's header must take before it is read: the
- * payload of a READ or WRITE that may be valid (a longer one is refused
- * without a buffer). */
+ * payload of a READ or WRITE that may be valid (a longer READ is refused
+ * without a buffer, a longer WRITE closes the connection). */
 static size_t
 payload_budget(const struct cbt_nbd_request *hdr)
 {
@@ -715,7 +717,29 @@ conn_parse(struct conn *c)
       conn_start_close(c);
       break;
     }
+    /* A WRITE over the maximum payload we advertise cannot be taken:
+     * skipping its data would mean waiting for up to 4 GiB the client
+     * may never send, with the connection stuck until then.  The
+     * protocol lets a server drop a client that breaks the limit
+     * (doc/proto.md, "Block size constraints"); qemu-nbd does. */
+    if (cbt_nbd_request_payload(&hdr) > c->caps.max_block) {
+      log_error("%s: WRITE of %" PRIu32 " bytes, more than the maximum payload "
+                "of %" PRIu32 " bytes; closing connection", c->p.peer, hdr.length,
+                c->caps.max_block);
+      c->rpos += NBD_REQUEST_SIZE;
+      conn_start_close(c);
+      break;
+    }
     need = payload_budget(&hdr);
+    if (need > srv.max_memory) {
+      /* Never reached while --max-memory is at least twice the maximum
+       * payload (main.c); if it were, waiting would be for ever. */
+      log_error("%s: %s of %" PRIu32 " bytes can never fit --max-memory; "
+                "closing connection", c->p.peer, cbt_nbd_cmd_name(hdr.type),
+                hdr.length);
+      conn_start_close(c);
+      break;
+    }
     if (!conn_reserve(c, need))
       break;                         /* the header stays; woken later */
     c->rpos += NBD_REQUEST_SIZE;

@@ -4,12 +4,21 @@
  * the thread.  Calls are strictly one at a time per thread, so the ring
  * never holds more than one operation and the cqe we reap is ours.
  *
+ * A ring is a descriptor and a few pages of memory, so it must not outlive
+ * its thread: the daemon starts a thread per control connection, and one
+ * ring left behind by each ran it out of descriptors after a few dozen
+ * checkpoints.  The ring is therefore registered as the value of a
+ * pthread key whose destructor frees it when the thread ends, whoever
+ * created the thread and however it ends (return or pthread_exit).  The
+ * main thread's ring goes with the process.
+ *
  * Test builds (fault injection) decide before each submission whether the
  * operation fails, or transfers short, instead (cbt_fi_io); the result
  * then goes through the same handling as one from the kernel.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,29 +29,72 @@
 #include "cbt/uring-io.h"
 #include "cbt/fault-inject.h"
 
-static __thread struct io_uring tls_ring;
-static __thread bool tls_ring_ready;
+static __thread struct io_uring *tls_ring;
+static pthread_key_t ring_key;
+static pthread_once_t ring_key_once = PTHREAD_ONCE_INIT;
+static int ring_key_err;
+
+/* The key's destructor: runs in the ending thread, with its ring. */
+static void
+ring_free(void *arg)
+{
+  struct io_uring *ring = arg;
+
+  io_uring_queue_exit(ring);
+  free(ring);
+  tls_ring = NULL;
+}
+
+static void
+ring_key_create(void)
+{
+  ring_key_err = -pthread_key_create(&ring_key, ring_free);
+}
 
 static struct io_uring *
 get_ring(int *err)
 {
-  if (!tls_ring_ready) {
-    int r = io_uring_queue_init(4, &tls_ring, 0);
-    if (r < 0) {
-      *err = r;
-      return NULL;
-    }
-    tls_ring_ready = true;
+  struct io_uring *ring;
+  int r;
+
+  if (tls_ring)
+    return tls_ring;
+  pthread_once(&ring_key_once, ring_key_create);
+  if (ring_key_err < 0) {
+    *err = ring_key_err;
+    return NULL;
   }
-  return &tls_ring;
+  ring = malloc(sizeof *ring);
+  if (!ring) {
+    *err = -ENOMEM;
+    return NULL;
+  }
+  r = io_uring_queue_init(4, ring, 0);
+  if (r < 0) {
+    free(ring);
+    *err = r;
+    return NULL;
+  }
+  r = pthread_setspecific(ring_key, ring);
+  if (r != 0) {
+    /* Without the key the ring would outlive the thread: do without. */
+    io_uring_queue_exit(ring);
+    free(ring);
+    *err = -r;
+    return NULL;
+  }
+  tls_ring = ring;
+  return ring;
 }
 
 void
 cbt_io_thread_cleanup(void)
 {
-  if (tls_ring_ready) {
-    io_uring_queue_exit(&tls_ring);
-    tls_ring_ready = false;
+  struct io_uring *ring = tls_ring;
+
+  if (ring) {
+    pthread_setspecific(ring_key, NULL);
+    ring_free(ring);
   }
 }
 

@@ -2,10 +2,12 @@
  * event loop: opening and syncing bitmap files, writing backup files in the
  * CLI, reading qcow2 headers at start-up.
  *
- * Each thread lazily gets a small private ring.  Every call submits its
- * operation(s) and waits for the completions, resubmitting the remainder of
- * short reads and writes, so callers see whole-buffer semantics like
- * pread/pwrite loops but the I/O itself goes through io_uring.
+ * Each thread lazily gets a small private ring, freed when the thread
+ * ends, so short-lived threads leave no descriptor behind.  Every call
+ * submits its operation(s) and waits for the completions, resubmitting
+ * the remainder of short reads and writes, so callers see whole-buffer
+ * semantics like pread/pwrite loops but the I/O itself goes through
+ * io_uring.
  *
  * All functions return 0 on success or a negative errno.  A read that hits
  * end of file before @len bytes returns -ENODATA (the caller decides whether
@@ -29,7 +31,9 @@ int cbt_io_fallocate(int fd, int mode, uint64_t offset, uint64_t len);
  * renamed there stays after a crash. */
 int cbt_io_sync_parent_dir(const char *path);
 
-/* Release this thread's ring (optional; rings are also freed at exit). */
+/* Release this thread's ring now.  Optional: a thread's ring is freed
+ * when the thread ends (a pthread key destructor), and the next call on
+ * this thread makes a new one. */
 void cbt_io_thread_cleanup(void);
 
 #endif
