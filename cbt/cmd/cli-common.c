@@ -1,10 +1,6 @@
-/* Helpers every `cbt` subcommand uses: messages, option parsing, sizes,
- * JSON output.
- *
- * Messages: everything meant for a human who is not reading the command's
- * result goes to stderr prefixed "cbt: ", so that stdout carries only the
- * result (a listing, a JSON object) and a cron job's mail shows the
- * problems.  --quiet drops notes, never errors; --verbose adds debug lines.
+/* Helpers every `cbt` subcommand uses: error reports and exit codes,
+ * option parsing, sizes, printing JSON, S3 clients.  The messages
+ * themselves are ../msg.c's.
  *
  * JSON goes through json-c and is written in one piece, then stdout is
  * flushed and checked, so a full disk behind a redirect is an error.
@@ -17,55 +13,6 @@
 #include <unistd.h>
 
 #include "cli.h"
-
-gboolean cli_quiet;
-gboolean cli_verbose;
-
-G_DEFINE_QUARK(cbt-cli-error-quark, cli_error)
-
-static void G_GNUC_PRINTF(1, 0)
-vmessage(const char *fmt, va_list ap)
-{
-  g_autofree char *msg = g_strdup_vprintf(fmt, ap);
-
-  /* One write per message, so lines of concurrent processes (a daemon log
-   * and a cron job) do not interleave mid-line. */
-  fprintf(stderr, "cbt: %s\n", msg);
-}
-
-void
-cli_error(const char *fmt, ...)
-{
-  va_list ap;
-
-  va_start(ap, fmt);
-  vmessage(fmt, ap);
-  va_end(ap);
-}
-
-void
-cli_note(const char *fmt, ...)
-{
-  va_list ap;
-
-  if (cli_quiet)
-    return;
-  va_start(ap, fmt);
-  vmessage(fmt, ap);
-  va_end(ap);
-}
-
-void
-cli_debug(const char *fmt, ...)
-{
-  va_list ap;
-
-  if (!cli_verbose)
-    return;
-  va_start(ap, fmt);
-  vmessage(fmt, ap);
-  va_end(ap);
-}
 
 int
 cli_report(GError *error)
@@ -254,34 +201,6 @@ cli_percent(uint64_t part, uint64_t whole)
   return whole ? 100.0 * (double)part / (double)whole : 0.0;
 }
 
-void
-cli_json_add_str(json_object *obj, const char *key, const char *val)
-{
-  json_object_object_add(obj, key, val ? json_object_new_string(val) : NULL);
-}
-
-void
-cli_json_add_u64(json_object *obj, const char *key, uint64_t val)
-{
-  json_object_object_add(obj, key, json_object_new_uint64(val));
-}
-
-void
-cli_json_add_bool(json_object *obj, const char *key, bool val)
-{
-  json_object_object_add(obj, key, json_object_new_boolean(val));
-}
-
-void
-cli_json_add_percent(json_object *obj, const char *key, double val)
-{
-  char buf[G_ASCII_DTOSTR_BUF_SIZE];
-
-  /* Serialise as written here, not as %.17g ("0.10000000000000001"). */
-  g_ascii_formatd(buf, sizeof buf, "%.2f", val);
-  json_object_object_add(obj, key, json_object_new_double_s(val, buf));
-}
-
 bool
 cli_flush_stdout(GError **error)
 {
@@ -304,31 +223,4 @@ cli_json_print(json_object *obj, GError **error)
   fputs(s, stdout);
   fputc('\n', stdout);
   return cli_flush_stdout(error);
-}
-
-/* --- S3 repositories ---------------------------------------------------- */
-
-char *cli_s3_endpoint;
-const volatile sig_atomic_t *cli_s3_cancel;
-
-bool
-cli_s3_client(s3_client **out, GError **error)
-{
-  s3_config cfg;
-  const char *style = g_getenv("CBT_S3_ADDRESSING_STYLE");
-
-  if (!s3_config_from_env(&cfg, error))
-    return false;
-  if (cli_s3_endpoint && !s3_config_set_endpoint(&cfg, cli_s3_endpoint, error)) {
-    s3_config_clear(&cfg);
-    return false;
-  }
-  /* set_endpoint chose path style; an explicit choice still wins. */
-  if (cli_s3_endpoint && style && strcmp(style, "virtual") == 0)
-    cfg.path_style = false;
-  *out = s3_client_new(&cfg, error);
-  s3_config_clear(&cfg);
-  if (*out)
-    s3_client_set_cancel(*out, cli_s3_cancel);
-  return *out != NULL;
 }

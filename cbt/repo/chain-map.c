@@ -46,7 +46,7 @@
 #include "cbt/qcow2-writer.h"
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
-#include "cli.h"
+#include "repo.h"
 
 enum { UNDECIDED = 0, DECIDED = 1 };
 

@@ -28,7 +28,7 @@
 #include <inttypes.h>
 #include <string.h>
 
-#include "cli.h"
+#include "repo.h"
 
 #define BLOCK        (UINT64_C(4) << 20)
 #define CACHE_BLOCKS 24                  /* 96 MiB */

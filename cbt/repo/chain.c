@@ -19,7 +19,7 @@
 
 #include "cbt/image.h"
 #include "cbt/qcow2.h"
-#include "cli.h"
+#include "repo.h"
 
 typedef struct cbt_image cbt_image;
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(cbt_image, cbt_image_close)

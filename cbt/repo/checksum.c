@@ -48,7 +48,7 @@
 
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
-#include "cli.h"
+#include "repo.h"
 
 /* Small enough to stay in the cache between the read and the hash, and a
  * fresh buffer's page faults are few (4 MiB made reading back a 20 MiB

@@ -36,7 +36,7 @@
 #include <libnbd.h>
 
 #include "cbt/qcow2-writer.h"
-#include "cli.h"
+#include "repo.h"
 
 #define MAX_REQ      (2u << 20)   /* bytes per read */
 #define DEPTH        8            /* reads in flight per connection */

@@ -27,7 +27,7 @@
 #include "cbt/fault-inject.h"
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
-#include "cli.h"
+#include "repo.h"
 
 void
 repo_dir_close(repo *r)
@@ -379,3 +379,22 @@ repo_dir_delete_file(repo *r, const char *file, GError **error)
   }
   return true;
 }
+
+/* No lock object to lose: flock holds while the descriptor is open. */
+static bool
+dir_lock_check(repo *r, GError **error)
+{
+  (void)r;
+  (void)error;
+  return true;
+}
+
+const struct repo_backend repo_dir_backend = {
+  .name = "directory",
+  .open = repo_dir_open,
+  .close = repo_dir_close,
+  .put_manifest = repo_dir_put_manifest,
+  .clean_stale = repo_dir_clean_stale,
+  .lock_check = dir_lock_check,
+  .delete_file = repo_dir_delete_file,
+};

@@ -32,7 +32,7 @@
 #include <unistd.h>
 
 #include "cbt/uring-io.h"
-#include "cli.h"
+#include "repo.h"
 #include "s3.h"
 
 void

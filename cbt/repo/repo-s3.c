@@ -33,7 +33,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "cli.h"
+#include "repo.h"
 #include "s3.h"
 
 #define LOCK_NAME        "lock"
@@ -339,3 +339,20 @@ repo_s3_delete_file(repo *r, const char *file, GError **error)
 
   return s3_delete_object(r->s3->c, r->s3->bucket, key, error);
 }
+
+static void
+s3_close(repo *r)
+{
+  repo_s3_free(r->s3);
+  r->s3 = NULL;
+}
+
+const struct repo_backend repo_s3_backend = {
+  .name = "S3",
+  .open = repo_s3_open,
+  .close = s3_close,
+  .put_manifest = repo_s3_put_manifest,
+  .clean_stale = repo_s3_clean_stale,
+  .lock_check = repo_s3_lock_check,
+  .delete_file = repo_s3_delete_file,
+};

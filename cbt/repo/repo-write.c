@@ -55,7 +55,7 @@
 
 #include "cbt/qcow2-writer.h"
 #include "cbt/util.h"
-#include "cli.h"
+#include "repo.h"
 
 /* Directory: the writeback window.  Small, so that little is left for the
  * fdatasync at the end: a 20 MiB incremental spent 11 ms in it with a

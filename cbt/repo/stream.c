@@ -71,7 +71,7 @@
 #include <liburing.h>
 
 #include "cbt/image.h"
-#include "cli.h"
+#include "repo.h"
 
 #define PIECE     (UINT64_C(1) << 20)
 #define NBUF      64                 /* buffers: 64 MiB */

@@ -126,3 +126,34 @@ s3_url_parse(const char *url, char **bucket, char **key, GError **error)
   *key = g_strdup(slash ? slash + 1 : "");
   return true;
 }
+
+/* --- the program's client -------------------------------------------- */
+
+/* The command line sets these (--s3-endpoint, the signal handler); every
+ * S3 client the program makes, for a command or for a repository, comes
+ * from cli_s3_client so that they agree. */
+
+char *cli_s3_endpoint;
+const volatile sig_atomic_t *cli_s3_cancel;
+
+bool
+cli_s3_client(s3_client **out, GError **error)
+{
+  s3_config cfg;
+  const char *style = g_getenv("CBT_S3_ADDRESSING_STYLE");
+
+  if (!s3_config_from_env(&cfg, error))
+    return false;
+  if (cli_s3_endpoint && !s3_config_set_endpoint(&cfg, cli_s3_endpoint, error)) {
+    s3_config_clear(&cfg);
+    return false;
+  }
+  /* set_endpoint chose path style; an explicit choice still wins. */
+  if (cli_s3_endpoint && style && strcmp(style, "virtual") == 0)
+    cfg.path_style = false;
+  *out = s3_client_new(&cfg, error);
+  s3_config_clear(&cfg);
+  if (*out)
+    s3_client_set_cancel(*out, cli_s3_cancel);
+  return *out != NULL;
+}

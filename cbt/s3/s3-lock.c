@@ -45,7 +45,7 @@
 
 #include <json-c/json.h>
 
-#include "cli.h"
+#include "msg.h"
 #include "s3.h"
 
 #define LOCK_FORMAT "cbt-s3-lock"

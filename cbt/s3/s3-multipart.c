@@ -50,7 +50,7 @@
 #include <inttypes.h>
 #include <string.h>
 
-#include "cli.h"
+#include "msg.h"
 #include "s3.h"
 
 /* ---- the five calls -------------------------------------------------- */

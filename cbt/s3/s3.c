@@ -53,7 +53,7 @@
 #include <curl/curl.h>
 #include <openssl/evp.h>
 
-#include "cli.h"
+#include "msg.h"
 #include "s3.h"
 
 #if LIBCURL_VERSION_NUM < 0x075700

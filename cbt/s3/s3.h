@@ -401,4 +401,16 @@ bool s3_lock_resume(s3_client *c, const char *bucket, const char *key,
 void s3_lock_free(s3_lock *l);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(s3_lock, s3_lock_free)
 
+/* s3-config.c: the program's clients ---------------------------------- */
+
+/* S3 repositories.  cli_s3_client makes a client the way the AWS
+ * tools do (AWS_* variables, s3_config_from_env) with --s3-endpoint, when
+ * given, winning over AWS_ENDPOINT_URL (and path-style addressing going
+ * with it, unless CBT_S3_ADDRESSING_STYLE says otherwise). */
+extern char *cli_s3_endpoint;
+bool cli_s3_client(s3_client **out, GError **error);
+/* When set (before cli_s3_client), the clients it makes stop their
+ * requests once *cli_s3_cancel is non-zero (s3_client_set_cancel). */
+extern const volatile sig_atomic_t *cli_s3_cancel;
+
 #endif /* CBT_S3_H */
