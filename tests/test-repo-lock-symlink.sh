@@ -63,8 +63,9 @@ refused "symlink to a file" "is a symbolic link"
 rm "$repo/.lock"
 ln -s ../created.conf "$repo/.lock"
 refused "dangling symlink" "is a symbolic link"
-[ ! -e "$tmp/created.conf" ] && [ ! -L "$tmp/created.conf" ] ||
+if [ -e "$tmp/created.conf" ] || [ -L "$tmp/created.conf" ]; then
     die "the target of a dangling lock link was created"
+fi
 
 # A FIFO, then a directory.
 rm "$repo/.lock"
@@ -81,5 +82,7 @@ for c in "${commands[@]}"; do
     expect_rc 0 timeout 60 "$CBT_CLI" $c
     rm -f "$tmp/restored.raw"
 done
-[ -f "$repo/.lock" ] && [ ! -L "$repo/.lock" ] || die "no regular lock file was created"
+if [ ! -f "$repo/.lock" ] || [ -L "$repo/.lock" ]; then
+    die "no regular lock file was created"
+fi
 exit 0
