@@ -18,8 +18,16 @@ verify upstream).  CONTROL_FILE, read at each request, holds one rule:
                            nothing while the rule is a stall (a stalled
                            store), then close the connection
     stall                  the same for every request
+    inject KEY[=UPLOADID]...
+                           pass, but add each KEY to every ListObjectsV2
+                           answer (as a 1-byte object) and to every
+                           ListMultipartUploads answer (with UPLOADID, or
+                           a made-up id): a server, or someone between,
+                           that answers with keys outside the prefix asked
 
-Each injected failure is logged on stderr.  Runs until killed.
+Each injected failure is logged on stderr, and so is every DELETE that
+reaches the server ("s3-fault-proxy: DELETE PATH -> STATUS"), so a test
+can tell what a run deleted.  Runs until killed.
 """
 import http.client
 import http.server
@@ -28,10 +36,46 @@ import socketserver
 import sys
 import threading
 import time
+import urllib.parse
+from xml.sax.saxutils import escape
 
 upstream_port = int(sys.argv[1])
 port_file, control_file = sys.argv[2], sys.argv[3]
 once_done = threading.Event()
+
+
+def injected(r, command, path, status, data, headers):
+    """The listing @data with the keys of rule @r added, or @data itself
+    when the rule or the request is not of that kind."""
+    if r[0] != "inject" or command != "GET" or status != 200:
+        return data
+    if any(k.lower() == "content-encoding" for k, _ in headers):
+        return data
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query,
+                                  keep_blank_values=True)
+    keys = [a.split("=", 1) if "=" in a else [a, "cbt-test-proxy-made-up"] for a in r[1:]]
+    if "list-type" in query:
+        end = b"</ListBucketResult>"
+        add = "".join("<Contents><Key>%s</Key><LastModified>2025-01-01T00:00:00.000Z"
+                      "</LastModified><ETag>&quot;00000000000000000000000000000000"
+                      "&quot;</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass>"
+                      "</Contents>" % escape(urllib.parse.quote(k, safe="/"))
+                      for k, _ in keys)
+    elif "uploads" in query and "uploadId" not in query:
+        end = b"</ListMultipartUploadsResult>"
+        add = "".join("<Upload><Key>%s</Key><UploadId>%s</UploadId>"
+                      "<StorageClass>STANDARD</StorageClass>"
+                      "<Initiated>2025-01-01T00:00:00.000Z</Initiated></Upload>"
+                      % (escape(urllib.parse.quote(k, safe="/")), escape(u))
+                      for k, u in keys)
+    else:
+        return data
+    at = data.rfind(end)
+    if at < 0:
+        return data
+    print("s3-fault-proxy: %s %s -> injected %s" % (command, path, " ".join(r[1:])),
+          file=sys.stderr, flush=True)
+    return data[:at] + add.encode() + data[at:]
 
 
 def rule():
@@ -81,7 +125,11 @@ class Proxy(http.server.BaseHTTPRequestHandler):
             conn.putheader(k, v)
         conn.endheaders(body)
         resp = conn.getresponse()
-        data = resp.read()
+        data = injected(r, self.command, self.path, resp.status, resp.read(),
+                        resp.getheaders())
+        if self.command == "DELETE":
+            print("s3-fault-proxy: DELETE %s -> %d" % (self.path, resp.status),
+                  file=sys.stderr, flush=True)
         self.send_response_only(resp.status, resp.reason)
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):

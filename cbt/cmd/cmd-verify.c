@@ -304,10 +304,12 @@ cmd_verify(int argc, char **argv)
       cli_note("listing %s: %s", dir, lerr->message);
     for (guint k = 0; objs && k < objs->len; k++) {
       const s3_entry *e = g_ptr_array_index(objs, k);
-      const char *name = e->key + strlen(prefix);
+      /* s3_list kept only keys under the prefix (foreign ones are noted
+       * there and are no concern of this repository). */
+      const char *name = s3_key_under(e->key, prefix);
       bool known = false;
 
-      if (!g_str_has_suffix(name, ".qcow2"))
+      if (!name || !g_str_has_suffix(name, ".qcow2"))
         continue;
       for (guint i = 0; i < v.r->backups->len && !known; i++)
         known = strcmp(((repo_backup *)g_ptr_array_index(v.r->backups, i))->file, name) == 0;

@@ -8,7 +8,8 @@
  *                                         the previous backup, relative name,
  *                                         backing format qcow2
  *   DIR/.lock                             flock(2) target, holds the pid of
- *                                         the backup that holds it
+ *                                         the backup that holds it; a
+ *                                         regular file (never followed)
  *   DIR/NAME.qcow2.partial                a backup being written (never
  *                                         listed; removed by the next run)
  *

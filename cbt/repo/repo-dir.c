@@ -11,7 +11,10 @@
  * write their pid there (for the "locked by pid N" message); restore and
  * verify take a shared one so that pruning cannot delete files they read;
  * list takes none (the manifest is replaced atomically).  The locks never
- * wait.  A read-only repository is read without a lock.
+ * wait.  A read-only repository is read without a lock.  DIR/.lock must
+ * be a regular file: a symbolic link is never followed (it could make us
+ * truncate a file outside the repository), and a FIFO or directory there
+ * is refused like a damaged backup file.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -90,11 +93,25 @@ static bool
 take_lock(repo *r, enum repo_lock lock, GError **error)
 {
   g_autofree char *path = repo_path(r, REPO_LOCK_FILE);
+  struct stat st;
   int fd;
 
   if (lock == REPO_LOCK_NONE)
     return true;
-  fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  /* Backup and prune write their pid into the lock file, so it must be
+   * the repository's own regular file: O_NOFOLLOW refuses a symbolic link
+   * (following it would truncate, or create, whatever it points to),
+   * O_NONBLOCK keeps a FIFO from blocking the open, and nothing is
+   * written before fstat has seen a regular file and the lock is ours. */
+  fd = open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644);
+  if (fd < 0 && (errno == ELOOP || errno == EISDIR || errno == ENXIO)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: %s", path,
+                errno == ELOOP ? "is a symbolic link (the lock file never is; it may "
+                                 "lead out of the repository)"
+                : errno == EISDIR ? "a directory, not a regular file"
+                : "a socket, not a regular file");
+    return false;
+  }
   if (fd < 0 && lock == REPO_LOCK_SHARED && (errno == EROFS || errno == EACCES)) {
     /* A read-only repository (backup media mounted ro): nobody can be
      * writing it, so reading needs no lock. */
@@ -103,6 +120,19 @@ take_lock(repo *r, enum repo_lock lock, GError **error)
   }
   if (fd < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", path, g_strerror(errno));
+    return false;
+  }
+  if (fstat(fd, &st) < 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: stat: %s", path, g_strerror(errno));
+    close(fd);
+    return false;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_DAMAGED, "%s: %s, not a regular file", path,
+                S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode)
+                ? "a character device" : S_ISBLK(st.st_mode) ? "a block device"
+                : "a special file");
+    close(fd);
     return false;
   }
   if (flock(fd, (lock == REPO_LOCK_EXCLUSIVE ? LOCK_EX : LOCK_SH) | LOCK_NB) < 0) {

@@ -299,16 +299,19 @@ repo_s3_clean_stale(repo *r, GError **error)
   g_autofree char *pfx = *s->prefix ? g_strconcat(s->prefix, "/", NULL) : g_strdup("");
   g_autoptr(GPtrArray) uploads = NULL;
   g_autoptr(GPtrArray) entries = NULL;
-  const size_t plen = strlen(pfx);
 
   g_assert(s->lock);
+  /* The listings hold only keys under PREFIX/ (s3_list and s3_mpu_list
+   * drop the rest): what is deleted here never lies outside the
+   * repository, whatever the server answers. */
   if (!s3_mpu_list(s->c, s->bucket, pfx, &uploads, error))
     return false;
   for (guint i = 0; i < uploads->len; i++) {
     const s3_upload_entry *u = g_ptr_array_index(uploads, i);
+    const char *name = s3_key_under(u->key, pfx);
     unsigned seq;
 
-    if (!backup_name(u->key + plen, &seq))
+    if (!name || !backup_name(name, &seq))
       continue;
     if (!s3_mpu_abort(s->c, s->bucket, u->key, u->upload_id, error))
       return false;
@@ -319,11 +322,11 @@ repo_s3_clean_stale(repo *r, GError **error)
     return false;
   for (guint i = 0; i < entries->len; i++) {
     const s3_entry *e = g_ptr_array_index(entries, i);
-    const char *name = e->key + plen;
+    const char *name = s3_key_under(e->key, pfx);
     const char *why;
     unsigned seq;
 
-    if (!backup_name(name, &seq) || repo_listed(r, name) || !(why = repo_stale_reason(r, seq)))
+    if (!name || !backup_name(name, &seq) || repo_listed(r, name) || !(why = repo_stale_reason(r, seq)))
       continue;
     if (!s3_delete_object(s->c, s->bucket, e->key, error))
       return false;

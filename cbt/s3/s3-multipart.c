@@ -255,8 +255,14 @@ s3_mpu_list(s3_client *c, const char *bucket, const char *prefix, GPtrArray **up
       return false;
     }
     s3_request_clear(&r);
-    for (guint i = 0; i < page.uploads->len; i++)
-      g_ptr_array_add(all, g_steal_pointer(&page.uploads->pdata[i]));
+    /* Only those under @prefix (s3_key_under); the rest is freed with
+     * the page. */
+    for (guint i = 0; i < page.uploads->len; i++) {
+      const s3_upload_entry *u = g_ptr_array_index(page.uploads, i);
+
+      if (s3_listed_key_ok(bucket, prefix, u->key))
+        g_ptr_array_add(all, g_steal_pointer(&page.uploads->pdata[i]));
+    }
     more = page.truncated;
     if (more && !page.next_key_marker) {
       g_set_error(error, S3_ERROR, S3_ERROR_PROTOCOL,

@@ -1,7 +1,9 @@
 /* The S3 operations on objects that are one request each: PUT (also
  * conditional), GET (whole, bounded; or a byte range into the caller's
  * buffer), HEAD, DELETE, create bucket, and LIST (ListObjectsV2, page
- * after page until the listing is complete).
+ * after page until the listing is complete).  A listed key outside the
+ * prefix asked for is dropped with a note (s3_key_under tells): callers
+ * delete what they list, and must not be led outside their prefix.
  *
  * Each builds an s3_request, lets s3.c send it (signed, retried) and
  * turns the answer into what s3.h promises.  Multipart uploads are in
@@ -10,6 +12,7 @@
 #include <inttypes.h>
 #include <string.h>
 
+#include "msg.h"
 #include "s3.h"
 
 bool
@@ -178,6 +181,33 @@ s3_entry_free(s3_entry *e)
   g_free(e);
 }
 
+const char *
+s3_key_under(const char *key, const char *prefix)
+{
+  size_t n = prefix ? strlen(prefix) : 0;
+
+  return strncmp(key, prefix ? prefix : "", n) == 0 ? key + n : NULL;
+}
+
+bool
+s3_listed_key_ok(const char *bucket, const char *prefix, const char *key)
+{
+  g_autofree char *shown = NULL;
+  char high[129];
+
+  if (s3_key_under(key, prefix))
+    return true;
+  /* Not ours, so not to be trusted on a terminal either: control bytes
+   * are escaped (UTF-8 is left alone). */
+  for (int i = 0; i < 128; i++)
+    high[i] = (char)(128 + i);
+  high[128] = '\0';
+  shown = g_strescape(key, high);
+  cli_note("s3://%s/%s: in a listing of s3://%s/%s but outside that prefix (ignored)",
+           bucket, shown, bucket, prefix ? prefix : "");
+  return false;
+}
+
 bool
 s3_list(s3_client *c, const char *bucket, const char *prefix, const char *delimiter,
         guint page_size, GPtrArray **entries, GPtrArray **prefixes, GError **error)
@@ -211,10 +241,16 @@ s3_list(s3_client *c, const char *bucket, const char *prefix, const char *delimi
       return false;
     }
     s3_request_clear(&r);
-    for (guint i = 0; i < page.entries->len; i++)
-      g_ptr_array_add(all, g_steal_pointer(&page.entries->pdata[i]));
+    /* What is left in the page is freed with it. */
+    for (guint i = 0; i < page.entries->len; i++) {
+      const s3_entry *e = g_ptr_array_index(page.entries, i);
+
+      if (s3_listed_key_ok(bucket, prefix, e->key))
+        g_ptr_array_add(all, g_steal_pointer(&page.entries->pdata[i]));
+    }
     for (guint i = 0; i < page.prefixes->len; i++)
-      g_ptr_array_add(pfx, g_steal_pointer(&page.prefixes->pdata[i]));
+      if (s3_listed_key_ok(bucket, prefix, g_ptr_array_index(page.prefixes, i)))
+        g_ptr_array_add(pfx, g_steal_pointer(&page.prefixes->pdata[i]));
     g_free(token);
     token = g_steal_pointer(&page.next_token);
     if (page.truncated && !token) {

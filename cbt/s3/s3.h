@@ -224,6 +224,18 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(s3_entry, s3_entry_free)
 bool s3_list(s3_client *c, const char *bucket, const char *prefix, const char *delimiter,
              guint page_size, GPtrArray **entries, GPtrArray **prefixes, GError **error);
 
+/* What follows @prefix (NULL or "": all) in @key, or NULL when @key does
+ * not start with it.  The keys of a listing answer are the server's word
+ * (or that of anything between): s3_list and s3_mpu_list drop, with a
+ * note, every key outside the prefix they asked for, so that nothing a
+ * caller deletes or aborts lies outside it, and callers take the name
+ * of a listed key with this, never by skipping strlen(prefix) bytes. */
+const char *s3_key_under(const char *key, const char *prefix);
+
+/* Whether @key, listed under @prefix of @bucket, really is under it; a
+ * note names it when not (the listings' check, for s3-multipart.c). */
+bool s3_listed_key_ok(const char *bucket, const char *prefix, const char *key);
+
 /* s3-xml.c -------------------------------------------------------------- */
 
 /* Parsers of the response bodies we use.  Each takes the body as
