@@ -1,4 +1,4 @@
-/* fuzz-manifest: the backup repository's manifest reader (tools/repo.c,
+/* fuzz-manifest: the backup repository's manifest reader (cbt/repo/manifest.c,
  * repo_parse_manifest: the code repo_open runs on DIR/manifest.json).
  *
  * Input: the manifest text, handed over in a buffer of exactly its size

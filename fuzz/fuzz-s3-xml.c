@@ -1,4 +1,4 @@
-/* fuzz-s3-xml: the parsers of S3 response bodies (tools/s3-xml.c), which
+/* fuzz-s3-xml: the parsers of S3 response bodies (cbt/s3/s3-xml.c), which
  * read whatever the server, or anything between it and us, sends.
  *
  * Input: one response body, handed over in a buffer of exactly its size

@@ -17,7 +17,7 @@
  *                      tag survives the rename, so the checksum pass reads
  *                      are repo reads too)
  *            manifest  the manifest's temp file and the directory fsync
- *                      that makes its rename durable (tools/repo.c)
+ *                      that makes its rename durable (cbt/repo/repo.c)
  *    OP      read | write (write, write-zeroes, punch, fallocate) | sync
  *            (fsync, fdatasync)
  *    NTH     which operation: 1 is the first OP on TARGET in this process.

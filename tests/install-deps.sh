@@ -15,9 +15,9 @@ packages=(
     build-essential gcc clang meson ninja-build pkg-config
     liburing-dev libglib2.0-dev libjson-c-dev libnbd-dev zlib1g-dev libssl-dev
     libgnutls28-dev
-    # chunk checksums: XXH128 (tools/checksum.c)
+    # chunk checksums: XXH128 (cbt/repo/checksum.c)
     libxxhash-dev
-    # S3 repositories: HTTP and AWS SigV4 signing (tools/s3.c)
+    # S3 repositories: HTTP and AWS SigV4 signing (cbt/s3/s3.c)
     libcurl4-openssl-dev
     # cbt mount (FUSE): the library and fusermount3
     libfuse3-dev fuse3

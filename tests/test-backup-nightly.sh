@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tools/cbt-nightly.sh: logs with timestamps, passes cbt's exit status
+# cbt/cbt-nightly.sh: logs with timestamps, passes cbt's exit status
 # through, refuses to run twice at once, and with KEEP_CHAINS=2 prunes the
 # oldest chain whole (manifest first, then files) while the newest chain
 # still restores exactly.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The manifest reader (tools/repo.c) refuses what it could not write back:
+# The manifest reader (cbt/repo/manifest.c) refuses what it could not write back:
 # `cbt list` on a repository whose manifest.json has a value repo_add
 # would turn into an unreadable manifest exits 4 (damaged) and names the
 # field, instead of reading it.  Found by fuzz/fuzz-manifest (issue 12).

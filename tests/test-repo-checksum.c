@@ -1,4 +1,4 @@
-/* Unit tests for the chunk checksums of the manifest (tools/checksum.c):
+/* Unit tests for the chunk checksums of the manifest (cbt/repo/checksum.c):
  * both algorithms against known answers (the text sha256sum and
  * xxh128sum print), a chunk_hash ready for the next message after each
  * hex, the same sums whatever the pieces the bytes come in, the

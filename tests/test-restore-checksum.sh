@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The manifest's chunk checksums come in two algorithms, named per backup
 # entry ("checksum": "sha256" or "xxh128", the sums under that name), and
-# every reader checks whichever an entry has (tools/repo.c, checksum.c):
+# every reader checks whichever an entry has (cbt/repo/manifest.c, checksum.c):
 #
 #   - cbt backup --checksum sha256 writes a version 1 manifest (what cbt
 #     before "checksum" reads); the default for a directory is xxh128,

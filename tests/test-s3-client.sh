@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The S3 client (tools/s3*.c, driven through the hidden `cbt s3` command)
+# The S3 client (cbt/s3/s3*.c, driven through the hidden `cbt s3` command)
 # against a real Ceph RADOS Gateway brought up by tests/ceph-rgw.sh:
 #   - objects: put, get, head, ranged gets (inside, across and past the
 #     end), delete, keys with spaces, '+', '%', '&', '<' and UTF-8;

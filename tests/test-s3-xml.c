@@ -1,4 +1,4 @@
-/* Unit tests for the parsers of S3 response bodies (tools/s3-xml.c): the
+/* Unit tests for the parsers of S3 response bodies (cbt/s3/s3-xml.c): the
  * bodies Ceph RGW sent (recorded in fuzz/corpus/s3-xml/rgw-*, some
  * repeated here), the shapes AWS documents, and hostile or broken XML,
  * which must be refused with S3_ERROR_PROTOCOL and nothing left

@@ -1,12 +1,12 @@
 /* Internals of the `cbt` command line, shared by its source files.
  *
  * One header, one section per file that defines the symbols (nbdkit's
- * server/internal.h).  A subcommand lives in tools/cmd-NAME.c and exports
+ * server/internal.h).  A subcommand lives in cbt/cmd/cmd-NAME.c and exports
  * one entry point, `int cmd_NAME(int argc, char **argv)`, which gets argv
  * starting at its own name and returns the process exit status; cbt.c
  * lists it in its command table.  Adding a subcommand is: the new file,
  * its entry point below, one line in cbt.c's table, one line in
- * tools/meson.build.
+ * cbt/cmd/meson.build.
  *
  * Errors: helpers take a GError ** last and return bool.  A command turns
  * a GError into a message on stderr and an exit code with cli_report();

@@ -7,7 +7,7 @@
  * regular file (repo_open_file: no symbolic link can lead out of it), the
  * full backup first, and every header must name exactly the manifest's
  * backing file, or the chain is refused as damaged.  This is how cbt
- * restore opens the chain (tools/cmd-restore.c, open_chain), kept in a
+ * restore opens the chain (cbt/cmd/cmd-restore.c, open_chain), kept in a
  * file of its own so that every reader of a backup resolves it the same
  * way.
  *
