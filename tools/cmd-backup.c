@@ -597,6 +597,7 @@ cmd_backup(int argc, char **argv)
   g_autofree char *conns_arg = NULL;   /* NULL: cli_copy_threads() */
   gint64 conns;
   GError *error = NULL;
+  int rc = CLI_EXIT_OK;
   GOptionEntry entries[] = {
     { "socket", 's', 0, G_OPTION_ARG_FILENAME, &socket_path, "NBD unix socket of cbt-filterd", "PATH" },
     { "uri", 'u', 0, G_OPTION_ARG_STRING, &uri, "NBD URI (nbd://HOST:PORT/NAME, nbd+unix://...)", "URI" },
@@ -658,6 +659,8 @@ cmd_backup(int argc, char **argv)
   ok = run(&b, &error);
   if (!ok) {
     end_bar(&b, false);
+    /* The cause first, then what the roll-back did about it. */
+    rc = cli_report(error);
     roll_back(&b);
   }
   g_mutex_clear(&b.bar_lock);
@@ -668,5 +671,5 @@ cmd_backup(int argc, char **argv)
   repo_wfile_free(b.wf);
   g_free(b.path);
   g_free(b.file);
-  return ok ? CLI_EXIT_OK : cli_report(error);
+  return ok ? CLI_EXIT_OK : rc;
 }
