@@ -149,7 +149,17 @@ why_not_incremental(const struct backup *b)
  * before the write was durable) leaves the active bitmap with the id it
  * had, which is the frozen bitmap's "previous" and also where the newest
  * backup ends: committing that would drop the frozen changes, so such a
- * checkpoint is aborted (its bits merge back). */
+ * checkpoint is aborted (its bits merge back).
+ *
+ * A begin killed earlier still, right after it created the frozen bitmap,
+ * leaves one with no "previous" and no bits, and the id of the newest
+ * backup: the state a lost commit of a backup that began the first
+ * checkpoint of a bitmap leaves when nothing was written before it.  The
+ * two cannot be told apart, and committing is right for both (it drops
+ * an empty bitmap; aborting would give the active bitmap no checkpoint
+ * and cost a full backup).  The message names the killed begin, which
+ * is what a later backup finds (tests/test-backup-crash.sh), and the lost
+ * commit as the other possibility. */
 static bool
 settle_leftover(struct backup *b, GError **error)
 {
@@ -166,8 +176,15 @@ settle_leftover(struct backup *b, GError **error)
     return control_execute(b->ctl, "checkpoint-abort", id, &b->st, error);
   }
   if (b->newest && b->newest->checkpoint && strcmp(b->newest->checkpoint, id) == 0) {
-    cli_note("checkpoint %s is still in progress, but backup %s that began it completed: "
-             "committing it", id, b->newest->file);
+    if (!b->st.cp_previous && b->st.cp_dirty_bytes == 0)
+      cli_note("checkpoint %s was left in progress by a backup that did not finish: it "
+               "stopped inside checkpoint-begin, before the checkpoint recorded where it "
+               "starts or froze any change (a lost commit of backup %s, which ends at "
+               "it, would look the same): committing it, every change since backup %s "
+               "stays in the bitmap", id, b->newest->file, b->newest->file);
+    else
+      cli_note("checkpoint %s is still in progress, but backup %s that began it "
+               "completed: committing it", id, b->newest->file);
     return control_execute(b->ctl, "checkpoint-commit", id, &b->st, error);
   }
   cli_note("checkpoint %s was left in progress by a backup that did not finish: "
