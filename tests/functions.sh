@@ -318,6 +318,18 @@ has()
     grep -qF -- "$1" <<<"$out" || { echo "$out" >&2; die "expected '$1' in the output above"; }
 }
 
+# has_in_order FIRST SECOND: $out has a line with FIRST, and the first
+# line with SECOND comes after it (a cause is told before what was done
+# about it).
+has_in_order()
+{
+    local a b
+    a=$(grep -nF -m1 -- "$1" <<<"$out" | cut -d: -f1)
+    b=$(grep -nF -m1 -- "$2" <<<"$out" | cut -d: -f1)
+    [ -n "$a" ] && [ -n "$b" ] && [ "$a" -lt "$b" ] ||
+        { echo "$out" >&2; die "expected '$1' on a line before '$2' in the output above"; }
+}
+
 # dirty_map [CONTEXT]: the running daemon's dirty bitmap (default
 # qemu:dirty-bitmap:cbt) as nbdinfo sees it, "offset length" lines of
 # merged dirty runs.

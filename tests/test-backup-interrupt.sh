@@ -11,7 +11,8 @@
 #  2. the next run aborts that checkpoint and removes the partial file
 #     (saying so); while it is frozen mid-copy a second backup into the
 #     same repository fails with "locked by pid N"; then SIGINT: exit 1,
-#     partial removed, checkpoint aborted, the changes merged back into the
+#     the reason told before the checkpoint's abort, partial removed,
+#     checkpoint aborted, the changes merged back into the
 #     active bitmap (dirty-bytes), no manifest entry;
 #  3. the next incremental restores exactly.
 
@@ -119,6 +120,8 @@ wait "$bpid" || status=$?
 grep -q 'interrupted by SIGINT' "$berr" || die "no reason after SIGINT: $(cat "$berr")"
 grep -q 'aborted: its changes merged back into the bitmap' "$berr" ||
     die "checkpoint not aborted after SIGINT: $(cat "$berr")"
+out=$(cat "$berr")
+has_in_order 'interrupted by SIGINT' 'aborted: its changes merged back into the bitmap'
 [ "$(count)" -eq 1 ] || die "an interrupted backup got a manifest entry"
 [ -z "$(compgen -G "$repo/*.partial" || true)" ] || die "partial file left after SIGINT"
 st=$(status_json)

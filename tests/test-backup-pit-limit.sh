@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # --scratch-limit: when the guest overwrites more of what a running backup
 # still needs than the limit allows, the backup fails (exit 1, the reason
-# named, its checkpoint aborted so no change is lost) and the guest does
-# not notice: every write succeeds.  The next backup restores to the disk.
+# named, then its checkpoint aborted so no change is lost) and the guest
+# does not notice: every write succeeds.  The next backup restores to the
+# disk.
 # Both for a full and an incremental backup.
 
 source "$(dirname "$0")/functions.sh"
@@ -38,6 +39,8 @@ backup_over_limit()
     has "point-in-time view failed"
     has "scratch limit"
     has "aborted"
+    # The cause first, then what was done about it.
+    has_in_order "point-in-time view failed" "aborted: its changes merged back"
     # The checkpoint is gone, the view too, and the guest's writes landed.
     json_true '.return.checkpoint == null' "$(ctl "$csock" '{"execute":"status"}')" ||
         die "$1: the checkpoint was not aborted"

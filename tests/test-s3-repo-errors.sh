@@ -6,8 +6,8 @@
 #   - one 503 SlowDown: retried with backoff (a note says so), the backup
 #     succeeds and restores equal to the image;
 #   - 500 InternalError on every part: the bounded retries give up, the
-#     backup exits 1 with the last line naming the cause, the checkpoint
-#     is aborted, the upload aborted, the manifest and objects unchanged;
+#     backup exits 1 naming the cause, then the checkpoint is aborted,
+#     the upload aborted, the manifest and objects unchanged;
 #   - 507 InsufficientCapacity (the store is full): exit 1 at once (not
 #     retried), "the store is full", repository unchanged;
 #   - a stalled store (the proxy reads the parts and answers nothing):
@@ -88,10 +88,10 @@ unchanged()
 io -c 'write -P 0x22 100M 100M'
 echo "fail-parts 500 InternalError" >"$ctlf"
 expect_rc 1 cbt backup --socket "$dsock" --control "$csock" --repo "$repo" --full
-last=$(tail -n 1 <<<"$out")
-grep -qE "^cbt: S3 upload part [0-9]+ s3://cbt-errors/vm/[^ ]+: server error \(InternalError: injected by the test proxy\); gave up after 3 tries" <<<"$last" ||
-    die "the last line does not name the cause: $last"
-has "checkpoint"
+# The cause, after the retries' notes and before what was done about it.
+grep -qE "^cbt: S3 upload part [0-9]+ s3://cbt-errors/vm/[^ ]+: server error \(InternalError: injected by the test proxy\); gave up after 3 tries" <<<"$out" ||
+    die "no line names the cause: $out"
+has_in_order "gave up after 3 tries" "aborted: its changes merged back"
 unchanged "500 on every part"
 
 # The store is full: not retried.

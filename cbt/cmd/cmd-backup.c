@@ -149,7 +149,17 @@ why_not_incremental(const struct backup *b)
  * before the write was durable) leaves the active bitmap with the id it
  * had, which is the frozen bitmap's "previous" and also where the newest
  * backup ends: committing that would drop the frozen changes, so such a
- * checkpoint is aborted (its bits merge back). */
+ * checkpoint is aborted (its bits merge back).
+ *
+ * A begin killed earlier still, right after it created the frozen bitmap,
+ * leaves one with no "previous" and no bits, and the id of the newest
+ * backup: the state a lost commit of a backup that began the first
+ * checkpoint of a bitmap leaves when nothing was written before it.  The
+ * two cannot be told apart, and committing is right for both (it drops
+ * an empty bitmap; aborting would give the active bitmap no checkpoint
+ * and cost a full backup).  The message names the killed begin, which
+ * is what a later backup finds (tests/test-backup-crash.sh), and the lost
+ * commit as the other possibility. */
 static bool
 settle_leftover(struct backup *b, GError **error)
 {
@@ -166,8 +176,15 @@ settle_leftover(struct backup *b, GError **error)
     return control_execute(b->ctl, "checkpoint-abort", id, &b->st, error);
   }
   if (b->newest && b->newest->checkpoint && strcmp(b->newest->checkpoint, id) == 0) {
-    cli_note("checkpoint %s is still in progress, but backup %s that began it completed: "
-             "committing it", id, b->newest->file);
+    if (!b->st.cp_previous && b->st.cp_dirty_bytes == 0)
+      cli_note("checkpoint %s was left in progress by a backup that did not finish: it "
+               "stopped inside checkpoint-begin, before the checkpoint recorded where it "
+               "starts or froze any change (a lost commit of backup %s, which ends at "
+               "it, would look the same): committing it, every change since backup %s "
+               "stays in the bitmap", id, b->newest->file, b->newest->file);
+    else
+      cli_note("checkpoint %s is still in progress, but backup %s that began it "
+               "completed: committing it", id, b->newest->file);
     return control_execute(b->ctl, "checkpoint-commit", id, &b->st, error);
   }
   cli_note("checkpoint %s was left in progress by a backup that did not finish: "
@@ -597,6 +614,7 @@ cmd_backup(int argc, char **argv)
   g_autofree char *conns_arg = NULL;   /* NULL: cli_copy_threads() */
   gint64 conns;
   GError *error = NULL;
+  int rc = CLI_EXIT_OK;
   GOptionEntry entries[] = {
     { "socket", 's', 0, G_OPTION_ARG_FILENAME, &socket_path, "NBD unix socket of cbt-filterd", "PATH" },
     { "uri", 'u', 0, G_OPTION_ARG_STRING, &uri, "NBD URI (nbd://HOST:PORT/NAME, nbd+unix://...)", "URI" },
@@ -658,6 +676,8 @@ cmd_backup(int argc, char **argv)
   ok = run(&b, &error);
   if (!ok) {
     end_bar(&b, false);
+    /* The cause first, then what the roll-back did about it. */
+    rc = cli_report(error);
     roll_back(&b);
   }
   g_mutex_clear(&b.bar_lock);
@@ -668,5 +688,5 @@ cmd_backup(int argc, char **argv)
   repo_wfile_free(b.wf);
   g_free(b.path);
   g_free(b.file);
-  return ok ? CLI_EXIT_OK : cli_report(error);
+  return ok ? CLI_EXIT_OK : rc;
 }

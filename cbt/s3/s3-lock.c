@@ -3,9 +3,19 @@
  * The lock is an object (a repository's PREFIX/lock) holding JSON:
  *   { "format": "cbt-s3-lock", "version": 1, "owner": TOKEN,
  *     "host": HOST, "pid": PID, "note": NOTE, "ttl": SECONDS,
- *     "written-unix": TIME }
+ *     "written-unix": TIME, "pid-holds": true, "boot-id": BOOT,
+ *     "pid-ns": INODE }
  * TOKEN is random per acquisition and is what "ours" means.  HOST, PID,
  * NOTE and written-unix are for the message that names the holder.
+ * "pid-holds" (S3_LOCK_PROCESS) says the lock lives only as long as its
+ * process; BOOT (the kernel's boot id) and INODE (of its pid namespace)
+ * say which process PID is: a pid names a process only within one pid
+ * namespace of one boot.  A process-bound lock of this host name is judged
+ * by them (holder_state): another boot -> the holder is gone; this boot,
+ * our namespace -> gone if no process has PID; another namespace -> we
+ * cannot see it, so it holds until its ttl ends or someone removes it.
+ * Locks that older cbt wrote have neither field: for those a missing PID
+ * still means gone, as it did before.
  *
  * Expiry is judged on the server's clock only, so hosts whose clocks
  * disagree still agree on it: a lock has expired when the Date of the
@@ -41,6 +51,7 @@
 #include <limits.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <json-c/json.h>
@@ -71,6 +82,8 @@ struct holder {
   gint64 pid;
   gint64 ttl;
   bool pid_holds;           /* the lock lives only as long as host:pid */
+  char *boot_id;            /* NULL: not recorded (older cbt) */
+  gint64 pid_ns;            /* 0: not recorded */
 };
 
 static void
@@ -79,7 +92,42 @@ holder_clear(struct holder *h)
   g_free(h->token);
   g_free(h->host);
   g_free(h->note);
+  g_free(h->boot_id);
   memset(h, 0, sizeof *h);
+}
+
+/* This boot's id (/proc/sys/kernel/random/boot_id, a UUID the kernel
+ * draws at boot), or NULL if it cannot be read.  Read once. */
+static const char *
+our_boot_id(void)
+{
+  static gsize once;
+  static char *id;
+
+  if (g_once_init_enter(&once)) {
+    g_autofree char *text = NULL;
+
+    if (g_file_get_contents("/proc/sys/kernel/random/boot_id", &text, NULL, NULL)) {
+      g_strstrip(text);
+      if (*text && g_utf8_validate(text, -1, NULL))
+        id = g_steal_pointer(&text);
+    }
+    g_once_init_leave(&once, 1);
+  }
+  return id;
+}
+
+/* The inode of our pid namespace (what `readlink /proc/self/ns/pid`
+ * shows as pid:[INODE]), or 0 if it cannot be read.  Inodes of live
+ * namespaces are distinct within one boot. */
+static gint64
+our_pid_ns(void)
+{
+  struct stat st;
+
+  if (stat("/proc/self/ns/pid", &st) < 0 || st.st_ino == 0 || st.st_ino > G_MAXINT64)
+    return 0;
+  return (gint64)st.st_ino;
 }
 
 static char *
@@ -97,6 +145,10 @@ lock_body(const s3_lock *l)
   json_object_object_add(jo, "written-unix", json_object_new_int64(g_get_real_time() / 1000000));
   if (l->pid_holds)
     json_object_object_add(jo, "pid-holds", json_object_new_boolean(true));
+  if (our_boot_id())
+    json_object_object_add(jo, "boot-id", json_object_new_string(our_boot_id()));
+  if (our_pid_ns())
+    json_object_object_add(jo, "pid-ns", json_object_new_int64(our_pid_ns()));
   return g_strdup(json_object_to_json_string_ext(jo, JSON_C_TO_STRING_PLAIN));
 }
 
@@ -153,22 +205,58 @@ parse_holder(const char *bucket, const char *key, GBytes *data, struct holder *h
     h->pid = -1;
   {
     json_object *v;
+    const char *boot = jstr(jo, "boot-id");
 
     h->pid_holds = json_object_object_get_ex(jo, "pid-holds", &v) &&
                    json_object_is_type(v, json_type_boolean) && json_object_get_boolean(v);
+    /* Malformed identity fields count as absent: then the holder is
+     * judged as one of an older cbt, or (one field only) not at all. */
+    if (boot && *boot)
+      h->boot_id = g_strdup(boot);
   }
+  if (!jint(jo, "pid-ns", &h->pid_ns) || h->pid_ns <= 0)
+    h->pid_ns = 0;
   return true;
 }
 
-/* A S3_LOCK_PROCESS lock whose process is gone: it was taken on this
- * host (same host name) by a process that no longer exists, so nobody
- * will refresh it.  A reused pid only makes us wait for the ttl. */
-static bool
-holder_dead_here(const struct holder *h)
+/* What we can tell of the process that holds a lock. */
+enum holder_state {
+  HOLDER_UNKNOWN,           /* not ours to judge, or it may run: wait for the ttl */
+  HOLDER_OTHER_NS,          /* this host and boot, another pid namespace: unknown */
+  HOLDER_GONE,              /* no process has its pid (in its namespace) */
+  HOLDER_OLD_BOOT,          /* it ran in an earlier boot of this host */
+};
+
+/* Judge the holder of a S3_LOCK_PROCESS lock taken on this host (same
+ * host name): a gone one will never refresh the lock, so it can be taken
+ * over without waiting for its ttl.  A pid means a process only in one
+ * boot and pid namespace, so the pid is looked at only when both are
+ * ours; a lock of an older cbt, which records neither, is judged by the
+ * pid alone, as that cbt did.  A reused pid only makes us wait for the
+ * ttl; so does anything we cannot read. */
+static enum holder_state
+holder_state(const struct holder *h)
 {
-  return h->pid_holds && h->pid > 0 && h->pid <= INT_MAX && h->pid != getpid() &&
-         strcmp(h->host, g_get_host_name()) == 0 && kill((pid_t)h->pid, 0) < 0 &&
-         errno == ESRCH;
+  const char *boot = our_boot_id();
+  gint64 ns = our_pid_ns();
+  bool legacy = !h->boot_id && !h->pid_ns;
+
+  if (!h->pid_holds || h->pid <= 0 || h->pid > INT_MAX ||
+      strcmp(h->host, g_get_host_name()) != 0)
+    return HOLDER_UNKNOWN;
+  if (!legacy) {
+    if (!boot || !h->boot_id)
+      return HOLDER_UNKNOWN;
+    if (strcmp(h->boot_id, boot) != 0)
+      return HOLDER_OLD_BOOT;
+    if (!ns || !h->pid_ns)
+      return HOLDER_UNKNOWN;
+    if (h->pid_ns != ns)
+      return HOLDER_OTHER_NS;
+  }
+  if (h->pid != getpid() && kill((pid_t)h->pid, 0) < 0 && errno == ESRCH)
+    return HOLDER_GONE;
+  return HOLDER_UNKNOWN;
 }
 
 /* GET and parse the lock.  *@info gets its ETag and the server times. */
@@ -194,21 +282,32 @@ expired(const struct holder *h, const s3_object_info *info)
 }
 
 /* S3_ERROR_LOCKED naming the holder: "S3 lock s3://b/k: [WHY: ]held by
- * HOST pid PID (NOTE); it expires in N s unless refreshed". */
+ * HOST pid PID (NOTE)[ in another pid namespace ...]; it expires in N s
+ * unless refreshed[; how to remove it]". */
 static void
 set_locked(GError **error, const s3_lock *l, const struct holder *h,
            const s3_object_info *info, const char *why)
 {
   g_autofree char *left = NULL;
+  g_autofree char *where = NULL;
+  g_autofree char *hint = NULL;
 
   if (info->server_time >= 0 && info->last_modified >= 0)
     left = g_strdup_printf("%" G_GINT64_FORMAT " s",
                            MAX(0, info->last_modified + h->ttl - info->server_time));
+  if (!why && holder_state(h) == HOLDER_OTHER_NS) {
+    where = g_strdup_printf(" in another pid namespace (pid:[%" G_GINT64_FORMAT "]; ours "
+                            "is pid:[%" G_GINT64_FORMAT "]), where this process cannot "
+                            "see whether it runs", h->pid_ns, our_pid_ns());
+    hint = g_strdup_printf("; if that process is gone, wait for the lock to expire or "
+                           "remove it: cbt s3 rm s3://%s/%s", l->bucket, l->key);
+  }
   g_set_error(error, S3_ERROR, S3_ERROR_LOCKED,
-              "S3 lock s3://%s/%s: %s%sheld by %s pid %" G_GINT64_FORMAT "%s%s%s; it "
-              "expires in %s unless refreshed", l->bucket, l->key, why ? why : "",
+              "S3 lock s3://%s/%s: %s%sheld by %s pid %" G_GINT64_FORMAT "%s%s%s%s; it "
+              "expires in %s unless refreshed%s", l->bucket, l->key, why ? why : "",
               why ? ": " : "", h->host, h->pid, *h->note ? " (" : "", h->note,
-              *h->note ? ")" : "", left ? left : "? s");
+              *h->note ? ")" : "", where ? where : "", left ? left : "? s",
+              hint ? hint : "");
 }
 
 /* GET the lock back after we wrote it: it must hold our token. */
@@ -279,6 +378,7 @@ s3_lock_acquire_flags(s3_client *c, const char *bucket, const char *key, guint t
     s3_object_info info = { 0 };
     s3_put_cond replace = { 0 };
     GError *err = NULL;
+    enum holder_state state;
     bool ours, stale;
 
     if (s3_put_object(c, bucket, key, body, strlen(body), &absent, NULL, &err)) {
@@ -301,7 +401,8 @@ s3_lock_acquire_flags(s3_client *c, const char *bucket, const char *key, guint t
       return false;
     }
     ours = strcmp(h.token, l->token) == 0;
-    stale = expired(&h, &info) || (l->pid_holds && holder_dead_here(&h));
+    state = l->pid_holds ? holder_state(&h) : HOLDER_UNKNOWN;
+    stale = expired(&h, &info) || state == HOLDER_GONE || state == HOLDER_OLD_BOOT;
     if (!ours && !stale) {
       set_locked(error, l, &h, &info, NULL);
       holder_clear(&h);
@@ -324,7 +425,10 @@ s3_lock_acquire_flags(s3_client *c, const char *bucket, const char *key, guint t
       if (!verify(l, error))
         return false;
       cli_note("S3 lock s3://%s/%s: took over %s", bucket, key,
-               was_expired ? "an expired lock" : "a lock that a dead process on this host left");
+               was_expired ? "an expired lock"
+               : state == HOLDER_OLD_BOOT
+                 ? "a lock that a process of an earlier boot of this host left"
+                 : "a lock that a dead process on this host left");
       *out = g_steal_pointer(&l);
       return true;
     }

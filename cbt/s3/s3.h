@@ -389,9 +389,12 @@ typedef struct s3_lock s3_lock;
 bool s3_lock_acquire(s3_client *c, const char *bucket, const char *key, guint ttl,
                      const char *note, s3_lock **out, GError **error);
 /* The same with @flags: S3_LOCK_PROCESS says the lock lives only as long
- * as this process (the lock object records it), and lets this acquire
- * take over such a lock of a process on this host (same host name) that
- * no longer exists, without waiting for its ttl. */
+ * as this process (the lock object records it, with our boot id and pid
+ * namespace), and lets this acquire take over such a lock of a process on
+ * this host (same host name) that is gone, without waiting for its ttl:
+ * one of an earlier boot, or one of our boot and pid namespace whose pid
+ * no process has.  One in another pid namespace cannot be judged: it is
+ * an S3_ERROR_LOCKED that says so and how to remove the lock. */
 #define S3_LOCK_PROCESS 1u
 bool s3_lock_acquire_flags(s3_client *c, const char *bucket, const char *key, guint ttl,
                            const char *note, unsigned flags, s3_lock **out,
