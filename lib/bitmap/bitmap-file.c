@@ -43,126 +43,6 @@
 /* Pages gathered into one write when several in a row changed. */
 #define WRITE_RUN_PAGES       64u
 
-/* --- encode / decode --------------------------------------------------- */
-
-static void
-header_decode(const uint8_t *buf, struct bmf_header *h)
-{
-  struct bmf_header_disk d;
-
-  memcpy(&d, buf, sizeof d);
-  h->version = le32toh(d.version);
-  h->header_size = le32toh(d.header_size);
-  h->header_crc = le32toh(d.header_crc);
-  h->slot = le32toh(d.slot);
-  h->generation = le64toh(d.generation);
-  h->incompat = le64toh(d.incompat);
-  h->compat = le64toh(d.compat);
-  h->autoclear = le64toh(d.autoclear);
-  h->state_flags = le32toh(d.state_flags);
-  h->nb_entries = le32toh(d.nb_entries);
-  h->image_size = le64toh(d.image_size);
-  h->image_inode = le64toh(d.image_inode);
-  memcpy(h->uuid, d.uuid, 16);
-  h->dir_offset = le64toh(d.dir_offset);
-  h->dir_capacity = le32toh(d.dir_capacity);
-  h->dir_entry_size = le32toh(d.dir_entry_size);
-  h->dir_crc = le32toh(d.dir_crc);
-  h->reserved0 = le32toh(d.reserved0);
-  h->reserved1 = le64toh(d.reserved1);
-}
-
-static void
-header_encode(const struct bmf_header *h, uint8_t *buf)
-{
-  struct bmf_header_disk d;
-
-  memcpy(d.magic, BMF_MAGIC, 8);
-  d.version = htole32(h->version);
-  d.header_size = htole32(h->header_size);
-  d.header_crc = htole32(h->header_crc);
-  d.slot = htole32(h->slot);
-  d.generation = htole64(h->generation);
-  d.incompat = htole64(h->incompat);
-  d.compat = htole64(h->compat);
-  d.autoclear = htole64(h->autoclear);
-  d.state_flags = htole32(h->state_flags);
-  d.nb_entries = htole32(h->nb_entries);
-  d.image_size = htole64(h->image_size);
-  d.image_inode = htole64(h->image_inode);
-  memcpy(d.uuid, h->uuid, 16);
-  d.dir_offset = htole64(h->dir_offset);
-  d.dir_capacity = htole32(h->dir_capacity);
-  d.dir_entry_size = htole32(h->dir_entry_size);
-  d.dir_crc = htole32(h->dir_crc);
-  d.reserved0 = htole32(h->reserved0);
-  d.reserved1 = htole64(h->reserved1);
-  memcpy(buf, &d, sizeof d);
-}
-
-/* CRC32C of header bytes [0, header_size) with the CRC field as zero. */
-static uint32_t
-header_crc(const uint8_t *buf, uint32_t header_size)
-{
-  static const uint8_t zero[4];
-  uint32_t crc = cbt_crc32c(0, buf, BMF_CRC_OFFSET);
-
-  crc = cbt_crc32c(crc, zero, 4);
-  return cbt_crc32c(crc, buf + BMF_CRC_OFFSET + 4,
-                    header_size - BMF_CRC_OFFSET - 4);
-}
-
-static void
-entry_decode(const uint8_t *buf, struct bmf_entry_disk *d)
-{
-  memcpy(d, buf, sizeof *d);
-  d->flags = le32toh(d->flags);
-  d->granularity = le32toh(d->granularity);
-  d->data_offset = le64toh(d->data_offset);
-  d->data_length = le64toh(d->data_length);
-  d->data_crc = le32toh(d->data_crc);
-  d->reserved0 = le32toh(d->reserved0);
-  d->create_time = le64toh(d->create_time);
-  d->checkpoint = le64toh(d->checkpoint);
-}
-
-/* The two-level data checksum (bitmap-format.md, data_crc32c). */
-static uint32_t
-data_crc(const uint32_t *page_crc, uint64_t npages)
-{
-  uint8_t buf[256 * 4];
-  uint32_t crc = 0;
-
-  for (uint64_t i = 0; i < npages; ) {
-    size_t n = 0;
-
-    for (; n < 256 && i < npages; n++, i++) {
-      uint32_t le = htole32(page_crc[i]);
-
-      memcpy(buf + n * 4, &le, 4);
-    }
-    crc = cbt_crc32c(crc, buf, n * 4);
-  }
-  return crc;
-}
-
-static void
-entry_encode(const struct bmf_entry *e, uint8_t *buf)
-{
-  struct bmf_entry_disk d;
-
-  memset(&d, 0, sizeof d);
-  memcpy(d.name, e->name, sizeof e->name);
-  d.flags = htole32(e->flags);
-  d.granularity = htole32(e->granularity);
-  d.data_offset = htole64(e->data_offset);
-  d.data_length = htole64(e->data_length);
-  d.data_crc = htole32(data_crc(e->page_crc, e->data_pages));
-  d.create_time = htole64(e->create_time);
-  d.checkpoint = htole64(e->checkpoint);
-  memcpy(buf, &d, sizeof d);
-}
-
 /* --- entries ----------------------------------------------------------- */
 
 static uint32_t
@@ -212,28 +92,6 @@ entry_new(const char *name, uint32_t flags, uint32_t gran, uint64_t image_size,
   return 0;
 }
 
-/* Name rules of bitmap-format.md: 1..63 printable ASCII bytes. */
-static bool
-name_ok(const char *name)
-{
-  size_t len = strlen(name);
-
-  if (len == 0 || len > CBT_BMF_NAME_MAX)
-    return false;
-  for (size_t i = 0; i < len; i++)
-    if (name[i] < 0x20 || name[i] > 0x7e)
-      return false;
-  return true;
-}
-
-static bool
-flags_ok(uint32_t flags)
-{
-  return !(flags & ~BMF_FLAGS_KNOWN) &&
-         (flags & (CBT_BMF_ACTIVE | CBT_BMF_FROZEN)) !=
-           (CBT_BMF_ACTIVE | CBT_BMF_FROZEN);
-}
-
 static bool
 any_page_dirty(const struct bmf_entry *e)
 {
@@ -279,12 +137,12 @@ read_header_copy(int fd, unsigned slot, uint8_t *page, struct bmf_header *h,
     *bad_magic = true;
     return cbt_fail(reason, COPY_TORN, "header copy %u: bad magic", slot);
   }
-  header_decode(page, h);
+  bmf_header_decode(page, h);
   if (h->header_size < BMF_HEADER_SIZE || h->header_size > BMF_PAGE ||
       h->header_size % 8)
     return cbt_fail(reason, COPY_TORN, "header copy %u: bad header_size %" PRIu32,
                 slot, h->header_size);
-  crc = header_crc(page, h->header_size);
+  crc = bmf_header_crc(page, h->header_size);
   if (crc != h->header_crc)
     return cbt_fail(reason, COPY_TORN,
                 "header copy %u: header checksum mismatch "
@@ -392,7 +250,7 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
                     " is past nb_entries but not zero", i);
       continue;
     }
-    entry_decode(raw, &d);
+    bmf_entry_decode(raw, &d);
     len = strnlen(d.name, sizeof d.name);
     if (len == 0)
       return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32 ": empty name", i);
@@ -402,10 +260,10 @@ load_directory(struct cbt_bmfile *f, const struct bmf_header *h,
     if (!cbt_is_zero(d.name + len, sizeof d.name - len))
       return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                   ": bytes after the name not zero", i);
-    if (!name_ok(d.name))
+    if (!bmf_name_ok(d.name))
       return cbt_fail(why, -EBADMSG, "directory entry %" PRIu32
                   ": name has non-printable bytes", i);
-    if (!flags_ok(d.flags))
+    if (!bmf_flags_ok(d.flags))
       return cbt_fail(why, -EBADMSG, "bitmap '%s': bad flags 0x%" PRIx32,
                   d.name, d.flags);
     if (!gran_ok(d.granularity))
@@ -596,7 +454,7 @@ load_data(struct cbt_bmfile *f, char **why)
     r = load_entry_bits(f, e, why);
     if (r < 0)
       return r;
-    crc = data_crc(e->page_crc, e->data_pages);
+    crc = bmf_data_crc(e->page_crc, e->data_pages);
     if (crc != e->data_crc) {
       if (f->found_clean)
         return cbt_fail(why, -EBADMSG, "bitmap '%s': data checksum mismatch "
@@ -854,7 +712,7 @@ renormalise(struct cbt_bmfile *f, char **why)
     return cbt_fail(why, r == -ENODATA ? -EIO : r, "renormalising the generation "
                 "counter: reading metadata copy %u: %s", d,
                 g_strerror(r == -ENODATA ? EIO : -r));
-  header_decode(page, &h);
+  bmf_header_decode(page, &h);
   if (h.generation != f->hdr.generation || h.header_crc != f->hdr.header_crc ||
       cbt_crc32c(0, dir, dir_len) != f->hdr.dir_crc)
     return cbt_fail(why, -EIO, "renormalising the generation counter: metadata "
@@ -865,9 +723,9 @@ renormalise(struct cbt_bmfile *f, char **why)
     h.generation = step == 0 ? o : o + 1;
     h.dir_offset = dir_offset_for(cap, h.slot);
     h.header_crc = 0;
-    header_encode(&h, page);
-    h.header_crc = header_crc(page, h.header_size);
-    header_encode(&h, page);
+    bmf_header_encode(&h, page);
+    h.header_crc = bmf_header_crc(page, h.header_size);
+    bmf_header_encode(&h, page);
     r = cbt_io_pwrite(f->fd, dir, dir_len, h.dir_offset);
     if (r < 0)
       return cbt_fail(why, r, "renormalising the generation counter: writing "
@@ -913,7 +771,7 @@ write_meta(struct cbt_bmfile *f, bool clean, char **why)
   h = f->hdr;
 
   for (unsigned i = 0; i < f->nentries; i++)
-    entry_encode(f->entries[i], dir + (size_t)i * BMF_ENTRY_SIZE);
+    bmf_entry_encode(f->entries[i], dir + (size_t)i * BMF_ENTRY_SIZE);
 
   h.generation = f->hdr.generation + 1;
   h.slot = (uint32_t)(h.generation % 2);
@@ -929,11 +787,11 @@ write_meta(struct cbt_bmfile *f, bool clean, char **why)
   h.dir_offset = dir_offset_for(cap, h.slot);
   h.dir_crc = cbt_crc32c(0, dir, dir_len);
   h.header_crc = 0;
-  header_encode(&h, page);
+  bmf_header_encode(&h, page);
   if (f->hdr_ext)
     memcpy(page + BMF_HEADER_SIZE, f->hdr_ext, h.header_size - BMF_HEADER_SIZE);
-  h.header_crc = header_crc(page, h.header_size);
-  header_encode(&h, page);
+  h.header_crc = bmf_header_crc(page, h.header_size);
+  bmf_header_encode(&h, page);
 
   r = cbt_io_pwrite(f->fd, dir, dir_len, h.dir_offset);
   if (r < 0)
@@ -951,8 +809,8 @@ write_meta(struct cbt_bmfile *f, bool clean, char **why)
   f->meta_dirty = false;
   for (unsigned i = 0; i < f->nentries; i++) {
     f->entries[i]->on_disk = true;
-    f->entries[i]->data_crc = data_crc(f->entries[i]->page_crc,
-                                       f->entries[i]->data_pages);
+    f->entries[i]->data_crc = bmf_data_crc(f->entries[i]->page_crc,
+                                           f->entries[i]->data_pages);
   }
   return 0;
 }
@@ -1269,12 +1127,12 @@ add_locked(struct cbt_bmfile *f, const char *name, uint32_t flags,
 
   if (!f->writable)
     return cbt_fail(why, -EROFS, "opened read-only");
-  if (!name_ok(name))
+  if (!bmf_name_ok(name))
     return cbt_fail(why, -EINVAL, "bad bitmap name (1 to %d printable ASCII "
                 "characters)", CBT_BMF_NAME_MAX);
   if (cbt_bmfile_find(f, name) >= 0)
     return cbt_fail(why, -EEXIST, "bitmap '%s' already exists", name);
-  if (!flags_ok(flags))
+  if (!bmf_flags_ok(flags))
     return cbt_fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
   if (gran == 0)
     gran = CBT_BITMAP_DEFAULT_GRANULARITY;
@@ -1374,7 +1232,7 @@ update_entry(cbt_bmfile *f, unsigned idx, const uint32_t *flags,
 int
 cbt_bmfile_set_flags(cbt_bmfile *f, unsigned idx, uint32_t flags, char **why)
 {
-  if (!flags_ok(flags))
+  if (!bmf_flags_ok(flags))
     return cbt_fail(why, -EINVAL, "bad flags 0x%" PRIx32, flags);
   return update_entry(f, idx, &flags, NULL, why);
 }
@@ -1665,7 +1523,7 @@ cbt_bmfile_create(const char *path, uint64_t image_size, uint64_t image_inode,
   if (!gran_ok(granularity))
     return cbt_fail(why, -EINVAL, "bad granularity %" PRIu32
                 " (must be a power of two >= 512)", granularity);
-  if (!name_ok(first_name))
+  if (!bmf_name_ok(first_name))
     return cbt_fail(why, -EINVAL, "bad bitmap name (1 to %d printable ASCII "
                 "characters)", CBT_BMF_NAME_MAX);
 

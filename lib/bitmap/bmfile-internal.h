@@ -3,11 +3,13 @@
  *
  *   bitmap-file.c      the handle, its in-memory entries, the queries,
  *                      and (until it moves to a file of its own) the rest
+ *   bmfile-format.c    encode/decode, checksums, name and flag rules
  *
  * Nothing here is part of the library's interface (that is
  * cbt/bitmap-file.h).  Here are the format's constants, the on-disk
  * structs and their decoded forms, the handle and the geometry of the
- * metadata area.
+ * metadata area; then the functions one file calls in another,
+ * in sections named after the file that defines them.
  *
  * In memory a cbt_bmfile holds the decoded header of the newest metadata
  * generation and one bmf_entry per bitmap, each with its bits in a struct
@@ -172,5 +174,15 @@ data_length_for(uint64_t size, uint32_t gran)
 
   return (bits + 63) / 64 * 8;
 }
+
+/* bmfile-format.c */
+void bmf_header_decode(const uint8_t *buf, struct bmf_header *h);
+void bmf_header_encode(const struct bmf_header *h, uint8_t *buf);
+uint32_t bmf_header_crc(const uint8_t *buf, uint32_t header_size);
+void bmf_entry_decode(const uint8_t *buf, struct bmf_entry_disk *d);
+uint32_t bmf_data_crc(const uint32_t *page_crc, uint64_t npages);
+void bmf_entry_encode(const struct bmf_entry *e, uint8_t *buf);
+bool bmf_name_ok(const char *name);
+bool bmf_flags_ok(uint32_t flags);
 
 #endif /* CBT_BMFILE_INTERNAL_H */
