@@ -4,6 +4,8 @@
  *   bitmap-file.c      the handle, its in-memory entries, the queries,
  *                      and (until it moves to a file of its own) the rest
  *   bmfile-format.c    encode/decode, checksums, name and flag rules
+ *   bmfile-load.c      open: pick a metadata copy, validate it, load
+ *                      the bits
  *
  * Nothing here is part of the library's interface (that is
  * cbt/bitmap-file.h).  Here are the format's constants, the on-disk
@@ -174,6 +176,13 @@ data_length_for(uint64_t size, uint32_t gran)
 
   return (bits + 63) / 64 * 8;
 }
+
+/* bitmap-file.c */
+uint32_t bmf_page_bytes(const struct bmf_entry *e, uint64_t page);
+int bmf_entry_new(const char *name, uint32_t flags, uint32_t gran,
+                  uint64_t image_size, struct bmf_entry **out);
+void bmf_entries_free(struct cbt_bmfile *f);
+cbt_bmfile *bmf_handle_new(const char *path, int fd, bool writable);
 
 /* bmfile-format.c */
 void bmf_header_decode(const uint8_t *buf, struct bmf_header *h);
