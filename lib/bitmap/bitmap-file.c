@@ -1,22 +1,8 @@
 /* The persistent dirty bitmap file (API: cbt/bitmap-file.h; format:
  * bitmap-format.md, read that first): the handle, its in-memory
- * entries, the write-out, the changes of the file (create, add/remove,
- * resize) and the queries.  The other files, and the in-memory layout
- * and locking, are described in bmfile-internal.h.
- *
- * Crash safety rests on four things, each kept where it is implemented:
- *   - metadata goes to the copy not holding the newest durable generation,
- *     and each metadata write ends with fdatasync (write_meta);
- *   - data pages of a bitmap that the durable metadata references are only
- *     written while the durable metadata says "not clean" (sync_locked);
- *   - data is fdatasynced before the metadata carrying its checksums
- *     (sync_locked);
- *   - CLEAN is written only after a pass that found nothing left to write
- *     (sync_locked with make_clean).
- * A resize (resize_locked) gives every entry a fresh area and goes through
- * the same engine, so the switch to the new size is one metadata write.
- *
- * All file I/O goes through cbt/uring-io.h.
+ * entries, the changes of the file (create, add/remove, resize) and
+ * the queries.  The other files, and the in-memory layout and
+ * locking, are described in bmfile-internal.h.
  */
 #include <endian.h>
 #include <errno.h>
@@ -38,9 +24,6 @@
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
 #include "bmfile-internal.h"
-
-/* Pages gathered into one write when several in a row changed. */
-#define WRITE_RUN_PAGES       64u
 
 /* --- entries ----------------------------------------------------------- */
 
@@ -91,17 +74,8 @@ bmf_entry_new(const char *name, uint32_t flags, uint32_t gran,
   return 0;
 }
 
-static bool
-any_page_dirty(const struct bmf_entry *e)
-{
-  for (uint64_t i = 0; i < (e->bm.npages + 63) / 64; i++)
-    if (__atomic_load_n(&e->bm.pages_dirty[i], __ATOMIC_RELAXED))
-      return true;
-  return false;
-}
-
-static void
-mark_all_pages(struct bmf_entry *e)
+void
+bmf_mark_all_pages(struct bmf_entry *e)
 {
   for (uint64_t p = 0; p < e->data_pages; p++)
     cbt_bitmap_mark_page(&e->bm, p);
@@ -145,374 +119,7 @@ bmf_handle_new(const char *path, int fd, bool writable)
   return f;
 }
 
-/* --- writing ----------------------------------------------------------- */
-
-/* Renormalise the generation counter (renormalise) once it has reached
- * this.  Counting real updates never gets near it; a file written by
- * another implementation or crafted may start there, and a counter that
- * wrapped would lose to the stale copy: a reader would take the previous
- * generation (say CLEAN, without the bits since) as the newest. */
-#define BMF_GEN_RENORMALISE (UINT64_C(1) << 63)
-
-/* Move the durable metadata to low generations, unchanged: copy f->hdr.slot
- * holds it on disk (read at open or written by the last write_meta).  Its
- * header page and directory are read back and written verbatim, with only
- * slot, generation, dir_offset and the header checksum changed, first
- * into the other copy as generation 0 or 1 (that copy's parity), then
- * into its own copy as the next generation, each followed by fdatasync.
- * Until the first is durable readers take the durable copy (higher
- * generation); after it both copies say the same; a crash tearing the
- * second leaves the first.  So at every moment the durable metadata is
- * what a reader finds. */
-static int
-renormalise(struct cbt_bmfile *f, char **why)
-{
-  unsigned d = f->hdr.slot, o = !d;
-  uint32_t cap = f->hdr.dir_capacity;
-  size_t dir_len = (size_t)cap * BMF_ENTRY_SIZE;
-  g_autofree uint8_t *dir = g_malloc(dir_len);
-  g_autofree uint8_t *page = g_malloc(BMF_PAGE);
-  struct bmf_header h;
-  int r;
-
-  r = cbt_io_pread(f->fd, page, BMF_PAGE, (uint64_t)d * BMF_PAGE);
-  if (r == 0)
-    r = cbt_io_pread(f->fd, dir, dir_len, f->hdr.dir_offset);
-  if (r < 0)
-    return cbt_fail(why, r == -ENODATA ? -EIO : r, "renormalising the generation "
-                "counter: reading metadata copy %u: %s", d,
-                g_strerror(r == -ENODATA ? EIO : -r));
-  bmf_header_decode(page, &h);
-  if (h.generation != f->hdr.generation || h.header_crc != f->hdr.header_crc ||
-      cbt_crc32c(0, dir, dir_len) != f->hdr.dir_crc)
-    return cbt_fail(why, -EIO, "renormalising the generation counter: metadata "
-                "copy %u changed on disk (another writer?)", d);
-
-  for (unsigned step = 0; step < 2; step++) {
-    h.slot = step == 0 ? o : d;
-    h.generation = step == 0 ? o : o + 1;
-    h.dir_offset = dir_offset_for(cap, h.slot);
-    h.header_crc = 0;
-    bmf_header_encode(&h, page);
-    h.header_crc = bmf_header_crc(page, h.header_size);
-    bmf_header_encode(&h, page);
-    r = cbt_io_pwrite(f->fd, dir, dir_len, h.dir_offset);
-    if (r < 0)
-      return cbt_fail(why, r, "renormalising the generation counter: writing "
-                  "directory: %s", g_strerror(-r));
-    r = cbt_io_pwrite(f->fd, page, BMF_PAGE, (uint64_t)h.slot * BMF_PAGE);
-    if (r < 0)
-      return cbt_fail(why, r, "renormalising the generation counter: writing "
-                  "header: %s", g_strerror(-r));
-    r = cbt_io_fdatasync(f->fd);
-    if (r < 0)
-      return cbt_fail(why, r, "renormalising the generation counter: "
-                  "fdatasync: %s", g_strerror(-r));
-  }
-  f->hdr.generation = h.generation;
-  f->hdr.header_crc = h.header_crc;
-  return 0;
-}
-
-/* Write the current metadata as the next generation into the copy that
- * does not hold the durable one, with CLEAN = @clean, and fdatasync.
- *
- * Ordering: directory first, then header, then fdatasync.  Until the sync
- * completes, a crash may leave this copy torn (a reader then falls back
- * to the other copy, which is durable because the previous call ended
- * with fdatasync) or complete.  The generation only advances on success,
- * so a failed attempt is retried into the same copy, never the durable
- * one; it never wraps (renormalise). */
-static int
-write_meta(struct cbt_bmfile *f, bool clean, char **why)
-{
-  uint32_t cap = f->hdr.dir_capacity;
-  size_t dir_len = (size_t)cap * BMF_ENTRY_SIZE;
-  g_autofree uint8_t *dir = g_malloc0(dir_len);
-  g_autofree uint8_t *page = g_malloc0(BMF_PAGE);
-  struct bmf_header h;
-  int r;
-
-  if (f->hdr.generation >= BMF_GEN_RENORMALISE) {
-    r = renormalise(f, why);
-    if (r < 0)
-      return r;
-  }
-  h = f->hdr;
-
-  for (unsigned i = 0; i < f->nentries; i++)
-    bmf_entry_encode(f->entries[i], dir + (size_t)i * BMF_ENTRY_SIZE);
-
-  h.generation = f->hdr.generation + 1;
-  h.slot = (uint32_t)(h.generation % 2);
-  h.nb_entries = f->nentries;
-  h.state_flags = clean ? BMF_STATE_CLEAN : 0;
-  /* crash_safe_tracking says how this writer keeps the bits (rules 6-8);
-   * we implement no autoclear feature. */
-  if (f->crash_safe)
-    h.compat |= BMF_COMPAT_CRASH_SAFE;
-  else
-    h.compat &= ~BMF_COMPAT_CRASH_SAFE;
-  h.autoclear = 0;
-  h.dir_offset = dir_offset_for(cap, h.slot);
-  h.dir_crc = cbt_crc32c(0, dir, dir_len);
-  h.header_crc = 0;
-  bmf_header_encode(&h, page);
-  if (f->hdr_ext)
-    memcpy(page + BMF_HEADER_SIZE, f->hdr_ext, h.header_size - BMF_HEADER_SIZE);
-  h.header_crc = bmf_header_crc(page, h.header_size);
-  bmf_header_encode(&h, page);
-
-  r = cbt_io_pwrite(f->fd, dir, dir_len, h.dir_offset);
-  if (r < 0)
-    return cbt_fail(why, r, "writing directory: %s", g_strerror(-r));
-  r = cbt_io_pwrite(f->fd, page, BMF_PAGE, (uint64_t)h.slot * BMF_PAGE);
-  if (r < 0)
-    return cbt_fail(why, r, "writing header: %s", g_strerror(-r));
-  r = cbt_io_fdatasync(f->fd);
-  if (r < 0)
-    return cbt_fail(why, r, "fdatasync after metadata write: %s", g_strerror(-r));
-
-  f->hdr = h;
-  f->disk_clean = clean;
-  f->owned_dirty = !clean;
-  f->meta_dirty = false;
-  for (unsigned i = 0; i < f->nentries; i++) {
-    f->entries[i]->on_disk = true;
-    f->entries[i]->data_crc = bmf_data_crc(f->entries[i]->page_crc,
-                                           f->entries[i]->data_pages);
-  }
-  return 0;
-}
-
-/* Write the changed pages of every entry that may be written now: not
- * those the durable metadata references while it says CLEAN (write rule
- * 2; they stay marked).  Returns the number of pages written or -errno;
- * on error the claimed but unwritten pages are marked again. */
-static int64_t
-write_data(struct cbt_bmfile *f, char **why)
-{
-  g_autofree uint8_t *buf = g_malloc(WRITE_RUN_PAGES * BMF_PAGE);
-  uint32_t crcs[WRITE_RUN_PAGES];
-  int64_t written = 0;
-
-  for (unsigned i = 0; i < f->nentries; i++) {
-    struct bmf_entry *e = f->entries[i];
-    uint64_t p = 0;
-
-    if (e->on_disk && f->disk_clean)
-      continue;
-    while (p < e->data_pages) {
-      uint64_t start = p;
-      uint64_t len;
-      unsigned n = 0;
-      int r;
-
-      if (!cbt_bitmap_claim_page(&e->bm, p)) {
-        p++;
-        continue;
-      }
-      /* The page is claimed: copy it; a set racing with the copy marks it
-       * again and it goes out next time. */
-      do {
-        uint32_t nb = bmf_page_bytes(e, p);
-        uint8_t *dst = buf + (size_t)n * BMF_PAGE;
-
-        cbt_bitmap_copy_page_le(&e->bm, p, dst, nb);
-        crcs[n] = cbt_crc32c(0, dst, nb);
-        n++;
-        p++;
-      } while (n < WRITE_RUN_PAGES && p < e->data_pages &&
-               cbt_bitmap_claim_page(&e->bm, p));
-
-      len = (uint64_t)(n - 1) * BMF_PAGE + bmf_page_bytes(e, start + n - 1);
-      r = cbt_io_pwrite(f->fd, buf, len, e->data_offset + start * BMF_PAGE);
-      if (r < 0) {
-        for (uint64_t q = start; q < start + n; q++)
-          cbt_bitmap_mark_page(&e->bm, q);
-        return cbt_fail(why, r, "bitmap '%s': writing data: %s", e->name,
-                    g_strerror(-r));
-      }
-      memcpy(&e->page_crc[start], crcs, n * sizeof crcs[0]);
-      written += n;
-    }
-  }
-  return written;
-}
-
-static bool
-any_dirty(const struct cbt_bmfile *f, bool only_on_disk)
-{
-  for (unsigned i = 0; i < f->nentries; i++)
-    if ((!only_on_disk || f->entries[i]->on_disk) &&
-        any_page_dirty(f->entries[i]))
-      return true;
-  return false;
-}
-
-/* f->lock held: write every changed data page and make it durable, first
- * making "not clean" durable if the file is CLEAN on disk.  Returns the
- * number of pages written or -errno. */
-static int64_t
-write_data_durably(struct cbt_bmfile *f, char **why)
-{
-  int64_t n;
-  int r;
-
-  /* Rule 2: bits of a bitmap the durable metadata references change on
-   * disk only under a durable "not clean". */
-  if (f->disk_clean && any_dirty(f, true)) {
-    r = write_meta(f, false, why);
-    if (r < 0)
-      return r;
-  }
-  n = write_data(f, why);
-  if (n <= 0)
-    return n;
-  /* Rule 4 (and 6): data is durable before the metadata that describes
-   * it, and before the writes its bits cover. */
-  r = cbt_io_fdatasync(f->fd);
-  if (r < 0) {
-    /* The page cache may have dropped the pages: write all again. */
-    for (unsigned i = 0; i < f->nentries; i++)
-      mark_all_pages(f->entries[i]);
-    return cbt_fail(why, r, "fdatasync after data write: %s", g_strerror(-r));
-  }
-  return n;
-}
-
-/* The sync engine, f->lock held.  See the write rules in
- * bitmap-format.md; each step below says which one it keeps. */
-static int
-sync_locked(struct cbt_bmfile *f, bool make_clean, char **why)
-{
-  if (!f->writable)
-    return cbt_fail(why, -EROFS, "opened read-only");
-
-  for (int pass = 0; pass < 8; pass++) {
-    int64_t n = write_data_durably(f, why);
-
-    if (n < 0)
-      return (int)n;
-    if (!make_clean) {
-      if (n > 0 || f->meta_dirty)
-        return write_meta(f, f->disk_clean, why);
-      return 0;
-    }
-    /* Rule 5: CLEAN only after a pass that left nothing unwritten. */
-    if (any_dirty(f, false))
-      continue;
-    if (n > 0 || f->meta_dirty || !f->disk_clean)
-      return write_meta(f, true, why);
-    return 0;
-  }
-  return cbt_fail(why, -EBUSY, "bits kept changing while marking the file clean");
-}
-
-int
-cbt_bmfile_sync(cbt_bmfile *f, char **why)
-{
-  int r;
-
-  g_mutex_lock(&f->lock);
-  r = sync_locked(f, false, why);
-  g_mutex_unlock(&f->lock);
-  return r;
-}
-
-int
-cbt_bmfile_sync_data(cbt_bmfile *f, char **why)
-{
-  int64_t n;
-
-  g_mutex_lock(&f->lock);
-  n = f->writable ? write_data_durably(f, why)
-                  : cbt_fail(why, -EROFS, "opened read-only");
-  g_mutex_unlock(&f->lock);
-  return n < 0 ? (int)n : 0;
-}
-
-void
-cbt_bmfile_set_crash_safe(cbt_bmfile *f, bool on)
-{
-  g_mutex_lock(&f->lock);
-  if (f->crash_safe != on)
-    f->meta_dirty = true;
-  f->crash_safe = on;
-  g_mutex_unlock(&f->lock);
-}
-
-bool
-cbt_bmfile_found_crash_safe(const cbt_bmfile *f)
-{
-  return f->found_crash_safe;
-}
-
-bool
-cbt_bmfile_entry_trusted(const cbt_bmfile *f, unsigned idx, const char **why)
-{
-  const char *dummy;
-
-  if (!why)
-    why = &dummy;
-  if (idx >= f->nentries) {
-    *why = "no such bitmap";
-    return false;
-  }
-  if (f->entries[idx]->flags & CBT_BMF_INCONSISTENT) {
-    *why = "INCONSISTENT: an earlier run did not shut down cleanly (not in "
-           "crash-safe mode); untrusted until a full backup resets it";
-    return false;
-  }
-  if (f->writable) {
-    /* A writer marked every entry INCONSISTENT at open unless the file
-     * was clean or crash-safe (rule 1); entries it adds start exact. */
-    *why = f->found_clean ? "clean shutdown" : f->found_crash_safe
-           ? "not clean, but written in crash-safe mode: every bit was durable "
-             "before the write it covers" : "reset since the unclean shutdown";
-    return true;
-  }
-  if (f->found_clean) {
-    *why = f->entries[idx]->data_ok ? "clean shutdown"
-           : "clean shutdown, but the data does not match its checksum";
-    return f->entries[idx]->data_ok;
-  }
-  if (f->found_crash_safe) {
-    *why = "not clean, but written in crash-safe mode: every bit was durable "
-           "before the write it covers";
-    return true;
-  }
-  *why = f->recovery ? "not clean, and the newest metadata copy was unusable"
-                     : "not clean (in use, or the daemon crashed) and not written "
-                       "in crash-safe mode";
-  return false;
-}
-
-int
-cbt_bmfile_mark_dirty(cbt_bmfile *f, char **why)
-{
-  int r = 0;
-
-  g_mutex_lock(&f->lock);
-  if (!f->writable)
-    r = cbt_fail(why, -EROFS, "opened read-only");
-  else if (f->disk_clean || !f->owned_dirty)
-    r = write_meta(f, false, why);   /* carries INCONSISTENT (rule 1) */
-  g_mutex_unlock(&f->lock);
-  return r;
-}
-
-int
-cbt_bmfile_close_clean(cbt_bmfile *f, char **why)
-{
-  int r;
-
-  g_mutex_lock(&f->lock);
-  r = sync_locked(f, true, why);
-  g_mutex_unlock(&f->lock);
-  cbt_bmfile_free(f);
-  return r;
-}
+/* --- entries: add, remove, update -------------------------------------- */
 
 /* Grow the file to at least @end bytes, allocating the space so later
  * bitmap writes cannot fail for lack of it. */
@@ -618,7 +225,7 @@ add_locked(struct cbt_bmfile *f, const char *name, uint32_t flags,
     return cbt_fail(why, r, "bitmap '%s': %s", name, g_strerror(-r));
   e->create_time = (uint64_t)time(NULL);
   e->data_offset = find_free_area(f, round_up_page(e->data_length));
-  mark_all_pages(e);
+  bmf_mark_all_pages(e);
   r = extend_file(f, e->data_offset + round_up_page(e->data_length), why);
   if (r < 0) {
     entry_free(e);
@@ -627,7 +234,7 @@ add_locked(struct cbt_bmfile *f, const char *name, uint32_t flags,
   idx = f->nentries;
   f->entries[f->nentries++] = e;
   f->meta_dirty = true;
-  r = sync_locked(f, false, why);
+  r = bmf_sync_locked(f, false, why);
   if (r < 0) {
     /* Forget it; if a "not clean" generation already listed it, the next
      * metadata write drops it again. */
@@ -668,7 +275,7 @@ cbt_bmfile_remove(cbt_bmfile *f, const char *name, char **why)
             (f->nentries - (unsigned)idx - 1) * sizeof f->entries[0]);
     f->entries[--f->nentries] = NULL;
     f->meta_dirty = true;
-    r = sync_locked(f, false, why);
+    r = bmf_sync_locked(f, false, why);
   }
   g_mutex_unlock(&f->lock);
   return r;
@@ -693,7 +300,7 @@ update_entry(cbt_bmfile *f, unsigned idx, const uint32_t *flags,
     if (checkpoint)
       f->entries[idx]->checkpoint = *checkpoint;
     f->meta_dirty = true;
-    r = sync_locked(f, false, why);
+    r = bmf_sync_locked(f, false, why);
   }
   g_mutex_unlock(&f->lock);
   return r;
@@ -758,7 +365,7 @@ cbt_bmfile_reset_entry(cbt_bmfile *f, unsigned idx, char **why)
     cbt_bitmap_clear_all(&f->entries[idx]->bm);
     f->entries[idx]->flags &= ~CBT_BMF_INCONSISTENT;
     f->meta_dirty = true;
-    r = sync_locked(f, false, why);
+    r = bmf_sync_locked(f, false, why);
   }
   g_mutex_unlock(&f->lock);
   return r;
@@ -845,7 +452,7 @@ geom_new(const struct bmf_entry *e, uint64_t old_size, uint64_t new_size,
  * leaves the file as before the resize (CLEAN if it was), or torn new
  * metadata from which a reader falls back to that same generation.
  *
- * The new areas are entries with on_disk clear, so sync_locked writes them
+ * The new areas are entries with on_disk clear, so bmf_sync_locked writes them
  * in full, fdatasyncs (rule 4) and only then writes the metadata with the
  * new image_size, keeping CLEAN as it was on disk: with no thread marking
  * bits, every bit is then durable (rule 5).  The old areas become free. */
@@ -891,7 +498,7 @@ resize_locked(struct cbt_bmfile *f, uint64_t new_size, char **why)
     geom_swap(f->entries[i], &geom[i]);
   f->hdr.image_size = new_size;
   f->meta_dirty = true;
-  r = sync_locked(f, false, why);
+  r = bmf_sync_locked(f, false, why);
   if (r < 0) {
     for (unsigned i = 0; i < n; i++)
       geom_swap(f->entries[i], &geom[i]);
@@ -964,11 +571,11 @@ create_contents(cbt_bmfile *f, uint32_t gran, const char *first_name,
   r = add_locked(f, first_name, CBT_BMF_ACTIVE, gran, why);
   if (r < 0)
     return r;
-  r = sync_locked(f, true, why);
+  r = bmf_sync_locked(f, true, why);
   if (r < 0)
     return r;
   /* Generation 2 fills copy 0, so both copies start intact. */
-  r = write_meta(f, true, why);
+  r = bmf_write_meta(f, true, why);
   if (r < 0)
     return r;
   r = cbt_io_fsync(f->fd);
@@ -1024,6 +631,52 @@ cbt_bmfile_create(const char *path, uint64_t image_size, uint64_t image_inode,
 }
 
 /* --- queries ----------------------------------------------------------- */
+
+bool
+cbt_bmfile_found_crash_safe(const cbt_bmfile *f)
+{
+  return f->found_crash_safe;
+}
+
+bool
+cbt_bmfile_entry_trusted(const cbt_bmfile *f, unsigned idx, const char **why)
+{
+  const char *dummy;
+
+  if (!why)
+    why = &dummy;
+  if (idx >= f->nentries) {
+    *why = "no such bitmap";
+    return false;
+  }
+  if (f->entries[idx]->flags & CBT_BMF_INCONSISTENT) {
+    *why = "INCONSISTENT: an earlier run did not shut down cleanly (not in "
+           "crash-safe mode); untrusted until a full backup resets it";
+    return false;
+  }
+  if (f->writable) {
+    /* A writer marked every entry INCONSISTENT at open unless the file
+     * was clean or crash-safe (rule 1); entries it adds start exact. */
+    *why = f->found_clean ? "clean shutdown" : f->found_crash_safe
+           ? "not clean, but written in crash-safe mode: every bit was durable "
+             "before the write it covers" : "reset since the unclean shutdown";
+    return true;
+  }
+  if (f->found_clean) {
+    *why = f->entries[idx]->data_ok ? "clean shutdown"
+           : "clean shutdown, but the data does not match its checksum";
+    return f->entries[idx]->data_ok;
+  }
+  if (f->found_crash_safe) {
+    *why = "not clean, but written in crash-safe mode: every bit was durable "
+           "before the write it covers";
+    return true;
+  }
+  *why = f->recovery ? "not clean, and the newest metadata copy was unusable"
+                     : "not clean (in use, or the daemon crashed) and not written "
+                       "in crash-safe mode";
+  return false;
+}
 
 int
 cbt_bmfile_find(const cbt_bmfile *f, const char *name)

@@ -6,6 +6,7 @@
  *   bmfile-format.c    encode/decode, checksums, name and flag rules
  *   bmfile-load.c      open: pick a metadata copy, validate it, load
  *                      the bits
+ *   bmfile-write.c     the write engine and its crash-safe ordering
  *
  * Nothing here is part of the library's interface (that is
  * cbt/bitmap-file.h).  Here are the format's constants, the on-disk
@@ -181,6 +182,7 @@ data_length_for(uint64_t size, uint32_t gran)
 uint32_t bmf_page_bytes(const struct bmf_entry *e, uint64_t page);
 int bmf_entry_new(const char *name, uint32_t flags, uint32_t gran,
                   uint64_t image_size, struct bmf_entry **out);
+void bmf_mark_all_pages(struct bmf_entry *e);
 void bmf_entries_free(struct cbt_bmfile *f);
 cbt_bmfile *bmf_handle_new(const char *path, int fd, bool writable);
 
@@ -193,5 +195,9 @@ uint32_t bmf_data_crc(const uint32_t *page_crc, uint64_t npages);
 void bmf_entry_encode(const struct bmf_entry *e, uint8_t *buf);
 bool bmf_name_ok(const char *name);
 bool bmf_flags_ok(uint32_t flags);
+
+/* bmfile-write.c */
+int bmf_write_meta(struct cbt_bmfile *f, bool clean, char **why);
+int bmf_sync_locked(struct cbt_bmfile *f, bool make_clean, char **why);
 
 #endif /* CBT_BMFILE_INTERNAL_H */
