@@ -1,12 +1,12 @@
 /* Internals of the bitmap file (format: bitmap-format.md), shared by its
  * files:
  *
- *   bitmap-file.c      the handle, its in-memory entries, the queries,
- *                      and (until it moves to a file of its own) the rest
+ *   bitmap-file.c      the handle, its in-memory entries, the queries
  *   bmfile-format.c    encode/decode, checksums, name and flag rules
  *   bmfile-load.c      open: pick a metadata copy, validate it, load
  *                      the bits
  *   bmfile-write.c     the write engine and its crash-safe ordering
+ *   bmfile-edit.c      create, add/remove/update/reset entries, resize
  *
  * Nothing here is part of the library's interface (that is
  * cbt/bitmap-file.h).  Here are the format's constants, the on-disk
@@ -180,6 +180,7 @@ data_length_for(uint64_t size, uint32_t gran)
 
 /* bitmap-file.c */
 uint32_t bmf_page_bytes(const struct bmf_entry *e, uint64_t page);
+void bmf_entry_free(struct bmf_entry *e);
 int bmf_entry_new(const char *name, uint32_t flags, uint32_t gran,
                   uint64_t image_size, struct bmf_entry **out);
 void bmf_mark_all_pages(struct bmf_entry *e);
