@@ -1,5 +1,5 @@
 /* fuzz-bitmap-file: the persistent bitmap file reader and writer
- * (lib/bitmap-file.c; format: bitmap-format.md) on arbitrary files.
+ * (lib/bitmap/; format: bitmap-format.md) on arbitrary files.
  *
  * Input: one mode byte, then the file.
  *   mode bit 0  fix the checksums first: every header, directory and

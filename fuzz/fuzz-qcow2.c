@@ -1,5 +1,5 @@
-/* fuzz-qcow2: the qcow2 reader and writer (lib/qcow2.c, lib/image-qcow2*.c)
- * on arbitrary images and backing chains.
+/* fuzz-qcow2: the qcow2 reader and writer (lib/qcow2/qcow2.c,
+ * lib/image/image-qcow2*.c) on arbitrary images and backing chains.
  *
  * Input: up to three files separated by the 8 bytes "CBTFUZZ|" (in
  * fuzz/dict/qcow2.dict): 0.qcow2, the image, and 1.qcow2 and 2.qcow2, which

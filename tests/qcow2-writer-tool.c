@@ -1,5 +1,5 @@
 /* Test helper for tests/test-qcow2-writer-interop.sh: applies a described
- * workload both to a new qcow2 file (through lib/qcow2-writer.c) and to a
+ * workload both to a new qcow2 file (through lib/qcow2/qcow2-writer.c) and to a
  * raw reference file, so qemu-img can compare the two.
  *
  *   qcow2-writer-tool [-c CLUSTER] [-b BACKING -F FORMAT] [-j THREADS]

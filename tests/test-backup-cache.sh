@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A backup leaves the page cache as it found it: the writer hands each
 # window of the new file to writeback as the copy goes on and drops the
-# windows that reached the disk (lib/qcow2-writer.c), so a nightly backup
+# windows that reached the disk (lib/qcow2/qcow2-writer.c), so a nightly backup
 # of a large disk does not push the VMs' working set out of the host's
 # memory.  A 512 MiB full (64 MiB windows) may leave at most two windows
 # and the first 64 MiB checksum chunk (read back for the header) cached:

@@ -1,4 +1,4 @@
-/* Unit tests for the bitmap file (lib/bitmap-file.c, lib/crc32c.c):
+/* Unit tests for the bitmap file (lib/bitmap/, lib/crc32c.c):
  * create/open round trips, several entries, sync, clean shutdown, crash
  * (free without close_clean) and the INCONSISTENT rule, resize (grow,
  * shrink, crash in the middle), and rejection of

@@ -1,8 +1,8 @@
-/* Unit tests for the in-memory dirty bitmap (lib/bitmap.c): marking and
+/* Unit tests for the in-memory dirty bitmap (lib/bitmap/bitmap.c): marking and
  * clearing unaligned ranges, the partial last granule, extents (checked
  * against a naive model on random operations), merge, resize, dirty byte
  * counts, the pages_dirty protocol, and concurrent marking while a third
- * thread writes pages out the way bitmap-file.c does. */
+ * thread writes pages out the way bmfile-write.c does. */
 #undef NDEBUG
 #include <setjmp.h>
 #include <stdarg.h>

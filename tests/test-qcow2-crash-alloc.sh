@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Crash safety of batched allocating writes (lib/image-qcow2-slow.c, "batched
-# writes"): on a fresh qcow2 image with 64 KiB clusters, where nearly
-# every 4k write allocates a cluster and only the 4k are written (the rest
-# of the cluster is a hole), fio writes at QD32 and the daemon is killed
-# with SIGKILL at a random moment, several times on the same image.
+# Crash safety of batched allocating writes
+# (lib/image/image-qcow2-slow.c, "batched writes"): on a fresh qcow2
+# image with 64 KiB clusters, where nearly every 4k write allocates a
+# cluster and only the 4k are written (the rest of the cluster is a
+# hole), fio writes at QD32 and the daemon is killed with SIGKILL at a
+# random moment, several times on the same image.
 #
 # Each round first writes a region of its own at QD32 with fio (4k random
 # writes into fresh clusters, then a flush at the end: acknowledged and

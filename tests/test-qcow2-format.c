@@ -1,4 +1,4 @@
-/* Unit tests for the qcow2 format layer (lib/qcow2.c): a valid v2 and v3
+/* Unit tests for the qcow2 format layer (lib/qcow2/qcow2.c): a valid v2 and v3
  * header decode to the right fields, every header field that can be wrong
  * is rejected with the right error and a reason naming it, header
  * extensions (backing format, feature names) are parsed and bounded, and

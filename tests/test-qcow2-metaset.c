@@ -1,5 +1,5 @@
-/* Unit tests for the metadata cluster set (lib/qcow2-metaset.c) and the
- * overlap checks the qcow2 backend builds on it (lib/image-qcow2-meta.c).
+/* Unit tests for the metadata cluster set (lib/qcow2/qcow2-metaset.c) and the
+ * overlap checks the qcow2 backend builds on it (lib/image/image-qcow2-meta.c).
  *
  * The set: membership, ranges across leaves, add counting members that
  * were there already, remove, find at leaf and word edges and near

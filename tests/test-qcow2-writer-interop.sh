@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# qcow2 files written by lib/qcow2-writer.c, checked by qemu-img.
+# qcow2 files written by lib/qcow2/qcow2-writer.c, checked by qemu-img.
 #
 # tests/qcow2-writer-tool applies one workload both to a new qcow2 file and
 # to a raw reference; qemu-img must find the qcow2 consistent (check: no

@@ -1,4 +1,4 @@
-/* Unit tests for the qcow2 backup writer (lib/qcow2-writer.c).
+/* Unit tests for the qcow2 backup writer (lib/qcow2/qcow2-writer.c).
  *
  * Each finished file is read back by a small independent qcow2 parser in
  * this file (header, extensions, L1/L2, refcounts, following

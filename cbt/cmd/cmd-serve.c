@@ -1,6 +1,6 @@
 /* cbt serve: one backup point as a read-only NBD export.
  *
- * cbt-filterd already serves qcow2 chains (lib/image-qcow2.c) with block
+ * cbt-filterd already serves qcow2 chains (lib/image/image-qcow2.c) with block
  * status, multi-conn and everything else its clients use, so cbt serve
  * does not serve anything itself: it checks the backup and then becomes
  * cbt-filterd (execv, same pid: signals, --pid-file and exit status are

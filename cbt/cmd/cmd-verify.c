@@ -2,7 +2,7 @@
  *
  * For each entry of the manifest, oldest first: the file exists and has
  * the recorded size; the checksum of each chunk matches (SHA-256 or
- * XXH128, as the entry says; a mismatch names the byte range); the qcow2 header decodes (lib/qcow2.c validates it
+ * XXH128, as the entry says; a mismatch names the byte range); the qcow2 header decodes (lib/qcow2/qcow2.c validates it
  * fully), its virtual size and cluster size are the recorded ones, and its
  * backing file and format are exactly the chain's (none for a full, the
  * previous backup for an incremental), so qemu-img and our restore follow

@@ -8,14 +8,14 @@
  * the backup (not hidden by a newer file of the chain), sorted by host
  * offset.
  *
- * The chain is the manifest's (as in lib/image-qcow2.c's link mode): each
+ * The chain is the manifest's (as in lib/image/image-qcow2.c's link mode): each
  * file is opened as the manifest lists it (repo_open_file), must have the
  * manifest's size, and its header must name the manifest's backing file
  * (format qcow2 or none) or none for the full backup; the backing names in
  * headers are never followed.  The files must have the manifest's cluster
  * size, all the same, and the virtual size (rounded to 512 as qemu does).
  * Everything read from a file is validated before use: the header by
- * lib/qcow2.c, every L1 and L2 entry by its decoder, and every table and
+ * lib/qcow2/qcow2.c, every L1 and L2 entry by its decoder, and every table and
  * data cluster must lie inside the file.  A file that breaks any of it is
  * CLI_EXIT_DAMAGED.  Compressed clusters are refused the same way: cbt
  * backup never writes them.

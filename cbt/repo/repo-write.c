@@ -1,10 +1,10 @@
 /* Writing one new backup file into a repository, directory or S3, behind
  * one interface (repo_wfile in cli.h), so that cmd-backup.c does not
  * know which it writes to.  Both give the caller a qcow2 writer
- * (lib/qcow2-writer.c) to fill, compute the manifest's per-chunk checksums
- * (checksum.c: xxh128 or sha256, as the caller chose) as the bytes pass,
- * and make the file visible under its name only in repo_wfile_commit; the
- * manifest entry comes after that (repo_add).
+ * (lib/qcow2/qcow2-writer.c) to fill, compute the manifest's per-chunk
+ * checksums (checksum.c: xxh128 or sha256, as the caller chose) as the
+ * bytes pass, and make the file visible under its name only in
+ * repo_wfile_commit; the manifest entry comes after that (repo_add).
  *
  * Directory: the writer writes DIR/NAME.partial, reporting its bytes in
  * file order (set_stream) to a sums_stream that hashes every chunk but

@@ -3,8 +3,9 @@
  * Bit i covers image bytes [i * granularity, (i + 1) * granularity); the
  * last granule may extend past @size and then covers only up to @size.
  * Bits are stored LSB-first in 64-bit words (bit i is bit i % 64 of word
- * i / 64), in host byte order; bitmap-file.c converts to the little-endian
- * on-disk form.
+ * i / 64), in host byte order; the bitmap file's loader and writer
+ * (lib/bitmap/bmfile-load.c, bmfile-write.c) convert from and to the
+ * little-endian on-disk form.
  *
  * Concurrency: the marking and reading functions (set_range, clear_range,
  * set_all, clear_all, test, extent, dirty_bytes, merge into a bitmap nobody
@@ -142,7 +143,7 @@ uint64_t cbt_bitmap_word(const struct cbt_bitmap *bm, uint64_t w);
  * on that thread. */
 void cbt_bitmap_mark_range(struct cbt_bitmap *bm, uint64_t offset, uint64_t len);
 
-/* For the bitmap file writer (bitmap-file.c) ---------------------------- */
+/* For the bitmap file (lib/bitmap/bmfile-*.c) --------------------------- */
 
 /* The loader filled page @page's words directly: note it as used if any
  * of its words is non-zero.  Not thread-safe (load time only). */

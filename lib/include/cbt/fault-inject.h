@@ -60,7 +60,7 @@ void cbt_fi_write_end(void);
 /* After an fdatasync/fsync of @fd returned @r. */
 void cbt_fi_synced(int fd, int r);
 
-/* lib/bitmap.c, after a set changed bits of image bytes [start, end) and
+/* lib/bitmap/bitmap.c, after a set changed bits of image bytes [start, end) and
  * before it marks their page: may sleep (CBT_FI_MARK_STALL). */
 void cbt_fi_mark_stall(uint64_t start, uint64_t end);
 #else

@@ -113,7 +113,8 @@ int cbt_image_open_raw(const char *path, bool read_only, bool direct,
                        struct cbt_image **out, char **why);
 
 /* A sparse disk in memory of the size @spec says ("64M", "10G", "1T" or
- * bytes), empty at every start (lib/image-memory.c).  Its ino is 0. */
+ * bytes), empty at every start (lib/image/image-memory.c).  Its ino is
+ * 0. */
 int cbt_image_open_memory(const char *spec, bool read_only,
                           struct cbt_image **out, char **why);
 

@@ -1,8 +1,8 @@
 /* The set of host clusters of a qcow2 file that hold metadata (header, L1
  * table, refcount table, refcount blocks, L2 tables), for the overlap
- * checks of the image backend (lib/image-qcow2-meta.c): guest data must never
- * be written to a cluster in the set, and the allocator never hands one
- * out, whatever its refcount says.
+ * checks of the image backend (lib/image/image-qcow2-meta.c): guest data
+ * must never be written to a cluster in the set, and the allocator never
+ * hands one out, whatever its refcount says.
  *
  * A two-level bitmap over host cluster indices: a directory of pointers,
  * one per 2^15 clusters, to 4 KiB leaves of bits, allocated the first time

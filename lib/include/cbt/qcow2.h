@@ -170,8 +170,8 @@ int cbt_qcow2_l1_decode(uint64_t e, unsigned cluster_bits, uint64_t *l2_offset,
 int cbt_qcow2_reftable_decode(uint64_t e, unsigned cluster_bits,
                               uint64_t *block);
 
-/* The qcow2 image backend (lib/image-qcow2.c), normally reached through
- * cbt_image_open().  Opens @path, refusing unsupported features with a
+/* The qcow2 image backend (lib/image/image-qcow2.c), normally reached
+ * through cbt_image_open().  Opens @path, refusing unsupported features with a
  * reason in *@why (g_free); a backing file is opened read-only, relative
  * names resolved against @path's directory.  --cache=none (@direct) is not
  * supported.  An image marked corrupt, or whose metadata structures

@@ -102,7 +102,7 @@ pages_for_words(uint64_t nwords)
  * anonymous pages read as zero and take no memory until written, whatever
  * the allocator would do (glibc's calloc under MALLOC_PERTURB_ and ASan's
  * shadow poisoning both touch every page).  So a bitmap file that claims
- * a huge image but holds little (bitmap-file.c does not read its holes)
+ * a huge image but holds little (bmfile-load.c does not read its holes)
  * costs what it holds. */
 #define WORDS_MAP_MIN (UINT64_C(1) << 20)
 
