@@ -4,12 +4,20 @@
  * it).
  *
  *   MOUNTPOINT/            directory, 0555
- *   MOUNTPOINT/disk.raw    the disk as of the backup, 0444, its size the
- *                          manifest's image size, its mtime the backup's
+ *   MOUNTPOINT/disk.raw    the disk as of the backup, 0400 (0440 with
+ *                          --group: its members may read it too), its
+ *                          size the manifest's image size, its mtime the
+ *                          backup's
  *
  * FUSE (libfuse3) is the field's standard for this: qemu-storage-daemon
  * exports images through it, nbdfuse and virtnbdbackup's mapping do the
  * same.  We use its high-level API: the file system is two fixed names.
+ *
+ * Who may read.  The backup files are 0600: the mounted disk is no more
+ * open than they are.  Without --allow-other only the mounting user can
+ * enter the mount at all (FUSE's rule); with it the kernel checks the
+ * modes above (default_permissions), so other users still cannot read
+ * disk.raw unless --group names a group of theirs.
  *
  * Reads.  The chain is mapped once (chain-map.c: the manifest's chain,
  * every file's L1 and L2 tables, validated) and reads go through
@@ -78,6 +86,7 @@
 #include <unistd.h>
 
 #include <fuse.h>
+#include <grp.h>
 
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
@@ -105,6 +114,7 @@ struct mnt {
   time_t mtime;
   uid_t uid;
   gid_t gid;
+  mode_t mode;                    /* disk.raw's permissions */
   int damage_errno;               /* for a chunk that fails its checksum */
   bool private_mount;             /* for cbt-filterd: see mnt_open */
   char *repo_dir;                 /* absolute */
@@ -185,7 +195,7 @@ mnt_getattr(const char *path, struct stat *st, struct fuse_file_info *fi)
     return 0;
   }
   if (strcmp(path, DISK_PATH) == 0) {
-    st->st_mode = S_IFREG | 0444;
+    st->st_mode = S_IFREG | m->mode;
     st->st_nlink = 1;
     st->st_ino = (ino_t)m->ino;
     st->st_size = (off_t)m->size;
@@ -360,6 +370,8 @@ static const struct fuse_operations mnt_ops = {
 struct mount_opts {
   const char *repo_dir, *at, *mountpoint;
   bool daemon, allow_other;
+  bool has_group;                 /* --group: disk.raw 0440 with group @gid */
+  gid_t gid;
   bool private_mount;             /* serve_private: for cbt-filterd */
   bool unlocked;                  /* serve_private: the caller holds the lock */
   int ready_fd;                   /* serve_private: "INO FILE\n" once mounted */
@@ -552,7 +564,8 @@ mount_run(const struct mount_opts *o, GError **error)
   m.size = b->image_size;
   m.mtime = (time_t)b->time_unix;
   m.uid = geteuid();
-  m.gid = getegid();
+  m.gid = o->has_group ? o->gid : getegid();
+  m.mode = o->has_group ? 0440 : 0400;
   m.private_mount = o->private_mount;
   m.damage_errno = o->private_mount ? EBADMSG : EIO;
   m.file = g_strdup(b->file);
@@ -574,7 +587,7 @@ mount_run(const struct mount_opts *o, GError **error)
     fsname = opt_escape(repo_abs);
   }
   mopts = g_strdup_printf("ro,default_permissions,fsname=%s,subtype=cbt%s", fsname,
-                          o->allow_other ? ",allow_other" : "");
+                          o->allow_other || o->has_group ? ",allow_other" : "");
   if (fuse_opt_add_arg(&args, "cbt") < 0 || fuse_opt_add_arg(&args, "-o") < 0 ||
       fuse_opt_add_arg(&args, mopts) < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "out of memory");
@@ -665,10 +678,27 @@ out:
   return ok;
 }
 
+/* --group: a group name, or a number; false if there is no such group. */
+static bool
+parse_group(const char *s, gid_t *gid)
+{
+  const struct group *gr;
+
+  if (*s && strspn(s, "0123456789") == strlen(s) && strlen(s) < 10) {
+    *gid = (gid_t)strtoul(s, NULL, 10);
+    return true;
+  }
+  gr = getgrnam(s);               /* before any thread starts */
+  if (!gr)
+    return false;
+  *gid = gr->gr_gid;
+  return true;
+}
+
 int
 cmd_mount(int argc, char **argv)
 {
-  g_autofree char *dir = NULL, *at = NULL;
+  g_autofree char *dir = NULL, *at = NULL, *group = NULL;
   gboolean daemon = FALSE, allow_other = FALSE;
   GError *error = NULL;
   GOptionEntry entries[] = {
@@ -676,7 +706,8 @@ cmd_mount(int argc, char **argv)
     CLI_S3_OPTION,
     { "at", 'a', 0, G_OPTION_ARG_STRING, &at, "the backup to mount: seq number, file name or 'latest' (default)", "BACKUP" },
     { "daemon", 'd', 0, G_OPTION_ARG_NONE, &daemon, "run in the background once mounted", NULL },
-    { "allow-other", 0, 0, G_OPTION_ARG_NONE, &allow_other, "let other users read the file (FUSE allow_other; needs user_allow_other in /etc/fuse.conf unless root)", NULL },
+    { "allow-other", 0, 0, G_OPTION_ARG_NONE, &allow_other, "let other users into the mount (FUSE allow_other; needs user_allow_other in /etc/fuse.conf unless root); the file stays 0400, readable by its owner and root", NULL },
+    { "group", 'g', 0, G_OPTION_ARG_STRING, &group, "let the members of GROUP (name or number) read the file too: mode 0440 with that group; implies --allow-other", "GROUP" },
     { NULL }
   };
   g_autoptr(GOptionContext) octx =
@@ -687,8 +718,8 @@ cmd_mount(int argc, char **argv)
                        "lists it, like cbt restore; nothing is copied.  As cbt restore\n"
                        "does, every chunk is checked against the manifest's checksum\n"
                        "(when a read first needs it): a read of a damaged chunk fails\n"
-                       "with EIO and the error names the file and byte range.\n"
-                       "Loop-mount it\n"
+                       "with EIO and the error names the file and byte range.  The file\n"
+                       "is 0400 (0440 with --group).  Loop-mount it\n"
                        "(mount -o loop,ro MOUNTPOINT/" DISK_NAME " DIR) or give it to\n"
                        "qemu-img or guestfish.  The repository stays locked (shared)\n"
                        "while mounted, so no backup or pruning runs meanwhile (on S3\n"
@@ -711,6 +742,11 @@ cmd_mount(int argc, char **argv)
   o = (struct mount_opts){ .repo_dir = dir, .at = at, .mountpoint = argv[1],
                            .daemon = daemon, .allow_other = allow_other,
                            .ready_fd = -1, .life_fd = -1 };
+  if (group) {
+    if (!parse_group(group, &o.gid))
+      return cli_usage_error("mount", "--group %s: no such group", group);
+    o.has_group = true;
+  }
   return mount_run(&o, &error) ? CLI_EXIT_OK : cli_report(error);
 }
 
