@@ -97,6 +97,7 @@ struct grun {
 
 /* The checksum state of one file of the chain: bits per chunk. */
 struct fcheck {
+  uint64_t nchunks;
   uint64_t *ok;                   /* matched the manifest */
   uint64_t *bad;                  /* did not */
   uint64_t *busy;                 /* being hashed */
@@ -148,6 +149,7 @@ chain_reader_new(repo *r, const repo_backup *b, chain_reader **out, GError **err
     uint64_t nchunks = f->size / f->backup->chunk_size + (f->size % f->backup->chunk_size != 0);
     uint64_t words = (nchunks + 63) / 64;
 
+    k->nchunks = nchunks;
     k->ok = g_new0(uint64_t, words);
     k->bad = g_new0(uint64_t, words);
     k->busy = g_new0(uint64_t, words);
@@ -547,7 +549,7 @@ hash_ahead(chain_reader *cr, unsigned fi, uint64_t c)
   const struct fcheck *k = &cr->check[fi];
   const uint64_t n = c + 1;
 
-  if (rfile_is_s3(f->rf) || n * f->backup->chunk_size >= f->size)
+  if (rfile_is_s3(f->rf) || n >= k->nchunks)
     return;
   g_mutex_lock(&cr->lock);
   if (!cr->ahead_busy && !bit_get(k->ok, n) && !bit_get(k->bad, n) && !bit_get(k->busy, n)) {
