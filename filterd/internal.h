@@ -408,12 +408,14 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(snapshot, snapshot_unref)
 /* ---- restore.c ---- */
 /* Instant restore: srv.image is the output, filled from a backup point
  * while it is served (see the top of restore.c). */
+#define RESTORE_RELEASE_MAX 4
 struct restore_config {
   const char *source;            /* --restore-from: the backup point's image */
   const char *source_format;     /* --restore-from-format, or NULL: detect */
   const char *state;             /* --restore-state: the progress file */
   uint64_t rate;                 /* --restore-rate, bytes/s, 0: unlimited */
-  int release_fd;                /* --restore-release-fd, or -1 */
+  int release_fd[RESTORE_RELEASE_MAX];  /* --restore-release-fd, each given */
+  unsigned n_release_fd;
   int sync_interval;             /* --restore-sync-interval, seconds */
 };
 /* After the output is open: load the state file (it must be the output's)
@@ -427,6 +429,12 @@ bool restore_stop(GError **error);
 /* Is a restore going on (not complete)?  Lock-free; when false, nothing
  * below needs calling. */
 bool restore_active(void);
+/* Did a read of the source find it damaged (-EBADMSG)?  The restore then
+ * stopped the daemon (SIGTERM to itself), which exits with status
+ * RESTORE_EXIT_DAMAGED, cbt's "damage found".  Stays true after
+ * restore_stop. */
+#define RESTORE_EXIT_DAMAGED 4
+bool restore_damaged(void);
 /* Read [offset, offset+len) of the disk into @buf: copied granules from
  * the output, the rest from the backup; @done(@arg, 0 or -errno) runs on
  * @ex's thread, never inside this call. */

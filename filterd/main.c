@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <grp.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,7 +48,32 @@ static char *opt_socket_group;
 static mode_t socket_mode = 0600;       /* --socket-mode: the daemon's user only */
 static gid_t socket_gid = (gid_t)-1;    /* --socket-group: unchanged */
 static char *opt_restore_rate;
-static struct restore_config restore_cfg = { .release_fd = -1, .sync_interval = 1 };
+static struct restore_config restore_cfg = { .sync_interval = 1 };
+
+/* --restore-release-fd FD, repeatable (cbt restore --instant hands over
+ * the repository lock and the private mount it reads through). */
+static gboolean
+parse_release_fd(const gchar *name, const gchar *value, gpointer data, GError **error)
+{
+  char *end = NULL;
+  long fd;
+
+  (void)data;
+  errno = 0;
+  fd = strtol(value, &end, 10);
+  if (errno || end == value || *end || fd <= 2 || fd > INT_MAX) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "%s %s: expected an inherited descriptor above 2", name, value);
+    return FALSE;
+  }
+  if (restore_cfg.n_release_fd == RESTORE_RELEASE_MAX) {
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "%s: at most %d", name, RESTORE_RELEASE_MAX);
+    return FALSE;
+  }
+  restore_cfg.release_fd[restore_cfg.n_release_fd++] = (int)fd;
+  return TRUE;
+}
 
 static GOptionEntry entries[] = {
   { "image", 'i', 0, G_OPTION_ARG_FILENAME, &srv.image_path, "Disk image to serve, or memory:SIZE (an empty disk in RAM, e.g. memory:64M)", "PATH" },
@@ -81,7 +107,7 @@ static GOptionEntry entries[] = {
   { "restore-rate", 0, 0, G_OPTION_ARG_STRING, &opt_restore_rate, "Instant restore: copy at most SIZE bytes per second in the background (default: no limit)", "SIZE" },
   { "restore-sync-interval", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT, &restore_cfg.sync_interval, "Instant restore: record the progress every S seconds (default 1; FLUSH always does)", "S" },
   { "restore-from-format", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_STRING, &restore_cfg.source_format, "Instant restore: the format of --restore-from, raw or qcow2 (default: detect; cbt restore --instant gives raw for an S3 point, a disk that may begin with anything)", "FORMAT" },
-  { "restore-release-fd", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT, &restore_cfg.release_fd, "Instant restore: close this inherited descriptor once the backup is no longer read", "FD" },
+  { "restore-release-fd", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_CALLBACK, parse_release_fd, "Instant restore: close this inherited descriptor once the backup is no longer read (may be given up to 4 times)", "FD" },
   { "verbose", 'v', 0, G_OPTION_ARG_NONE, &log_verbose, "Log every connection and failed request", NULL },
   { NULL }
 };
@@ -197,7 +223,7 @@ parse_restore(GError **error)
     return false;
   }
   if (!restore_cfg.source) {
-    if (opt_restore_rate || restore_cfg.release_fd != -1) {
+    if (opt_restore_rate || restore_cfg.n_release_fd > 0) {
       g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
                   "--restore-rate and --restore-release-fd need --restore-from");
       return false;
@@ -215,13 +241,6 @@ parse_restore(GError **error)
   if (restore_cfg.sync_interval < 1 || restore_cfg.sync_interval > 86400) {
     g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
                 "--restore-sync-interval %d: expected 1 to 86400", restore_cfg.sync_interval);
-    return false;
-  }
-  if (restore_cfg.release_fd < -1 || restore_cfg.release_fd == 0 ||
-      restore_cfg.release_fd == 1 || restore_cfg.release_fd == 2) {
-    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                "--restore-release-fd %d: expected an inherited descriptor above 2",
-                restore_cfg.release_fd);
     return false;
   }
   srv.restoring = true;
@@ -600,6 +619,9 @@ main(int argc, char **argv)
   if (srv.pid_file)
     unlink(srv.pid_file);
   log_info("stopped");
+  /* Last, so that a clean shutdown still marked the bitmap clean. */
+  if (status == EXIT_SUCCESS && restore_damaged())
+    return RESTORE_EXIT_DAMAGED;
   return status;
 
 fail:

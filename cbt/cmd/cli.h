@@ -176,15 +176,23 @@ bool control_begin(control *c, const char *point_in_time, struct control_status 
 /* cmd-mount.c (for cmd-restore-instant.c and cmd-serve.c) -------------- */
 
 /* Mount backup @at of repository @repo_url read-only in a new private
- * directory, from a child process forked at once (so call it before this
- * process starts threads or opens the repository), and wait until it is
- * mounted.  *@mp is the mountpoint (MP/disk.raw the disk), *@ino
- * disk.raw's inode number (chain_reader_ident), *@file the backup file
- * the child found for @at, *@life the write end of a pipe (O_CLOEXEC):
- * the child unmounts (lazily), removes *@mp and exits once every copy of
- * it is closed.  A child that fails says why on stderr; the error is then
+ * directory, from a child process forked at once, and wait until it is
+ * mounted: what cbt-filterd reads as a raw image for cbt serve and cbt
+ * restore --instant, so that every chunk it reads is checked against the
+ * manifest (a damaged one fails the read with EBADMSG; cmd-mount.c).
+ * Call it before this process starts threads or opens an S3 repository.
+ * @caller_lock is the caller's lock descriptor of a directory repository,
+ * opened and locked (shared) before the call: the child then reads under
+ * that lock, taking none of its own, and closes its copy, so that the
+ * lock ends exactly with the caller's (pass it on through the exec); -1
+ * (S3, or no lock) lets the child lock as cbt mount does.  *@mp is the
+ * mountpoint (MP/disk.raw the disk), *@ino disk.raw's inode number
+ * (chain_reader_ident), *@file the backup file the child found for @at,
+ * *@life the write end of a pipe (O_CLOEXEC): the child unmounts
+ * (lazily), removes *@mp and exits once every copy of it is closed.  A
+ * child that fails says why on stderr; the error is then
  * CLI_EXIT_DAMAGED if it was damage. */
-bool mount_private(const char *repo_url, const char *at, char **mp, uint64_t *ino,
-                   char **file, int *life, GError **error);
+bool mount_private(const char *repo_url, const char *at, int caller_lock, char **mp,
+                   uint64_t *ino, char **file, int *life, GError **error);
 
 #endif

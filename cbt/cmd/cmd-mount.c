@@ -4,40 +4,54 @@
  * it).
  *
  *   MOUNTPOINT/            directory, 0555
- *   MOUNTPOINT/disk.raw    the disk as of the backup, 0444, its size the
- *                          manifest's image size, its mtime the backup's
+ *   MOUNTPOINT/disk.raw    the disk as of the backup, 0400 (0440 with
+ *                          --group: its members may read it too), its
+ *                          size the manifest's image size, its mtime the
+ *                          backup's
  *
  * FUSE (libfuse3) is the field's standard for this: qemu-storage-daemon
  * exports images through it, nbdfuse and virtnbdbackup's mapping do the
  * same.  We use its high-level API: the file system is two fixed names.
  *
- * Reads.  The image is the backup's qcow2 file on top of the manifest's
- * chain, opened as cbt restore opens it (chain.c).  libfuse's
- * multi-threaded loop calls read() on up to MAX_THREADS threads at once;
- * each runs the request to completion with cbt_image_run_sync, on its
- * thread's own io_uring (the image backends' contract: one ring per
- * thread, lib/include/cbt/image.h).  Allocated clusters of the top
- * file are read straight on that ring; everything else (backing files,
- * zero clusters, L2 misses) goes through the qcow2 backend's metadata
- * thread.  Large, parallel reads are what loop devices, qemu-img and
- * guestfish need: libfuse accepts requests of up to 1 MiB (the kernel's
- * FUSE_MAX_PAGES), the kernel's read-ahead sends several at once to our
- * threads, kernel_cache keeps what was read in the page cache across
- * opens (the file never changes while mounted), and lseek(SEEK_DATA /
- * SEEK_HOLE) answers from the chain's block status, so sparse-aware
+ * Who may read.  The backup files are 0600: the mounted disk is no more
+ * open than they are.  Without --allow-other only the mounting user can
+ * enter the mount at all (FUSE's rule); with it the kernel checks the
+ * modes above (default_permissions), so other users still cannot read
+ * disk.raw unless --group names a group of theirs.
+ *
+ * Reads.  The chain is mapped once (chain-map.c: the manifest's chain,
+ * every file's L1 and L2 tables, validated) and reads go through
+ * chain-read.c, which serves whole 4 MiB blocks of the chain's files from
+ * a cache (ranged GETs on S3, with readahead for readers going forward)
+ * and checks every chunk against the manifest's checksum the first time
+ * a read needs it, as cbt restore checks what it restores: a chunk that
+ * does not match fails the reads that need it with EIO, and the log
+ * names the file and the chunk's byte range (private mounts answer
+ * EBADMSG instead, which tells cbt-filterd the backup is damaged: see
+ * below).  libfuse's multi-threaded loop calls read() on up to
+ * MAX_THREADS threads at once; libfuse accepts requests of up to 1 MiB
+ * (the kernel's FUSE_MAX_PAGES), the kernel's read-ahead sends several
+ * at once to our threads, kernel_cache keeps what was read in the page
+ * cache across opens (the file never changes while mounted; a private
+ * mount uses direct I/O instead: see mnt_open), and
+ * lseek(SEEK_DATA / SEEK_HOLE) answers from the map, so sparse-aware
  * readers (qemu-img's raw driver, cp --sparse) skip what reads as zeros.
  *
- * A repository on S3 (--repo s3://...) has no files to open: the chain
- * is mapped once (chain-map.c, through ranged GETs) and reads go through
- * chain-read.c, which serves whole blocks of the chain's objects from a
- * cache filled by ranged GETs, with readahead for readers going forward;
- * SEEK_DATA / SEEK_HOLE come from the same map.  Nothing is locked on S3
- * (readers take no lock object); an object that disappears or changes
- * while mounted fails the reads of it with EIO, and the log names it.
- * disk.raw then has a fixed inode number derived from the top object's
- * name and ETag, by which cbt restore --instant recognises the same
- * backup when it resumes (it serves an S3 point to cbt-filterd through
- * a private mount: mount_private below; so does cbt serve).
+ * On S3 (--repo s3://...) nothing is locked (readers take no lock
+ * object); an object that disappears or changes while mounted fails the
+ * reads of it with EIO, and the log names it.  disk.raw has a fixed
+ * inode number that names the point's top file (chain_reader_ident: a
+ * directory file's own inode number, else a hash of the object's name
+ * and ETag), by which cbt restore --instant recognises the same backup
+ * when it resumes.
+ *
+ * Private mounts.  cbt serve and cbt restore --instant hand cbt-filterd
+ * MOUNTPOINT/disk.raw of a private mount (mount_private below) as a raw
+ * image rather than the repository's qcow2 files, so that what the
+ * daemon serves or restores is checked as above.  Its damage errno is
+ * EBADMSG, which the daemon's instant restore takes as "the backup is
+ * damaged" (filterd/restore.c: it stops with exit status 4; cbt serve's
+ * daemon answers the NBD read with EIO as for any other error).
  *
  * Lifetime.  The repository is locked shared for as long as the file
  * system is mounted, so that pruning cannot remove a file of the chain.
@@ -72,10 +86,8 @@
 #include <unistd.h>
 
 #include <fuse.h>
-#include <liburing.h>
+#include <grp.h>
 
-#include "cbt/image.h"
-#include "cbt/nbd-proto.h"
 #include "cbt/uring-io.h"
 #include "cbt/util.h"
 #include "cli.h"
@@ -92,20 +104,19 @@
 #define XATTR_REPO     "user.cbt.repo"
 #define XATTR_BACKUP   "user.cbt.backup"
 
-typedef struct cbt_image cbt_image;
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(cbt_image, cbt_image_close)
-
 /* What the file system serves; read-only after mounting, so the FUSE
  * threads share it without a lock (the counters are atomic). */
 struct mnt {
-  cbt_image *img;                 /* directory repository, or */
-  chain_reader *cr;               /* S3 */
-  uint64_t ino;                   /* S3: disk.raw's inode number */
+  chain_reader *cr;
+  uint64_t ino;                   /* disk.raw's inode number */
   uint64_t size;                  /* the manifest's exact image size */
   uint64_t blocks;                /* st_blocks: an upper bound, see below */
   time_t mtime;
   uid_t uid;
   gid_t gid;
+  mode_t mode;                    /* disk.raw's permissions */
+  int damage_errno;               /* for a chunk that fails its checksum */
+  bool private_mount;             /* for cbt-filterd: see mnt_open */
   char *repo_dir;                 /* absolute */
   char *file;
   char pid[24];
@@ -114,8 +125,8 @@ struct mnt {
 
 /* --- reading ------------------------------------------------------------ */
 
-/* The lib's per-thread ring (cbt/uring-io.h, used by block status) is
- * freed when a FUSE thread ends. */
+/* The lib's per-thread ring (cbt/uring-io.h: a directory repository's
+ * files are read through it) is freed when a FUSE thread ends. */
 static void
 thread_io_free(gpointer p)
 {
@@ -125,27 +136,21 @@ thread_io_free(gpointer p)
 
 static GPrivate thread_io = G_PRIVATE_INIT(thread_io_free);
 
-/* Read [@off, @off + @len) of the disk into @buf; 0 or -errno (logged). */
+/* Read [@off, @off + @len) of the disk into @buf; 0 or -errno (logged:
+ * the first 100 failures). */
 static int
 disk_read(struct mnt *m, void *buf, uint64_t len, uint64_t off)
 {
   g_autoptr(GError) err = NULL;
-  int r;
 
-  if (m->cr) {
-    if (chain_reader_read(m->cr, buf, len, off, &err))
-      return 0;
-    if (atomic_fetch_add(&m->errors, 1) < 100)
-      cli_error("%s", err->message);
-    return -EIO;
-  }
   if (!g_private_get(&thread_io))
     g_private_set(&thread_io, GINT_TO_POINTER(1));
-  r = cbt_image_run_sync(m->img, CBT_IO_READ, 0, off, len, buf);
-  if (r < 0 && atomic_fetch_add(&m->errors, 1) < 100)
-    cli_error("%s: reading guest offset %" PRIu64 "+%" PRIu64 ": %s", m->file, off, len,
-              g_strerror(-r));
-  return r;
+  if (chain_reader_read(m->cr, buf, len, off, &err))
+    return 0;
+  if (atomic_fetch_add(&m->errors, 1) < 100)
+    cli_error("%s: reading guest bytes %" PRIu64 "..%" PRIu64 ": %s", m->file, off,
+              off + len - 1, err->message);
+  return g_error_matches(err, CLI_ERROR, CLI_EXIT_DAMAGED) ? -m->damage_errno : -EIO;
 }
 
 /* --- the file system ---------------------------------------------------- */
@@ -165,7 +170,7 @@ mnt_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
   cfg->entry_timeout = CACHE_SECONDS;
   cfg->attr_timeout = CACHE_SECONDS;
   cfg->negative_timeout = CACHE_SECONDS;
-  cfg->use_ino = mnt_get()->ino != 0;
+  cfg->use_ino = 1;
   /* Read-ahead requests are "background" requests: let the kernel keep
    * one in flight per thread. */
   conn->max_background = MAX_THREADS;
@@ -190,9 +195,9 @@ mnt_getattr(const char *path, struct stat *st, struct fuse_file_info *fi)
     return 0;
   }
   if (strcmp(path, DISK_PATH) == 0) {
-    st->st_mode = S_IFREG | 0444;
+    st->st_mode = S_IFREG | m->mode;
     st->st_nlink = 1;
-    st->st_ino = (ino_t)(m->ino ? m->ino : 2);
+    st->st_ino = (ino_t)m->ino;
     st->st_size = (off_t)m->size;
     st->st_blocks = (blkcnt_t)m->blocks;
     st->st_blksize = IO_BLKSIZE;
@@ -223,7 +228,15 @@ mnt_open(const char *path, struct fuse_file_info *fi)
     return strcmp(path, "/") == 0 ? -EISDIR : -ENOENT;
   if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC))
     return -EROFS;
-  fi->keep_cache = 1;
+  /* cbt-filterd reads a private mount's disk.raw in requests of up to
+   * 1 MiB, mostly once each (the instant restore's copier); through the
+   * page cache they would reach us as 128 KiB readahead requests one
+   * after another (8192 for 1 GiB against 1024 direct), and the
+   * repository's files are in the page cache anyway. */
+  if (mnt_get()->private_mount)
+    fi->direct_io = 1;
+  else
+    fi->keep_cache = 1;
   return 0;
 }
 
@@ -265,7 +278,7 @@ mnt_lseek(const char *path, off_t off, int whence, struct fuse_file_info *fi)
   if (off < 0 || (uint64_t)off >= m->size)
     return -ENXIO;
   pos = (uint64_t)off;
-  while (m->cr && pos < m->size) {
+  while (pos < m->size) {
     uint64_t len;
     bool data = chain_reader_is_data(m->cr, pos, &len);
 
@@ -274,24 +287,6 @@ mnt_lseek(const char *path, off_t off, int whence, struct fuse_file_info *fi)
     if (len == 0)
       return -EIO;
     pos += len;
-  }
-  if (!g_private_get(&thread_io))
-    g_private_set(&thread_io, GINT_TO_POINTER(1));
-  while (pos < m->size) {
-    struct cbt_extent ext[64];
-    int n = m->img->ops->block_status(m->img, pos, m->size - pos, ext, G_N_ELEMENTS(ext));
-
-    if (n <= 0)
-      return n < 0 ? n : -EIO;
-    for (int i = 0; i < n && pos < m->size; i++) {
-      bool hole = ext[i].flags & NBD_STATE_ZERO;
-
-      if (ext[i].length == 0)
-        return -EIO;
-      if (hole == (whence == SEEK_HOLE))
-        return (off_t)pos;
-      pos += MIN(ext[i].length, m->size - pos);
-    }
   }
   /* No data after @off; the end of the file is a hole. */
   return whence == SEEK_HOLE ? (off_t)m->size : -ENXIO;
@@ -375,6 +370,10 @@ static const struct fuse_operations mnt_ops = {
 struct mount_opts {
   const char *repo_dir, *at, *mountpoint;
   bool daemon, allow_other;
+  bool has_group;                 /* --group: disk.raw 0440 with group @gid */
+  gid_t gid;
+  bool private_mount;             /* serve_private: for cbt-filterd */
+  bool unlocked;                  /* serve_private: the caller holds the lock */
   int ready_fd;                   /* serve_private: "INO FILE\n" once mounted */
   int life_fd;                    /* serve_private: unmount when it reads EOF */
 };
@@ -550,17 +549,14 @@ mount_run(const struct mount_opts *o, GError **error)
   if (o->daemon && !daemon_fork(&ready, error))
     return false;
 
-  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
-      !repo_find(r, o->at, &b, error))
+  if (!repo_open(o->repo_dir, o->unlocked ? REPO_LOCK_NONE : REPO_LOCK_SHARED, false, &r,
+                 error) ||
+      !repo_find(r, o->at, &b, error) || !chain_reader_new(r, b, &m.cr, error))
     goto out;
+  m.ino = chain_reader_ident(m.cr);
   if (repo_is_s3(r)) {
-    if (!chain_reader_new(r, b, &m.cr, error))
-      goto out;
-    m.ino = chain_reader_ident(m.cr);
     m.repo_dir = g_strdup(r->dir);
   } else {
-    if (!chain_open(r, b, &m.img, error))
-      goto out;
     m.repo_dir = realpath(r->dir, NULL);
     if (!m.repo_dir)
       m.repo_dir = g_canonicalize_filename(r->dir, NULL);
@@ -568,7 +564,10 @@ mount_run(const struct mount_opts *o, GError **error)
   m.size = b->image_size;
   m.mtime = (time_t)b->time_unix;
   m.uid = geteuid();
-  m.gid = getegid();
+  m.gid = o->has_group ? o->gid : getegid();
+  m.mode = o->has_group ? 0440 : 0400;
+  m.private_mount = o->private_mount;
+  m.damage_errno = o->private_mount ? EBADMSG : EIO;
   m.file = g_strdup(b->file);
   g_snprintf(m.pid, sizeof m.pid, "%ld", (long)getpid());
   /* st_blocks: the data the chain's files store for the disk, an upper
@@ -588,7 +587,7 @@ mount_run(const struct mount_opts *o, GError **error)
     fsname = opt_escape(repo_abs);
   }
   mopts = g_strdup_printf("ro,default_permissions,fsname=%s,subtype=cbt%s", fsname,
-                          o->allow_other ? ",allow_other" : "");
+                          o->allow_other || o->has_group ? ",allow_other" : "");
   if (fuse_opt_add_arg(&args, "cbt") < 0 || fuse_opt_add_arg(&args, "-o") < 0 ||
       fuse_opt_add_arg(&args, mopts) < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "out of memory");
@@ -650,9 +649,15 @@ mount_run(const struct mount_opts *o, GError **error)
   }
   if (rc > 0)
     cli_note("%s: unmounting (%s)", mp, g_strsignal(rc));
-  cli_debug("%s: served %" PRIu64 " reads, %" PRIu64 " bytes, %" PRIu64 " errors", mp,
-            (uint64_t)atomic_load(&m.reads), (uint64_t)atomic_load(&m.bytes),
-            (uint64_t)atomic_load(&m.errors));
+  {
+    uint64_t checked, damaged;
+
+    chain_reader_checked(m.cr, &checked, &damaged);
+    cli_debug("%s: served %" PRIu64 " reads, %" PRIu64 " bytes, %" PRIu64 " errors; %"
+              PRIu64 " chunks checked, %" PRIu64 " damaged", mp,
+              (uint64_t)atomic_load(&m.reads), (uint64_t)atomic_load(&m.bytes),
+              (uint64_t)atomic_load(&m.errors), checked, damaged);
+  }
   ok = true;
 
 out_unmount:
@@ -665,7 +670,6 @@ out:
   fuse_opt_free_args(&args);
   /* Every FUSE thread has ended: close the chain, then (repo_free) drop
    * the lock. */
-  cbt_image_close(m.img);
   chain_reader_free(m.cr);
   g_free(m.repo_dir);
   g_free(m.file);
@@ -674,10 +678,27 @@ out:
   return ok;
 }
 
+/* --group: a group name, or a number; false if there is no such group. */
+static bool
+parse_group(const char *s, gid_t *gid)
+{
+  const struct group *gr;
+
+  if (*s && strspn(s, "0123456789") == strlen(s) && strlen(s) < 10) {
+    *gid = (gid_t)strtoul(s, NULL, 10);
+    return true;
+  }
+  gr = getgrnam(s);               /* before any thread starts */
+  if (!gr)
+    return false;
+  *gid = gr->gr_gid;
+  return true;
+}
+
 int
 cmd_mount(int argc, char **argv)
 {
-  g_autofree char *dir = NULL, *at = NULL;
+  g_autofree char *dir = NULL, *at = NULL, *group = NULL;
   gboolean daemon = FALSE, allow_other = FALSE;
   GError *error = NULL;
   GOptionEntry entries[] = {
@@ -685,7 +706,8 @@ cmd_mount(int argc, char **argv)
     CLI_S3_OPTION,
     { "at", 'a', 0, G_OPTION_ARG_STRING, &at, "the backup to mount: seq number, file name or 'latest' (default)", "BACKUP" },
     { "daemon", 'd', 0, G_OPTION_ARG_NONE, &daemon, "run in the background once mounted", NULL },
-    { "allow-other", 0, 0, G_OPTION_ARG_NONE, &allow_other, "let other users read the file (FUSE allow_other; needs user_allow_other in /etc/fuse.conf unless root)", NULL },
+    { "allow-other", 0, 0, G_OPTION_ARG_NONE, &allow_other, "let other users into the mount (FUSE allow_other; needs user_allow_other in /etc/fuse.conf unless root); the file stays 0400, readable by its owner and root", NULL },
+    { "group", 'g', 0, G_OPTION_ARG_STRING, &group, "let the members of GROUP (name or number) read the file too: mode 0440 with that group; implies --allow-other", "GROUP" },
     { NULL }
   };
   g_autoptr(GOptionContext) octx =
@@ -693,7 +715,11 @@ cmd_mount(int argc, char **argv)
                        "Show the disk as of one backup as the read-only file "
                        "MOUNTPOINT/" DISK_NAME ".",
                        "The file reads through the backup's qcow2 chain as the manifest\n"
-                       "lists it, like cbt restore; nothing is copied.  Loop-mount it\n"
+                       "lists it, like cbt restore; nothing is copied.  As cbt restore\n"
+                       "does, every chunk is checked against the manifest's checksum\n"
+                       "(when a read first needs it): a read of a damaged chunk fails\n"
+                       "with EIO and the error names the file and byte range.  The file\n"
+                       "is 0400 (0440 with --group).  Loop-mount it\n"
                        "(mount -o loop,ro MOUNTPOINT/" DISK_NAME " DIR) or give it to\n"
                        "qemu-img or guestfish.  The repository stays locked (shared)\n"
                        "while mounted, so no backup or pruning runs meanwhile (on S3\n"
@@ -716,6 +742,11 @@ cmd_mount(int argc, char **argv)
   o = (struct mount_opts){ .repo_dir = dir, .at = at, .mountpoint = argv[1],
                            .daemon = daemon, .allow_other = allow_other,
                            .ready_fd = -1, .life_fd = -1 };
+  if (group) {
+    if (!parse_group(group, &o.gid))
+      return cli_usage_error("mount", "--group %s: no such group", group);
+    o.has_group = true;
+  }
   return mount_run(&o, &error) ? CLI_EXIT_OK : cli_report(error);
 }
 
@@ -844,10 +875,11 @@ cmd_umount(int argc, char **argv)
 
 /* The child's side of mount_private. */
 static int
-serve_private(const char *repo_url, const char *at, const char *mountpoint, int ready_fd,
-              int life_fd)
+serve_private(const char *repo_url, const char *at, bool unlocked, const char *mountpoint,
+              int ready_fd, int life_fd)
 {
   struct mount_opts o = { .repo_dir = repo_url, .at = at, .mountpoint = mountpoint,
+                          .private_mount = true, .unlocked = unlocked,
                           .ready_fd = ready_fd, .life_fd = life_fd };
   GError *error = NULL;
 
@@ -855,8 +887,8 @@ serve_private(const char *repo_url, const char *at, const char *mountpoint, int 
 }
 
 bool
-mount_private(const char *repo_url, const char *at, char **mp, uint64_t *ino, char **file,
-              int *life, GError **error)
+mount_private(const char *repo_url, const char *at, int caller_lock, char **mp,
+              uint64_t *ino, char **file, int *life, GError **error)
 {
   g_autoptr(GError) err = NULL;
   g_autofree char *dir = g_dir_make_tmp("cbt-point-XXXXXX", &err);
@@ -898,8 +930,12 @@ mount_private(const char *repo_url, const char *at, char **mp, uint64_t *ino, ch
 
     close(ready[0]);
     close(lp[1]);
+    /* The caller's lock covers us; our copy of it must not outlive the
+     * caller's (the lock goes when the last copy closes). */
+    if (caller_lock >= 0)
+      close(caller_lock);
     cli_quiet = TRUE;             /* errors still go to stderr */
-    rc = serve_private(repo_url, at, dir, ready[1], lp[0]);
+    rc = serve_private(repo_url, at, caller_lock >= 0, dir, ready[1], lp[0]);
     if (rmdir(dir) < 0)
       cli_debug("%s: %s", dir, g_strerror(errno));
     _exit(rc);

@@ -6,41 +6,39 @@
  * overwritten, progress in a state file that survives crashes).  This
  * command prepares it and then becomes it (execv, same pid: SIGTERM,
  * --pid-file and the exit status are the daemon's), like cbt serve:
- *   - the backup point is named as cbt restore names it (--at) and its
- *     chain is opened as cbt restore opens it (chain.c), so a damaged or
- *     replaced chain is refused before anything is created;
+ *   - the backup point is named as cbt restore names it (--at) and
+ *     mounted privately with FUSE (cmd-mount.c, mount_private) by a child
+ *     process: the mount resolves the chain as cbt restore does and checks
+ *     every chunk against the manifest's checksum before the daemon gets a
+ *     byte of it, so a backup whose header or tables are damaged is
+ *     refused (exit 4) before anything is created, and damaged data makes
+ *     the daemon's read of it fail with EBADMSG: the daemon writes none of
+ *     it to the output and stops with exit status 4 (filterd/restore.c),
+ *     the log naming the file and byte range;
  *   - a new output is created without a backing file, of the point's size
  *     (FILE.qcow2: an empty qcow2; anything else: a sparse raw file),
  *     then its state file OUTPUT.restore-state (lib/restore-state.c)
- *     naming the output's inode and the backup file; if the state cannot
- *     be made, the output is removed again;
+ *     naming the output's inode and the backup: its file name, and as
+ *     the source's identity disk.raw's inode number, which the mount
+ *     makes the top file's inode number in a directory repository (what
+ *     earlier versions, which handed the daemon the file itself,
+ *     recorded) and a hash of the object's name and ETag on S3; if the
+ *     state cannot be made, the output is removed again;
  *   - an existing output is used only when its state file says it is this
- *     restore (same output file, same backup file): that is how a second
- *     run with the same arguments resumes after SIGTERM or a crash; any
- *     other existing output is refused, never overwritten;
- *   - the repository stays locked (shared) while the backup is read: the
- *     lock's descriptor goes through the exec as --restore-release-fd,
- *     which the daemon closes once the restore is complete, so backups of
- *     the restored machine into the same repository can run afterwards.
- *
- * A repository on S3 (--repo s3://BUCKET/PREFIX) has no file to hand the
- * daemon, whose restore reads its source through the image backends on a
- * file descriptor (filterd/restore.c).  Rather than teach the daemon S3,
- * the point is mounted privately with FUSE, as cbt mount does (ranged
- * GETs through the chain, a block cache with readahead: chain-read.c), by
- * a child process forked before anything else is opened, and the daemon
- * gets MOUNTPOINT/disk.raw as a raw source.  The daemon and the restore
- * state stay exactly as for a directory; the source's identity in the
- * state file is disk.raw's inode number, which the mount derives from the
- * top object's name and ETag, so a resumed restore accepts the same
- * backup and refuses a replaced one.  The mount lives as long as the
- * daemon needs it: the child waits for EOF on a pipe whose write end goes
- * through the exec as --restore-release-fd (for a directory that is the
- * lock's descriptor), which the daemon closes once the copy is complete
- * and it has closed the source, or which closes when the daemon exits
- * however it exits; the child then unmounts and removes the mountpoint.
- * (The other way, an NBD or S3 source backend in the daemon, would put
- * HTTP in the daemon and change filterd for one caller.)
+ *     restore (same output file, same backup file and identity): that is
+ *     how a second run with the same arguments resumes after SIGTERM or a
+ *     crash, and a replaced backup is refused; any other existing output
+ *     is refused, never overwritten;
+ *   - the daemon gets MOUNTPOINT/disk.raw as a raw source and, as
+ *     --restore-release-fd descriptors, the write end of the pipe that
+ *     keeps the mount and, for a directory repository, the repository's
+ *     shared lock, taken before the mount, which reads under it and holds
+ *     none of its own.  The daemon closes both once the restore is
+ *     complete and it has closed the source (so backups of the restored
+ *     machine into the same repository can run at once, and the mount
+ *     goes), or they close when it exits however it exits.  On S3 nothing
+ *     is locked, and the mount is made first, before this process has an
+ *     S3 client, whose threads a fork would not carry.
  *
  * cbt-filterd is $CBT_FILTERD if set, else the one next to this program,
  * else the first on $PATH (as cbt serve finds it).
@@ -54,7 +52,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cbt/image.h"
 #include "cbt/qcow2-writer.h"
 #include "cbt/restore-state.h"
 #include "cbt/uring-io.h"
@@ -170,14 +167,13 @@ instant_run(const struct instant_opts *o, GError **error)
 {
   g_autoptr(repo) r = NULL;
   g_autoptr(GPtrArray) av = g_ptr_array_new_with_free_func(g_free);
-  g_autofree char *filterd = NULL, *dir = NULL, *src = NULL, *why = NULL;
+  g_autofree char *filterd = NULL, *src = NULL, *why = NULL;
   g_autofree char *mp = NULL, *mfile = NULL;
-  struct cbt_image *img = NULL;
   const repo_backup *b = NULL;
   bool s3 = g_str_has_prefix(o->repo_dir, "s3://");
   uint64_t src_ino = 0;
   struct stat sb;
-  int lock_fd = -1, life = -1, rc;
+  int lock_fd = -1, life_fd = -1, life = -1, rc;
 
   filterd = cli_find_filterd();
   if (!filterd) {
@@ -185,37 +181,26 @@ instant_run(const struct instant_opts *o, GError **error)
                 "cbt-filterd not found (not next to cbt, not on PATH; set CBT_FILTERD)");
     return false;
   }
-  /* First, before this process opens anything (threads, connections). */
-  if (s3 && !mount_private(o->repo_dir, o->at, &mp, &src_ino, &mfile, &life, error))
+  if (!s3 && (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+              !repo_find(r, o->at, &b, error)))
     return false;
-  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
-      !repo_find(r, o->at, &b, error))
+  if (!mount_private(o->repo_dir, o->at, r ? r->lock_fd : -1, &mp, &src_ino, &mfile,
+                     &life, error))
     return false;
-  if (s3) {
-    if (strcmp(mfile, b->file) != 0) {
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: the repository changed while "
-                  "starting (%s, then %s): try again", o->repo_dir, mfile, b->file);
-      return false;
-    }
-    src = g_build_filename(mp, "disk.raw", NULL);
-  } else {
-    if (!chain_open(r, b, &img, error))
-      return false;
-    cbt_image_close(img);
-    dir = realpath(r->dir, NULL);
-    if (!dir) {
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", r->dir, g_strerror(errno));
-      return false;
-    }
-    src = g_build_filename(dir, b->file, NULL);
+  if (s3 && (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+             !repo_find(r, o->at, &b, error)))
+    return false;
+  if (strcmp(mfile, b->file) != 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: the repository changed while "
+                "starting (%s, then %s): try again", o->repo_dir, mfile, b->file);
+    return false;
   }
+  src = g_build_filename(mp, "disk.raw", NULL);
   if (stat(src, &sb) < 0) {
     g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", src, g_strerror(errno));
     return false;
   }
-  if (!s3)
-    src_ino = (uint64_t)sb.st_ino;
-  else if ((uint64_t)sb.st_ino != src_ino)
+  if ((uint64_t)sb.st_ino != src_ino)
     cli_debug("%s: inode %" PRIu64 ", the mount said %" PRIu64, src, (uint64_t)sb.st_ino,
               src_ino);
 
@@ -262,17 +247,12 @@ instant_run(const struct instant_opts *o, GError **error)
              o->output);
   }
 
-  /* Keep the shared lock across the exec, for the daemon to drop once it
-   * no longer reads the backup. */
-  if (r->lock_fd >= 0 && (lock_fd = fcntl(r->lock_fd, F_DUPFD, 3)) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the lock: %s", r->dir,
-                g_strerror(errno));
-    return false;
-  }
-  /* On S3 the same descriptor keeps the private mount instead. */
-  if (life >= 0 && (lock_fd = fcntl(life, F_DUPFD, 3)) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the mount: %s", mp,
-                g_strerror(errno));
+  /* The mount's pipe and the lock across the exec, for the daemon to
+   * close once it no longer reads the backup. */
+  if ((life_fd = fcntl(life, F_DUPFD, 3)) < 0 ||
+      (r->lock_fd >= 0 && (lock_fd = fcntl(r->lock_fd, F_DUPFD, 3)) < 0)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the mount and the lock "
+                "for cbt-filterd: %s", o->repo_dir, g_strerror(errno));
     return false;
   }
 
@@ -284,10 +264,10 @@ instant_run(const struct instant_opts *o, GError **error)
   g_ptr_array_add(av, g_strdup(src));
   /* The private mount's disk.raw is a disk, which may begin with
    * anything, a qcow2 magic too: never let the daemon guess. */
-  g_ptr_array_add(av, g_strdup(s3 ? "--restore-from-format=raw"
-                                   : "--restore-from-format=qcow2"));
+  g_ptr_array_add(av, g_strdup("--restore-from-format=raw"));
   g_ptr_array_add(av, g_strdup("--restore-state"));
   g_ptr_array_add(av, g_strdup(o->state));
+  g_ptr_array_add(av, g_strdup_printf("--restore-release-fd=%d", life_fd));
   if (lock_fd >= 0)
     g_ptr_array_add(av, g_strdup_printf("--restore-release-fd=%d", lock_fd));
   g_ptr_array_add(av, g_strdup_printf("--description=instant restore of cbt backup %u (%s)",
@@ -298,7 +278,8 @@ instant_run(const struct instant_opts *o, GError **error)
   cli_argv_add_opt(av, "--control", o->control);
   cli_argv_add_opt(av, "--bitmap", o->bitmap);
   cli_argv_add_opt(av, "--pid-file", o->pid_file);
-  /* The S3 client's connections are of no use to the daemon. */
+  /* The S3 client's connections are of no use to the daemon; the lock's
+   * duplicate stays. */
   g_clear_pointer(&r, repo_free);
   return cli_exec(filterd, av, o->extra, error);
 }
@@ -336,8 +317,12 @@ cmd_restore_instant(int argc, char **argv)
                        "standalone image and is still served.  Progress is kept in\n"
                        "OUTPUT.restore-state: after SIGTERM or a crash the same command\n"
                        "goes on where it stopped.  An existing OUTPUT that is not this\n"
-                       "restore in progress is refused.  Options after -- go to\n"
-                       "cbt-filterd (e.g. --threads, --verbose).\n\n"
+                       "restore in progress is refused.  As cbt restore does, every\n"
+                       "chunk of the backup is checked against the manifest's checksum\n"
+                       "before it is served or copied: damage stops the restore with\n"
+                       "exit status 4, the log naming the file and byte range, and\n"
+                       "none of it reaches OUTPUT.  Needs FUSE, as cbt mount.  Options\n"
+                       "after -- go to cbt-filterd (e.g. --threads, --verbose).\n\n"
                        CLI_EXIT_CODES_HELP,
                        entries);
   struct instant_opts o;

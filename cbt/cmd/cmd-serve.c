@@ -1,30 +1,32 @@
 /* cbt serve: one backup point as a read-only NBD export.
  *
- * cbt-filterd already serves qcow2 chains (lib/image/image-qcow2.c) with block
- * status, multi-conn and everything else its clients use, so cbt serve
- * does not serve anything itself: it checks the backup and then becomes
- * cbt-filterd (execv, same pid: signals, --pid-file and exit status are
- * the daemon's) on the backup's file with --read-only.
+ * cbt-filterd already serves images with block status, multi-conn and
+ * everything else its clients use, so cbt serve does not serve anything
+ * itself: it prepares the backup and then becomes cbt-filterd (execv,
+ * same pid: signals, --pid-file and exit status are the daemon's) with
+ * --read-only.
  *
- * What it adds to running cbt-filterd on a repository file by hand:
- *   - the backup is named as cbt restore names it (--at: seq, file name,
- *     'latest'), and the chain is the manifest's: before the exec the
- *     chain is opened as cbt restore opens it (chain.c), so a file of the
- *     chain that is missing, a symbolic link, or names another backing
- *     file than the manifest's is refused here.  The daemon then opens
- *     the same files by the names in their headers (relative to the
- *     repository), which the check has just compared;
- *   - the repository stays locked shared while the daemon runs: the lock's
- *     open file description is passed through the exec on a descriptor
- *     without FD_CLOEXEC, so no backup or pruning can change the files
- *     (between the check and the daemon's open, or while it serves).
+ * What the daemon reads is the point mounted privately with FUSE by a
+ * child process (cmd-mount.c, mount_private), as MOUNTPOINT/disk.raw in
+ * raw format, not the repository's qcow2 files: the mount resolves the
+ * chain as cbt restore does (the manifest's chain, each file a regular
+ * file of the repository naming the manifest's backing file) and checks
+ * every chunk against the manifest's checksum before serving a byte of
+ * it, so a damaged backup file is refused (exit 4: its header's or
+ * tables' chunk) or fails the NBD reads of what is damaged with EIO (its
+ * data), the log naming the file and byte range, never served altered.
+ * The pipe that keeps the mount goes through the exec as a descriptor
+ * the daemon never closes, so the mount ends when the daemon exits,
+ * however it exits.
  *
- * A repository on S3 has no file for the daemon to open: the point is
- * mounted privately with FUSE by a child process (cmd-mount.c,
- * mount_private: ranged GETs through the chain), and the daemon serves
- * MOUNTPOINT/disk.raw as a raw image.  The pipe that keeps the mount goes
- * through the exec as a descriptor the daemon never closes, so the mount
- * ends when the daemon exits, however it exits.
+ * A directory repository is locked shared before the mount and stays
+ * locked while the daemon runs: the lock's open file description is
+ * passed through the exec on a descriptor without FD_CLOEXEC (the mount
+ * reads under it and holds no lock of its own), so no backup or pruning
+ * can change the files while they are served, and the lock is free the
+ * moment the daemon has exited.  On S3 nothing is locked (readers take
+ * no lock object); the mount is made first, before this process has an
+ * S3 client, whose threads a fork would not carry.
  *
  * cbt-filterd is $CBT_FILTERD if set, else the cbt-filterd next to this
  * program (both are installed in bindir), else the first on $PATH.
@@ -36,7 +38,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cbt/image.h"
 #include "cli.h"
 
 struct serve_opts {
@@ -60,9 +61,9 @@ serve_run(const struct serve_opts *o, GError **error)
 {
   g_autoptr(repo) r = NULL;
   g_autoptr(GPtrArray) av = g_ptr_array_new_with_free_func(g_free);
-  g_autofree char *filterd = NULL, *dir = NULL, *mp = NULL, *mfile = NULL;
-  struct cbt_image *img = NULL;
+  g_autofree char *filterd = NULL, *mp = NULL, *mfile = NULL;
   const repo_backup *b = NULL;
+  bool s3 = g_str_has_prefix(o->repo_dir, "s3://");
   uint64_t ino = 0;
   int life = -1;
 
@@ -72,57 +73,40 @@ serve_run(const struct serve_opts *o, GError **error)
                 "cbt-filterd not found (not next to cbt, not on PATH; set CBT_FILTERD)");
     return false;
   }
-  if (g_str_has_prefix(o->repo_dir, "s3://")) {
-    /* First, before this process opens anything (threads, connections). */
-    if (!mount_private(o->repo_dir, o->at, &mp, &ino, &mfile, &life, error) ||
-        !repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
-        !repo_find(r, o->at, &b, error))
-      return false;
-    if (strcmp(mfile, b->file) != 0) {
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: the repository changed while "
-                  "starting (%s, then %s): try again", o->repo_dir, mfile, b->file);
-      return false;
-    }
-    if (fcntl(life, F_DUPFD, 3) < 0) {
-      g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the mount: %s", mp,
-                  g_strerror(errno));
-      return false;
-    }
-    g_ptr_array_add(av, g_strdup(filterd));
-    g_ptr_array_add(av, g_strdup("--image"));
-    g_ptr_array_add(av, g_build_filename(mp, "disk.raw", NULL));
-    g_ptr_array_add(av, g_strdup("--format=raw"));
-    g_ptr_array_add(av, g_strdup("--read-only"));
-    g_ptr_array_add(av, g_strdup_printf("--description=cbt backup %u (%s) of %s", b->seq,
-                                        b->file, o->repo_dir));
-    g_clear_pointer(&r, repo_free);   /* its connections are no use to the daemon */
-    return serve_exec(o, filterd, av, error);
-  }
-  if (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
-      !repo_find(r, o->at, &b, error) || !chain_open(r, b, &img, error))
+  if (!s3 && (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+              !repo_find(r, o->at, &b, error)))
     return false;
-  cbt_image_close(img);
-  dir = realpath(r->dir, NULL);
-  if (!dir) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: %s", r->dir, g_strerror(errno));
+  if (!mount_private(o->repo_dir, o->at, r ? r->lock_fd : -1, &mp, &ino, &mfile, &life,
+                     error))
+    return false;
+  if (s3 && (!repo_open(o->repo_dir, REPO_LOCK_SHARED, false, &r, error) ||
+             !repo_find(r, o->at, &b, error)))
+    return false;
+  if (strcmp(mfile, b->file) != 0) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: the repository changed while "
+                "starting (%s, then %s): try again", o->repo_dir, mfile, b->file);
     return false;
   }
-  /* Keep the shared lock across the exec: a duplicate without
-   * FD_CLOEXEC shares the locked open file description. */
-  if (r->lock_fd >= 0 && fcntl(r->lock_fd, F_DUPFD, 3) < 0) {
-    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the lock: %s", r->dir,
-                g_strerror(errno));
+  /* Both through the exec: a duplicate without FD_CLOEXEC shares the
+   * open file description (the lock is the description's). */
+  if (fcntl(life, F_DUPFD, 3) < 0 || (r->lock_fd >= 0 && fcntl(r->lock_fd, F_DUPFD, 3) < 0)) {
+    g_set_error(error, CLI_ERROR, CLI_EXIT_FAILED, "%s: keeping the mount and the lock "
+                "for cbt-filterd: %s", o->repo_dir, g_strerror(errno));
     return false;
   }
 
   g_ptr_array_add(av, g_strdup(filterd));
   g_ptr_array_add(av, g_strdup("--image"));
-  g_ptr_array_add(av, g_build_filename(dir, b->file, NULL));
-  g_ptr_array_add(av, g_strdup("--format=qcow2"));
+  g_ptr_array_add(av, g_build_filename(mp, "disk.raw", NULL));
+  /* A disk may begin with anything, a qcow2 magic too: never guess. */
+  g_ptr_array_add(av, g_strdup("--format=raw"));
   g_ptr_array_add(av, g_strdup("--read-only"));
   g_ptr_array_add(av, g_strdup_printf("--description=cbt backup %u (%s) of %s", b->seq,
-                                      b->file, dir));
+                                      b->file, o->repo_dir));
   cli_debug("serving %s read-only", b->file);
+  /* The S3 client's connections are no use to the daemon; the lock's
+   * duplicate stays. */
+  g_clear_pointer(&r, repo_free);
   return serve_exec(o, filterd, av, error);
 }
 
@@ -147,7 +131,10 @@ cmd_serve(int argc, char **argv)
                        "Serve the disk as of one backup read-only over NBD.",
                        "Checks the backup's chain as cbt restore does, then runs\n"
                        "cbt-filterd --read-only on it in this process (same pid;\n"
-                       "SIGTERM stops it).  Options after -- go to cbt-filterd\n"
+                       "SIGTERM stops it).  As cbt restore does, every chunk is checked\n"
+                       "against the manifest's checksum before it is served: a read of a\n"
+                       "damaged chunk gets EIO and the log names the file and byte range.\n"
+                       "Needs FUSE, as cbt mount.  Options after -- go to cbt-filterd\n"
                        "(e.g. --threads, --verbose).  The repository stays locked\n"
                        "(shared) while it serves, so no backup or pruning runs meanwhile.\n"
                        "cbt-filterd is $CBT_FILTERD, the one next to cbt, or on PATH.\n\n"

@@ -32,6 +32,13 @@
  * header is one read of its first cluster.
  * Memory: one byte per guest cluster while building, plus 24 bytes per
  * run of visible clusters (a full backup is mostly one run per table).
+ *
+ * The map trusts what it read only as far as the checks above go: a
+ * table entry changed into another valid one (a flipped bit in an L2
+ * entry) still maps.  So each file records the byte ranges the map was
+ * built from (its first cluster, the L1 table, each L2 table), for a
+ * reader that checks them against the manifest's checksums (chain-read.c
+ * does, before it serves anything; cbt restore checks every byte anyway).
  */
 #include <endian.h>
 #include <errno.h>
@@ -65,11 +72,30 @@ chain_map_free(chain_map *m)
     rfile_close(f->rf);
     if (f->runs)
       g_array_unref(f->runs);
+    if (f->meta)
+      g_array_unref(f->meta);
   }
   g_free(m->files);
   if (m->zeros)
     g_array_unref(m->zeros);
   g_free(m);
+}
+
+/* Record that the map read [@off, @off + @len) of @f; a range that
+ * continues the last one extends it. */
+static void
+add_meta(struct chain_file *f, uint64_t off, uint64_t len)
+{
+  struct stream_range *last = f->meta->len ?
+    &g_array_index(f->meta, struct stream_range, f->meta->len - 1) : NULL;
+
+  if (last && last->off + last->len == off) {
+    last->len += len;
+  } else {
+    struct stream_range r = { off, len };
+
+    g_array_append_val(f->meta, r);
+  }
 }
 
 static int
@@ -93,6 +119,7 @@ open_file(repo *r, const repo_backup *e, const repo_backup *target, uint64_t cs,
 
   f->size = e->file_size;
   f->backup = e;
+  f->meta = g_array_new(FALSE, FALSE, sizeof(struct stream_range));
   f->rf = rfile_open(r, e, error);
   if (!f->rf) {
     g_prefix_error(error, "reading %s: ", target->file);
@@ -106,6 +133,7 @@ open_file(repo *r, const repo_backup *e, const repo_backup *target, uint64_t cs,
   buf = g_malloc(MAX(n, 1));
   if (!rfile_pread(f->rf, buf, n, 0, error))
     return false;
+  add_meta(f, 0, n);
   rc = cbt_qcow2_header_decode(buf, n, fsize, info, &why);
   if (rc == 0 && !e->backing && info->backing_file[0])
     rc = cbt_fail(&why, -EBADMSG, "names backing file '%s', but its chain has none",
@@ -257,6 +285,20 @@ map_file(chain_map *m, unsigned fi, const struct cbt_qcow2_info *info, uint8_t *
   }
   g_array_sort(tabs, cmp_table);
   t = (const struct table *)(void *)tabs->data;
+  /* In file order: the L1 table among the L2 tables where it lies. */
+  {
+    bool l1_done = nl1 == 0;
+
+    for (guint i = 0; i < tabs->len; i++) {
+      if (!l1_done && info->l1_table_offset <= t[i].off) {
+        add_meta(f, info->l1_table_offset, nl1 * 8);
+        l1_done = true;
+      }
+      add_meta(f, t[i].off, cs);
+    }
+    if (!l1_done)
+      add_meta(f, info->l1_table_offset, nl1 * 8);
+  }
   /* Spans of tables no further apart than TABLE_GAP, at most TABLE_BATCH. */
   for (guint i = 1; i <= tabs->len; i++)
     if (i == tabs->len || t[i].off - t[i - 1].off > cs + TABLE_GAP ||

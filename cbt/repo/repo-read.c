@@ -86,6 +86,7 @@ rfile_open(repo *r, const repo_backup *b, GError **error)
       return NULL;
     }
     f->size = (uint64_t)st.st_size;
+    f->ino = (uint64_t)st.st_ino;
   }
   return g_steal_pointer(&f);
 }

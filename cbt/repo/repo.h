@@ -280,17 +280,6 @@ uint64_t sums_stream_pos(const sums_stream *s);
  * may be short); must be intact.  Caller frees the array. */
 GPtrArray *sums_stream_end(sums_stream *s);
 
-/* chain.c --------------------------------------------------------------- */
-
-/* Open backup @b of @r for reading: its qcow2 file on top of the
- * manifest's chain down to the full backup, each file opened with
- * repo_open_file and required to name the manifest's backing file (a
- * disagreeing file is CLI_EXIT_DAMAGED), and the virtual size checked
- * against the manifest's.  *@out is the caller's (cbt_image_close).  The
- * caller keeps @r locked (shared) while it reads. */
-struct cbt_image;
-bool chain_open(repo *r, const repo_backup *b, struct cbt_image **out, GError **error);
-
 /* stream.c -------------------------------------------------------------- */
 
 /* Read repository files through one io_uring with a deep queue, checking
@@ -358,6 +347,7 @@ struct chain_file {
   uint64_t size;                  /* the manifest's file size (checked) */
   GArray *runs;                   /* struct chain_run: visible data, by host */
   uint64_t data_bytes;            /* in runs */
+  GArray *meta;                   /* struct stream_range: what the map was read from */
 };
 typedef struct chain_map {
   struct chain_file *files;       /* the full backup first */
@@ -415,6 +405,7 @@ typedef struct rfile {
   struct s3_client *s3;           /* S3: the repository's (borrowed) */
   char *bucket, *key;
   char *etag;                     /* S3: at open; a GET seeing another fails */
+  uint64_t ino;                   /* directory: its inode number; S3: 0 */
 } rfile;
 /* Threads of the fetch pool: ranged GETs in flight at most. */
 #define RFETCH_THREADS 8
@@ -441,22 +432,31 @@ bool rfile_read_ranges(const rfile *f, const struct rfile_range *ranges, unsigne
 /* chain-read.c ---------------------------------------------------------- */
 
 /* Random reads of a backup point through its chain with a cache of file
- * blocks and readahead (the design is at the top of chain-read.c); any
- * number of threads may read at once.  cbt mount of an S3 repository. */
+ * blocks and readahead, every byte checked against the manifest's chunk
+ * checksums before it is served (the design is at the top of
+ * chain-read.c); any number of threads may read at once.  cbt mount, and
+ * through it cbt serve and cbt restore --instant. */
 typedef struct chain_reader chain_reader;
-/* Map the manifest's chain of @b (chain_map_build: damage is
- * CLI_EXIT_DAMAGED).  @r must outlive the reader. */
+/* Map the manifest's chain of @b (chain_map_build) and check the chunks
+ * the map was read from: damage is CLI_EXIT_DAMAGED.  @r must outlive
+ * the reader. */
 bool chain_reader_new(repo *r, const repo_backup *b, chain_reader **out, GError **error);
 void chain_reader_free(chain_reader *cr);
 const chain_map *chain_reader_map(const chain_reader *cr);
-/* Read guest bytes [@off, @off + @len) (inside the image) into @buf. */
+/* Read guest bytes [@off, @off + @len) (inside the image) into @buf.  A
+ * chunk that does not match its checksum is CLI_EXIT_DAMAGED naming the
+ * file and the chunk's byte range, for this read and every later one
+ * that needs it; a read error is CLI_EXIT_FAILED (tried again next time). */
 bool chain_reader_read(chain_reader *cr, void *buf, uint64_t len, uint64_t off,
                        GError **error);
 /* Whether guest offset @off (inside the image) holds data or reads as
  * zeros, and for how many bytes from @off the answer stays the same. */
 bool chain_reader_is_data(const chain_reader *cr, uint64_t off, uint64_t *len);
-/* A number that names the point's top file as it is now (its name and
- * S3 ETag): the same for the same object, another after it changed. */
+/* A number that names the point's top file as it is now: a directory
+ * file's inode number (when above 2), else a hash of its name and S3
+ * ETag: the same for the same file, another after it was replaced. */
 uint64_t chain_reader_ident(const chain_reader *cr);
+/* Chunks hashed so far, and how many of them did not match. */
+void chain_reader_checked(chain_reader *cr, uint64_t *checked, uint64_t *damaged);
 
 #endif

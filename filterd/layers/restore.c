@@ -57,12 +57,23 @@
  * bits, and complete is set only after all bits are, so a reader that
  * counts itself after the syncer saw zero finds every granule done and
  * never touches the source.  --restore-release-fd (the repository lock
- * cbt restore --instant holds) is closed with it.
+ * cbt restore --instant holds, and the private mount it reads the backup
+ * through) is closed with it.
+ *
+ * Damage.  A read of the source that fails with EBADMSG found the backup
+ * damaged: the image backends say so of a corrupt qcow2, and the private
+ * mount of cbt restore --instant (cmd-mount.c) of a chunk that does not
+ * match the manifest's checksum.  The read fails as any other (nothing
+ * from it is written: the data never reaches the output, and a guest
+ * gets EIO), and the restore can never complete from this backup, so
+ * the daemon stops (SIGTERM to itself: the ordinary clean shutdown,
+ * progress recorded) and exits with status 4, cbt's "damage found".
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
@@ -123,7 +134,8 @@ struct restore {
   uint64_t nbits, nwords;
   uint64_t rate;                    /* bytes per second, 0: unlimited */
   gint64 sync_interval_us;
-  int release_fd;
+  int release_fd[RESTORE_RELEASE_MAX];  /* -1 once closed */
+  unsigned n_release_fd;
 
   _Atomic uint64_t *done;           /* output holds the granule */
   _Atomic uint64_t *durable;        /* ... and the state file says so */
@@ -160,6 +172,7 @@ enum copier_state { COPIER_IDLE, COPIER_COPYING, COPIER_DONE, COPIER_FAILED,
                     COPIER_STOPPED };
 
 static struct restore *R;
+static atomic_bool damaged;         /* outlives R: main's exit status */
 
 /* ---- bits ---- */
 
@@ -199,6 +212,44 @@ restore_is_durable(uint64_t offset, uint64_t len)
 
 static void
 set_failed(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+
+bool
+restore_damaged(void)
+{
+  return atomic_load(&damaged);
+}
+
+/* A read of [@off, @off + @len) of the source failed with @res: if it
+ * found the backup damaged, stop (see the top of the file); once. */
+static void
+source_failed(uint64_t off, uint64_t len, int res)
+{
+  if (res != -EBADMSG || atomic_exchange(&damaged, true))
+    return;
+  /* Before the failure reaches set_failed, whose words ("still served")
+   * would not be true. */
+  g_mutex_lock(&R->sync_lock);
+  if (!R->failed)
+    R->failed = g_strdup_printf("%s is damaged (guest bytes %" PRIu64 "..%" PRIu64 ")",
+                                R->src_path, off, off + len - 1);
+  g_mutex_unlock(&R->sync_lock);
+  log_error("instant restore: %s: damaged (reading guest bytes %" PRIu64 "..%" PRIu64
+            "): stopping with exit status %d; %s keeps what was copied, none of it "
+            "damaged, and cannot be completed from this backup", R->src_path, off,
+            off + len - 1, RESTORE_EXIT_DAMAGED, srv.image_path);
+  kill(getpid(), SIGTERM);
+}
+
+/* Close the --restore-release-fd descriptors (once). */
+static void
+release_all(struct restore *r)
+{
+  for (unsigned i = 0; i < r->n_release_fd; i++)
+    if (r->release_fd[i] >= 0) {
+      close(r->release_fd[i]);
+      r->release_fd[i] = -1;
+    }
+}
 
 static void
 set_failed(const char *fmt, ...)
@@ -350,6 +401,7 @@ job_read_done(struct cbt_image_io *io, int res)
   struct job *j = cbt_container_of(io, struct job, io);
 
   if (res < 0) {
+    source_failed(io->offset, io->len, res);
     job_finish(j, res);
     return;
   }
@@ -514,6 +566,8 @@ piece_done(struct cbt_image_io *io, int res)
 {
   struct piece *p = cbt_container_of(io, struct piece, io);
 
+  if (res < 0 && io->img == R->src)
+    source_failed(io->offset, io->len, res);
   if (res < 0 && !p->rd->err) {
     p->rd->err = res;
     log_error("instant restore: reading %s at offset %" PRIu64 " length %" PRIu64 ": %s",
@@ -851,10 +905,7 @@ maybe_close_source(void)
     return;
   cbt_image_close(R->src);
   R->src = NULL;
-  if (R->release_fd >= 0) {
-    close(R->release_fd);
-    R->release_fd = -1;
-  }
+  release_all(R);
   log_info("instant restore: %s closed", R->src_path);
 }
 
@@ -921,7 +972,8 @@ restore_open(const struct restore_config *cfg, GError **error)
   r->state_path = cfg->state;
   r->rate = cfg->rate;
   r->sync_interval_us = (gint64)cfg->sync_interval * G_USEC_PER_SEC;
-  r->release_fd = cfg->release_fd;
+  r->n_release_fd = cfg->n_release_fd;
+  memcpy(r->release_fd, cfg->release_fd, sizeof r->release_fd);
   r->efd = -1;
   g_mutex_init(&r->lock);
   g_mutex_init(&r->sync_lock);
@@ -962,10 +1014,7 @@ restore_open(const struct restore_config *cfg, GError **error)
              srv.image_path);
     atomic_init(&r->active, false);
     atomic_init(&r->copier_state, COPIER_DONE);
-    if (r->release_fd >= 0) {
-      close(r->release_fd);
-      r->release_fd = -1;
-    }
+    release_all(r);
     return true;
   }
 
@@ -1043,14 +1092,13 @@ restore_stop(GError **error)
     R->src = NULL;
   }
   if (atomic_load(&R->active))
-    log_info("instant restore stopped at %" PRIu64 " of %" PRIu64 " bytes; run the same "
-             "command again to go on", bytes_of(atomic_load(&R->ndurable),
-                                                bit_test(R->durable, R->nbits - 1)),
-             R->size);
+    log_info("instant restore stopped at %" PRIu64 " of %" PRIu64 " bytes; %s",
+             bytes_of(atomic_load(&R->ndurable), bit_test(R->durable, R->nbits - 1)),
+             R->size, atomic_load(&damaged) ? "the backup is damaged"
+                                            : "run the same command again to go on");
   if (R->efd >= 0)
     close(R->efd);
-  if (R->release_fd >= 0)
-    close(R->release_fd);
+  release_all(R);
   cbt_rstate_free(R->state);
   g_hash_table_destroy(R->recs);
   g_ptr_array_unref(R->flushes);
